@@ -1,0 +1,1 @@
+"""fedfusion client package."""

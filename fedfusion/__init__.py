@@ -1,0 +1,1 @@
+"""fedfusion command-line entry point."""

@@ -1,0 +1,1 @@
+"""One module per fedfusion subcommand, each exposing ``command``."""

@@ -1,0 +1,68 @@
+"""The run directory's metrics log: JSON lines of ``{round, phase, scope, metric, value}``.
+
+``scope`` is ``"global"`` for the server's view or a site id; ``phase`` is e.g. ``train``, ``evaluate``,
+``server-eval``, ``privacy``. Every writer (centralized training, the ServerApp, simulations) uses this one
+class so readers (report, tests) see one format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics log, flushed and fsynced per batch so a crash loses no round."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, round: int, phase: str, scope: str, metrics: Mapping[str, float | int]) -> None:
+        """Append one line per metric. Non-finite values are written as ``null`` (valid JSON)."""
+        lines = []
+        for metric, value in metrics.items():
+            v: float | None = float(value)
+            if not math.isfinite(v):
+                v = None
+            lines.append(
+                json.dumps({"round": int(round), "phase": phase, "scope": str(scope), "metric": metric, "value": v})
+            )
+        if not lines:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def drop_rounds_after(self, last_round: int) -> None:
+        """Remove entries of rounds ``> last_round`` (used on resume so no round is logged twice)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in self.read() if r["round"] <= last_round]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def read(self) -> list[dict[str, Any]]:
+        return list(iter_metrics(self.path))
+
+
+def iter_metrics(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield the records of a metrics log, skipping a torn last line left by a crash."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with open(p, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
