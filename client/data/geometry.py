@@ -1,0 +1,130 @@
+"""Voxel grids and resampling: the one place that knows how array axes map to patient space.
+
+Convention used everywhere in fedfusion:
+- A volume is a numpy array ``vol[k, j, i]`` of shape ``(D, H, W)``: ``k`` slice, ``j`` row, ``i`` column.
+- Its affine is a 4x4 matrix mapping the index vector ``(k, j, i, 1)`` to **RAS** millimetres (NIfTI's world).
+- DICOM geometry is LPS; :func:`dicom_affine` converts (RAS = diag(-1, -1, 1) · LPS).
+- NIfTI files written by fedfusion store the ``(D, H, W)`` array as is with that affine; NIfTI files from
+  elsewhere may use any axis order, which is fine because readers resample through the affines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: ``shape`` ``(D, H, W)`` voxels and ``affine`` (4x4, index ``(k, j, i)`` -> RAS mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size ``(dz, dy, dx)`` in mm."""
+        return affine_spacing(self.affine)
+
+
+def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size along each array axis ``(dk, dj, di)`` in mm."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    return float(norms[0]), float(norms[1]), float(norms[2])
+
+
+def dicom_affine(
+    first_position: Sequence[float],
+    orientation: Sequence[float],
+    pixel_spacing: Sequence[float],
+    slice_step: Sequence[float],
+) -> np.ndarray:
+    """RAS affine of a DICOM series stacked as ``vol[k, j, i]``.
+
+    Args:
+        first_position: ImagePositionPatient of slice ``k = 0`` (LPS mm).
+        orientation: ImageOrientationPatient, 6 direction cosines: row direction (increasing column ``i``)
+            then column direction (increasing row ``j``).
+        pixel_spacing: PixelSpacing ``[between rows (dj), between columns (di)]`` in mm.
+        slice_step: LPS vector (mm) from slice ``k`` to slice ``k + 1``.
+    """
+    x = np.asarray(orientation[:3], dtype=float)
+    y = np.asarray(orientation[3:6], dtype=float)
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(slice_step, dtype=float)
+    lps[:3, 1] = y * float(pixel_spacing[0])
+    lps[:3, 2] = x * float(pixel_spacing[1])
+    lps[:3, 3] = np.asarray(first_position, dtype=float)
+    return LPS_TO_RAS @ lps
+
+
+def dicom_geometry(affine: np.ndarray, k: int) -> tuple[list[float], list[float], list[float], float]:
+    """Inverse of :func:`dicom_affine` for writers: (ImagePositionPatient of slice ``k``, ImageOrientationPatient,
+    PixelSpacing, slice thickness) in DICOM's LPS convention."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=float)  # diag(-1,-1,1) is its own inverse
+    dk, dj, di = affine_spacing(affine)
+    x = lps[:3, 2] / di
+    y = lps[:3, 1] / dj
+    position = lps[:3, 3] + k * lps[:3, 0]
+    return [float(v) for v in position], [float(v) for v in (*x, *y)], [dj, di], dk
+
+
+def resample_to_grid(
+    vol: np.ndarray, src_affine: np.ndarray, dst: Grid, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
+    """Resample ``vol`` (on ``src_affine``) onto grid ``dst`` by physical position.
+
+    ``order=1`` (trilinear) for images, ``order=0`` (nearest) for label maps. Points outside the source get
+    ``cval``. Returns an array of shape ``dst.shape`` with ``vol``'s dtype for ``order=0``, float32 otherwise.
+    """
+    src_affine = np.asarray(src_affine, dtype=float)
+    if vol.shape == tuple(dst.shape) and np.allclose(src_affine, dst.affine, atol=1e-4):
+        return vol.copy() if order == 0 else vol.astype(np.float32, copy=True)
+    index_map = np.linalg.inv(src_affine) @ np.asarray(dst.affine, dtype=float)
+    out = ndimage.affine_transform(
+        vol.astype(np.float32) if order else vol,
+        index_map[:3, :3],
+        offset=index_map[:3, 3],
+        output_shape=tuple(dst.shape),
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=False,
+    )
+    return out if order == 0 else out.astype(np.float32, copy=False)
+
+
+def save_nifti(vol: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write ``vol`` ``(D, H, W)`` with its RAS ``affine`` as NIfTI-1 (gzip if the name ends in ``.gz``)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(vol), np.asarray(affine, dtype=float))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, os.fspath(path))
+
+
+def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI image as ``(array, RAS affine)``; a trailing singleton 4th axis is dropped.
+
+    Raises:
+        ValueError: naming the file when it is not a readable 3D image.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(os.fspath(path))
+        data = np.asarray(img.dataobj)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable NIfTI image ({exc})") from exc
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
+    return data, np.asarray(img.affine, dtype=float)
