@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+
+# Flower reads this at import time; fedfusion runs offline at hospitals and never phones home.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import typer
 
