@@ -1,0 +1,279 @@
+"""Making a site's model, optimizer and data loader private with Opacus (patient-level DP-SGD).
+
+The privacy unit is one case (one patient study): the loader yields one case per dataset item, Opacus replaces it
+with Poisson sampling (each case joins each step independently with probability ``q = 1 / steps_per_epoch``), clips
+every case's gradient to ``max_grad_norm`` and adds Gaussian noise of std ``noise_multiplier * max_grad_norm``.
+
+Parameter names: Opacus wraps the network in a ``GradSampleModule`` whose ``state_dict`` keys gain a ``_module.``
+prefix. fedfusion keeps a reference to the *plain* network (the wrapper shares its parameters), and every array
+that leaves or enters the site uses the plain network's names, which the server checks.
+
+FedProx with DP: a proximal term added to the loss would be silently dropped by Opacus (the DP optimizer rebuilds
+``.grad`` from per-sample gradients, which do not see a loss term on the weights). The proximal gradient
+``mu * (w - w_global)`` does not depend on data, so it is added *after* clipping and noising (a DPOptimizer step
+hook): post-processing, no privacy cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+#: Grad-sample mode used by default; chosen by bench/dp_overhead.py (fastest correct mode on the default model).
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+#: Modes fedfusion knows how to drive (ghost needs a per-sample loss; see make_private).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
+
+
+def steps_per_epoch(num_cases: int, batch_size: int) -> int:
+    """DP-SGD steps in one epoch: Opacus's Poisson loader has ``ceil(N / B)`` steps (its ``len``)."""
+    if num_cases <= 0:
+        raise ValueError("no training cases")
+    return max(1, math.ceil(num_cases / max(1, batch_size)))
+
+
+def sample_rate_of(num_cases: int, batch_size: int) -> float:
+    """Poisson sampling rate Opacus uses for a loader of ``num_cases`` items and ``batch_size``: ``1 / len``."""
+    return 1.0 / steps_per_epoch(num_cases, batch_size)
+
+
+def derive_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Smallest noise multiplier whose RDP epsilon after ``steps`` steps at ``sample_rate`` is <= ``target_epsilon``.
+
+    ``steps`` is the run's plan: ``num-server-rounds * local-epochs * steps_per_epoch``.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0:
+        raise ValueError(f"dp-target-epsilon must be > 0 to derive a noise multiplier, got {target_epsilon}")
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=max(1, steps),
+                accountant="rdp",
+            )
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot reach epsilon={target_epsilon} at delta={delta} over {steps} steps (sample rate "
+            f"{sample_rate:.4g}): {exc}. Raise dp-target-epsilon or plan fewer rounds/epochs."
+        ) from exc
+
+
+def incompatible_layers(model: nn.Module) -> list[str]:
+    """Opacus's complaints about ``model`` (e.g. BatchNorm); empty when DP-SGD can train it as is."""
+    from opacus.validators import ModuleValidator
+
+    return [str(e) for e in ModuleValidator.validate(model, strict=False)]
+
+
+class CasesOnly(Dataset):
+    """Training view of a case dataset without the ``case_id`` string.
+
+    Opacus's Poisson loader must be able to build an *empty* batch of the same structure (only tensors allowed),
+    and strings from data have no business in a training batch anyway. Items: ``image (M, *S)`` float32,
+    ``mask (M,)`` float32, ``seg (*S)`` int64, ``label ()`` int64.
+    """
+
+    KEYS = ("image", "mask", "seg", "label")
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.dataset[i]
+        return {k: torch.as_tensor(item[k]) for k in self.KEYS}
+
+
+@dataclass
+class ProximalHook:
+    """FedProx gradient ``mu * (w - w_global)`` added after DP noise (post-processing; see module docstring).
+
+    Call :meth:`set_reference` each round with the received global weights; ``mu = 0`` disables it.
+    """
+
+    params: list[nn.Parameter]
+    mu: float = 0.0
+    reference: list[torch.Tensor] = field(default_factory=list)
+
+    def set_reference(self, mu: float) -> None:
+        self.mu = float(mu)
+        self.reference = [p.detach().clone() for p in self.params] if self.mu > 0 else []
+
+    def __call__(self, _optimizer: Any) -> None:
+        if self.mu <= 0:
+            return
+        with torch.no_grad():
+            for p, ref in zip(self.params, self.reference):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - ref, alpha=self.mu)
+
+
+@dataclass
+class PrivateParts:
+    """What :func:`make_private` returns.
+
+    Attributes:
+        model: the plain network (state_dict names without ``_module.``); send/receive arrays through it.
+        module: the module to call in training (Opacus wrapper, or ``model`` itself for hook-based modes).
+        optimizer: Opacus ``DPOptimizer`` (clipping + noise).
+        loader: Poisson-sampling loader over :class:`CasesOnly` items.
+        loss_fn: the loss to train with (ghost mode: Opacus's two-pass wrapper).
+        noise_multiplier, max_grad_norm: as used.
+        sample_rate: Poisson rate per step; ``steps_per_epoch``: steps of one epoch (accounting unit).
+        grad_sample_mode: Opacus mode in use.
+        proximal: FedProx hook (set its reference every round).
+        steps_taken: DP steps actually applied (the accountant charges the planned steps, which is >=).
+    """
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: Any
+    loader: DataLoader
+    loss_fn: Callable[..., Any]
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps_per_epoch: int
+    grad_sample_mode: str
+    proximal: ProximalHook
+    steps_taken: int = 0
+
+    def reset_optimizer_state(self) -> None:
+        """Forget momentum etc. between rounds (each round starts from the received global weights)."""
+        self.optimizer.original_optimizer.state.clear()
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    loss_fn: Callable[..., Any],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    secure_mode: bool = False,
+    seed: int | None = None,
+) -> PrivateParts:
+    """Wrap ``model``/``optimizer``/``loader`` for DP-SGD with Opacus (one item of ``loader.dataset`` = one case).
+
+    Args:
+        model: plain network, trained in place (its parameters are shared with the returned wrapper).
+        optimizer: optimizer over ``model.parameters()``.
+        loader: non-private loader (its batch size sets the expected Poisson batch); items must be tensors only
+            (wrap datasets with :class:`CasesOnly`).
+        loss_fn: training loss. For ``ghost`` it must accept a ``reduction`` attribute of ``"none"`` and then
+            return per-sample losses ``(B,)``.
+        noise_multiplier: noise std / clipping norm, > 0.
+        max_grad_norm: per-case L2 clipping norm.
+        grad_sample_mode: Opacus per-sample-gradient mode (``hooks``, ``functorch``, ``ew``, ``ghost``).
+        secure_mode: cryptographically secure noise (production; needs ``torchcsprng``). Off: seeded noise.
+        seed: seeds the noise generator when not in secure mode (Poisson sampling uses torch's global RNG: seed
+            it per round with ``torch.manual_seed``).
+
+    Raises:
+        ValueError: incompatible layers, bad mode, or secure mode requested without ``torchcsprng``.
+    """
+    from opacus import PrivacyEngine
+
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    problems = incompatible_layers(model)
+    if problems:
+        raise ValueError("the network has layers Opacus cannot train privately: " + "; ".join(problems))
+    with warnings.catch_warnings():
+        # Opacus warns about secure RNG being off on every construction; the site logs its own message once.
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        try:
+            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        except ImportError as exc:
+            raise ValueError(
+                "secure-mode=true needs the torchcsprng package, which is not installed; install it on the site "
+                "or set secure-mode=false (experiments only)"
+            ) from exc
+    generator = None
+    if not secure_mode and seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
+    kwargs: dict[str, Any] = dict(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        poisson_sampling=True,
+        noise_generator=generator,
+        grad_sample_mode=grad_sample_mode,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(full_backward_hook|Secure RNG|non-full backward).*")
+        if grad_sample_mode == "ghost":
+            module, dp_opt, criterion, dp_loader = engine.make_private(criterion=loss_fn, **kwargs)
+        else:
+            module, dp_opt, dp_loader = engine.make_private(**kwargs)
+            criterion = loss_fn
+    spe = len(dp_loader)
+    proximal = ProximalHook(params=[p for p in model.parameters() if p.requires_grad])
+    parts = PrivateParts(
+        model=model,
+        module=module,
+        optimizer=dp_opt,
+        loader=dp_loader,
+        loss_fn=criterion,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        sample_rate=1.0 / spe,
+        steps_per_epoch=spe,
+        grad_sample_mode=grad_sample_mode,
+        proximal=proximal,
+    )
+
+    # One step hook (Opacus keeps a single one): count applied steps, then add the FedProx gradient after noise.
+    def _hook(opt: Any) -> None:
+        parts.steps_taken += 1
+        proximal(opt)
+
+    dp_opt.step_hook = _hook
+    return parts
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with plain parameter names (strips Opacus's ``_module.`` if a wrapper is passed)."""
+    inner = getattr(model, "_module", model)
+    return inner.state_dict()
+
+
+def load_plain_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load received arrays into the plain network, refusing missing/unexpected names with a clear error."""
+    inner = getattr(model, "_module", model)
+    own = inner.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"received arrays do not match this site's network: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; the run config's model-* keys and "
+            "the server's model must agree"
+        )
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise ValueError(
+            f"received arrays have wrong shapes for {bad[:5]} (e.g. {bad[0]}: got {tuple(state[bad[0]].shape)}, "
+            f"expected {tuple(own[bad[0]].shape)}); the run config's model-* keys and the server's model must agree"
+        )
+    inner.load_state_dict(state, strict=True)
