@@ -1,0 +1,309 @@
+"""A real deployment on one machine: a TLS SuperLink with SuperNode authentication and N site SuperNodes.
+
+Everything listens on 127.0.0.1 only, on free ports picked at start. Used by ``deploy/scripts/loopback.py``
+(a user can watch it) and by ``tests/test_deployment_*.py``. Nothing here is simulated: these are the same
+``flower-superlink`` / ``fedfusion site`` (or ``flower-supernode``) processes a hospital deployment runs,
+built by the argument builders in :mod:`fedfusion.deployment`.
+
+Typical use::
+
+    with LoopbackFederation(workdir, data_dir) as fed:      # certs, SuperLink, registration, SuperNodes
+        run_id = fed.submit({"num-server-rounds": 2, "run-dir": str(workdir / "run")})
+        fed.wait_finished(run_id, timeout=180)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedfusion import deployment as dep
+from fedfusion.commands.certs import DeploymentKeys, make_deployment_keys, make_node_keys
+
+#: Terminal run states reported by ``flwr ls`` (``finished:completed``, ``finished:failed``, …).
+FINISHED_PREFIX = "finished"
+
+
+def venv_bin() -> Path:
+    """The folder holding this interpreter's console scripts (flower-superlink, flwr, fedfusion)."""
+    return Path(sys.executable).parent
+
+
+def missing_binaries() -> list[str]:
+    """Console scripts the loopback deployment needs that are not installed next to this interpreter."""
+    need = ["flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp", "flwr-clientapp"]
+    return [b for b in need if not (venv_bin() / b).exists() and shutil.which(b) is None]
+
+
+def apps_present(project_dir: Path = dep.PROJECT_DIR) -> list[str]:
+    """The Flower app modules named in pyproject.toml that do not exist yet (empty list = both present)."""
+    missing = []
+    for module in ("client.client_app", "server.server_app"):
+        if importlib.util.find_spec(module) is None:
+            missing.append(module)
+    return missing
+
+
+def site_daemon_available() -> bool:
+    """True when ``fedfusion site`` exists in this checkout (the site daemon of issue 4)."""
+    return importlib.util.find_spec("fedfusion.commands.site") is not None
+
+
+def site_daemon_flags() -> str:
+    """``fedfusion site --help`` text (to adapt to the flags the daemon supports), '' if unavailable."""
+    if not site_daemon_available():
+        return ""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedfusion.cli", "site", "--help"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
+    )
+    return proc.stdout + proc.stderr
+
+
+class LoopbackFederation:
+    """A SuperLink + ``n_sites`` SuperNodes on 127.0.0.1 with TLS and node authentication (context manager).
+
+    Args:
+        workdir: folder for certificates, logs, state (SuperLink database, per-site state dirs), FLWR_HOME.
+        data_dir: a federation's data folder holding ``site-01``, ``site-02``… (what ``fedfusion phantoms`` writes).
+        n_sites: number of SuperNodes to start (site-01 … site-NN).
+        use_site_daemon: start sites with ``fedfusion site`` (True), ``flower-supernode`` (False), or ``None`` =
+            the daemon when this checkout has it.
+        node_config_extra: more node config keys for every site (e.g. a site privacy policy).
+        threads_per_site: torch threads per ClientApp process (OMP/MKL env), so sites do not oversubscribe CPUs.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        data_dir: Path,
+        n_sites: int = 3,
+        *,
+        use_site_daemon: bool | None = None,
+        node_config_extra: Mapping[str, Any] | None = None,
+        threads_per_site: int = 1,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.data_dir = Path(data_dir).resolve()
+        self.n_sites = n_sites
+        self.site_names = [f"site-{i:02d}" for i in range(1, n_sites + 1)]
+        self.use_site_daemon = site_daemon_available() if use_site_daemon is None else use_site_daemon
+        self.node_config_extra = dict(node_config_extra or {})
+        self.log = log or (lambda msg: print(f"[loopback] {msg}", flush=True))
+        self.superlink_port, *self.runtime_ports = dep.free_ports(1 + n_sites)
+        self.address = f"127.0.0.1:{self.superlink_port}"
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = {
+            **os.environ,
+            "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": str(threads_per_site),
+            "MKL_NUM_THREADS": str(threads_per_site),
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200",
+            "NO_COLOR": "1",
+        }
+        self.procs = dep.ProcessSet(self.workdir / "logs", env=self.env, cwd=self.workdir)
+        self.keys: DeploymentKeys | None = None
+        self.node_ids: dict[str, int] = {}
+        self.app_dir = self.workdir / "app"
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LoopbackFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        left = self.close()
+        if left:
+            raise RuntimeError(f"processes left behind after shutdown: {sorted(left)}")
+
+    def start(self, *, sites: bool = True) -> None:
+        """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.keys = make_deployment_keys(self.workdir / "certs", ["localhost", "127.0.0.1"], self.site_names, force=True)
+        dep.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
+        dep.stage_app(self.app_dir)
+        self.start_superlink()
+        for name in self.site_names:
+            self.node_ids[name] = self.register(self.site_key(name)[1], name)
+        if sites:
+            for name in self.site_names:
+                self.start_site(name)
+            self.wait_online(self.site_names, timeout=90)
+
+    def close(self) -> set[int]:
+        """Stop every process and its descendants; returns pids still alive (empty when all went)."""
+        left = self.procs.stop_all()
+        if left:
+            self.log(f"processes still alive after shutdown: {sorted(left)}")
+        return left
+
+    # ------------------------------------------------------------------ superlink
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        assert self.keys is not None
+        state = self.workdir / "superlink-state"
+        state.mkdir(parents=True, exist_ok=True)
+        cmd = dep.superlink_command(
+            database=state / "state.db",
+            tls=dep.ServerTLS.from_dir(self.keys.server_cert.parent),
+            host="127.0.0.1",
+            port=self.superlink_port,
+        )
+        self.procs.start("superlink", cmd)
+        self.log(f"SuperLink starting on https://{self.address} (TLS, SuperNode auth, SQLite state)")
+        if not dep.wait_port("127.0.0.1", self.superlink_port, timeout):
+            raise RuntimeError(f"SuperLink did not open port {self.superlink_port}:\n{self.procs.procs['superlink'].log_text()}")
+        # The port opens before the app is ready to serve: wait until the Control API answers.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.flwr(["supernode", "ls"], timeout=30)
+                break
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    # ------------------------------------------------------------------ flwr CLI
+    def flwr(self, args: list[str], timeout: float = 60.0) -> dict:
+        """``flwr <args> fedfusion --format json`` against this SuperLink; returns the parsed JSON."""
+        return dep.flwr_json(
+            [str(venv_bin() / "flwr"), *args, dep.CONNECTION_NAME, "--format", "json"], self.env, timeout=timeout,
+            cwd=self.workdir,
+        )
+
+    def register(self, public_key: Path, name: str) -> int:
+        data = self.flwr(["supernode", "register", str(public_key), "--name", name])
+        node_id = int(data["node-id"])
+        self.log(f"registered {name} as node {node_id}")
+        return node_id
+
+    def nodes(self) -> dict[int, str]:
+        """node id -> status (registered / online / offline / unregistered) as the SuperLink sees them."""
+        data = self.flwr(["supernode", "ls"])
+        return {int(n["node-id"]): n["status"] for n in data.get("nodes", [])}
+
+    def wait_online(self, names: list[str], timeout: float) -> None:
+        want = {self.node_ids[n] for n in names}
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.nodes()
+            if all(status.get(i) == "online" for i in want):
+                self.log(f"online: {', '.join(names)}")
+                return
+            for n in names:
+                if not self.procs.running(n):
+                    raise RuntimeError(f"SuperNode {n} exited while connecting:\n{self.procs.procs[n].log_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNodes not online after {timeout:.0f}s: {status}")
+            self.procs.refresh()
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------ sites
+    def site_key(self, name: str) -> tuple[Path, Path]:
+        d = self.workdir / "certs" / "supernodes" / name
+        return d / "node.key", d / "node.pub"
+
+    def state_dir(self, name: str) -> Path:
+        d = self.workdir / "site-state" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def site_argv(self, name: str, private_key: Path | None = None) -> list[str]:
+        """The command that starts site ``name`` (the daemon or Flower's SuperNode, as configured)."""
+        assert self.keys is not None
+        idx = self.site_names.index(name) if name in self.site_names else 0
+        priv = private_key or self.site_key(name)[0]
+        ca = self.workdir / "certs" / "supernodes" / name / "ca.pem"
+        if not ca.exists():
+            ca = self.keys.ca_cert
+        data = self.data_dir / name
+        port = self.runtime_ports[idx] if name in self.site_names else dep.free_ports(1)[0]
+        if self.use_site_daemon:
+            return dep.site_command(
+                data=data, superlink=self.address, state=self.state_dir(name), root_certificates=ca,
+                private_key=priv, runtime_port=port, executable=(str(venv_bin() / "fedfusion"),),
+            )
+        node_config = {"data-dir": str(data), "state-dir": str(self.state_dir(name)), **self.node_config_extra}
+        return dep.supernode_command(
+            superlink=self.address, root_certificates=ca, private_key=priv, node_config=node_config,
+            runtime_port=port, executable=str(venv_bin() / "flower-supernode"),
+        )
+
+    def start_site(self, name: str) -> None:
+        self.procs.start(name, self.site_argv(name))
+        self.log(f"started {name} ({'fedfusion site' if self.use_site_daemon else 'flower-supernode'})")
+
+    def kill_site(self, name: str) -> None:
+        """SIGKILL a site's SuperNode and every ClientApp below it (a crash, not a clean stop)."""
+        self.procs.kill(name)
+        self.log(f"killed {name}")
+
+    def start_rogue(self, name: str = "rogue") -> subprocess.Popen[bytes]:
+        """Start a SuperNode whose key was never registered (it must be refused); returns its process."""
+        priv = make_node_keys(self.workdir / "certs" / "unregistered" / name, name).private_key
+        cmd = dep.supernode_command(
+            superlink=self.address, root_certificates=self.keys.ca_cert if self.keys else None, private_key=priv,
+            node_config={"data-dir": str(self.data_dir / "site-01")}, runtime_port=dep.free_ports(1)[0],
+            max_retries=2, executable=str(venv_bin() / "flower-supernode"),
+        )
+        return self.procs.start(name, cmd).popen
+
+    # ------------------------------------------------------------------ runs
+    def submit(self, run_config: Mapping[str, Any]) -> int:
+        """``flwr run <staged app> fedfusion --run-config overrides.toml``; returns the run id."""
+        overrides = dep.run_config_toml(run_config, self.workdir / "run-config.toml")
+        data = dep.flwr_json(
+            [str(venv_bin() / "flwr"), "run", str(self.app_dir), dep.CONNECTION_NAME, "--run-config", str(overrides),
+             "--format", "json"],
+            self.env, timeout=120, cwd=self.workdir,
+        )
+        run_id = int(data["run-id"])
+        self.log(f"submitted run {run_id}")
+        return run_id
+
+    def run_status(self, run_id: int) -> str:
+        data = self.flwr(["ls", "--run-id", str(run_id)])
+        runs = data.get("runs", [])
+        return str(runs[0].get("status", "")) if runs else ""
+
+    def wait_finished(self, run_id: int, timeout: float, poll: Callable[[], None] | None = None) -> str:
+        """Poll ``flwr ls`` until the run is finished; returns its status (e.g. ``finished:completed``)."""
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            status = self.run_status(run_id)
+            if status.startswith(FINISHED_PREFIX):
+                return status
+            if poll is not None:
+                poll()
+            self.procs.refresh()
+            time.sleep(1.0)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s (status {status!r})")
+
+    def run_log(self, run_id: int) -> str:
+        """``flwr log RUN_ID fedfusion --show`` (the ServerApp's log as the SuperLink kept it)."""
+        proc = subprocess.run(
+            [str(venv_bin() / "flwr"), "log", str(run_id), dep.CONNECTION_NAME, "--show"],
+            env=self.env, capture_output=True, text=True, timeout=60, cwd=self.workdir,
+        )
+        return proc.stdout + proc.stderr
+
+    def logs(self) -> str:
+        """Every process log, for failure messages."""
+        return "\n".join(f"----- {n}\n{m.log_text()[-6000:]}" for n, m in self.procs.procs.items())
