@@ -1,0 +1,79 @@
+"""Output-level (late) fusion: one prediction per modality, combined by a masked, learned-weight average.
+
+Each modality's pyramid goes through the *shared* decoder (``decoder``, owner None: it learns a modality-agnostic
+upsampling path from every site's data) and then through its own heads ``fusion.heads.<m>`` (owned by ``m``):
+``seg`` (1x1 conv to segmentation logits at full resolution), ``cls`` (global average pool of the modality's
+bottleneck -> dropout -> Linear to class logits) and ``gate`` (``nn.Embedding(1, 1)``: the modality's learned
+fusion logit). The fused logits are ``sum_i w_i y_i`` with ``w = softmax(gate)`` taken over the modalities present
+in each sample only (renormalised: missing modalities get weight exactly 0, present weights sum to 1).
+Averaging logits (rather than probabilities) is a weighted product of experts, which keeps cross-entropy and
+Dice losses on the fused output well-conditioned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..decoder import Classifier
+from ..encoders import conv_block
+from .base import Fusion
+
+
+class ModalityHead(nn.Module):
+    """Per-modality prediction heads: ``seg`` (1x1 conv), ``cls`` (pool + dropout + Linear), ``gate`` (fusion logit)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.seg = conv_block(cfg.spatial_dims, cfg.channels[0], cfg.num_seg_classes, kernel_size=1, conv_only=True)
+        self.cls = Classifier(cfg.channels[-1], cfg.num_classes, cfg.dropout)
+        self.gate = nn.Embedding(1, 1)
+        nn.init.zeros_(self.gate.weight)  # start from the plain mean over present modalities
+
+
+class OutputFusion(Fusion):
+    """Late fusion; parameters ``fusion.heads.<m>`` (owned by ``m``); the network's decoder returns features."""
+
+    family = "output"
+    late = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.heads = nn.ModuleDict({m: ModalityHead(cfg) for m in cfg.modalities})
+        self.last_weights: Tensor | None = None
+
+    def forward(
+        self,
+        pyramids: Sequence[Sequence[Tensor]],
+        mask: Tensor,
+        decode: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """``pyramids[i][l]`` (B, C_l, *S_l); ``decode(bottleneck, skips)`` -> (B, channels[0], *S) features.
+
+        Returns fused (seg logits (B, K, *S), class logits (B, num_classes)); stores the per-sample fusion weights
+        (B, M) in :attr:`last_weights`.
+        """
+        b = mask.shape[0]
+        index = torch.zeros(b, dtype=torch.long, device=mask.device)
+        gates = torch.cat([self.heads[m].gate(index) for m in self.modalities], dim=1)  # (B, M)
+        present = mask > 0
+        weights = gates.masked_fill(~present, float("-inf")).softmax(dim=1)
+        weights = torch.where(present, weights, torch.zeros_like(weights))  # exact zeros, no NaN for safety
+        seg: Tensor | None = None
+        cls: Tensor | None = None
+        for i, m in enumerate(self.modalities):
+            feats = pyramids[i]
+            head = self.heads[m]
+            s = head.seg(decode(feats[-1], feats[:-1]))
+            c = head.cls(feats[-1])
+            w = weights[:, i]
+            s = s * w.reshape(-1, *([1] * (s.dim() - 1)))
+            c = c * w[:, None]
+            seg = s if seg is None else seg + s
+            cls = c if cls is None else cls + c
+        assert seg is not None and cls is not None
+        self.last_weights = weights.detach()
+        return seg, cls

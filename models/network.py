@@ -1,0 +1,160 @@
+"""FusionNet: per-modality encoders -> fusion family -> U-shaped decoder (segmentation) + classifier (case label).
+
+Parameter names carry ownership (``models.modalities.owner_modality``):
+
+======================================  ===========================================  =========
+name                                    what                                         owner
+======================================  ===========================================  =========
+``encoders.<m>.…``                      per-modality encoder (all but ``input``)     ``m``
+``fusion.stems.<m>.…``                  early-fusion stem conv (``input``)           ``m``
+``fusion.levels.<l>.embeddings.<m>.…``  modality embedding (``attention``)           ``m``
+``fusion.heads.<m>.…``                  late-fusion heads and gate (``output``)      ``m``
+``fusion.…`` (other)                    fusion core                                  None
+``decoder.…``, ``classifier.…``         shared decoder and classifier                None
+======================================  ===========================================  =========
+
+Missing modalities: the forward replaces every channel whose mask is 0 by exact zeros (``torch.where``, so even
+NaN pixels there cannot leak) and every family excludes it from fusion, so the pixels of a missing modality never
+change the output. Every parameter takes part in every forward (the encoder of a missing modality runs on zeros and
+its output is multiplied by 0), so Opacus's per-sample gradients exist for all parameters, zero where unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .decoder import Classifier, Decoder
+from .encoders import Encoder
+from .fusion import Fusion, build_fusion
+from .fusion.attention import AttentionFusion
+from .fusion.output import OutputFusion
+
+
+class FusionNet(nn.Module):
+    """The fedfusion network for one :class:`ModelConfig` (family, modalities, widths, 2D/3D).
+
+    A unimodal baseline is the same network built with ``cfg.modalities = (m,)``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.fusion: Fusion = build_fusion(cfg)
+        if self.fusion.modality_encoders:
+            self.encoders = nn.ModuleDict(
+                {m: Encoder(cfg.spatial_dims, 1, cfg.channels) for m in cfg.modalities}
+            )
+        self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes)
+        if not self.fusion.late:
+            self.classifier = Classifier(cfg.channels[-1], cfg.num_classes, cfg.dropout)
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Segment and classify one batch.
+
+        Args:
+            image: (B, M, *S) float32, M = ``len(config.modalities)`` in config order, S 2D (H, W) or 3D (D, H, W)
+                with every axis divisible by ``2 ** (depth - 1)`` (normally ``config.spatial_size``), intensities
+                as the data pipeline normalised them.
+            mask: (B, M) float 0/1 availability; every sample needs at least one present modality.
+
+        Returns:
+            (seg_logits (B, num_seg_classes, *S), class_logits (B, num_classes)), unnormalised logits.
+        """
+        self._check_inputs(image, mask)
+        mask = mask.to(image.dtype)
+        present = mask.reshape(*mask.shape, *([1] * (image.dim() - 2))) > 0
+        x = torch.where(present, image, torch.zeros((), dtype=image.dtype, device=image.device))
+        if not self.fusion.modality_encoders:
+            fused = self.fusion(x, mask)
+            return self._decode(fused)
+        pyramids = [self.encoders[m](x[:, i : i + 1]) for i, m in enumerate(self.config.modalities)]
+        if self.fusion.late:
+            return self.fusion(pyramids, mask, self.decoder)
+        return self._decode(self.fusion(pyramids, mask))
+
+    def _decode(self, fused: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        bottleneck = fused[-1]
+        return self.decoder(bottleneck, fused[:-1]), self.classifier(bottleneck)
+
+    def _check_inputs(self, image: Tensor, mask: Tensor) -> None:
+        cfg = self.config
+        m = len(cfg.modalities)
+        if image.dim() != 2 + cfg.spatial_dims:
+            raise ValueError(
+                f"image must be (B, M, {'D, H, W' if cfg.spatial_dims == 3 else 'H, W'}) for a "
+                f"{cfg.spatial_dims}D model, got shape {tuple(image.shape)}"
+            )
+        if image.shape[1] != m:
+            raise ValueError(
+                f"image has {image.shape[1]} modality channels but the model expects {m} "
+                f"({', '.join(cfg.modalities)}); stack missing modalities as zero channels with mask 0"
+            )
+        if tuple(mask.shape) != (image.shape[0], m):
+            raise ValueError(f"mask must be (B, M) = {(image.shape[0], m)}, got {tuple(mask.shape)}")
+        down = 2 ** (len(cfg.channels) - 1)
+        if any(s % down for s in image.shape[2:]):
+            raise ValueError(
+                f"image spatial size {tuple(image.shape[2:])} must be divisible by {down}; resize the data to "
+                f"the model's spatial_size {cfg.spatial_size}"
+            )
+        if bool((mask.sum(dim=1) <= 0).any()):
+            bad = torch.nonzero(mask.sum(dim=1) <= 0).flatten().tolist()
+            raise ValueError(f"samples {bad} of the batch have no modality present (mask all 0); drop them")
+
+    # -- introspection -------------------------------------------------------------------------------------------
+    def attention_weights(self) -> Tensor | None:
+        """Last forward's cross-modal attention (B, M_query, M_key), averaged over levels, heads and positions;
+        rows of missing query modalities are 0 and columns of missing keys are 0. None for non-attention families
+        or before any forward."""
+        if isinstance(self.fusion, AttentionFusion):
+            return self.fusion.last_attention
+        return None
+
+    def fusion_weights(self) -> Tensor | None:
+        """Last forward's late-fusion weights (B, M) (``output`` family; 0 for missing modalities), else None."""
+        if isinstance(self.fusion, OutputFusion):
+            return self.fusion.last_weights
+        return None
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> FusionNet:
+    """Build the network of ``cfg`` (on ``device`` if given, else CPU)."""
+    model = FusionNet(cfg)
+    return model.to(device) if device is not None else model
+
+
+def apply_modality_dropout(mask: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Training-time modality dropout: drop each present modality with probability ``p``, never all of a sample's.
+
+    Args:
+        mask: (B, M) float 0/1 availability.
+        p: drop probability per present modality, in [0, 1).
+        generator: optional torch generator (on the mask's device) for reproducible draws.
+
+    Returns:
+        A new (B, M) mask, a subset of ``mask``: missing modalities stay missing; a sample whose every present
+        modality was drawn for dropping keeps one of them, chosen uniformly. The network zeroes the image channels of
+        dropped modalities itself, so the caller only passes the new mask to ``forward``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"modality dropout probability must be in [0, 1), got {p}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be (B, M), got shape {tuple(mask.shape)}")
+    present = mask > 0
+    if p == 0.0:
+        return mask.clone()
+    draw = torch.rand(mask.shape, generator=generator, device=mask.device)
+    keep = present & (draw >= p)
+    emptied = present.any(dim=1) & ~keep.any(dim=1)
+    if bool(emptied.any()):
+        # Choose one present modality per emptied sample: argmax of random scores restricted to present ones.
+        scores = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~present, -1.0)
+        rescue = torch.zeros_like(present)
+        rescue.scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+        keep = keep | (rescue & emptied[:, None])
+    return keep.to(mask.dtype)
