@@ -1,0 +1,194 @@
+"""The server's run directory: config, per-round checkpoints (atomic), best model, and resume state.
+
+Layout (see docs/architecture.md)::
+
+    RUN/config.json            resolved run config (written at start, atomically)
+    RUN/metrics.jsonl          models.runlog.MetricsLog
+    RUN/checkpoints/last.pt    after every completed round
+    RUN/checkpoints/best.pt    best global model by run config `best-metric`
+
+``last.pt`` is a :func:`models.checkpoint.save_checkpoint` file whose ``extra`` holds ``round`` (the last
+completed round), ``strategy_state`` (e.g. FedAdam's ``m_t``/``v_t``, the validator's norm history),
+``run_config``, ``declined`` (node ids dropped for a spent privacy budget) and ``best`` (metric, value, round).
+Because a round's metrics are logged before its checkpoint is renamed into place, resuming from ``last.pt`` at
+round ``r`` and dropping log entries of rounds ``> r`` never loses or doubles a round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import ModelConfig
+
+#: metrics where lower is better (everything else: higher is better)
+LOWER_IS_BETTER = ("loss", "hd95", "violations")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + rename (readers never see a torn file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(tag in metric for tag in LOWER_IS_BETTER)
+
+
+def pick_metric(flat: Mapping[str, float], metric: str) -> tuple[str, float] | None:
+    """Find ``metric`` in global eval metrics: exact key, else ``all/<metric>``, else ``mean/<metric>``.
+
+    Returns the key found and its value, or ``None`` if absent or not finite.
+    """
+    for key in (metric, f"all/{metric}", f"mean/{metric}"):
+        if key in flat:
+            value = float(flat[key])
+            return (key, value) if math.isfinite(value) else None
+    return None
+
+
+@dataclass
+class ResumeState:
+    """What a run directory's ``last.pt`` says about where the run stopped."""
+
+    round: int
+    state_dict: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    run_config: dict[str, Any] = field(default_factory=dict)
+    declined: list[int] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+class RunDirectory:
+    """Paths and atomic writes of one run directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.last = self.checkpoints / "last.pt"
+        self.best_path = self.checkpoints / "best.pt"
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+
+    def write_config(self, run_config: Mapping[str, Any]) -> None:
+        atomic_write_text(self.config, json.dumps(dict(run_config), indent=2, sort_keys=True) + "\n")
+
+    def save_round(
+        self,
+        server_round: int,
+        state_dict: Mapping[str, torch.Tensor],
+        model_config: ModelConfig,
+        *,
+        strategy_state: Mapping[str, Any],
+        run_config: Mapping[str, Any],
+        declined: list[int],
+        best: Mapping[str, Any] | None,
+    ) -> None:
+        """Write ``last.pt`` for the completed ``server_round`` (atomic write-then-rename)."""
+        save_checkpoint(
+            self.last,
+            dict(state_dict),
+            model_config,
+            round=int(server_round),
+            strategy_state=dict(strategy_state),
+            run_config=dict(run_config),
+            declined=[int(n) for n in declined],
+            best=dict(best) if best else None,
+        )
+
+    def save_best(
+        self,
+        server_round: int,
+        state_dict: Mapping[str, torch.Tensor],
+        model_config: ModelConfig,
+        *,
+        metric: str,
+        value: float,
+        run_config: Mapping[str, Any],
+    ) -> None:
+        save_checkpoint(
+            self.best_path,
+            dict(state_dict),
+            model_config,
+            round=int(server_round),
+            metric=metric,
+            value=float(value),
+            run_config=dict(run_config),
+        )
+
+    def load_resume(self) -> ResumeState:
+        """Read ``last.pt``.
+
+        Raises:
+            FileNotFoundError: when the run has no ``last.pt`` (nothing to resume), naming the path.
+            ValueError: when ``last.pt`` is not a fedfusion server checkpoint.
+        """
+        if not self.last.is_file():
+            raise FileNotFoundError(
+                f"cannot resume {self.path}: {self.last} does not exist (the run never completed a round); "
+                "start it afresh without `resume`"
+            )
+        state_dict, config, extra = load_checkpoint(self.last)
+        if "round" not in extra:
+            raise ValueError(f"{self.last} has no round number: it is not a fedfusion server checkpoint")
+        return ResumeState(
+            round=int(extra["round"]),
+            state_dict=state_dict,
+            model_config=config,
+            strategy_state=dict(extra.get("strategy_state") or {}),
+            run_config=dict(extra.get("run_config") or {}),
+            declined=[int(n) for n in extra.get("declined") or []],
+            best=extra.get("best"),
+        )
+
+
+class BestTracker:
+    """Keeps the best value of one global metric and says when a round beats it."""
+
+    def __init__(self, metric: str, state: Mapping[str, Any] | None = None) -> None:
+        self.metric = metric
+        self.key: str | None = None
+        self.value: float | None = None
+        self.round: int | None = None
+        if state and state.get("metric") == metric:
+            self.key = state.get("key")
+            self.value = state.get("value")
+            self.round = state.get("round")
+
+    def update(self, server_round: int, flat: Mapping[str, float]) -> bool:
+        """Record ``flat``'s value of the metric; ``True`` if it is a new best."""
+        found = pick_metric(flat, self.metric)
+        if found is None:
+            return False
+        key, value = found
+        better = (
+            self.value is None
+            or (value < self.value if lower_is_better(self.metric) else value > self.value)
+        )
+        if better:
+            self.key, self.value, self.round = key, value, int(server_round)
+        return better
+
+    def state(self) -> dict[str, Any] | None:
+        if self.value is None:
+            return None
+        return {"metric": self.metric, "key": self.key, "value": self.value, "round": self.round}

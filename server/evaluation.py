@@ -1,0 +1,148 @@
+"""Global evaluation of the global model on the server's held-out set, and aggregation of site metrics.
+
+* :class:`GlobalEvaluator` evaluates a state dict on the held-out set (``test-dir``, default
+  ``<data-dir>/heldout``) for every non-empty modality subset (``models.evaluation.evaluate_subsets``):
+  segmentation Dice/IoU/precision/HD95 per region, classification accuracy/recall/specificity/F1/AUROC, per
+  subset plus ``all``, ``mean`` and ``worst``. Its flat metrics go to the metrics log with phase ``server-eval``.
+* :func:`server.aggregation.weighted_metrics` (re-exported here) averages the sites' metrics weighted by
+  ``num-examples``.
+
+The held-out set is read once and cached; a missing or unreadable test set disables global evaluation with a
+clear log line instead of stopping the federation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+
+from .aggregation import weighted_metrics
+
+__all__ = ["GlobalEvaluator", "EvalOutcome", "weighted_metrics", "resolve_test_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_test_dir(test_dir: str, data_dir: str) -> Path:
+    """``test-dir`` if set, else ``<data-dir>/heldout``."""
+    return Path(test_dir) if str(test_dir).strip() else Path(data_dir) / "heldout"
+
+
+class EvalOutcome:
+    """One global evaluation: the flat metrics (``"<subset>/<metric>"`` -> value) and the per-subset table."""
+
+    def __init__(self, flat: dict[str, float], table: Any) -> None:
+        self.flat = flat
+        self.table = table
+
+
+class GlobalEvaluator:
+    """Evaluates global weights on the held-out set, for every non-empty modality subset.
+
+    Args:
+        model_config: the run's model config (the held-out volumes are resampled to its ``spatial_size``).
+        test_dir: a site-layout folder (case folders + labels.csv) holding all modalities.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
+        batch_size: held-out cases per forward pass.
+        subsets: modality subsets to evaluate (``None`` = all ``2**M - 1``).
+        dataset: an already built dataset (tests, or callers that hold one); skips reading ``test_dir``.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        test_dir: str | Path,
+        device: str = "auto",
+        batch_size: int = 2,
+        subsets: Sequence[Sequence[str]] | None = None,
+        dataset: Any | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.test_dir = Path(test_dir)
+        self.device_name = device
+        self.batch_size = batch_size
+        self.subsets = [tuple(s) for s in subsets] if subsets is not None else None
+        self._dataset = dataset
+        self._model: torch.nn.Module | None = None
+        self._disabled_reason: str | None = None
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why global evaluation is off (``None`` while it works)."""
+        return self._disabled_reason
+
+    def _device(self) -> torch.device:
+        if self.device_name == "auto":
+            try:
+                from models.training import resolve_device
+
+                return resolve_device("auto")
+            except ImportError:  # older checkouts: same rule, inline
+                return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device_name)
+
+    def _load(self) -> bool:
+        if self._disabled_reason is not None:
+            return False
+        if self._dataset is None:
+            if not self.test_dir.is_dir():
+                self._disabled_reason = (
+                    f"held-out test set {self.test_dir} does not exist; set run config `test-dir` to a site-layout "
+                    "folder (case folders + labels.csv) or generate phantoms (their heldout/ folder)"
+                )
+                logger.warning("global evaluation disabled: %s", self._disabled_reason)
+                return False
+            try:
+                from client.data.dataset import CaseDataset
+
+                self._dataset = CaseDataset(
+                    [self.test_dir],
+                    self.model_config.modalities,
+                    self.model_config.spatial_size,
+                    augment=False,
+                    cache=True,
+                )
+            except Exception as exc:  # noqa: BLE001 - a bad test set must not stop the federation
+                self._disabled_reason = f"cannot read held-out test set {self.test_dir}: {exc}"
+                logger.warning("global evaluation disabled: %s", self._disabled_reason)
+                return False
+            if len(self._dataset) == 0:
+                self._disabled_reason = f"held-out test set {self.test_dir} holds no cases"
+                logger.warning("global evaluation disabled: %s", self._disabled_reason)
+                return False
+        return True
+
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor]) -> EvalOutcome | None:
+        """Evaluate ``state_dict`` (the plain model's names) on the held-out set.
+
+        Returns:
+            the flat metrics and per-subset table, or ``None`` when global evaluation is disabled or failed
+            (the reason is logged; the federation goes on).
+        """
+        if not self._load():
+            return None
+        from torch.utils.data import DataLoader
+
+        from models.evaluation import evaluate_subsets
+        from models.network import build_model
+
+        device = self._device()
+        try:
+            if self._model is None:
+                self._model = build_model(self.model_config)
+            model = self._model
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+            model.to(device)
+            loader = DataLoader(self._dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+            report = evaluate_subsets(model, loader, device, subsets=self.subsets)
+        except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
+            logger.exception("global evaluation failed: %s", exc)
+            return None
+        flat = {k: float(v) for k, v in report.to_flat().items()}
+        return EvalOutcome(flat, report.to_table())

@@ -1,0 +1,183 @@
+"""fedfusion's Flower ServerApp (Message API): ``app`` (pyproject: ``server.server_app:app``).
+
+One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model or
+resume from ``RUN/checkpoints/last.pt``, and let Flower's ``Strategy.start`` run the remaining rounds. After each
+round the ``evaluate_fn`` hook evaluates the global model on the held-out set (every ``eval-every`` rounds and
+after the last), logs metrics, prints the compact table, and writes ``last.pt`` (and ``best.pt``) atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from models.config import ModelConfig
+from models.runlog import MetricsLog
+
+from .checkpointing import BestTracker, RunDirectory
+from .console import print_round, render
+from .evaluation import GlobalEvaluator, resolve_test_dir
+from .settings import ServerSettings
+from .strategy import FederationExhausted, build_strategy
+
+logger = logging.getLogger(__name__)
+
+#: run config keys forwarded to the sites in every train message (they also read their own run config)
+TRAIN_CONFIG_KEYS = ("num-server-rounds", "local-epochs", "lr", "batch-size")
+
+#: global-eval keys returned to Flower's own round summary (the full set goes to metrics.jsonl)
+SUMMARY_PREFIXES = ("all/", "mean/", "worst/")
+
+
+def _server_logging(run_dir: Path) -> logging.Handler:
+    """Send the ``server`` loggers to ``RUN/server.log`` (and to stderr when nothing else is configured)."""
+    pkg = logging.getLogger("server")
+    pkg.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in pkg.handlers
+    ):
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        pkg.addHandler(stream)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "server.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg.addHandler(handler)
+    return handler
+
+
+def _initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
+    from models.network import build_model
+
+    torch.manual_seed(seed)
+    return ArrayRecord(build_model(model_config).state_dict())
+
+
+def run_server(grid: Grid, context: Context) -> None:
+    """The ServerApp's main: run (or resume) a federation described by ``context.run_config``."""
+    run_config: dict[str, Any] = dict(context.run_config)
+    settings = ServerSettings.from_run_config(run_config)
+    settings.check_protection()  # refuse before anything is written
+    model_config = ModelConfig.from_flat(run_config)
+    run_dir = RunDirectory(settings.resume or settings.run_dir)
+    handler = _server_logging(run_dir.path)
+    try:
+        _run(grid, settings, model_config, run_config, run_dir)
+    finally:
+        logging.getLogger("server").removeHandler(handler)
+        handler.close()
+
+
+def _run(
+    grid: Grid,
+    settings: ServerSettings,
+    model_config: ModelConfig,
+    run_config: dict[str, Any],
+    run_dir: RunDirectory,
+) -> None:
+    mlog = MetricsLog(run_dir.metrics)
+    start_round = 0
+    best = BestTracker(settings.best_metric)
+    strategy_state: Mapping[str, Any] = {}
+    declined: list[int] = []
+    if settings.resume:
+        state = run_dir.load_resume()
+        if state.model_config != model_config:
+            logger.warning(
+                "resume: the run config's model differs from the checkpoint's; continuing with the checkpoint's "
+                "model config %s", state.model_config.to_dict(),
+            )
+            model_config = state.model_config
+        start_round = state.round
+        arrays = ArrayRecord({k: v for k, v in state.state_dict.items()})
+        strategy_state = state.strategy_state
+        declined = state.declined
+        best = BestTracker(settings.best_metric, state.best)
+        # Entries of an interrupted round (> start_round) would otherwise be logged twice.
+        mlog.drop_rounds_after(start_round)
+        logger.info("resuming %s after round %d of %d", run_dir.path, start_round, settings.num_server_rounds)
+    else:
+        if run_dir.metrics.exists() and run_dir.metrics.stat().st_size:
+            logger.warning("fresh run in %s: its previous metrics log is cleared", run_dir.path)
+            mlog.drop_rounds_after(-1)
+        arrays = _initial_arrays(model_config, settings.seed)
+    resolved = {**run_config, **settings.to_dict(), **model_config.to_flat()}
+    run_dir.write_config(resolved)
+
+    remaining = settings.num_server_rounds - start_round
+    if remaining <= 0:
+        logger.info("run %s already completed %d rounds; nothing to do", run_dir.path, start_round)
+        return
+
+    strategy = build_strategy(settings, model_config.modalities, mlog, round_offset=start_round)
+    if strategy_state:
+        strategy.set_state(strategy_state)
+    strategy.declined |= set(declined)
+
+    evaluator = GlobalEvaluator(
+        model_config,
+        resolve_test_dir(settings.test_dir, settings.data_dir),
+        device=settings.device,
+        batch_size=settings.eval_batch_size,
+    )
+
+    def after_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this after every round (and with 0 before the first): evaluate, log, checkpoint."""
+        if local_round == 0:
+            return None  # no baseline evaluation: round 0 of a resumed run was evaluated before the stop
+        rnd = start_round + local_round
+        state_dict = round_arrays.to_torch_state_dict()
+        flat: dict[str, float] | None = None
+        due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
+        if due:
+            outcome = evaluator.evaluate(state_dict)
+            if outcome is not None:
+                flat = outcome.flat
+                mlog.write(rnd, "server-eval", "global", flat)
+                logger.info("round %d global evaluation per modality subset:\n%s", rnd, render(outcome.table))
+                print_round(rnd, flat)
+        if flat is not None and best.update(rnd, flat):
+            run_dir.save_best(rnd, state_dict, model_config, metric=settings.best_metric,
+                              value=float(best.value or 0.0), run_config=resolved)
+            logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
+        # last.pt goes last: once it names round r, everything of round r is on disk.
+        run_dir.save_round(
+            rnd, state_dict, model_config,
+            strategy_state=strategy.get_state(), run_config=resolved,
+            declined=sorted(strategy.declined), best=best.state(),
+        )
+        logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
+        if flat is None:
+            return None
+        return MetricRecord({k: v for k, v in flat.items() if k.startswith(SUMMARY_PREFIXES)})
+
+    train_config = ConfigRecord({k: run_config[k] for k in TRAIN_CONFIG_KEYS if k in run_config})
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            train_config=train_config,
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=after_round,
+        )
+    except FederationExhausted as exc:
+        logger.warning("stopping the federation early: %s; the last checkpoint stays valid", exc)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    run_server(grid, context)

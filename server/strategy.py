@@ -1,0 +1,477 @@
+"""Composition of fedfusion's server behaviour with Flower's Message-API strategies.
+
+The strategy the ServerApp runs is a chain of wrappers, outermost first::
+
+    FedFusionStrategy            round offset (resume), declined-site exclusion, update validation,
+      │                          reply sanitising, per-site metrics log, dtype restore
+      ├─ DifferentialPrivacy{ServerSide,ClientSide}FixedClipping   (Flower; only with client-dp)
+      │    └─ ModalityAwareStrategy                                 (only with aggregation = modality-aware)
+      │         └─ FedAvg | FedProx | FedAdam | FedTrimmedAvg | FedMedian | Krum   (Flower; `strategy`)
+
+Every layer is a :class:`flwr.serverapp.strategy.Strategy`, so ``FedFusionStrategy.start`` is Flower's own
+round loop. Flower's ``Strategy.start`` has no start-round argument: to resume at round ``r + 1`` the ServerApp
+calls ``start(num_rounds = N - r)`` and ``FedFusionStrategy`` adds ``round_offset = r`` to every round number
+before it reaches the inner strategies, the clients' ``server-round`` config and the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from models.modalities import MODALITIES
+from models.runlog import MetricsLog
+
+from .aggregation import SHARED, ModalityAwareStrategy, modality_weight, ownership_groups, weighted_metrics
+from .settings import ServerSettings
+from .validation import WEIGHT_KEY, UpdateValidator, log_rejections, reply_arrays, reply_metrics
+
+try:  # the sites' error codes (a lightweight module the server may import; absent in a server-only install)
+    from client import replies as _client_replies
+except ImportError:  # pragma: no cover
+    _client_replies = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+#: Substrings of an error reply's reason that mean "this site's privacy budget is spent".
+DECLINE_MARKERS = ("budget", "declin")
+
+
+class FederationExhausted(RuntimeError):
+    """Too few sites remain (after dropping those that declined) to meet the minimum for a round."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the chain
+# ----------------------------------------------------------------------------------------------------------
+def build_base_strategy(settings: ServerSettings) -> FedAvg:
+    """The Flower strategy named by run config ``strategy``, with the sampling keys of the run config."""
+    common: dict[str, Any] = dict(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_train_nodes=settings.min_train_nodes,
+        min_evaluate_nodes=settings.min_evaluate_nodes,
+        min_available_nodes=settings.min_available_nodes,
+        weighted_by_key=WEIGHT_KEY,
+    )
+    name = settings.strategy
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=settings.proximal_mu)
+    if name == "fedadam":
+        return FedAdam(**common, eta=settings.server_lr, eta_l=settings.lr)
+    if name == "trimmed-mean":
+        return FedTrimmedAvg(**common, beta=settings.trimmed_beta)
+    if name == "median":
+        return FedMedian(**common)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=settings.krum_malicious)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def build_strategy(
+    settings: ServerSettings,
+    modalities: Sequence[str] = MODALITIES,
+    metrics_log: MetricsLog | None = None,
+    round_offset: int = 0,
+) -> "FedFusionStrategy":
+    """Build the whole chain for ``settings`` (refusing unsupported protection combinations first)."""
+    settings.check_protection()
+    base = build_base_strategy(settings)
+    inner: Strategy = base
+    if settings.aggregation == "modality-aware":
+        inner = ModalityAwareStrategy(base, modalities)
+    max_update_norm: float | None = None
+    if settings.client_dp != "none":
+        # Flower calibrates noise stdv = noise * clip / num_sampled_clients; min-train-nodes is the smallest
+        # sample a round can have, so the noise is never below what the guarantee needs.
+        num_sampled = max(1, settings.min_train_nodes)
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping
+            if settings.client_dp == "server-side"
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        inner = wrapper(inner, settings.client_dp_noise, settings.client_dp_clip, num_sampled)
+        if settings.client_dp == "client-side":
+            max_update_norm = settings.client_dp_clip
+        if settings.aggregation == "modality-aware":
+            logger.warning(
+                "client-dp with modality-aware aggregation: Flower's noise is calibrated for a mean over "
+                ">= %d sites; a modality held by fewer sites gets proportionally less protection for its "
+                "encoder (see docs/server.md)",
+                num_sampled,
+            )
+    validator = UpdateValidator(norm_factor=settings.update_norm_factor, max_update_norm=max_update_norm)
+    return FedFusionStrategy(
+        inner,
+        base,
+        validator=validator,
+        modalities=modalities,
+        modality_aware=settings.aggregation == "modality-aware",
+        metrics_log=metrics_log,
+        round_offset=round_offset,
+    )
+
+
+def find_optimizer(strategy: Strategy) -> FedOpt | None:
+    """The FedOpt (FedAdam, ...) strategy inside a wrapper chain, if any."""
+    seen = 0
+    node: Any = strategy
+    while node is not None and seen < 10:
+        if isinstance(node, FedOpt):
+            return node
+        node = getattr(node, "strategy", None)
+        seen += 1
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+class ExcludingGrid:
+    """A view of a Grid without some node ids (declined sites): strategies sample from ``get_node_ids()``."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid = grid
+        self._excluded = excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def is_decline(msg: Message) -> bool:
+    """Whether a reply says the site declines to train (privacy budget spent).
+
+    Understood signals: an error reply with a decline code of :mod:`client.replies` (``declined-budget`` 4001,
+    ``refused-policy`` 4002), an error reply whose reason mentions the budget or declining, or a content reply
+    whose metrics carry ``declined = 1``.
+    """
+    if msg.has_error():
+        if _client_replies is not None and _client_replies.is_decline(int(msg.error.code)):
+            return True
+        reason = str(msg.error.reason).lower()
+        return any(marker in reason for marker in DECLINE_MARKERS)
+    metrics = reply_metrics(msg)
+    if metrics is None:
+        return False
+    value = metrics.get("declined", 0)
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, (int, float)) and float(value) >= 0.5
+
+
+def site_scope(msg: Message) -> str:
+    """Metrics-log scope of a reply's site: ``site-<NN>`` from a numeric ``site-index`` metric, else
+    ``site-<node id>``."""
+    if not msg.has_error():
+        metrics = reply_metrics(msg)
+        if metrics is not None:
+            idx = metrics.get("site-index")
+            if isinstance(idx, (int, float)) and not isinstance(idx, bool) and math.isfinite(float(idx)):
+                return f"site-{int(idx):02d}"
+    return f"site-{int(msg.metadata.src_node_id)}"
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar numeric entries of a MetricRecord (lists dropped)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the outer strategy
+# ----------------------------------------------------------------------------------------------------------
+class FedFusionStrategy(Strategy):
+    """Outermost layer: makes any inner chain safe to run against real sites and resumable.
+
+    Args:
+        inner: the chain below (DP wrapper, modality-aware layer, Flower strategy).
+        base: the Flower strategy at the bottom (its sampling settings are read here).
+        validator: update validator (keeps its norm history across rounds).
+        modalities: the model's modalities.
+        modality_aware: whether ``inner`` aggregates modality-aware (then groups with no eligible site keep the
+            global values even after DP noise).
+        metrics_log: where per-site and aggregated metrics go (``None``: not logged).
+        round_offset: rounds already completed before this ``start`` (resume).
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        base: FedAvg,
+        *,
+        validator: UpdateValidator,
+        modalities: Sequence[str] = MODALITIES,
+        modality_aware: bool = True,
+        metrics_log: MetricsLog | None = None,
+        round_offset: int = 0,
+    ) -> None:
+        self.strategy = inner
+        self.base = base
+        self.validator = validator
+        self.modalities = tuple(modalities)
+        self.modality_aware = modality_aware
+        self.metrics_log = metrics_log
+        self.round_offset = int(round_offset)
+        self.declined: set[int] = set()
+        self.current: dict[str, np.ndarray] = {}
+        #: per round: node id -> rejection reason (for tests and the report)
+        self.rejections: dict[int, dict[int, str]] = {}
+        self.stop_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"FedFusion({self.strategy!r})"
+
+    def global_round(self, local_round: int) -> int:
+        return int(local_round) + self.round_offset
+
+    # -- state for checkpoints ---------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """Everything to continue as if never stopped: declined sites, validator history, optimiser moments."""
+        state: dict[str, Any] = {
+            "declined": sorted(self.declined),
+            "validator": self.validator.state_dict(),
+        }
+        opt = find_optimizer(self.strategy)
+        if opt is not None:
+            state["optimizer"] = {
+                "class": type(opt).__name__,
+                "m_t": {k: np.asarray(v) for k, v in opt.m_t.items()} if opt.m_t else None,
+                "v_t": {k: np.asarray(v) for k, v in opt.v_t.items()} if opt.v_t else None,
+            }
+        return state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.declined = {int(n) for n in state.get("declined", [])}
+        self.validator.load_state_dict(state.get("validator", {}))
+        opt = find_optimizer(self.strategy)
+        saved = state.get("optimizer")
+        if opt is not None and saved:
+            if saved.get("class") != type(opt).__name__:
+                logger.warning(
+                    "resume: checkpoint holds %s optimiser state but the strategy is %s; starting its moments "
+                    "afresh", saved.get("class"), type(opt).__name__,
+                )
+                return
+            opt.m_t = {k: np.asarray(v) for k, v in saved["m_t"].items()} if saved.get("m_t") else None
+            opt.v_t = {k: np.asarray(v) for k, v in saved["v_t"].items()} if saved.get("v_t") else None
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _eligible_grid(self, grid: Grid, minimum: int, what: str) -> ExcludingGrid | None:
+        """The grid without declined sites; ``None`` when they leave too few sites for ``minimum``."""
+        view = ExcludingGrid(grid, self.declined)
+        if self.declined:
+            total = len(list(grid.get_node_ids()))
+            eligible = len(view.get_node_ids())
+            if total >= minimum and eligible < minimum:
+                self.stop_reason = (
+                    f"only {eligible} of {total} connected sites have privacy budget left, fewer than the "
+                    f"{minimum} needed for {what} (min-available-nodes / min-{what}-nodes)"
+                )
+                return None
+        return view
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd = self.global_round(server_round)
+        self.current = {k: v.numpy() for k, v in arrays.items()}
+        minimum = max(self.base.min_available_nodes, self.base.min_train_nodes)
+        view = self._eligible_grid(grid, minimum, "train")
+        if view is None:
+            raise FederationExhausted(self.stop_reason or "too few sites")
+        return self.strategy.configure_train(rnd, arrays, config, view)  # type: ignore[arg-type]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd = self.global_round(server_round)
+        minimum = max(self.base.min_available_nodes, self.base.min_evaluate_nodes)
+        view = self._eligible_grid(grid, minimum, "evaluate")
+        if view is None:
+            logger.warning("round %d: federated evaluation skipped: %s", rnd, self.stop_reason)
+            return []
+        return self.strategy.configure_evaluate(rnd, arrays, config, view)  # type: ignore[arg-type]
+
+    # -- training ----------------------------------------------------------------------------------
+    def _sanitise(self, msg: Message) -> Message:
+        """Arrays in the global key order (DP clipping pairs arrays by position) and only the numeric metrics
+        aggregation needs (Flower requires identical metric keys across replies)."""
+        arrays = reply_arrays(msg)
+        metrics = reply_metrics(msg)
+        assert arrays is not None and metrics is not None
+        keep = {WEIGHT_KEY: float(metrics[WEIGHT_KEY])}  # type: ignore[arg-type]
+        if self.modality_aware:
+            for m in self.modalities:
+                keep[f"cases-{m}"] = modality_weight(metrics, m)
+                keep[f"has-{m}"] = 1.0 if keep[f"cases-{m}"] > 0 else 0.0
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: arrays[k] for k in self.current}),
+                "metrics": MetricRecord(keep),
+            }
+        )
+        return Message(content=content, metadata=msg.metadata)
+
+    def _log(self, rnd: int, phase: str, scope: str, metrics: Mapping[str, float]) -> None:
+        if self.metrics_log is not None and metrics:
+            self.metrics_log.write(rnd, phase, scope, metrics)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop declines, validate, aggregate the accepted replies with the inner chain, log everything.
+
+        Returns ``(None, metrics)`` (global model unchanged) when fewer than ``min-train-nodes`` updates are
+        accepted or the aggregate is not finite.
+        """
+        rnd = self.global_round(server_round)
+        replies = list(replies)
+        to_validate: list[Message] = []
+        n_declined = 0
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if not msg.has_error():
+                metrics = reply_metrics(msg)
+                if metrics is not None:
+                    self._log(rnd, "train", site_scope(msg), numeric_metrics(metrics))
+            if is_decline(msg):
+                n_declined += 1
+                if msg.has_error() and _client_replies is not None:
+                    # the reason's numbers (e.g. epsilon-total) keep the per-site privacy curve complete
+                    numbers = _client_replies.parse_reason(msg.error.reason)
+                    self._log(rnd, "train", site_scope(msg), {**numbers, "declined": 1.0})
+                if node not in self.declined:
+                    self.declined.add(node)
+                    reason = msg.error.reason if msg.has_error() else "declined = 1"
+                    logger.warning(
+                        "round %d: node %d (%s) declined to train (privacy budget spent: %s); "
+                        "it is dropped from future sampling", rnd, node, site_scope(msg), reason,
+                    )
+                continue
+            to_validate.append(msg)
+
+        result = self.validator.validate(to_validate, self.current)
+        log_rejections(rnd, result.rejected)
+        self.rejections[rnd] = {r.node_id: r.reason for r in result.rejected}
+        for msg in to_validate:
+            node = int(msg.metadata.src_node_id)
+            norm = result.norms.get(node)
+            info = {"accepted": 0.0 if node in self.rejections[rnd] else 1.0}
+            if norm is not None:
+                info["update-norm"] = norm
+            self._log(rnd, "validation", site_scope(msg), info)
+
+        accepted = result.accepted
+        summary = {
+            "sites-accepted": float(len(accepted)),
+            "sites-rejected": float(len(result.rejected)),
+            "sites-declined": float(n_declined),
+        }
+        site_metrics = weighted_metrics([numeric_metrics(reply_metrics(m) or {}) for m in accepted])
+        metrics_out = {**site_metrics, **summary}
+        if len(accepted) < max(1, self.base.min_train_nodes):
+            logger.warning(
+                "round %d: only %d accepted update(s), fewer than min-train-nodes = %d: the global model is kept",
+                rnd, len(accepted), self.base.min_train_nodes,
+            )
+            self._log(rnd, "train", "global", metrics_out)
+            return None, MetricRecord(metrics_out)
+
+        sanitised = [self._sanitise(m) for m in accepted]
+        aggregated, _ = self.strategy.aggregate_train(rnd, sanitised)
+        if aggregated is None:
+            logger.warning("round %d: aggregation produced no model; the global model is kept", rnd)
+            self._log(rnd, "train", "global", metrics_out)
+            return None, MetricRecord(metrics_out)
+
+        out = self._finish(rnd, aggregated, sanitised)
+        if out is None:
+            self._log(rnd, "train", "global", metrics_out)
+            return None, MetricRecord(metrics_out)
+        self._log(rnd, "train", "global", metrics_out)
+        return out, MetricRecord(metrics_out)
+
+    def _finish(self, rnd: int, aggregated: ArrayRecord, sanitised: Sequence[Message]) -> ArrayRecord | None:
+        """Global dtypes back (Flower's mean computes in float64), absent modalities kept, finiteness checked."""
+        absent: set[str] = set()
+        if self.modality_aware:
+            groups = ownership_groups(self.current)
+            for m in groups:
+                if m == SHARED or m not in self.modalities:
+                    continue
+                if not any(modality_weight(reply_metrics(s) or {}, m) > 0 for s in sanitised):
+                    absent.add(m)
+        frozen = {n for m in absent for n in ownership_groups(self.current)[m]}
+        out: dict[str, Array] = {}
+        for name, ref in self.current.items():
+            if name not in aggregated:
+                logger.error("round %d: aggregate lacks %s; the global model is kept", rnd, name)
+                return None
+            if name in frozen:
+                out[name] = Array(np.asarray(ref))
+                continue
+            value = aggregated[name].numpy()
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                logger.error("round %d: aggregate of %s is not finite; the global model is kept", rnd, name)
+                return None
+            if ref.dtype.kind in "iub":
+                value = np.rint(value)
+            out[name] = Array(np.asarray(value, dtype=ref.dtype).reshape(ref.shape))
+        return ArrayRecord(out)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean (by ``num-examples``) of the sites' local evaluation metrics; logged per site and
+        aggregated (phase ``site-eval``)."""
+        rnd = self.global_round(server_round)
+        records: list[dict[str, float]] = []
+        for msg in replies:
+            if msg.has_error():
+                logger.info("round %d: evaluation error from node %d: %s", rnd, msg.metadata.src_node_id,
+                            msg.error.reason)
+                continue
+            metrics = reply_metrics(msg)
+            if metrics is None:
+                continue
+            values = numeric_metrics(metrics)
+            if not values.get(WEIGHT_KEY, 0) > 0:
+                continue
+            self._log(rnd, "site-eval", site_scope(msg), values)
+            records.append(values)
+        if not records:
+            return None
+        agg = weighted_metrics(records)
+        agg["sites"] = float(len(records))
+        self._log(rnd, "site-eval", "global", agg)
+        return MetricRecord(agg)
+
+    def summary(self) -> None:
+        logger.info("fedfusion strategy: %r (round offset %d, update norm factor %g)", self.strategy,
+                    self.round_offset, self.validator.norm_factor)
+        self.strategy.summary()

@@ -1,0 +1,99 @@
+"""Test doubles for the server: hand-made replies, an in-process Grid, and a lightweight stub site.
+
+The in-process :class:`LocalGrid` delivers each message to a Python callable (the stub site) synchronously, so a
+real :func:`server.server_app.run_server` can run in a plain subprocess that a test can kill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from models.modalities import MODALITIES
+
+
+def reply(node_id: int, arrays: Mapping[str, np.ndarray] | None, metrics: Mapping[str, float],
+          message_type: str = MessageType.TRAIN) -> Message:
+    """A reply Message from ``node_id`` carrying ``arrays`` (if given) and ``metrics``."""
+    content: dict[str, Any] = {"metrics": MetricRecord(dict(metrics))}
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    meta = Metadata(run_id=1, message_id="", src_node_id=node_id, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content=RecordDict(content), metadata=meta)
+
+
+def site_metrics(num_examples: float, cases: Mapping[str, float]) -> dict[str, float]:
+    """Train metrics as fedfusion's ClientApp sends them (``cases-``/``has-`` for every modality)."""
+    out = {"num-examples": float(num_examples), "train-loss": 1.0}
+    for m in MODALITIES:
+        c = float(cases.get(m, 0.0))
+        out[f"cases-{m}"] = c
+        out[f"has-{m}"] = 1.0 if c > 0 else 0.0
+    return out
+
+
+def set_task_identity() -> None:
+    """Flower's Message constructor needs a task identity in the ServerApp process."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are Python callables ``site(node_id, message) -> reply Message``."""
+
+    def __init__(self, node_ids: Iterable[int], site: Callable[[int, Message], Message]) -> None:
+        set_task_identity()
+        self.node_ids = list(node_ids)
+        self.site = site
+        self._run: Any = None
+        self._pending: dict[str, Message] = {}
+        self._count = 0
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self._run = run
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:  # noqa: D102
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:  # noqa: D102
+        ids = []
+        for msg in messages:
+            self._count += 1
+            mid = f"m{self._count}"
+            self._pending[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # noqa: D102
+        out = []
+        for mid in message_ids:
+            msg = self._pending.pop(mid)
+            out.append(self.site(int(msg.metadata.dst_node_id), msg))
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+class FakeGrid(LocalGrid):
+    """A grid for unit tests that only samples (never sends)."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        super().__init__(node_ids, lambda n, m: m)
