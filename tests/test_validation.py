@@ -1,0 +1,149 @@
+"""Update validation: bad updates are rejected with a reason and the round completes with the others."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+from flwr.serverapp.strategy import FedAvg
+
+from client import replies as client_replies
+from server.settings import ServerSettings
+from server.strategy import build_strategy
+from server.validation import UpdateValidator
+from tests.server_stubs import FakeGrid, reply, site_metrics
+
+NAMES = ("encoders.t1.w", "encoders.ct.w", "decoder.w", "decoder.num_batches_tracked")
+MODS = ("t1", "ct")
+
+
+def _global() -> dict[str, np.ndarray]:
+    out = {n: np.zeros((3, 4), dtype=np.float32) for n in NAMES[:3]}
+    out["decoder.num_batches_tracked"] = np.array(7, dtype=np.int64)
+    return out
+
+
+def _update(glob: dict[str, np.ndarray], seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {n: (v + scale * 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for n, v in glob.items()
+           if v.dtype == np.float32}
+    out["decoder.num_batches_tracked"] = np.array(9, dtype=np.int64)
+    return out
+
+
+def _chain():
+    chain = build_strategy(ServerSettings(min_train_nodes=2, min_available_nodes=2), MODS)
+    return chain
+
+
+def _start_round(chain, glob, nodes, rnd=1):
+    arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    return list(chain.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(nodes)))
+
+
+def test_bad_updates_rejected_round_completes(caplog):
+    glob = _global()
+    chain = _chain()
+    nodes = [1, 2, 3, 4, 5, 6, 7]
+    _start_round(chain, glob, nodes)
+    good = {n: _update(glob, seed=n) for n in (1, 2, 3)}
+    nan = _update(glob, 4)
+    nan["decoder.w"][0, 0] = np.nan
+    wrong_shape = _update(glob, 5)
+    wrong_shape["encoders.t1.w"] = np.zeros((4, 3), dtype=np.float32)
+    wrong_key = _update(glob, 6)
+    wrong_key["encoders.t2.w"] = wrong_key.pop("encoders.t1.w")
+    huge = {k: (glob[k] + 1000 * (v - glob[k])).astype(v.dtype) if v.dtype == np.float32 else v
+            for k, v in _update(glob, 7).items()}
+    metrics = site_metrics(10, {"t1": 10, "ct": 10})
+    replies = [reply(n, good[n], metrics) for n in (1, 2, 3)] + [
+        reply(4, nan, metrics), reply(5, wrong_shape, metrics), reply(6, wrong_key, metrics), reply(7, huge, metrics)
+    ]
+    with caplog.at_level(logging.WARNING, logger="server"):
+        arrays, agg_metrics = chain.aggregate_train(1, replies)
+    reasons = chain.rejections[1]
+    assert set(reasons) == {4, 5, 6, 7}
+    assert "non-finite" in reasons[4]
+    assert "wrong shape" in reasons[5]
+    assert "wrong parameter keys" in reasons[6]
+    assert "norm" in reasons[7]
+    for node in (4, 5, 6, 7):  # each rejection is logged with the node and the reason
+        assert any(f"node {node}:" in r.getMessage() for r in caplog.records)
+    # the round completed with the three good sites only (equal weights -> plain mean)
+    assert arrays is not None and agg_metrics["sites-accepted"] == 3
+    np.testing.assert_allclose(arrays["decoder.w"].numpy(),
+                               np.mean([good[n]["decoder.w"] for n in (1, 2, 3)], axis=0), rtol=1e-5)
+    assert arrays["decoder.w"].numpy().dtype == np.float32
+    assert arrays["decoder.num_batches_tracked"].numpy().dtype == np.int64
+
+
+def test_wrong_dtype_and_missing_weight_rejected():
+    glob = _global()
+    validator = UpdateValidator()
+    as64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in _update(glob, 1).items()}
+    res = validator.validate(
+        [reply(1, as64, site_metrics(5, {})), reply(2, _update(glob, 2), {"train-loss": 1.0})], glob
+    )
+    reasons = {r.node_id: r.reason for r in res.rejected}
+    assert "wrong dtype" in reasons[1]
+    assert "num-examples" in reasons[2]
+
+
+def test_norm_outlier_with_two_replies_uses_previous_rounds():
+    glob = _global()
+    validator = UpdateValidator(norm_factor=10)
+    # round 1: three normal updates set the history
+    first = validator.validate([reply(n, _update(glob, n), site_metrics(5, {})) for n in (1, 2, 3)], glob)
+    assert not first.rejected
+    # round 2: only two replies, one 1000x larger: judged against the previous rounds' median norm
+    huge = {k: (1000 * v).astype(v.dtype) if v.dtype == np.float32 else v for k, v in _update(glob, 5).items()}
+    res = validator.validate([reply(4, _update(glob, 4), site_metrics(5, {})), reply(5, huge, site_metrics(5, {}))],
+                             glob)
+    assert [r.node_id for r in res.rejected] == [5]
+    assert len(res.accepted) == 1
+
+
+def test_too_few_accepted_keeps_global_model():
+    glob = _global()
+    chain = _chain()
+    _start_round(chain, glob, [1, 2])
+    nan = _update(glob, 2)
+    nan["encoders.ct.w"][:] = np.inf
+    arrays, metrics = chain.aggregate_train(
+        1, [reply(1, _update(glob, 1), site_metrics(5, {"t1": 5})), reply(2, nan, site_metrics(5, {"t1": 5}))]
+    )
+    assert arrays is None  # min-train-nodes = 2 not met: Flower keeps the current global arrays
+    assert metrics["sites-rejected"] == 1
+
+
+def test_declining_site_is_dropped_from_sampling(caplog):
+    glob = _global()
+    chain = _chain()
+    sent = _start_round(chain, glob, [1, 2, 3])
+    assert sorted(int(m.metadata.dst_node_id) for m in sent) == [1, 2, 3]
+    reason = client_replies.make_reason(client_replies.DECLINED_BUDGET, "budget spent", epsilon_total=8.0)
+    decline = Message(Error(code=client_replies.DECLINED_BUDGET, reason=reason), reply_to=next(m for m in sent if m.metadata.dst_node_id == 3))
+    replies = [reply(n, _update(glob, n), site_metrics(5, {"t1": 5})) for n in (1, 2)] + [decline]
+    with caplog.at_level(logging.WARNING, logger="server"):
+        arrays, metrics = chain.aggregate_train(1, replies)
+    assert arrays is not None and metrics["sites-declined"] == 1
+    assert chain.declined == {3}
+    assert any("node 3" in r.getMessage() and "declined" in r.getMessage() for r in caplog.records)
+    sent = _start_round(chain, glob, [1, 2, 3], rnd=2)
+    assert sorted(int(m.metadata.dst_node_id) for m in sent) == [1, 2]
+    # a metric-style decline is understood too
+    chain2 = _chain()
+    _start_round(chain2, glob, [1, 2, 3])
+    chain2.aggregate_train(1, [reply(n, _update(glob, n), site_metrics(5, {})) for n in (1, 2)]
+                           + [reply(3, None, {"num-examples": 0.0, "declined": 1.0})])
+    assert chain2.declined == {3}
+
+
+def test_validator_state_roundtrip():
+    v = UpdateValidator()
+    v.history = [1.0, 2.0]
+    w = UpdateValidator()
+    w.load_state_dict(v.state_dict())
+    assert w.history == [1.0, 2.0]
+    assert isinstance(FedAvg(), FedAvg)
