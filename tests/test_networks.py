@@ -1,0 +1,221 @@
+"""Fusion networks: shapes, missing-modality invariance, ownership, Opacus readiness, modality dropout."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from models import FusionNet, build_model
+from models.config import FUSION_FAMILIES, ModelConfig
+from models.modalities import owner_modality
+from models.network import apply_modality_dropout
+from models.summary import count_parameters, estimate_flops, parameters_by_owner
+
+torch.set_num_threads(1)
+
+SIZES = {2: (16, 16), 3: (8, 16, 16)}
+SUBSETS = {
+    "all": ("t1", "t1ce", "t2", "flair", "ct", "us"),
+    "one": ("flair",),
+    "subset": ("t1", "t2", "ct"),
+}
+
+
+def tiny(family: str, dims: int = 3, modalities: tuple[str, ...] = SUBSETS["subset"]) -> ModelConfig:
+    return ModelConfig(
+        family=family,
+        modalities=modalities,
+        spatial_dims=dims,
+        spatial_size=SIZES[dims],
+        channels=(4, 8),
+        attention_heads=2,
+    )
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float32 noise, relative to the tensor's largest entry."""
+    return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-5)
+
+
+def batch(cfg: ModelConfig, b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = len(cfg.modalities)
+    image = torch.randn(b, m, *cfg.spatial_size, generator=g)
+    mask = (torch.rand(b, m, generator=g) > 0.4).float()
+    mask[torch.arange(b), torch.randint(0, m, (b,), generator=g)] = 1.0  # at least one present per sample
+    image = image * mask.reshape(b, m, *[1] * cfg.spatial_dims)  # contract: missing channel is zeros
+    return image, mask
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("subset", list(SUBSETS))
+def test_builds_runs_and_validates(family: str, dims: int, subset: str) -> None:
+    cfg = tiny(family, dims, SUBSETS[subset])
+    model = build_model(cfg)
+    assert isinstance(model, FusionNet) and model.config == cfg
+    assert ModuleValidator.validate(model, strict=False) == []
+    image, mask = batch(cfg)
+    seg, cls = model(image, mask)
+    assert seg.shape == (3, cfg.num_seg_classes, *cfg.spatial_size)
+    assert cls.shape == (3, cfg.num_classes)
+    assert torch.isfinite(seg).all() and torch.isfinite(cls).all()
+    (seg.square().mean() + cls.square().mean()).backward()
+    # every trainable parameter takes part in the forward (so it gets a gradient, zero if unused by this batch)
+    assert all(p.grad is not None for p in model.parameters())
+    attn = model.attention_weights()
+    if family == "attention":
+        m = len(cfg.modalities)
+        assert attn is not None and attn.shape == (3, m, m)
+        # each present query's attention over keys sums to 1; missing keys get none
+        rows = attn.sum(dim=2)
+        assert torch.allclose(rows[mask > 0], torch.ones_like(rows[mask > 0]), atol=1e-5)
+        assert (attn.permute(0, 2, 1)[mask == 0] == 0).all()
+    else:
+        assert attn is None
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_missing_modality_pixels_have_no_effect(family: str, dims: int) -> None:
+    cfg = tiny(family, dims)
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    image, _ = batch(cfg)
+    # mixed mask: modality 1 missing for sample 0 only, modality 0 missing for sample 2 only
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    seg1, cls1 = model(image, mask)
+    noisy = image.clone()
+    missing = mask == 0
+    noisy[missing] = 100.0 * torch.randn_like(noisy[missing])
+    noisy[0, 1, 0] = float("nan")  # even non-finite junk in a missing channel is never read
+    seg2, cls2 = model(noisy, mask)
+    assert torch.allclose(seg1, seg2, atol=1e-6)
+    assert torch.allclose(cls1, cls2, atol=1e-6)
+    # changing a *present* modality does change the output (the test above is not vacuous)
+    changed = image.clone()
+    changed[1, 1] += 1.0
+    seg3, _ = model(changed, mask)
+    assert not torch.allclose(seg1[1], seg3[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+def test_mixed_mask_batch_equals_per_sample_runs(family: str) -> None:
+    cfg = tiny(family, 2)
+    torch.manual_seed(2)
+    model = build_model(cfg).eval()
+    image, _ = batch(cfg)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    seg, cls = model(image, mask)
+    for i in range(3):
+        seg_i, cls_i = model(image[i : i + 1], mask[i : i + 1])
+        assert torch.allclose(seg_i, seg[i : i + 1], atol=1e-5)
+        assert torch.allclose(cls_i, cls[i : i + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+def test_parameter_ownership(family: str) -> None:
+    cfg = tiny(family, 2, SUBSETS["all"])
+    model = build_model(cfg)
+    owners = parameters_by_owner(model)
+    assert set(owners) == set(cfg.modalities) | {None}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        owner = owner_modality(name)
+        if parts[0] == "encoders" or (parts[0] == "fusion" and parts[1] in ("stems", "heads")):
+            assert owner == parts[1 if parts[0] == "encoders" else 2], name
+        elif "embeddings" in parts:
+            assert owner == parts[parts.index("embeddings") + 1], name
+        else:
+            assert parts[0] in ("fusion", "decoder", "classifier"), name
+            assert owner is None, name
+    # every modality owns the same amount (no modality is special) and the per-owner counts add up
+    per_modality = {owners[m] for m in cfg.modalities}
+    assert len(per_modality) == 1
+    assert sum(owners.values()) == count_parameters(model)
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+def test_opacus_per_sample_gradients(family: str) -> None:
+    cfg = tiny(family, 2).replace(dropout=0.0)
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    reference = build_model(cfg)
+    reference.load_state_dict(model.state_dict())
+    image, _ = batch(cfg)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # full backward hook on inputs without grad: expected
+        seg, cls = gsm(image, mask)
+        (seg.square().sum() + cls.square().sum()).backward()
+    seg0, cls0 = reference(image[:1], mask[:1])
+    (seg0.square().sum() + cls0.square().sum()).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert p.grad_sample is not None, name
+        assert p.grad_sample.shape == (3, *p.shape), name
+        # per-sample gradients add up to the batch gradient and sample 0's equals a batch-of-one gradient
+        # (float32 noise: a conv bias before GroupNorm has a small gradient made of cancelling terms)
+        assert close(p.grad_sample.sum(0), p.grad), name
+        assert close(p.grad_sample[0], q.grad), name
+
+
+def test_unimodal_baseline_is_the_same_network() -> None:
+    for family in FUSION_FAMILIES:
+        cfg = tiny(family, 2, ("t1ce",))
+        model = build_model(cfg)
+        seg, cls = model(torch.randn(2, 1, *cfg.spatial_size), torch.ones(2, 1))
+        assert seg.shape == (2, cfg.num_seg_classes, *cfg.spatial_size) and cls.shape == (2, cfg.num_classes)
+        assert {owner_modality(n) for n, _ in model.named_parameters()} <= {"t1ce", None}
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    cfg = tiny("single", 2)
+    model = build_model(cfg)
+    image, mask = batch(cfg)
+    with pytest.raises(ValueError, match="modality channels"):
+        model(image[:, :2], mask[:, :2])
+    with pytest.raises(ValueError, match="mask must be"):
+        model(image, mask[:, :2])
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.zeros(1, 3, 15, 16), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="no modality present"):
+        model(image, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match=r"\(B, M, H, W\)"):
+        model(torch.zeros(1, 3, 8, 16, 16), torch.ones(1, 3))
+
+
+def test_modality_dropout_never_drops_all_and_respects_missing() -> None:
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(500, 6, generator=g) > 0.5).float()
+    mask[:, 0] = torch.where(mask.sum(1) == 0, torch.ones(500), mask[:, 0])
+    mask[0] = 0.0  # an empty sample stays empty (the network rejects it, dropout does not invent one)
+    out = apply_modality_dropout(mask, 0.9, generator=g)
+    assert out.shape == mask.shape and out.dtype == mask.dtype
+    assert ((out == 0) | (out == 1)).all()
+    assert (out <= mask).all()  # only drops; never revives a missing modality
+    assert (out[1:].sum(1) >= 1).all()  # never drops every present modality
+    assert out[0].sum() == 0
+    assert out.sum() < mask.sum()  # it does drop at p = 0.9
+    assert torch.equal(apply_modality_dropout(mask, 0.0), mask)
+    # reproducible with a generator
+    a = apply_modality_dropout(mask, 0.5, generator=torch.Generator().manual_seed(7))
+    b = apply_modality_dropout(mask, 0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="probability"):
+        apply_modality_dropout(mask, 1.0)
+
+
+def test_summary_counts() -> None:
+    cfg = tiny("hierarchical", 2)
+    model = build_model(cfg)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    model.train()
+    flops = estimate_flops(model, cfg)
+    assert flops > 0 and model.training  # mode restored
+    bigger = build_model(cfg.replace(channels=(8, 16)))
+    assert estimate_flops(bigger, bigger.config) > flops
