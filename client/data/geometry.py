@@ -128,3 +128,25 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
     return data, np.asarray(img.affine, dtype=float)
+
+
+#: Axis directions of fedfusion's canonical grid for ``vol[k, j, i]``: slices inferior->superior, rows
+#: anterior->posterior, columns right->left, i.e. the usual DICOM axial stack (so ``vol[k]`` is an axial slice).
+CANONICAL_AXCODES: tuple[str, str, str] = ("S", "P", "L")
+
+
+def reorient_grid(grid: Grid, axcodes: Sequence[str] = CANONICAL_AXCODES) -> Grid:
+    """The same voxels as ``grid`` with axes permuted/flipped to point along ``axcodes`` (RAS letters).
+
+    Only axis order and direction change (no interpolation: resampling onto the result with
+    :func:`resample_to_grid` moves whole voxels), so e.g. a NIfTI stored x-first becomes slice-first.
+    """
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    affine = np.asarray(grid.affine, dtype=float)
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(axcodes)))
+    new_affine = affine @ inv_ornt_aff(transform, tuple(grid.shape))
+    shape = [0, 0, 0]
+    for axis, (new_axis, _flip) in enumerate(transform):
+        shape[int(new_axis)] = int(grid.shape[axis])
+    return Grid((shape[0], shape[1], shape[2]), new_affine)

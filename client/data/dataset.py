@@ -1,0 +1,310 @@
+"""The torch Dataset over one or more sites: fixed-size multimodal tensors with an availability mask.
+
+Each item (docs/architecture.md, "Dataset item") is a dict with exactly these keys::
+
+    image    float32 (M, *spatial_size)  z-scored per present channel; a missing modality is all zeros
+    mask     float32 (M,)                1 = modality acquired and usable, 0 = missing
+    seg      int64   (*spatial_size)     labels 0..3 (background, oedema, non-enhancing core, enhancing rim)
+    label    int64   ()                  case label, 0 benign / 1 malignant (labels.csv)
+    case_id  str                         site-local case id (the case folder's name)
+
+Nothing from DICOM headers and no path is ever put in an item.
+
+Preprocessing (once per case, then cached): read the case (:func:`client.data.site.load_case`: all modalities on
+the reference grid, slice-first), for 2D models (``len(spatial_size) == 2``) take the axial slice ``k`` through
+the lesion's centre of mass (the middle slice when the case has no lesion), resize with MONAI ``Resize``
+(trilinear/bilinear with anti-aliasing for images, nearest for the segmentation), and z-score each PRESENT
+channel with ``NormalizeIntensity`` (missing channels stay exactly zero). Augmentation (``augment=True``, per
+``__getitem__``): random flips along every spatial axis applied identically to image and segmentation, and small
+per-channel intensity scaling/shifts; missing channels are re-zeroed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from models.modalities import MODALITIES, canonical
+
+from .problems import ERROR, Problem
+from .series_mapping import MappingSource, load_series_mapping
+from .site import CaseError, discover_sites, list_cases, load_case, read_labels
+
+log = logging.getLogger(__name__)
+
+#: Bump when preprocessing changes so stale on-disk cache entries are not reused.
+CACHE_VERSION = 1
+
+
+def _lesion_slice(seg: np.ndarray | None, depth: int) -> int:
+    """Index ``k`` of the axial slice through the lesion's centre of mass, or the middle slice."""
+    if seg is not None and np.any(seg > 0):
+        return int(round(float(np.nonzero(seg > 0)[0].mean())))
+    return depth // 2
+
+
+def preprocess_case(
+    images: dict[str, np.ndarray],
+    seg: np.ndarray | None,
+    modalities: Sequence[str],
+    spatial_size: Sequence[int],
+) -> dict[str, np.ndarray]:
+    """Turn one case on its reference grid into fixed-size arrays.
+
+    Args:
+        images: ``{modality: (D, H, W) float32}`` on one grid (missing modalities absent).
+        seg: ``(D, H, W)`` labels on the same grid, or ``None`` (then all background).
+        modalities: channel order ``M``.
+        spatial_size: ``(D, H, W)`` for 3D items or ``(H, W)`` for 2D items (axial slice, see module doc).
+
+    Returns:
+        ``{"image": (M, *spatial_size) float32, "mask": (M,) float32, "seg": (*spatial_size) int64}``.
+    """
+    from monai.transforms import NormalizeIntensity, Resize
+
+    size = tuple(int(s) for s in spatial_size)
+    shape = next(iter(images.values())).shape
+    if seg is None:
+        seg = np.zeros(shape, dtype=np.uint8)
+    mask = np.asarray([1.0 if m in images else 0.0 for m in modalities], dtype=np.float32)
+    stack = np.zeros((len(modalities), *shape), dtype=np.float32)
+    for c, m in enumerate(modalities):
+        if m in images:
+            stack[c] = images[m]
+    if len(size) == 2:
+        k = _lesion_slice(seg, shape[0])
+        stack, seg = stack[:, k], seg[k]
+    interp = "trilinear" if len(size) == 3 else "bilinear"
+    image = Resize(size, mode=interp, anti_aliasing=True)(torch.from_numpy(stack))
+    seg_t = Resize(size, mode="nearest")(torch.from_numpy(seg.astype(np.float32))[None])
+    image = torch.as_tensor(image).float()
+    present = torch.from_numpy(mask > 0)
+    if present.any():
+        image[present] = torch.as_tensor(NormalizeIntensity(channel_wise=True)(image[present])).float()
+    image[~present] = 0.0
+    return {
+        "image": image.numpy().astype(np.float32),
+        "mask": mask,
+        "seg": torch.as_tensor(seg_t)[0].round().numpy().astype(np.int64),
+    }
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """MONAI MetaTensor -> plain tensor, so no metadata (affine, file names) travels in an item."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+class CaseDataset(Dataset):
+    """Cases of one or more sites as fixed-size multimodal tensors (see the module doc for the item).
+
+    Args:
+        site_dirs: site folders (pooled for centralized training). A data root given instead is expanded to its
+            site-* folders, never its ``heldout/`` set (give ``heldout/`` itself to evaluate on it).
+        modalities: channel order ``M`` (a subset of :data:`models.modalities.MODALITIES`, canonical order).
+        spatial_size: ``(D, H, W)`` voxels for 3D models or ``(H, W)`` for 2D models (axial lesion slice).
+        augment: random flips and intensity jitter per ``__getitem__`` (training only).
+        cache: keep preprocessed arrays in memory (an epoch then re-reads nothing); with ``False`` every item is
+            re-read from the source (or from ``cache_dir``).
+        series_mapping: SeriesDescription mapping (dict, JSON/TOML path or SeriesMapping; see series_mapping).
+        cache_dir: optional on-disk cache of preprocessed arrays (``.npz`` named by a hash of the case's file
+            names, sizes and mtimes and of the preprocessing settings; holds arrays only).
+        require_seg: skip cases without a usable segmentation (default). With ``False`` such cases get an
+            all-background segmentation.
+        seed: seed of the augmentation random state.
+
+    Unusable cases (unreadable, no requested modality, missing label or segmentation) are skipped with a log
+    line and listed in :attr:`problems`; iteration never raises for them (they are found at construction).
+
+    Raises:
+        ValueError: naming the folders when no usable case remains.
+    """
+
+    def __init__(
+        self,
+        site_dirs: Sequence[Path] | Path | str,
+        modalities: Sequence[str] = MODALITIES,
+        spatial_size: Sequence[int] = (16, 32, 32),
+        augment: bool = False,
+        cache: bool = True,
+        series_mapping: MappingSource = None,
+        cache_dir: Path | str | None = None,
+        require_seg: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(site_dirs, (str, os.PathLike)):
+            site_dirs = [Path(site_dirs)]
+        self.modalities: tuple[str, ...] = canonical(modalities)
+        self.spatial_size: tuple[int, ...] = tuple(int(s) for s in spatial_size)
+        if len(self.spatial_size) not in (2, 3) or min(self.spatial_size) < 1:
+            raise ValueError(f"spatial_size must be (D, H, W) or (H, W) positive sizes, got {spatial_size}")
+        self.augment = augment
+        self.cache = cache
+        self.require_seg = require_seg
+        self.mapping = load_series_mapping(series_mapping)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.problems: list[Problem] = []
+        #: (site name, case id) of every usable case, in item order (not part of items)
+        self.cases: list[tuple[str, str]] = []
+        self._case_dirs: list[Path] = []
+        self._labels: list[int] = []
+        self._masks: list[np.ndarray] = []
+        self._items: list[dict[str, np.ndarray] | None] = []
+
+        sites = []
+        for given in site_dirs:
+            found = discover_sites(Path(given))
+            if len(found) > 1 or found[0].path != Path(given):
+                log.info("%s is a data root; using its sites %s (not heldout/)", given,
+                         [s.name for s in found if not s.heldout])
+                found = [s for s in found if not s.heldout]
+            sites.extend(found)
+        for site in sites:
+            self._add_site(site.name, site.path)
+        if not self.cases:
+            raise ValueError(
+                f"no usable case in {', '.join(str(s) for s in site_dirs)} for modalities "
+                f"{', '.join(self.modalities)}; run `fedfusion inspect` on it to see why "
+                f"({len(self.problems)} problems found)"
+            )
+        self._augment_transform = self._build_augment(seed) if augment else None
+
+    # -- construction ---------------------------------------------------------------------------
+    def _add_site(self, site_name: str, site_dir: Path) -> None:
+        labels, label_problems = read_labels(site_dir)
+        self._report(label_problems)
+        for case_dir in list_cases(site_dir):
+            case_id = case_dir.name
+            if case_id not in labels:
+                self._report([Problem(str(case_dir), "missing-label", "case not in labels.csv; skipped", ERROR,
+                                      case_id)])
+                continue
+            try:
+                arrays = self._load_arrays(case_dir)
+            except CaseError as exc:
+                self._report(exc.problems)
+                log.warning("skipping case %s: %s", case_dir, exc)
+                continue
+            except Exception as exc:  # a reader bug must not stop a site from training on its other cases
+                self._report([Problem(str(case_dir), "unreadable-file", f"unexpected error: {exc!r}", ERROR,
+                                      case_id)])
+                log.exception("skipping case %s after an unexpected error", case_dir)
+                continue
+            self.cases.append((site_name, case_id))
+            self._case_dirs.append(case_dir)
+            self._labels.append(labels[case_id])
+            self._masks.append(arrays["mask"])
+            self._items.append(arrays if self.cache else None)
+
+    def _report(self, problems: Sequence[Problem]) -> None:
+        for p in problems:
+            if p.severity == ERROR:
+                log.warning("%s", p)
+            else:
+                log.info("%s", p)
+        self.problems.extend(problems)
+
+    def _cache_key(self, case_dir: Path) -> str:
+        files = []
+        for root, _dirs, names in os.walk(case_dir):
+            for name in names:
+                st = os.stat(os.path.join(root, name))
+                files.append((os.path.relpath(os.path.join(root, name), case_dir), st.st_size, st.st_mtime_ns))
+        blob = json.dumps({
+            "version": CACHE_VERSION,
+            "case": str(case_dir.resolve()),
+            "files": sorted(files),
+            "modalities": self.modalities,
+            "spatial_size": self.spatial_size,
+            "mapping": self.mapping.fingerprint(),
+            "require_seg": self.require_seg,
+        })
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _load_arrays(self, case_dir: Path, report: bool = True) -> dict[str, np.ndarray]:
+        """Preprocessed arrays of one case, from the disk cache when valid. Raises CaseError if unusable."""
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{self._cache_key(case_dir)}.npz"
+            if path.is_file():
+                try:
+                    with np.load(path) as data:
+                        return {k: data[k] for k in ("image", "mask", "seg")}
+                except Exception as exc:  # a damaged cache file is rebuilt, not fatal
+                    log.info("rebuilding damaged cache entry %s (%s)", path, exc)
+        case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg)
+        if report:
+            self._report(case.problems)
+        arrays = preprocess_case(case.images, case.seg, self.modalities, self.spatial_size)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        return arrays
+
+    def _build_augment(self, seed: int) -> Any:
+        from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+        flips = [RandFlipd(keys=["image", "seg"], prob=0.5, spatial_axis=a) for a in range(len(self.spatial_size))]
+        transform = Compose([
+            *flips,
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5, channel_wise=True),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5, channel_wise=True),
+        ])
+        transform.set_random_state(seed=seed)
+        return transform
+
+    # -- Dataset API ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        arrays = self._items[index]
+        if arrays is None:
+            # cache=False: re-read (files were readable at construction)
+            arrays = self._load_arrays(self._case_dirs[index], report=False)
+        image = torch.from_numpy(np.array(arrays["image"], dtype=np.float32))
+        mask = torch.from_numpy(np.array(arrays["mask"], dtype=np.float32))
+        seg = torch.from_numpy(np.array(arrays["seg"], dtype=np.int64))
+        if self._augment_transform is not None:
+            out = self._augment_transform({"image": image, "seg": seg[None]})
+            image = _plain(out["image"]).float()
+            seg = _plain(out["seg"])[0].long()
+            image = image * mask.view(-1, *([1] * len(self.spatial_size)))  # missing channels stay exactly 0
+        return {
+            "image": image.contiguous(),
+            "mask": mask,
+            "seg": seg.contiguous(),
+            "label": torch.tensor(self._labels[index], dtype=torch.int64),
+            "case_id": self.cases[index][1],
+        }
+
+    # -- summaries ------------------------------------------------------------------------------
+    def modality_counts(self) -> dict[str, int]:
+        """How many usable cases carry each modality (every modality of ``self.modalities`` is a key)."""
+        masks = np.stack(self._masks)
+        return {m: int(masks[:, c].sum()) for c, m in enumerate(self.modalities)}
+
+    def label_counts(self) -> dict[int, int]:
+        """Usable cases per class label."""
+        return {c: int(sum(1 for x in self._labels if x == c)) for c in sorted(set(self._labels))}
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """``(N, M)`` float32 availability masks of all items."""
+        return np.stack(self._masks).astype(np.float32)

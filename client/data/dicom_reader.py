@@ -1,0 +1,549 @@
+"""DICOM study reader: a case folder of DICOM files (any nesting) -> one volume per fedfusion modality.
+
+Steps: walk the folder; read every file's header (``stop_before_pixels``) to group files into series by
+SeriesInstanceUID and to catch corrupt, truncated and non-image files early; name each series' modality with a
+:class:`~client.data.series_mapping.SeriesMapping`; read the pixels of the chosen series only; sort slices by
+their position along the slice normal (ImagePositionPatient · (row × column)); apply RescaleSlope/Intercept;
+stack ``vol[k, j, i]`` with the RAS affine of :func:`client.data.geometry.dicom_affine`.
+
+Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found
+and a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.modalities import MODALITIES
+
+from .geometry import dicom_affine
+from .problems import ERROR, WARNING, Problem
+from .series_mapping import IGNORE, SeriesMapping
+
+log = logging.getLogger(__name__)
+
+#: File name endings that are never DICOM and are skipped silently when walking a case folder.
+NON_DICOM_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".csv", ".json", ".toml", ".txt", ".md", ".npz", ".npy")
+#: Endings (lower case) of files that should be DICOM: failing to read them is reported.
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".ima", ".dic")
+#: Modality tag values of objects without an image (reported as non-image DICOM).
+NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "AU", "ECG", "SEG"}
+#: Modality tag values of image objects (a missing PixelData then means a truncated file).
+IMAGE_MODALITIES = {"MR", "CT", "US", "PT", "NM", "CR", "DX", "MG", "XA", "RF", "OT", "SC", "RTDOSE"}
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+#: Largest fraction of missing slices of a series that is filled by interpolation (else the series is dropped).
+MAX_MISSING_FRACTION = 0.25
+
+
+class SeriesError(ValueError):
+    """A series that cannot be turned into a volume; ``problem`` says why."""
+
+    def __init__(self, problem: Problem, extra: Sequence[Problem] = ()) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+        #: problems found before giving up (e.g. the unreadable slices), reported alongside ``problem``
+        self.extra = list(extra)
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [*self.extra, self.problem]
+
+
+@dataclass
+class _FileHeader:
+    """What grouping needs from one file's header (internal; holds header values, never leaves the module)."""
+
+    path: Path
+    series_uid: str
+    sop_uid: str
+    modality_tag: str
+    description: str
+    instance: int
+    frames: int
+
+
+@dataclass
+class DicomSeries:
+    """One series of a case (internal grouping result).
+
+    Attributes:
+        folder: folder of its first file, relative to the case folder.
+        modality_tag: DICOM ``Modality``.
+        description: SeriesDescription (or ProtocolName).
+        modality: mapped fedfusion modality, :data:`IGNORE`, or ``None`` (unknown).
+        files: the series' files, in InstanceNumber order.
+    """
+
+    folder: str
+    modality_tag: str
+    description: str
+    modality: str | None
+    files: list[_FileHeader] = field(default_factory=list)
+    _uid: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """A series as the inspection report shows it (no UIDs, no patient data).
+
+    ``status``: ``used``, ``ignored`` (mapping says ignore), ``unknown`` (not mappable), ``duplicate`` (another
+    series was used for the modality), ``not-requested`` (modality not asked for) or ``failed`` (unreadable).
+    """
+
+    folder: str
+    description: str
+    modality_tag: str
+    modality: str | None
+    files: int
+    status: str
+
+
+@dataclass
+class _Plane:
+    """One 2D image plane with its geometry (a single-frame file, or one frame of a multiframe file)."""
+
+    array: np.ndarray  # (H, W) float32, rescaled
+    position: np.ndarray | None  # (3,) LPS mm
+    orientation: np.ndarray | None  # (6,)
+    spacing: tuple[float, float] | None  # (between rows, between columns) mm
+    thickness: float | None
+    instance: int
+    source: str
+
+
+# ------------------------------------------------------------------------------------------------------
+# walking and grouping
+# ------------------------------------------------------------------------------------------------------
+def _candidate_files(case_dir: Path) -> Iterable[Path]:
+    for root, dirs, files in os.walk(case_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            low = name.lower()
+            if name.startswith(".") or low.endswith(NON_DICOM_SUFFIXES):
+                continue
+            yield Path(root) / name
+
+
+def _should_be_dicom(path: Path) -> bool:
+    low = path.name.lower()
+    return low.endswith(DICOM_SUFFIXES) or "." not in low or low == "dicomdir"
+
+
+def _float_list(value: object) -> list[float] | None:
+    try:
+        out = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return out or None
+
+
+def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Problem | None]:
+    """Read one file's header; return ``(header, None)`` for an image slice or ``(None, problem)``.
+
+    Non-DICOM files with an unrelated extension give ``(None, None)`` (ignored silently).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            pos = fp.tell()  # pydicom leaves the file at the pixel data tag when it stops before it
+    except InvalidDicomError as exc:
+        if _should_be_dicom(path):
+            return None, Problem(str(path), "unreadable-file", f"not a DICOM file ({exc})", ERROR, case_id)
+        return None, None
+    except Exception as exc:  # corrupt header: any pydicom/IO error
+        return None, Problem(str(path), "unreadable-file", f"corrupt DICOM header ({exc})", ERROR, case_id)
+
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    modality_tag = str(ds.get("Modality", "") or "").upper()
+    if sop_class == _DICOMDIR_SOP_CLASS:
+        return None, Problem(str(path), "non-image-dicom", "a DICOMDIR (directory index), no pixel data", ERROR, case_id)
+    has_pixels = pos < size
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if modality_tag in NON_IMAGE_MODALITIES and modality_tag != "SEG":
+        return None, Problem(
+            str(path), "non-image-dicom", f"Modality {modality_tag} object without an image; skipped", ERROR, case_id
+        )
+    if modality_tag == "SEG":
+        return None, Problem(
+            str(path), "non-image-dicom",
+            "DICOM SEG objects are not read; give the segmentation as <case>_seg.nii.gz", ERROR, case_id,
+        )
+    if not has_pixels or rows is None or cols is None:
+        image_like = modality_tag in IMAGE_MODALITIES or rows is not None
+        if image_like:
+            return None, Problem(
+                str(path), "truncated-file",
+                "file ends before its pixel data (header incomplete or PixelData missing)", ERROR, case_id,
+            )
+        return None, Problem(
+            str(path), "non-image-dicom", f"no PixelData (Modality {modality_tag or '?'}); skipped", ERROR, case_id
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    ts = getattr(meta, "TransferSyntaxUID", None)
+    if ts is not None and not ts.is_compressed:
+        # Uncompressed pixel data: the remaining bytes must hold every pixel (after an 8-12 byte element header).
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        expected = int(rows) * int(cols) * spp * frames * bits // 8
+        if size - pos - 8 < expected:
+            return None, Problem(
+                str(path), "truncated-file",
+                f"pixel data truncated ({max(size - pos - 8, 0)} of {expected} bytes present)", ERROR, case_id,
+            )
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not series_uid:
+        return None, Problem(str(path), "unreadable-file", "no SeriesInstanceUID; cannot group the file", ERROR, case_id)
+    description = str(ds.get("SeriesDescription", "") or "").strip() or str(ds.get("ProtocolName", "") or "").strip()
+    try:
+        instance = int(ds.get("InstanceNumber", 0) or 0)
+    except (TypeError, ValueError):
+        instance = 0
+    header = _FileHeader(
+        path=path,
+        series_uid=series_uid,
+        sop_uid=str(ds.get("SOPInstanceUID", "") or path.name),
+        modality_tag=modality_tag,
+        description=description,
+        instance=instance,
+        frames=frames,
+    )
+    return header, None
+
+
+def scan_dicom(
+    case_dir: Path, mapping: SeriesMapping, case_id: str = ""
+) -> tuple[list[DicomSeries], list[Problem]]:
+    """Group a case folder's DICOM files into series and map each series to a modality (headers only).
+
+    Returns:
+        ``(series, problems)``: series in folder order; problems for every file that was skipped.
+    """
+    case_dir = Path(case_dir)
+    by_uid: dict[str, DicomSeries] = {}
+    problems: list[Problem] = []
+    seen_sop: set[str] = set()
+    for path in _candidate_files(case_dir):
+        header, problem = read_header(path, case_id)
+        if problem is not None:
+            problems.append(problem)
+        if header is None:
+            continue
+        if header.sop_uid in seen_sop:
+            problems.append(Problem(str(path), "unreadable-file", "duplicate of another file (same SOPInstanceUID); "
+                                    "ignored", WARNING, case_id))
+            continue
+        seen_sop.add(header.sop_uid)
+        series = by_uid.get(header.series_uid)
+        if series is None:
+            folder = os.path.relpath(path.parent, case_dir)
+            series = DicomSeries(
+                folder=folder,
+                modality_tag=header.modality_tag,
+                description=header.description,
+                modality=mapping.identify(header.modality_tag, header.description),
+                _uid=header.series_uid,
+            )
+            by_uid[header.series_uid] = series
+        series.files.append(header)
+    for series in by_uid.values():
+        series.files.sort(key=lambda h: (h.instance, str(h.path)))
+    return list(by_uid.values()), problems
+
+
+# ------------------------------------------------------------------------------------------------------
+# pixels and geometry
+# ------------------------------------------------------------------------------------------------------
+def _to_gray(arr: np.ndarray, photometric: str) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # RGB(A) (e.g. ultrasound): luminance
+        arr = arr[..., :3].astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    arr = arr.astype(np.float32)
+    if photometric == "MONOCHROME1":  # inverted grey scale
+        arr = float(arr.max()) - arr
+    return arr
+
+
+def _rescale(item: object, fallback: tuple[float, float] = (1.0, 0.0)) -> tuple[float, float]:
+    get = getattr(item, "get", None)
+    if get is None:
+        return fallback
+    slope, intercept = get("RescaleSlope"), get("RescaleIntercept")
+    return (
+        float(slope) if slope not in (None, "") else fallback[0],
+        float(intercept) if intercept not in (None, "") else fallback[1],
+    )
+
+
+def _first(seq_owner: object, name: str) -> object | None:
+    seq = getattr(seq_owner, name, None) if seq_owner is not None else None
+    return seq[0] if seq else None
+
+
+def _read_planes(header: _FileHeader, case_id: str) -> list[_Plane]:
+    """Read one file's pixels as planes; raises :class:`SeriesError` for unreadable/unsupported files."""
+    import pydicom
+
+    path = header.path
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as exc:
+        kind = "truncated-file" if "less than expected" in str(exc) or "truncat" in str(exc).lower() else "unreadable-file"
+        raise SeriesError(Problem(str(path), kind, f"cannot decode pixel data ({exc})", ERROR, case_id)) from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    position = _float_list(ds.get("ImagePositionPatient"))
+    orientation = _float_list(ds.get("ImageOrientationPatient"))
+    spacing = _float_list(ds.get("PixelSpacing")) or _float_list(ds.get("ImagerPixelSpacing"))
+    thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    thickness_f = float(thickness) if thickness not in (None, "") else None
+    if frames <= 1:
+        slope, intercept = _rescale(ds)
+        arr = _to_gray(np.asarray(pixels), photometric) * slope + intercept
+        return [
+            _Plane(
+                arr.astype(np.float32),
+                np.asarray(position) if position and len(position) == 3 else None,
+                np.asarray(orientation) if orientation and len(orientation) == 6 else None,
+                (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else None,
+                thickness_f,
+                header.instance,
+                str(path),
+            )
+        ]
+    # Multiframe: enhanced objects carry per-frame plane positions in functional groups; that is a volume.
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 4 and pixels.shape[-1] in (3, 4) or pixels.ndim == 3:
+        frame_arrays = [pixels[f] for f in range(pixels.shape[0])]
+    else:
+        raise SeriesError(Problem(str(path), "unsupported-series", f"unexpected multiframe shape {pixels.shape}",
+                                  ERROR, case_id))
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    planes: list[_Plane] = []
+    for f, arr in enumerate(frame_arrays):
+        group = per_frame[f] if per_frame is not None and f < len(per_frame) else None
+        pos_item = _first(group, "PlanePositionSequence") or _first(shared, "PlanePositionSequence")
+        ori_item = _first(group, "PlaneOrientationSequence") or _first(shared, "PlaneOrientationSequence")
+        meas_item = _first(group, "PixelMeasuresSequence") or _first(shared, "PixelMeasuresSequence")
+        pvt_item = _first(group, "PixelValueTransformationSequence") or _first(shared, "PixelValueTransformationSequence")
+        f_pos = _float_list(getattr(pos_item, "ImagePositionPatient", None)) if pos_item is not None else None
+        f_ori = _float_list(getattr(ori_item, "ImageOrientationPatient", None)) if ori_item is not None else orientation
+        f_sp = _float_list(getattr(meas_item, "PixelSpacing", None)) if meas_item is not None else spacing
+        f_th = getattr(meas_item, "SpacingBetweenSlices", None) or getattr(meas_item, "SliceThickness", None)
+        if f_pos is None:
+            if position and orientation and thickness_f:
+                # Classic 3D multiframe (e.g. NM): frames are parallel slices spaced along the normal.
+                normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:6]))
+                f_pos = list(np.asarray(position) + f * thickness_f * normal)
+            else:
+                raise SeriesError(Problem(
+                    str(path), "unsupported-series",
+                    f"multiframe file ({frames} frames) without per-frame plane positions (a cine or time series?); "
+                    "export it as single-frame slices or NIfTI", ERROR, case_id,
+                ))
+        slope, intercept = _rescale(pvt_item, _rescale(ds))
+        planes.append(_Plane(
+            (_to_gray(np.asarray(arr), photometric) * slope + intercept).astype(np.float32),
+            np.asarray(f_pos),
+            np.asarray(f_ori) if f_ori and len(f_ori) == 6 else None,
+            (f_sp[0], f_sp[1]) if f_sp and len(f_sp) == 2 else None,
+            float(f_th) if f_th not in (None, "") else thickness_f,
+            f,
+            f"{path}#frame{f}",
+        ))
+    return planes
+
+
+def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """Stack 2D planes into ``vol[k, j, i]`` ``(D, H, W)`` float32 with its RAS affine (4x4, mm).
+
+    Slices are ordered by position along the slice normal. Gaps of up to :data:`MAX_MISSING_FRACTION` of the
+    slices are filled by linear interpolation between neighbours (reported as a warning); larger gaps, mixed
+    orientation/spacing/size or duplicated positions raise :class:`SeriesError`.
+    """
+    problems: list[Problem] = []
+    shapes = {p.array.shape for p in planes}
+    if len(shapes) != 1:
+        raise SeriesError(Problem(where, "inconsistent-geometry", f"slices of different sizes {sorted(shapes)}",
+                                  ERROR, case_id))
+    orientations = [p.orientation for p in planes if p.orientation is not None]
+    if orientations and not all(np.allclose(o, orientations[0], atol=1e-3) for o in orientations):
+        raise SeriesError(Problem(where, "inconsistent-geometry",
+                                  "ImageOrientationPatient differs between slices of the series", ERROR, case_id))
+    spacings = [p.spacing for p in planes if p.spacing is not None]
+    if spacings and not all(np.allclose(s, spacings[0], rtol=1e-3) for s in spacings):
+        raise SeriesError(Problem(where, "inconsistent-geometry", "PixelSpacing differs between slices of the series",
+                                  ERROR, case_id))
+    orientation = orientations[0] if orientations else np.asarray([1.0, 0, 0, 0, 1.0, 0])
+    spacing = spacings[0] if spacings else (1.0, 1.0)
+    normal = np.cross(orientation[:3], orientation[3:6])
+    thickness = next((p.thickness for p in planes if p.thickness), None) or 1.0
+
+    if len(planes) == 1 or any(p.position is None for p in planes):
+        ordered = sorted(planes, key=lambda p: p.instance)
+        if len(planes) > 1:
+            problems.append(Problem(where, "inconsistent-geometry",
+                                    "no ImagePositionPatient; slices stacked by InstanceNumber, spacing = "
+                                    f"SliceThickness {thickness:g} mm", WARNING, case_id))
+        first = ordered[0].position if ordered[0].position is not None else np.zeros(3)
+        vol = np.stack([p.array for p in ordered]).astype(np.float32)
+        return vol, dicom_affine(first, orientation, spacing, normal * thickness), problems
+
+    ordered = sorted(planes, key=lambda p: float(p.position @ normal))  # type: ignore[operator]
+    s = np.asarray([float(p.position @ normal) for p in ordered])  # type: ignore[operator]
+    diffs = np.diff(s)
+    if np.any(diffs < 1e-3 * max(thickness, 1e-3)):
+        raise SeriesError(Problem(where, "inconsistent-geometry",
+                                  "several slices share one position (multiple echoes, phases or time points in one "
+                                  "series?)", ERROR, case_id))
+    step = float(np.min(diffs))
+    ratio = diffs / step
+    if np.any(np.abs(ratio - np.round(ratio)) > 0.1):
+        raise SeriesError(Problem(where, "inconsistent-geometry",
+                                  f"slice spacing varies within the series ({np.round(diffs, 3).tolist()} mm)",
+                                  ERROR, case_id))
+    index = np.concatenate([[0], np.cumsum(np.round(ratio).astype(int))])
+    depth = int(index[-1]) + 1
+    first, last = ordered[0].position, ordered[-1].position
+    step_vec = (last - first) / (depth - 1)  # type: ignore[operator]
+    residual = max(float(np.linalg.norm(p.position - (first + k * step_vec))) for p, k in zip(ordered, index))
+    if residual > 0.1 * step:
+        raise SeriesError(Problem(where, "inconsistent-geometry",
+                                  f"slice positions do not lie on one line (off by {residual:.2f} mm)", ERROR, case_id))
+    vol = np.zeros((depth, *ordered[0].array.shape), dtype=np.float32)
+    vol[index] = np.stack([p.array for p in ordered])
+    missing = depth - len(ordered)
+    if missing:
+        if missing > MAX_MISSING_FRACTION * depth:
+            raise SeriesError(Problem(where, "missing-slices",
+                                      f"{missing} of {depth} slices missing (gaps in slice positions); series skipped",
+                                      ERROR, case_id))
+        present = set(int(k) for k in index)
+        for k in range(depth):
+            if k in present:
+                continue
+            lo = max(i for i in present if i < k)
+            hi = min(i for i in present if i > k)
+            w = (k - lo) / (hi - lo)
+            vol[k] = (1 - w) * vol[lo] + w * vol[hi]
+        gaps = [k for k in range(depth) if k not in present]
+        problems.append(Problem(where, "missing-slices",
+                                f"{missing} of {depth} slices missing (slice indices {gaps}); filled by linear "
+                                "interpolation", WARNING, case_id))
+    return vol, dicom_affine(first, orientation, spacing, step_vec), problems
+
+
+def read_series(series: DicomSeries, case_dir: Path, case_id: str = "") -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+    """Read one series' pixels into ``(vol (D, H, W) float32, RAS affine 4x4, problems)``.
+
+    Unreadable slices are dropped and reported (the gap is then handled by :func:`stack_planes`).
+
+    Raises:
+        SeriesError: when no volume can be built.
+    """
+    where = str(Path(case_dir) / series.folder)
+    problems: list[Problem] = []
+    multiframe = [h for h in series.files if h.frames > 1]
+    if multiframe and len(series.files) > 1:
+        raise SeriesError(Problem(where, "unsupported-series",
+                                  f"series mixes {len(multiframe)} multiframe file(s) with other files", ERROR, case_id))
+    planes: list[_Plane] = []
+    for header in series.files:
+        try:
+            planes.extend(_read_planes(header, case_id))
+        except SeriesError as exc:
+            problems.append(exc.problem)
+    if not planes:
+        raise SeriesError(Problem(where, "unsupported-series" if multiframe else "unreadable-file",
+                                  "no readable slice in the series; series skipped", ERROR, case_id), problems)
+    try:
+        vol, affine, stack_problems = stack_planes(planes, where, case_id)
+    except SeriesError as exc:
+        raise SeriesError(exc.problem, problems) from None
+    return vol, affine, problems + stack_problems
+
+
+def read_dicom_case(
+    case_dir: Path,
+    mapping: SeriesMapping,
+    modalities: Sequence[str] = MODALITIES,
+    case_id: str = "",
+    load_pixels: bool = True,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem]]:
+    """Read a case folder's DICOM series of the requested modalities on their native grids.
+
+    Args:
+        case_dir: the case folder (DICOM files at any depth).
+        mapping: SeriesDescription mapping (see :func:`client.data.series_mapping.load_series_mapping`).
+        modalities: modalities to read pixels for; other mapped series are listed as ``not-requested``.
+        case_id: site-local case id, stamped on problems.
+        load_pixels: ``False`` to group and map only (no volumes returned).
+
+    Returns:
+        ``(volumes, series, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``.
+        When several series map to one modality the one with the most files is used, the others reported.
+    """
+    case_dir = Path(case_dir)
+    all_series, problems = scan_dicom(case_dir, mapping, case_id)
+    summaries: list[SeriesSummary] = []
+    volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    by_modality: dict[str, list[DicomSeries]] = {}
+    for series in all_series:
+        if series.modality is None:
+            problems.append(Problem(
+                str(case_dir / series.folder), "unknown-series",
+                f"series '{series.description or '(no description)'}' (Modality {series.modality_tag or '?'}, "
+                f"{len(series.files)} files) matches no modality; add a pattern with --series-map", ERROR, case_id,
+            ))
+            summaries.append(_summary(series, "unknown"))
+        elif series.modality == IGNORE:
+            summaries.append(_summary(series, "ignored"))
+        elif series.modality not in modalities:
+            summaries.append(_summary(series, "not-requested"))
+        else:
+            by_modality.setdefault(series.modality, []).append(series)
+    for modality, candidates in by_modality.items():
+        candidates = sorted(candidates, key=lambda s: (-sum(h.frames for h in s.files), s.folder))
+        chosen = None
+        for series in candidates:
+            if chosen is not None:
+                problems.append(Problem(
+                    str(case_dir / series.folder), "duplicate-series",
+                    f"another series was used for {modality}; '{series.description}' ignored", WARNING, case_id,
+                ))
+                summaries.append(_summary(series, "duplicate"))
+                continue
+            if not load_pixels:
+                chosen = series
+                summaries.append(_summary(series, "used"))
+                continue
+            try:
+                vol, affine, series_problems = read_series(series, case_dir, case_id)
+            except SeriesError as exc:
+                problems.extend(exc.problems)
+                summaries.append(_summary(series, "failed"))
+                continue  # fall back to the next series of the same modality
+            problems.extend(series_problems)
+            volumes[modality] = (vol, affine)
+            chosen = series
+            summaries.append(_summary(series, "used"))
+    for p in problems:
+        log.debug("%s", p)
+    return volumes, summaries, problems
+
+
+def _summary(series: DicomSeries, status: str) -> SeriesSummary:
+    return SeriesSummary(series.folder, series.description, series.modality_tag, series.modality,
+                         len(series.files), status)

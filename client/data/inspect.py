@@ -1,0 +1,216 @@
+"""Inspection of a site (or a data root of sites): cases, modalities, label balance and every problem found.
+
+Used by ``fedfusion inspect`` and by the site daemon before it starts. It reads like the dataset does (so a case
+usable here is usable for training) but keeps native grids (no resampling) and never raises for bad data.
+The report names local paths and series descriptions: it is for the site's own operators and is never sent to
+the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.config import CLASS_NAMES
+from models.modalities import MODALITIES, canonical
+
+from .dicom_reader import SeriesSummary
+from .problems import ERROR, Problem
+from .series_mapping import MappingSource, load_series_mapping
+from .site import discover_sites, list_cases, read_labels, scan_case
+
+
+@dataclass
+class CaseReport:
+    """One case.
+
+    Attributes:
+        case_id: folder name.
+        modalities: requested modalities readable in this case (canonical order).
+        label: class label from labels.csv, or ``None``.
+        has_seg: a readable segmentation with labels 0..3 is present.
+        usable: the dataset would use it (a requested modality, a label, and a segmentation if required).
+        series: DICOM series and NIfTI files found.
+        problems: problems of this case.
+    """
+
+    case_id: str
+    modalities: list[str]
+    label: int | None
+    has_seg: bool
+    usable: bool
+    series: list[SeriesSummary] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class SiteReport:
+    """One site (or the held-out set, ``heldout=True``)."""
+
+    name: str
+    path: str
+    heldout: bool
+    cases: list[CaseReport] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # site-level (labels.csv)
+
+    @property
+    def usable_cases(self) -> int:
+        return sum(c.usable for c in self.cases)
+
+    def label_counts(self, usable_only: bool = True) -> dict[str, int]:
+        """Cases per class name (``benign``/``malignant``), plus ``unlabelled``."""
+        counts = {name: 0 for name in CLASS_NAMES}
+        counts["unlabelled"] = 0
+        for c in self.cases:
+            if usable_only and not c.usable:
+                continue
+            counts[CLASS_NAMES[c.label] if c.label is not None else "unlabelled"] += 1
+        return counts
+
+    def modality_counts(self, modalities: Sequence[str]) -> dict[str, int]:
+        """Usable cases carrying each modality."""
+        return {m: sum(1 for c in self.cases if c.usable and m in c.modalities) for m in modalities}
+
+    def all_problems(self) -> list[Problem]:
+        return [*self.problems, *(p for c in self.cases for p in c.problems)]
+
+
+@dataclass
+class InspectReport:
+    """Result of :func:`inspect_data`: ``usable_cases == 0`` means nothing can be trained or evaluated."""
+
+    path: str
+    modalities: tuple[str, ...]
+    sites: list[SiteReport] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # root-level (e.g. not a site)
+
+    @property
+    def usable_cases(self) -> int:
+        return sum(s.usable_cases for s in self.sites)
+
+    @property
+    def ok(self) -> bool:
+        return self.usable_cases > 0
+
+    def all_problems(self) -> list[Problem]:
+        return [*self.problems, *(p for s in self.sites for p in s.all_problems())]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (what ``fedfusion inspect --json`` prints)."""
+        return {
+            "path": self.path,
+            "modalities": list(self.modalities),
+            "usable_cases": self.usable_cases,
+            "problems": [p.to_dict() for p in self.problems],
+            "sites": [
+                {
+                    "name": s.name,
+                    "path": s.path,
+                    "heldout": s.heldout,
+                    "cases_total": len(s.cases),
+                    "cases_usable": s.usable_cases,
+                    "label_counts": s.label_counts(),
+                    "modality_counts": s.modality_counts(self.modalities),
+                    "problems": [p.to_dict() for p in s.problems],
+                    "cases": [
+                        {
+                            "case_id": c.case_id,
+                            "modalities": c.modalities,
+                            "label": c.label,
+                            "has_seg": c.has_seg,
+                            "usable": c.usable,
+                            "series": [asdict(x) for x in c.series],
+                            "problems": [p.to_dict() for p in c.problems],
+                        }
+                        for c in s.cases
+                    ],
+                }
+                for s in self.sites
+            ],
+        }
+
+
+def inspect_case(
+    case_dir: Path,
+    label: int | None,
+    modalities: Sequence[str],
+    series_mapping: MappingSource = None,
+    require_seg: bool = True,
+    read_pixels: bool = True,
+) -> CaseReport:
+    """Inspect one case folder (``read_pixels=False``: headers only, faster, misses pixel-level problems)."""
+    case_dir = Path(case_dir)
+    scan = scan_case(case_dir, modalities, series_mapping, load_pixels=read_pixels)
+    problems = list(scan.problems)
+    present = list(scan.volumes) if read_pixels else list(scan.found)
+    if not present:
+        problems.append(Problem(str(case_dir), "no-images",
+                                f"no readable image of {', '.join(modalities)}", ERROR, scan.case_id))
+    has_seg = scan.seg is not None
+    if not has_seg and not any(p.kind == "bad-seg" for p in problems):
+        problems.append(Problem(str(case_dir), "missing-seg", f"no {scan.case_id}_seg.nii.gz in the case folder",
+                                ERROR, scan.case_id))
+    if label is None:
+        problems.append(Problem(str(case_dir), "missing-label", "case not in labels.csv", ERROR, scan.case_id))
+    usable = bool(present) and label is not None and (has_seg or not require_seg)
+    return CaseReport(scan.case_id, [m for m in modalities if m in present], label, has_seg, usable, scan.series,
+                      problems)
+
+
+def inspect_data(
+    path: Path | str,
+    modalities: Sequence[str] = MODALITIES,
+    series_mapping: MappingSource = None,
+    require_seg: bool = True,
+    read_pixels: bool = True,
+    progress: Callable[[str, str], None] | None = None,
+) -> InspectReport:
+    """Inspect a site folder or a data root (site-* folders and heldout/).
+
+    Args:
+        path: site folder or data root.
+        modalities: modalities that count (others are listed as ``not-requested``).
+        series_mapping: SeriesDescription mapping source (see :func:`load_series_mapping`).
+        require_seg: a case without a segmentation is not usable (as in :class:`CaseDataset`).
+        read_pixels: decode pixels too (finds truncated files and slice gaps); ``False`` reads headers only.
+        progress: called with ``(site name, case id)`` before each case.
+
+    Returns:
+        The report; never raises for bad data (an invalid series mapping still raises ValueError).
+    """
+    mods = canonical(modalities)
+    mapping = load_series_mapping(series_mapping)  # bad mapping file: the caller's error, raise it
+    report = InspectReport(str(path), mods)
+    try:
+        sites = discover_sites(Path(path))
+    except (ValueError, OSError) as exc:
+        report.problems.append(Problem(str(path), "bad-labels-file", str(exc), ERROR))
+        return report
+    for site in sites:
+        site_report = SiteReport(site.name, str(site.path), site.heldout)
+        labels, label_problems = read_labels(site.path)
+        site_report.problems.extend(label_problems)
+        try:
+            case_dirs = list_cases(site.path)
+        except OSError as exc:
+            site_report.problems.append(Problem(str(site.path), "unreadable-file", f"cannot list: {exc}", ERROR))
+            case_dirs = []
+        names = {d.name for d in case_dirs}
+        for case_id in sorted(set(labels) - names):
+            site_report.problems.append(Problem(str(site.path / case_id), "label-without-case",
+                                                f"labels.csv lists {case_id} but there is no such folder", "warning",
+                                                case_id))
+        for case_dir in case_dirs:
+            if progress is not None:
+                progress(site.name, case_dir.name)
+            try:
+                case_report = inspect_case(case_dir, labels.get(case_dir.name), mods, mapping, require_seg,
+                                           read_pixels)
+            except Exception as exc:  # a reader bug must not hide the rest of the report
+                case_report = CaseReport(case_dir.name, [], labels.get(case_dir.name), False, False, [], [
+                    Problem(str(case_dir), "unreadable-file", f"unexpected error: {exc!r}", ERROR, case_dir.name)])
+            site_report.cases.append(case_report)
+        report.sites.append(site_report)
+    return report

@@ -1,0 +1,56 @@
+"""One reported data problem: a file or case the readers skipped or used with a caveat.
+
+Problems name local file paths and, for unknown series, the SeriesDescription so a site can fix its data or its
+series mapping. They stay on the site: nothing here is ever put in a dataset item or sent to the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: Stable problem kinds (the ``kind`` field), so tools can filter on them.
+PROBLEM_KINDS: dict[str, str] = {
+    "unreadable-file": "not a readable DICOM/NIfTI file (corrupt or not DICOM)",
+    "truncated-file": "file ends before its pixel data does",
+    "non-image-dicom": "DICOM object without pixel data (DICOMDIR, structured report, ...)",
+    "missing-slices": "gaps in slice positions within a series",
+    "inconsistent-geometry": "spacing, orientation or size differs within a series",
+    "unknown-series": "series description not mapped to a modality",
+    "unsupported-series": "series that cannot be turned into a volume",
+    "duplicate-series": "more than one series for the same modality",
+    "missing-label": "case not in labels.csv (or label invalid)",
+    "missing-seg": "case has no <case>_seg.nii[.gz]",
+    "bad-seg": "segmentation unreadable or with labels outside 0..3",
+    "bad-labels-file": "labels.csv missing or malformed",
+    "no-images": "case has no usable image of the requested modalities",
+    "label-without-case": "labels.csv names a case folder that does not exist",
+    "unknown-file": "NIfTI file whose name maps to no modality",
+}
+
+ERROR = "error"  # the file/series/case was skipped
+WARNING = "warning"  # used, with a caveat (e.g. one missing slice interpolated)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem found while reading a site.
+
+    Attributes:
+        path: the file or folder concerned (local path, as a string).
+        kind: one of :data:`PROBLEM_KINDS`.
+        reason: human-readable explanation, including what was done about it.
+        severity: ``"error"`` (skipped) or ``"warning"`` (used with a caveat).
+        case_id: site-local case id (folder name), ``""`` for site-level problems.
+    """
+
+    path: str
+    kind: str
+    reason: str
+    severity: str = ERROR
+    case_id: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.kind}: {self.path}: {self.reason}"

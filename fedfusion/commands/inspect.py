@@ -1,0 +1,104 @@
+"""``fedfusion inspect DIR``: check a site or a data root before training; the CLI only formats the report of
+:func:`client.data.inspect.inspect_data`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def command(
+    directory: Annotated[Path, typer.Argument(help="A site folder (case folders + labels.csv) or a data root.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    modalities: Annotated[
+        Optional[list[str]],
+        typer.Option("--modalities", help="Modalities to check, comma-separated or repeated (default: all)."),
+    ] = None,
+    series_map: Annotated[
+        Optional[Path],
+        typer.Option("--series-map", help="JSON/TOML file {modality: regex or [regex, ...]} for SeriesDescription."),
+    ] = None,
+    headers_only: Annotated[
+        bool, typer.Option("--headers-only", help="Read DICOM headers only (faster; misses pixel-level problems).")
+    ] = False,
+    allow_missing_seg: Annotated[
+        bool, typer.Option("--allow-missing-seg", help="Count cases without a segmentation as usable.")
+    ] = False,
+) -> None:
+    """Report cases, modalities, label balance and every problem; exit 1 when no usable case remains."""
+    from rich.console import Console
+
+    from client.data.inspect import inspect_data
+    from models.modalities import MODALITIES, canonical
+
+    err = Console(stderr=True)
+    try:
+        mods = canonical([m for arg in modalities for m in arg.split(",") if m.strip()]) if modalities else MODALITIES
+        report = inspect_data(directory, mods, series_map, require_seg=not allow_missing_seg,
+                              read_pixels=not headers_only)
+    except ValueError as exc:  # bad --modalities or --series-map
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, Console())
+    if not report.ok:
+        err.print(f"[red]no usable case in {directory}[/red]")
+        raise typer.Exit(1)
+
+
+def _print_report(report: "object", console: "object") -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from client.data.inspect import InspectReport
+
+    assert isinstance(report, InspectReport)
+    mods = report.modalities
+    for p in report.problems:
+        console.print(f"[red]{p.kind}[/red] {escape(p.path)}: {escape(p.reason)}")  # type: ignore[attr-defined]
+    for site in report.sites:
+        title = escape(f"{site.name}{'  (held-out set)' if site.heldout else ''}  {site.path}")
+        table = Table(title=title, title_justify="left")
+        table.add_column("case")
+        for m in mods:
+            table.add_column(m, justify="center")
+        table.add_column("seg", justify="center")
+        table.add_column("label")
+        table.add_column("usable", justify="center")
+        table.add_column("problems", justify="right")
+        for c in site.cases:
+            table.add_row(
+                escape(c.case_id),
+                *("[green]✓[/green]" if m in c.modalities else "·" for m in mods),
+                "[green]✓[/green]" if c.has_seg else "[red]✗[/red]",
+                "?" if c.label is None else str(c.label),
+                "[green]yes[/green]" if c.usable else "[red]no[/red]",
+                str(sum(p.severity == "error" for p in c.problems)) if c.problems else "",
+            )
+        console.print(table)  # type: ignore[attr-defined]
+        counts = site.label_counts()
+        mod_counts = site.modality_counts(mods)
+        console.print(  # type: ignore[attr-defined]
+            f"  usable cases: {site.usable_cases}/{len(site.cases)}   labels: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if v or k != "unlabelled")
+            + "   modalities: " + ", ".join(f"{m} {n}" for m, n in mod_counts.items())
+        )
+        problems = site.all_problems()
+        if problems:
+            ptable = Table(title=escape(f"{site.name}: {len(problems)} problem(s)"), title_justify="left")
+            ptable.add_column("severity")
+            ptable.add_column("kind")
+            ptable.add_column("path", overflow="fold")
+            ptable.add_column("reason", overflow="fold")
+            for p in problems:
+                colour = "red" if p.severity == "error" else "yellow"
+                ptable.add_row(f"[{colour}]{p.severity}[/{colour}]", p.kind, escape(p.path), escape(p.reason))
+            console.print(ptable)  # type: ignore[attr-defined]
+    console.print(  # type: ignore[attr-defined]
+        f"[bold]{report.usable_cases} usable case(s)[/bold] in {len(report.sites)} site folder(s)"
+    )
