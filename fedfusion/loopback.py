@@ -307,3 +307,54 @@ class LoopbackFederation:
     def logs(self) -> str:
         """Every process log, for failure messages."""
         return "\n".join(f"----- {n}\n{m.log_text()[-6000:]}" for n, m in self.procs.procs.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tiny end-to-end run used by deploy/scripts/loopback.py and the tests
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Run config of the loopback run: the smallest model that exercises everything (DP on, 2 rounds).
+TINY_RUN_CONFIG: dict[str, Any] = {
+    "num-server-rounds": 2,
+    "model-channels": "4,8",
+    "model-spatial-size": "8,16,16",
+    "local-epochs": 1,
+    "batch-size": 2,
+    "dp-enabled": True,
+    "min-train-nodes": 2,
+    "min-evaluate-nodes": 2,
+    "min-available-nodes": 2,
+    "round-timeout": 120,
+}
+
+
+def make_phantoms(out: Path, sites: int = 3, cases_per_site: int = 4, seed: int = 0) -> Path:
+    """Write a small phantom federation (``site-01``… + ``heldout``) with the project's phantom generator."""
+    from simulations.phantom_writers import generate  # the phantom generator (issue: phantoms)
+
+    generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario="mixed", shape=(8, 16, 16),
+             fmt="nifti", heldout_cases=4)
+    return out
+
+
+def metrics_rounds(run_dir: Path) -> set[int]:
+    """Rounds that have at least one line in ``run_dir/metrics.jsonl`` (empty if none yet)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    rounds: set[int] = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rounds.add(int(json.loads(line)["round"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return rounds
+
+
+def tiny_run_config(workdir: Path, data_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """:data:`TINY_RUN_CONFIG` with the run directory and held-out set placed for this loopback deployment."""
+    cfg = {**TINY_RUN_CONFIG, "run-dir": str(Path(workdir).resolve() / "run"),
+           "data-dir": str(Path(data_dir).resolve()), "test-dir": str(Path(data_dir).resolve() / "heldout")}
+    cfg.update(overrides)
+    return cfg

@@ -1,0 +1,290 @@
+"""Static checks of the deployment files (Docker is not available here) and of the key material they expect.
+
+The compose file, Dockerfile and systemd units must run the same commands as the loopback tests: both are
+compared with the argument builders of :mod:`fedfusion.deployment` that ``tests/test_deployment_*.py`` use.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shlex
+import stat
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedfusion import deployment as dep
+from fedfusion.commands import certs
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def _site_services(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if name.startswith("site-")}
+
+
+def _mounts(svc: dict) -> dict[str, str]:
+    """container path -> host source (or named volume) of a compose service."""
+    out = {}
+    for vol in svc.get("volumes", []):
+        parts = vol.split(":")
+        out[parts[1]] = parts[0]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ compose
+def test_compose_builds_the_dockerfile_and_names_existing_paths(compose: dict) -> None:
+    services = compose["services"]
+    assert {"superlink", "register", "site-01", "site-02", "site-03"} <= set(services)
+    for name, svc in services.items():
+        build = svc["build"]
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == ROOT, f"{name}: build context should be the repository root"
+        assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} missing"
+    # scripts the containers run exist in the repository (and are copied into the image)
+    register_cmd = services["register"]["command"]
+    assert (ROOT / register_cmd[1]).is_file()
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY deploy/scripts deploy/scripts" in dockerfile
+    # every host path mounted that is part of the repository layout exists or is documented as generated
+    readme = (DEPLOY / "README.md").read_text()
+    for svc in services.values():
+        for container, source in _mounts(svc).items():
+            if source.startswith("./"):
+                top = source.split("/")[1]
+                assert top in ("certs", "data", "runs"), source
+                assert f"deploy/{top}" in readme, f"README must say how to create deploy/{top} ({source})"
+
+
+def test_each_site_mounts_its_own_data_state_and_key(compose: dict) -> None:
+    sites = _site_services(compose)
+    assert len(sites) == 3
+    seen_data, seen_state, seen_keys = set(), set(), set()
+    for name, svc in sites.items():
+        mounts = _mounts(svc)
+        data, state, keys = mounts["/data"], mounts["/state"], mounts["/keys"]
+        assert name in data and name in state and name in keys, f"{name} mounts another site's folders: {mounts}"
+        assert svc["volumes"][0].endswith(":ro"), "site data is mounted read-only"
+        assert state in compose["volumes"], f"{name}: state must be a persistent named volume"
+        seen_data.add(data), seen_state.add(state), seen_keys.add(keys)
+        # no site sees another site's data
+        for other in sites:
+            if other != name:
+                assert all(other not in src for src in mounts.values())
+    assert len(seen_data) == len(seen_state) == len(seen_keys) == 3
+
+
+def test_compose_superlink_is_the_tested_command_tls_auth_sqlite(compose: dict) -> None:
+    svc = compose["services"]["superlink"]
+    expected = dep.superlink_command(
+        database="/state/superlink.db",
+        tls=dep.ServerTLS(Path("/certs/server.pem"), Path("/certs/server.key"), Path("/certs/ca.pem")),
+        host="0.0.0.0",
+        port=dep.DEFAULT_SUPERLINK_PORT,
+    )
+    assert [str(c) for c in svc["command"]] == expected
+    assert "--enable-supernode-auth" in expected and "--ssl-certfile" in expected
+    mounts = _mounts(svc)
+    assert mounts["/state"] in compose["volumes"], "the SQLite database must live on a persistent volume"
+    assert f"{dep.DEFAULT_SUPERLINK_PORT}:{dep.DEFAULT_SUPERLINK_PORT}" in svc["ports"]
+
+
+def test_compose_sites_run_the_tested_site_command(compose: dict) -> None:
+    expected = dep.site_command(
+        data="/data", superlink=f"superlink:{dep.DEFAULT_SUPERLINK_PORT}", state="/state",
+        root_certificates="/keys/ca.pem", private_key="/keys/node.key",
+    )
+    for name, svc in _site_services(compose).items():
+        assert [str(c) for c in svc["command"]] == expected, name
+        assert svc["depends_on"]["register"]["condition"] == "service_completed_successfully"
+
+
+def test_nothing_insecure_by_default() -> None:
+    for path in [DEPLOY / "docker-compose.yml", DEPLOY / "Dockerfile", *sorted((DEPLOY / "systemd").glob("*.service"))]:
+        assert "--insecure" not in path.read_text(), f"{path.name} must not run insecure by default"
+
+
+def test_insecure_builders_warn(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.warns(UserWarning, match="insecure"):
+        cmd = dep.superlink_command(database="x.db", tls=None, insecure=True)
+    assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd
+    assert "WARNING: insecure mode" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="TLS files are required"):
+        dep.superlink_command(database="x.db", tls=None)
+    with pytest.raises(ValueError, match="required unless insecure"):
+        dep.supernode_command(superlink="h:1", root_certificates=None, private_key=None, node_config={})
+
+
+def test_dockerfile_installs_like_bare_metal_and_offline_runtime() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    for src in re.findall(r"^COPY\s+(\S+)\s+\S+", text, flags=re.M):
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    assert "scripts/install.sh" in text
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
+    assert re.search(r"^USER\s+fedfusion", text, flags=re.M), "the image must not run as root"
+    # the image ships the packages the Flower app is made of
+    for pkg in dep.APP_PACKAGES:
+        assert f"COPY {pkg} {pkg}" in text
+    # entry points the compose file uses exist as console scripts of this environment
+    for exe in ("fedfusion", "flower-superlink", "flower-supernode", "flwr"):
+        assert (VENV_BIN / exe).exists(), exe
+
+
+# ------------------------------------------------------------------------------------------------ systemd
+def _unit(path: Path) -> tuple[configparser.ConfigParser, dict[str, list[str]]]:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(path.read_text())
+    multi: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            multi.setdefault(key.strip(), []).append(value.strip())
+    return parser, multi
+
+
+def _exec_start(multi: dict[str, list[str]]) -> list[str]:
+    (line,) = multi["ExecStart"]
+    argv = shlex.split(line)
+    exe = Path(argv[0])
+    assert exe.parent == Path("/opt/fedfusion/.venv/bin"), "units use the install of scripts/install.sh"
+    assert (VENV_BIN / exe.name).exists(), f"{exe.name} is not a console script of this project's environment"
+    return [exe.name, *argv[1:]]
+
+
+def test_superlink_unit() -> None:
+    parser, multi = _unit(DEPLOY / "systemd" / "fedfusion-superlink.service")
+    assert {"Unit", "Service", "Install"} <= set(parser.sections())
+    argv = _exec_start(multi)
+    expected = dep.superlink_command(
+        database="/var/lib/fedfusion/superlink.db", tls=dep.ServerTLS.from_dir("/etc/fedfusion/superlink"),
+        host="0.0.0.0", port=dep.DEFAULT_SUPERLINK_PORT,
+    )
+    assert argv == expected
+    assert parser["Service"]["User"] == "fedfusion"
+    assert "/var/lib/fedfusion" in parser["Service"]["ReadWritePaths"]
+
+
+def test_site_unit() -> None:
+    parser, multi = _unit(DEPLOY / "systemd" / "fedfusion-site.service")
+    assert {"Unit", "Service", "Install"} <= set(parser.sections())
+    argv = _exec_start(multi)
+    expected = dep.site_command(
+        data="${FEDFUSION_DATA}", superlink="${FEDFUSION_SUPERLINK}", state="/var/lib/fedfusion-site",
+        root_certificates="/etc/fedfusion/site/ca.pem", private_key="/etc/fedfusion/site/node.key",
+    )
+    assert argv == expected
+    assert parser["Service"]["EnvironmentFile"] == "/etc/fedfusion/site.env"
+    assert parser["Service"]["Restart"] == "on-failure"
+
+
+# ------------------------------------------------------------------------------------------------ key material
+def test_certs_chain_sans_permissions_and_flower_formats(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    from flwr.cli.supernode.register import try_load_public_key
+
+    made = certs.make_deployment_keys(tmp_path / "c", "superlink.example.org,10.1.2.3,localhost", 2)
+    ca = x509.load_pem_x509_certificate(made.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"superlink.example.org", "localhost"}
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for private in (made.ca_key, made.server_key, *(s.private_key for s in made.sites)):
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o600, private
+    assert [s.name for s in made.sites] == ["site-01", "site-02"]
+    for site in made.sites:
+        key = load_ssh_private_key(site.private_key.read_bytes(), None)  # what flower-supernode does
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        assert try_load_public_key(site.public_key)  # what `flwr supernode register` does
+        assert (site.private_key.parent / "ca.pem").read_bytes() == made.ca_cert.read_bytes()
+    rows = made.supernodes_csv.read_text().splitlines()
+    assert rows[0] == "site,public_key" and rows[1].startswith("site-01,ecdsa-sha2-nistp384 ")
+
+
+def test_certs_refuse_to_replace_a_ca_and_reject_empty_hosts(tmp_path: Path) -> None:
+    certs.make_deployment_keys(tmp_path, "localhost", 1)
+    with pytest.raises(FileExistsError, match="refusing to replace"):
+        certs.make_deployment_keys(tmp_path, "localhost", 1)
+    with pytest.raises(ValueError, match="--hosts is empty"):
+        certs.make_deployment_keys(tmp_path / "other", " , ", 1)
+
+
+def test_certs_command_site_key_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfusion.cli import app
+
+    result = CliRunner().invoke(app, ["certs", "--out", str(tmp_path), "--site-key", "site-07"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "site-07" / "node.key").is_file() and (tmp_path / "site-07" / "node.pub").is_file()
+    assert not (tmp_path / "ca").exists(), "--site-key makes the site's key pair only"
+    again = CliRunner().invoke(app, ["certs", "--out", str(tmp_path), "--site-key", "site-07"])
+    assert again.exit_code != 0 and "exists" in again.output
+
+
+# ------------------------------------------------------------------------------------------------ flwr glue
+def test_flwr_connection_is_read_by_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    dep.write_flwr_home(tmp_path / "home", "127.0.0.1:9092", ca)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    conn = read_superlink_connection(dep.CONNECTION_NAME)
+    assert conn.address == "127.0.0.1:9092"
+    assert Path(conn.root_certificates) == ca.resolve()
+    assert read_superlink_connection(None).name == dep.CONNECTION_NAME  # made the default
+
+
+def test_staged_app_builds_a_fab_without_touching_the_checkout(tmp_path: Path) -> None:
+    import zipfile
+    from io import BytesIO
+
+    from flwr.cli.build import build_fab_from_disk
+
+    before = (ROOT / "pyproject.toml").read_bytes()
+    staged = dep.stage_app(tmp_path / "app")
+    data = tomllib.loads((staged / "pyproject.toml").read_text())
+    assert "federations" not in data["tool"]["flwr"]
+    original = tomllib.loads(before.decode())
+    assert data["tool"]["flwr"]["app"] == original["tool"]["flwr"]["app"]
+    fab = build_fab_from_disk(staged)
+    names = zipfile.ZipFile(BytesIO(fab)).namelist()
+    assert "client/client_app.py" in names and "pyproject.toml" in names
+    assert not any(n.startswith("tests/") for n in names)
+    assert (ROOT / "pyproject.toml").read_bytes() == before
+
+
+def test_node_config_formatting_round_trips_through_flower() -> None:
+    from flwr.common.config import parse_config_args
+
+    cfg = {"data-dir": "/srv/data dir/site-01", "state-dir": "/var/lib/x", "max-epsilon": 8.0, "gpu": False}
+    assert parse_config_args([dep.format_node_config(cfg)]) == cfg
+    with pytest.raises(ValueError, match="quotes"):
+        dep.format_node_config({"data-dir": 'a"b'})
+
+
+def test_readme_names_real_commands_and_files() -> None:
+    text = (DEPLOY / "README.md").read_text()
+    for rel in re.findall(r"(deploy/[\w./-]+\.(?:py|yml|service|sh))", text):
+        assert (ROOT / rel).exists(), f"README refers to {rel}, which does not exist"
+    for needle in ("fedfusion certs", "flwr supernode register", "flwr run", "flwr ls", "flwr log", "run-dir",
+                   "node.key", "--enable-supernode-auth", "--database"):
+        assert needle in text, needle
