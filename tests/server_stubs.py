@@ -97,3 +97,32 @@ class FakeGrid(LocalGrid):
 
     def __init__(self, node_ids: Iterable[int]) -> None:
         super().__init__(node_ids, lambda n, m: m)
+
+
+def write_heldout(path: "Path | str", modalities: Iterable[str], n_cases: int = 4,
+                  shape: tuple[int, int, int] = (8, 16, 16), seed: int = 0) -> "Path":
+    """A tiny BraTS-layout held-out folder: ``case-000i/case-000i_<m>.nii.gz`` + ``_seg`` + labels.csv."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = []
+    for i in range(n_cases):
+        cid = f"case-{i + 1:04d}"
+        case = root / cid
+        case.mkdir(exist_ok=True)
+        seg = np.zeros(shape, dtype=np.uint8)
+        c = [s // 2 for s in shape]
+        seg[c[0] - 2:c[0] + 2, c[1] - 4:c[1] + 4, c[2] - 4:c[2] + 4] = 1
+        seg[c[0] - 1:c[0] + 1, c[1] - 2:c[1] + 2, c[2] - 2:c[2] + 2] = 2 + (i % 2)
+        affine = np.diag([1.0, 1.0, 1.0, 1.0])
+        for m in modalities:
+            img = (rng.standard_normal(shape) + seg).astype(np.float32)
+            nib.save(nib.Nifti1Image(img, affine), case / f"{cid}_{m}.nii.gz")
+        nib.save(nib.Nifti1Image(seg, affine), case / f"{cid}_seg.nii.gz")
+        labels.append(f"{cid},{i % 2}")
+    (root / "labels.csv").write_text("case_id,label\n" + "\n".join(labels) + "\n")
+    return root
