@@ -1,0 +1,113 @@
+"""Global evaluation in the ServerApp: per-subset table and metrics for every evaluated round, site metrics,
+best checkpoint, and export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from typer.testing import CliRunner
+
+from fedfusion.cli import app as cli_app
+from models.checkpoint import load_checkpoint
+from models.config import ModelConfig
+from models.modalities import subset_name, subsets
+from models.network import build_model
+from models.runlog import iter_metrics
+from server.server_app import run_server
+from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+
+TINY = ModelConfig(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
+                   channels=(4, 8))
+SITES = {21: ({"t1": 3, "ct": 3}, 3.0, 0.2), 22: ({"t1": 1}, 1.0, 0.6)}  # cases, eval cases, local dice
+
+
+def stub_site(node_id: int, msg: Message) -> Message:
+    cases, n_eval, dice = SITES[node_id]
+    if msg.metadata.message_type.startswith("evaluate"):
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n_eval, "dice-whole": dice})}),
+                       reply_to=msg)
+    rnd = int(msg.content["config"]["server-round"])
+    rng = np.random.default_rng(node_id * 100 + rnd)
+    arrays = {
+        k: torch.from_numpy(np.ascontiguousarray(
+            (v.numpy() + 1e-2 * rng.standard_normal(v.shape)).astype(v.numpy().dtype)
+            if v.numpy().dtype.kind == "f" else v.numpy()))
+        for k, v in msg.content["arrays"].items()
+    }
+    metrics = site_metrics(sum(cases.values()), cases)
+    metrics.update({"epsilon-total": 0.7 * rnd, "epsilon-round": 0.7, "delta": 1e-5})
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def _run(run_dir: Path, test_dir: Path, rounds: int, eval_every: int) -> None:
+    torch.set_num_threads(1)
+    config = {
+        **TINY.to_flat(), "num-server-rounds": rounds, "eval-every": eval_every, "run-dir": str(run_dir),
+        "test-dir": str(test_dir), "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
+        "device": "cpu",
+    }
+    run_server(LocalGrid(sorted(SITES), stub_site),
+               Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+
+
+def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> None:
+    heldout = write_heldout(tmp_path / "heldout", TINY.modalities, n_cases=3)
+    run_dir = tmp_path / "run"
+    _run(run_dir, heldout, rounds=3, eval_every=2)  # evaluated: round 2 (cadence) and round 3 (last)
+    records = list(iter_metrics(run_dir / "metrics.jsonl"))
+    evaluated = {2, 3}
+    rows = [subset_name(s) for s in subsets(TINY.modalities)] + ["all", "mean", "worst"]
+    for rnd in (1, 2, 3):
+        keys = {r["metric"] for r in records if r["round"] == rnd and r["phase"] == "server-eval"}
+        if rnd in evaluated:
+            for row in rows:
+                assert {f"{row}/dice-whole", f"{row}/auroc"} <= keys, (rnd, row)
+        else:
+            assert not keys
+    log_text = (run_dir / "server.log").read_text()
+    for rnd in evaluated:
+        assert f"round {rnd} global evaluation per modality subset" in log_text
+    assert log_text.count("held-out metrics per modality subset") == len(evaluated)
+    assert "t1+ct" in log_text
+    printed = capsys.readouterr().out
+    assert "global model, round 2" in printed and "global model, round 3" in printed
+
+    # site metrics: aggregated local evaluation weighted by num-examples, per-site train metrics with epsilon
+    site_eval = [r for r in records if r["phase"] == "site-eval" and r["scope"] == "global"
+                 and r["metric"] == "dice-whole"]
+    assert len(site_eval) == 3
+    assert abs(site_eval[0]["value"] - (3 * 0.2 + 1 * 0.6) / 4) < 1e-9
+    eps = {(r["scope"], r["round"]): r["value"] for r in records
+           if r["phase"] == "train" and r["metric"] == "epsilon-total" and r["scope"].startswith("site-")}
+    assert eps == {(f"site-{n}", rnd): 0.7 * rnd for n in SITES for rnd in (1, 2, 3)}
+
+    # best.pt is the evaluated round with the best all-modality Dice
+    dice = {r["round"]: r["value"] for r in records if r["phase"] == "server-eval" and r["metric"] == "all/dice-whole"}
+    _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert extra["round"] == max(dice, key=lambda k: dice[k])
+    assert (run_dir / "config.json").is_file()
+
+    # export: plain state dict + model config that rebuild the network
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(cli_app, ["export", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"),
+                                          "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "load_state_dict" in result.output
+    payload = torch.load(out, weights_only=True)
+    model = build_model(ModelConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])  # strict: every name and shape matches
+
+
+def test_missing_test_set_disables_global_evaluation_but_not_the_run(tmp_path: Path, caplog) -> None:
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="server"):
+        _run(run_dir, tmp_path / "nowhere", rounds=1, eval_every=1)
+    assert any("global evaluation disabled" in r.getMessage() for r in caplog.records)
+    _, _, extra = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert extra["round"] == 1
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
