@@ -1,0 +1,869 @@
+"""The run report: ``RUN/report.md`` with PNG figures in ``RUN/figures/``, built from a run directory only.
+
+Inputs (``docs/architecture.md`` "Run directory"):
+
+- ``RUN/config.json``: the resolved run config (``model-*`` keys, DP, strategy, data paths);
+- ``RUN/metrics.jsonl``: ``{round, phase, scope, metric, value}`` lines (:mod:`models.runlog`). Read phases:
+  ``server-eval``/``global`` (``<subset>/<metric>`` keys of ``models.evaluation``), ``train``/``site-*``
+  (``num-examples``, ``train-loss``, ``cases-<m>``, ``has-<m>``, ``epsilon-total``, ``epsilon-round``, ``delta``),
+  ``site-eval`` (global or per site);
+- ``RUN/checkpoints/best.pt`` (else ``last.pt``) and the held-out set, only for what needs predictions
+  (checkpoint-based modality contribution, the ROC curve).
+
+Sections, as the multimodal paper shows them: global Dice per round (its Fig. 2), the per-modality-subset table,
+its Table I / Table II layout, each modality's contribution (its Fig. 3; leave-one-out from the logged per-subset
+metrics always, from the checkpoint when the data is there), the classifier's ROC / sensitivity over thresholds
+(its Fig. 4), privacy spent per site per round, and the sites' training. Whatever a run did not record is said so
+("not recorded in this run"); nothing in here may crash the end of a simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.config import SEG_REGIONS
+from models.modalities import MODALITIES, canonical, subset_name
+from models.runlog import iter_metrics
+
+from . import figures
+
+log = logging.getLogger("fedfusion.report")
+
+__all__ = [
+    "build_report",
+    "RunRecords",
+    "load_run",
+    "leave_one_out",
+    "monotonicity_share",
+    "resolve_heldout_dir",
+]
+
+#: Regions shown in tables and figures, most clinically used first.
+REGIONS: tuple[str, ...] = tuple(r for r in ("whole", "core", "enhancing", "oedema") if r in SEG_REGIONS)
+#: Regions of the leave-one-out contribution chart.
+CONTRIBUTION_REGIONS: tuple[str, ...] = ("whole", "core", "enhancing")
+NOT_RECORDED = "not recorded in this run"
+DASH = "—"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the run directory
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunRecords:
+    """The metrics log indexed as ``data[phase][scope][round][metric] = value`` (later lines win).
+
+    ``value`` is None where the log holds ``null`` (a non-finite number, e.g. HD95 of an empty prediction or
+    epsilon without DP).
+    """
+
+    data: dict[str, dict[str, dict[int, dict[str, float | None]]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> "RunRecords":
+        data: dict[str, dict[str, dict[int, dict[str, float | None]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(dict))
+        )
+        for rec in records:
+            try:
+                phase, scope, rnd, metric = str(rec["phase"]), str(rec["scope"]), int(rec["round"]), str(rec["metric"])
+            except (KeyError, TypeError, ValueError):
+                continue  # a foreign or damaged line: skip, the rest of the log is still good
+            value = rec.get("value")
+            data[phase][scope][rnd][metric] = None if value is None else float(value)
+        return cls(data)
+
+    def has(self, phase: str) -> bool:
+        return bool(self.data.get(phase))
+
+    def scopes(self, phase: str) -> list[str]:
+        return sorted(self.data.get(phase, {}))
+
+    def rounds(self, phase: str, scope: str) -> list[int]:
+        return sorted(self.data.get(phase, {}).get(scope, {}))
+
+    def at(self, phase: str, scope: str, rnd: int) -> dict[str, float | None]:
+        return dict(self.data.get(phase, {}).get(scope, {}).get(rnd, {}))
+
+    def series(self, phase: str, scope: str, metric: str) -> list[tuple[int, float | None]]:
+        """``(round, value)`` for every round where ``metric`` was logged."""
+        by_round = self.data.get(phase, {}).get(scope, {})
+        return [(r, by_round[r][metric]) for r in sorted(by_round) if metric in by_round[r]]
+
+    def last_round(self) -> int | None:
+        rounds = [r for ph in self.data.values() for sc in ph.values() for r in sc]
+        return max(rounds) if rounds else None
+
+
+
+@dataclass
+class Run:
+    """What the report reads from a run directory."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    records: RunRecords
+    notes: list[str] = field(default_factory=list)  # problems met while reading (shown in the report)
+
+    # -- derived facts ---------------------------------------------------------------------------------------
+    @property
+    def eval_rounds(self) -> list[int]:
+        return self.records.rounds("server-eval", "global")
+
+    @property
+    def final_round(self) -> int | None:
+        rounds = self.eval_rounds
+        return rounds[-1] if rounds else None
+
+    def final_eval(self) -> dict[str, float | None]:
+        r = self.final_round
+        return {} if r is None else self.records.at("server-eval", "global", r)
+
+    def modalities(self) -> tuple[str, ...]:
+        """The run's model modalities (config ``model-modalities``), else the single-modality subsets logged."""
+        raw = self.config.get("model-modalities")
+        if raw:
+            try:
+                return canonical(str(raw).split(","))
+            except ValueError as exc:
+                self.notes.append(f"config model-modalities is not valid ({exc}); modalities taken from the log")
+        logged = {k.split("/", 1)[0] for k in self.final_eval() if "/" in k}
+        return tuple(m for m in MODALITIES if m in logged)
+
+    def sites(self) -> list[str]:
+        """Site ids seen in the log (training first, else site evaluation)."""
+        found = [s for s in self.records.scopes("train") if s != "global"]
+        if not found:
+            found = [s for s in self.records.scopes("site-eval") if s != "global"]
+        return found
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read ``config.json`` and ``metrics.jsonl`` of ``run_dir`` (either may be missing; that is noted).
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` is not a directory.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run directory {run_dir} does not exist; give the --out folder of a `fedfusion simulate` run"
+        )
+    notes: list[str] = []
+    config: dict[str, Any] = {}
+    cfg_path = run_dir / "config.json"
+    if cfg_path.is_file():
+        try:
+            loaded = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                config = loaded
+            else:
+                notes.append(f"{cfg_path.name} is not a JSON object; run settings unknown")
+        except (OSError, json.JSONDecodeError) as exc:
+            notes.append(f"{cfg_path.name} cannot be read ({exc}); run settings unknown")
+    else:
+        notes.append("config.json is missing; run settings unknown")
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        notes.append("metrics.jsonl is missing: no metric was recorded in this run")
+    records = RunRecords.from_records(iter_metrics(metrics_path))
+    return Run(run_dir=run_dir, config=config, records=records, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# computations on logged metrics (pure, tested)
+# ---------------------------------------------------------------------------------------------------------------
+def all_subset_key(flat: Mapping[str, Any], modalities: Sequence[str]) -> str | None:
+    """The prefix of the all-modality subset: ``all`` if logged, else the full subset name, else None."""
+    if any(k.startswith("all/") for k in flat):
+        return "all"
+    if modalities:
+        full = subset_name(modalities)
+        if any(k.startswith(full + "/") for k in flat):
+            return full
+    return None
+
+
+def leave_one_out(
+    flat: Mapping[str, float | None], modalities: Sequence[str], metric: str = "dice-whole"
+) -> dict[str, float | None]:
+    """Each modality's contribution from logged per-subset metrics, no data needed.
+
+    ``contribution[m] = metric(all modalities) - metric(all modalities without m)``: how much the fused
+    prediction loses when ``m`` is missing (positive = ``m`` helps). None where either subset was not logged or
+    the run has one modality only.
+    """
+    mods = canonical(modalities) if modalities else ()
+    top = all_subset_key(flat, mods)
+    out: dict[str, float | None] = {}
+    for m in mods:
+        rest = [x for x in mods if x != m]
+        full_v = flat.get(f"{top}/{metric}") if top else None
+        rest_v = flat.get(f"{subset_name(rest)}/{metric}") if rest else None
+        out[m] = None if full_v is None or rest_v is None else float(full_v) - float(rest_v)
+    return out
+
+
+#: Dice-whole drop that counts as a monotonicity violation: the value of
+#: ``models.evaluation.MONOTONICITY_TOLERANCE`` (not imported: the log-only report stays free of torch/MONAI
+#: imports, which cost seconds; tests/test_report.py checks both agree).
+MONOTONICITY_TOLERANCE = 0.01
+
+
+def monotonicity_share(
+    flat: Mapping[str, float | None],
+    modalities: Sequence[str],
+    metric: str = "dice-whole",
+    tolerance: float = MONOTONICITY_TOLERANCE,
+) -> tuple[int, int]:
+    """Count subset pairs ``(S, S + {m})`` where adding modality ``m`` lowers ``metric`` by more than
+    ``tolerance`` (the rule of ``models.evaluation.monotonicity``), from a flat ``<subset>/<metric>`` dict.
+
+    Returns:
+        ``(violations, pairs)`` over the pairs where both subsets were logged with a finite value.
+    """
+    mods = canonical(modalities) if modalities else ()
+    values: dict[frozenset[str], float] = {}
+    for key, v in flat.items():
+        if v is None or not key.endswith("/" + metric) or not math.isfinite(v):
+            continue
+        parts = key[: -len(metric) - 1].split("+")
+        if all(p in mods for p in parts):
+            values[frozenset(parts)] = float(v)
+    violations = pairs = 0
+    for s, v in values.items():
+        for m in mods:
+            bigger = None if m in s else values.get(s | {m})
+            if bigger is None:
+                continue
+            pairs += 1
+            violations += int(bigger < v - tolerance)
+    return violations, pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formatting
+# ---------------------------------------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return DASH
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return DASH
+        if math.isinf(v):
+            return "∞"
+        if v != 0.0 and abs(v) < 10 ** -digits:
+            return f"{v:.1e}"  # e.g. DP delta 1e-05, which fixed-point would show as 0.000
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_fmt(c, digits) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _fig_link(path: Path, run_dir: Path, alt: str) -> str:
+    return f"![{alt}]({path.relative_to(run_dir).as_posix()})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report sections: each returns markdown lines; figures go to ctx.fig_dir
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Ctx:
+    run: Run
+    fig_dir: Path
+    heldout: "HeldoutResult | None"
+    heldout_reason: str
+    figures: list[Path] = field(default_factory=list)
+
+    def fig(self, name: str) -> Path:
+        return self.fig_dir / name
+
+
+def _config_summary(run: Run) -> list[str]:
+    c = run.config
+    if not c:
+        return [f"- run config: {NOT_RECORDED}", ""]
+
+    def g(key: str) -> str:
+        return _fmt(c.get(key)) if key in c else DASH
+
+    dp = c.get("dp-enabled")
+    if dp is False or str(dp).lower() == "false":
+        dp_text = "off"
+    elif dp is None:
+        dp_text = DASH
+    else:
+        noise = c.get("dp-noise-multiplier")
+        dp_text = (
+            f"on, target ε = {g('dp-target-epsilon')}, δ = {g('dp-delta')}, max grad norm {g('dp-max-grad-norm')}, "
+            f"noise multiplier {'derived from ε' if noise in (0, 0.0, None) else g('dp-noise-multiplier')}"
+        )
+    sites = run.sites()
+    rounds_done = run.records.last_round()
+    lines = [
+        f"- fusion family: **{g('model-family')}**; modalities: {', '.join(run.modalities()) or DASH}; "
+        f"spatial size {g('model-spatial-size')} ({g('model-spatial-dims')}D), channels {g('model-channels')}, "
+        f"modality dropout {g('model-modality-dropout')}",
+        f"- rounds: {g('num-server-rounds')} planned, "
+        f"{'none' if rounds_done is None else rounds_done} last logged; sites: {len(sites) if sites else DASH}"
+        + (f" ({', '.join(sites)})" if sites and len(sites) <= 12 else ""),
+        f"- strategy: {g('strategy')}, aggregation: {g('aggregation')}, proximal mu {g('proximal-mu')}; "
+        f"local epochs {g('local-epochs')}, lr {g('lr')}, batch size {g('batch-size')}, seed {g('seed')}",
+        f"- differential privacy (patient level): {dp_text}",
+        f"- data: {g('data-dir')}; held-out set: {g('test-dir') if c.get('test-dir') else '<data-dir>/heldout'}",
+        "",
+    ]
+    return lines
+
+
+def _dice_rose(run: Run) -> str:
+    s = [(r, v) for r, v in run.records.series("server-eval", "global", f"{_top(run)}/dice-whole") if v is not None]
+    if not s:
+        return f"- global Dice over rounds: {NOT_RECORDED} (no server evaluation)"
+    if len(s) < 2:
+        return f"- global Dice over rounds: only round {s[0][0]} was evaluated ({s[0][1]:.3f}); cannot tell a trend"
+    (r0, v0), (r1, v1) = s[0], s[-1]
+    best_r, best_v = max(s, key=lambda p: p[1])
+    verdict = "**rose**" if v1 > v0 else "**did not rise**"
+    return (
+        f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}) → "
+        f"{v1:.3f} (round {r1}); best {best_v:.3f} at round {best_r}"
+    )
+
+
+def _top(run: Run) -> str:
+    return all_subset_key(run.final_eval(), run.modalities()) or "all"
+
+
+def _header(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = [
+        f"# fedfusion run report: {run.run_dir.name}",
+        "",
+        f"Run directory `{run.run_dir}`; report built {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "",
+        "## Run",
+        "",
+        *_config_summary(run),
+        "## Final numbers",
+        "",
+    ]
+    flat, top = run.final_eval(), _top(run)
+    if not flat:
+        lines += [f"Server evaluation: {NOT_RECORDED}.", ""]
+    else:
+        lines.append(f"Global model on the held-out set, round {run.final_round} (all modalities):")
+        lines.append("")
+        keys = [f"dice-{r}" for r in REGIONS] + ["hd95-whole", "accuracy", "recall", "specificity", "f1", "auroc"]
+        lines += _table(keys, [[flat.get(f"{top}/{k}") for k in keys]])
+        lines.append(
+            f"Mean over modality subsets: Dice whole {_fmt(flat.get('mean/dice-whole'))}; "
+            f"worst subset: Dice whole {_fmt(flat.get('worst/dice-whole'))}."
+        )
+        lines.append("")
+    lines += [_dice_rose(run), ""]
+    if run.notes:
+        lines += ["Notes:", *[f"- {n}" for n in run.notes], ""]
+    return lines
+
+
+def _global_dice_section(ctx: _Ctx) -> list[str]:
+    run, top = ctx.run, _top(ctx.run)
+    lines = ["## Global Dice per round (paper Fig. 2)", ""]
+    if not run.eval_rounds:
+        return lines + [f"Server evaluation: {NOT_RECORDED}.", ""]
+    rec = run.records
+    dice = {f"{top} / {r}": rec.series("server-eval", "global", f"{top}/dice-{r}") for r in REGIONS}
+    dice["mean subset / whole"] = rec.series("server-eval", "global", "mean/dice-whole")
+    dice["worst subset / whole"] = rec.series("server-eval", "global", "worst/dice-whole")
+    cls = {f"{top} / {k}": rec.series("server-eval", "global", f"{top}/{k}") for k in ("accuracy", "auroc", "f1")}
+    path = figures.global_dice_figure(dice, cls, ctx.fig("global_dice.png"))
+    ctx.figures.append(path)
+    lines += [_fig_link(path, run.run_dir, "global Dice per round"), ""]
+    header = ["round"] + [f"Dice {r}" for r in REGIONS] + ["mean-subset Dice", "worst-subset Dice", "accuracy", "AUROC"]
+    rows = []
+    for r in run.eval_rounds:
+        f = rec.at("server-eval", "global", r)
+        rows.append(
+            [r] + [f.get(f"{top}/dice-{reg}") for reg in REGIONS]
+            + [f.get("mean/dice-whole"), f.get("worst/dice-whole"), f.get(f"{top}/accuracy"), f.get(f"{top}/auroc")]
+        )
+    return lines + _table(header, rows)
+
+
+def _subset_rows(flat: Mapping[str, float | None], modalities: Sequence[str]) -> list[str]:
+    """Subset names logged in ``flat``, smallest subsets first then canonical order; then all / mean / worst."""
+    names = {k.split("/", 1)[0] for k in flat if "/" in k}
+    order = {m: i for i, m in enumerate(MODALITIES)}
+
+    def key(name: str) -> tuple[int, tuple[int, ...]]:
+        parts = name.split("+")
+        return len(parts), tuple(order.get(p, 99) for p in parts)
+
+    singles = sorted((n for n in names if all(p in MODALITIES for p in n.split("+"))), key=key)
+    tail = [n for n in ("all", "mean", "worst") if n in names]
+    return singles + tail
+
+
+def _subset_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## Per-modality-subset evaluation (final evaluated round)", ""]
+    flat = run.final_eval()
+    if not flat:
+        return lines + [f"Server evaluation: {NOT_RECORDED}.", ""]
+    mods = run.modalities()
+    rows_names = _subset_rows(flat, mods)
+    cols = ["dice-whole", "dice-core", "dice-enhancing", "hd95-whole", "accuracy", "auroc"]
+    lines.append(
+        f"Round {run.final_round}, held-out set with each modality subset given to the model "
+        f"({sum(1 for n in rows_names if n not in ('all', 'mean', 'worst'))} subsets). HD95 in voxels of the "
+        "model grid; mean = average over subsets, worst = lowest over subsets (per column)."
+    )
+    lines.append("")
+    rows = [[f"**{n}**" if n in ("all", "mean", "worst") else n] + [flat.get(f"{n}/{c}") for c in cols]
+            for n in rows_names]
+    lines += _table(["subset", "Dice whole", "Dice core", "Dice enhancing", "HD95 whole", "accuracy", "AUROC"], rows)
+    violations, pairs = monotonicity_share(flat, mods)
+    logged = {k: v for k, v in flat.items() if k.endswith("monotonicity-violations")}
+    mono = []
+    if pairs:
+        mono.append(
+            f"adding a modality lowered whole-lesion Dice by more than {MONOTONICITY_TOLERANCE:g} in {violations} "
+            f"of {pairs} subset pairs (share {violations / pairs:.3f}; it should be near 0)"
+        )
+    for k, v in logged.items():
+        mono.append(f"share logged by the server (`{k}`) {_fmt(v)}")
+    lines.append("Monotonicity: " + ("; ".join(mono) if mono else NOT_RECORDED) + ".")
+    lines.append("")
+    singles = [(n, flat.get(f"{n}/dice-whole")) for n in rows_names]
+    if len(singles) > 1:
+        path = figures.subset_dice_figure(singles, ctx.fig("subset_dice.png"),
+                                          title=f"Dice per modality subset, round {run.final_round}")
+        ctx.figures.append(path)
+        lines += [_fig_link(path, run.run_dir, "Dice per modality subset"), ""]
+    return lines
+
+
+def _paper_rows(flat: Mapping[str, float | None], mods: Sequence[str]) -> list[str]:
+    """Rows of the paper's Tables I/II that this run's subset evaluation has: single modalities, the MRI group
+    (all MR sequences of the run together, when more than one) and the fused ``all``."""
+    from models.modalities import DICOM_MODALITY
+
+    names = {k.split("/", 1)[0] for k in flat if "/" in k}
+    rows = [m for m in mods if m in names]
+    mri = [m for m in mods if DICOM_MODALITY.get(m) == "MR"]
+    if len(mri) > 1 and subset_name(mri) in names and subset_name(mri) != subset_name(mods):
+        rows.append(subset_name(mri))
+    top = all_subset_key(flat, mods)
+    if top:
+        rows.append(top)
+    return rows
+
+
+def _paper_tables_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## The paper's Table I / Table II with this run's numbers", ""]
+    flat = run.final_eval()
+    if not flat:
+        return lines + [f"Server evaluation: {NOT_RECORDED}.", ""]
+    rows = _paper_rows(flat, run.modalities())
+    lines += [
+        f"One federated model (family {run.config.get('model-family', DASH)}), evaluated at round "
+        f"{run.final_round} with only the row's modalities given (the paper trains one model per row; here the "
+        "rows are the same fused network under missing modalities). Segmentation on the whole lesion.",
+        "",
+        "**Table I: segmentation**",
+        "",
+    ]
+    lines += _table(["input", "Dice", "IoU", "precision"],
+                    [[n] + [flat.get(f"{n}/{k}") for k in ("dice-whole", "iou-whole", "precision-whole")] for n in rows])
+    lines += ["**Table II: classification (malignant vs benign)**", ""]
+    lines += _table(["input", "accuracy", "recall", "F1"],
+                    [[n] + [flat.get(f"{n}/{k}") for k in ("accuracy", "recall", "f1")] for n in rows])
+    return lines
+
+
+def _contribution_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## Modality contribution to the fused prediction (paper Fig. 3)", ""]
+    mods = run.modalities()
+    flat = run.final_eval()
+    # 1. from the checkpoint on the held-out set (needs data)
+    held = ctx.heldout
+    if held is not None and held.contribution:
+        measures: list[str] = []
+        for per in held.contribution.values():
+            measures += [k for k in per if k not in measures]
+        path = figures.contribution_figure(
+            held.contribution, ctx.fig("contribution_checkpoint.png"),
+            title=f"Contribution per modality ({held.checkpoint_name}, held-out set)",
+            ylabel="drop when the modality is masked / share",
+        )
+        ctx.figures.append(path)
+        lines += [
+            f"From `{held.checkpoint_name}` on the held-out set ({held.num_cases} cases, `{held.heldout_dir}`): "
+            "for every modality, what the fused prediction loses when that modality alone is masked "
+            "(Dice / probability drop), and its share of the cross-modal attention where the family has one.",
+            "",
+            _fig_link(path, run.run_dir, "modality contribution from the checkpoint"),
+            "",
+        ]
+        lines += _table(["modality", *measures], [[m, *[held.contribution[m].get(k) for k in measures]]
+                                                  for m in held.contribution])
+    else:
+        reason = held.contribution_reason if held is not None else ctx.heldout_reason
+        lines += [f"From the checkpoint on the held-out set: not available ({reason}).", ""]
+    # 2. leave-one-out from the logged subsets: always (needs no data)
+    if not flat or not mods:
+        return lines + [f"Leave-one-out from the logged per-subset metrics: {NOT_RECORDED}.", ""]
+    loo = {r: leave_one_out(flat, mods, f"dice-{r}") for r in CONTRIBUTION_REGIONS}
+    values = {m: {r: loo[r][m] for r in CONTRIBUTION_REGIONS} for m in mods}
+    path = figures.contribution_figure(
+        values, ctx.fig("contribution_leave_one_out.png"),
+        title=f"Leave-one-out contribution, round {run.final_round}",
+        ylabel="Dice(all) − Dice(all without m)",
+    )
+    ctx.figures.append(path)
+    lines += [
+        f"Leave-one-out from the logged per-subset metrics (round {run.final_round}, no data needed): "
+        "Dice of the all-modality input minus Dice of the subset without the modality. Positive = the fused "
+        "prediction loses Dice without it.",
+        "",
+        _fig_link(path, run.run_dir, "leave-one-out modality contribution"),
+        "",
+    ]
+    lines += _table(["modality", *[f"Δ Dice {r}" for r in CONTRIBUTION_REGIONS]],
+                    [[m, *[values[m][r] for r in CONTRIBUTION_REGIONS]] for m in mods])
+    if len(mods) < 2:
+        lines += ["The run has one modality: leaving it out leaves no input, so no contribution is defined.", ""]
+    return lines
+
+
+def _roc_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## Classifier sensitivity / ROC over decision thresholds (paper Fig. 4)", ""]
+    held = ctx.heldout
+    if held is None or not held.roc:
+        reason = held.roc_reason if held is not None else ctx.heldout_reason
+        logged = run.final_eval().get(f"{_top(run)}/auroc")
+        lines.append(f"Not available: {reason}.")
+        if logged is not None:
+            lines.append(f"The logged AUROC of the final round (all modalities) is {logged:.3f}.")
+        return lines + [""]
+    thr = [p[0] for p in held.roc]
+    tpr = [p[1] for p in held.roc]
+    spec = [p[2] for p in held.roc]
+    fpr = [1.0 - s_ for s_ in spec]
+    auroc = held.auroc if held.auroc is not None and math.isfinite(held.auroc) else None
+    path = figures.roc_figure(fpr, tpr, thr, auroc, ctx.fig("roc.png"), specificity=spec)
+    ctx.figures.append(path)
+    lines += [
+        f"`{held.checkpoint_name}` on {held.num_cases} held-out cases ({held.positives} malignant), every case with "
+        f"all its modalities; score = P(malignant). AUROC {_fmt(auroc)}.",
+        "",
+        _fig_link(path, run.run_dir, "ROC and sensitivity over thresholds"),
+        "",
+    ]
+    lines += _table(["threshold", "sensitivity (recall)", "specificity", "accuracy", "F1"],
+                    [[t, m.get("recall"), m.get("specificity"), m.get("accuracy"), m.get("f1")]
+                     for t, m in held.operating_points.items()])
+    return lines
+
+
+def _privacy_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## Privacy spent per site per round", ""]
+    dp = run.config.get("dp-enabled")
+    sites = [s for s in run.records.scopes("train") if s != "global"]
+    series = {s: run.records.series("train", s, "epsilon-total") for s in sites}
+    series = {s: v for s, v in series.items() if v}
+    if not series:
+        if dp is False:
+            return lines + ["Differential privacy was off in this run: no privacy accounting.", ""]
+        return lines + [f"Privacy accounting (epsilon-total per site): {NOT_RECORDED}.", ""]
+    if all(v is None for s in series.values() for _, v in s):
+        return lines + ["Every site reported ε = ∞ (no DP noise): nothing to plot.", ""]
+    path = figures.site_series_figure(series, ctx.fig("privacy.png"), title="Privacy spent per site (ε, total)",
+                                      ylabel="ε spent so far")
+    ctx.figures.append(path)
+    target = run.config.get("dp-target-epsilon")
+    lines += [
+        f"ε spent by each site so far (patient-level DP-SGD, RDP accountant), δ as reported by the site"
+        + (f"; run target ε = {_fmt(target)}" if target is not None and dp is not False else "")
+        + ".",
+        "",
+        _fig_link(path, run.run_dir, "privacy spent per site"),
+        "",
+    ]
+    rounds = sorted({r for s in series.values() for r, _ in s})
+    rows = []
+    for site in series:
+        by_round = dict(series[site])
+        last_r = max(run.records.rounds("train", site))
+        last = run.records.at("train", site, last_r)
+        rows.append([site, *[by_round.get(r) for r in rounds], last.get("delta")])
+    lines += _table(["site", *[f"round {r}" for r in rounds], "δ"], rows, digits=2)
+    return lines
+
+
+def _sites_section(ctx: _Ctx) -> list[str]:
+    run = ctx.run
+    lines = ["## Sites", ""]
+    sites = [s for s in run.records.scopes("train") if s != "global"]
+    if not sites:
+        lines += [f"Site training: {NOT_RECORDED}.", ""]
+    else:
+        mods = run.modalities()
+        rows = []
+        for site in sites:
+            last = run.records.at("train", site, max(run.records.rounds("train", site)))
+            has = [m for m in mods if (last.get(f"has-{m}") or 0) > 0 or (last.get(f"cases-{m}") or 0) > 0]
+            n = last.get("num-examples")
+            declined = [r for r, v in run.records.series("train", site, "declined") if v]
+            rejected = [r for r, v in run.records.series("validation", site, "accepted") if v is not None and v == 0]
+            rows.append([
+                site, len(run.records.rounds("train", site)) - len(declined), None if n is None else int(n),
+                last.get("train-loss"), ", ".join(has) or DASH,
+                ", ".join(f"{m} {int(last[f'cases-{m}'])}" for m in mods if last.get(f"cases-{m}") is not None) or DASH,
+                ", ".join(map(str, rejected)) or DASH, ", ".join(map(str, declined)) or DASH,
+            ])
+        lines.append("Last round each site reported (updates rejected by the server's validation and rounds the "
+                     "site declined to train, e.g. privacy budget spent, by round):")
+        lines.append("")
+        lines += _table(["site", "rounds trained", "cases", "train loss", "modalities", "cases per modality",
+                         "rejected (rounds)", "declined (rounds)"], rows)
+        loss = {s: run.records.series("train", s, "train-loss") for s in sites}
+        if any(loss.values()):
+            path = figures.site_series_figure(loss, ctx.fig("train_loss.png"), title="Local training loss per site",
+                                              ylabel="train loss")
+            ctx.figures.append(path)
+            lines += [_fig_link(path, run.run_dir, "training loss per site"), ""]
+    if not run.records.has("site-eval"):
+        return lines + [f"Site-local evaluation: {NOT_RECORDED}.", ""]
+    lines += ["Site-local evaluation (last round each scope reported):", ""]
+    rows_sc = []
+    metrics: list[str] = []
+    for scope in run.records.scopes("site-eval"):
+        last = run.records.at("site-eval", scope, max(run.records.rounds("site-eval", scope)))
+        metrics.extend(k for k in sorted(last) if k not in metrics)
+        rows_sc.append((scope, last))
+    shown = metrics[:10]
+    counts = {"num-examples", "sites", "cases"}  # whole numbers, shown without decimals
+    lines += _table(["scope", *shown], [[sc, *[int(last[k]) if k in counts and last.get(k) is not None
+                                               else last.get(k) for k in shown]] for sc, last in rows_sc])
+    if len(metrics) > len(shown):
+        lines += [f"({len(metrics) - len(shown)} more site metrics in metrics.jsonl.)", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# held-out predictions from the checkpoint (optional: only when the data is reachable)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class HeldoutResult:
+    """What the checkpoint did on the held-out set."""
+
+    checkpoint_name: str
+    heldout_dir: Path
+    num_cases: int
+    positives: int = 0
+    #: ROC as ``(threshold, sensitivity, specificity)`` points (``models.metrics.roc_points``); empty = not computed
+    roc: list[tuple[float, float, float]] = field(default_factory=list)
+    auroc: float | None = None
+    #: threshold on P(malignant) -> ``models.metrics.classification_metrics`` at that threshold
+    operating_points: dict[float, dict[str, float]] = field(default_factory=dict)
+    roc_reason: str = ""
+    contribution: dict[str, dict[str, float]] = field(default_factory=dict)  # modality -> measure -> value
+    contribution_reason: str = ""
+
+
+#: display names of ``models.contribution.modality_contribution``'s measures
+CONTRIBUTION_MEASURES: dict[str, str] = {
+    "dice_drop": "Dice drop (whole)",
+    "class_drop": "P(true class) drop",
+    "attention_share": "attention share",
+    "fusion_weight": "late-fusion weight",
+}
+#: decision thresholds of the operating-point table
+THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def resolve_heldout_dir(config: Mapping[str, Any], data_dir: Path | None) -> tuple[Path | None, str]:
+    """The held-out folder: the first holding labels.csv of ``data_dir/heldout``, ``data_dir`` (when given), the run
+    config's ``test-dir``, ``<data-dir>/heldout``. Returns ``(folder or None, why not)``."""
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates += [Path(data_dir) / "heldout", Path(data_dir)]
+    if str(config.get("test-dir") or "").strip():
+        candidates.append(Path(str(config["test-dir"])))
+    if str(config.get("data-dir") or "").strip():
+        candidates.append(Path(str(config["data-dir"])) / "heldout")
+    for c in candidates:
+        if (c / "labels.csv").is_file():
+            return c, ""
+    if not candidates:
+        return None, "no data: pass `fedfusion report RUN --data DIR` (the run config names no data-dir/test-dir)"
+    return None, (
+        f"held-out set not found (looked for labels.csv in {', '.join(str(c) for c in candidates)}); "
+        "pass `--data DIR` with the data root or the held-out folder"
+    )
+
+
+def _pick_checkpoint(run_dir: Path) -> Path | None:
+    for name in ("best.pt", "last.pt"):
+        p = run_dir / "checkpoints" / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _resolve_device(device: str):  # -> torch.device
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[HeldoutResult | None, str]:
+    """Predictions (ROC) and modality contributions of the best (else last) checkpoint on the held-out set;
+    ``(None, reason)`` when any ingredient is missing. Never raises: the report must still be written."""
+    ckpt = _pick_checkpoint(run.run_dir)
+    if ckpt is None:
+        return None, "no checkpoint in checkpoints/ (best.pt or last.pt)"
+    heldout, why = resolve_heldout_dir(run.config, data_dir)
+    if heldout is None:
+        return None, why
+    try:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from client.data.dataset import CaseDataset
+        from models.checkpoint import load_checkpoint
+        from models.evaluation import predict
+        from models.metrics import classification_metrics, roc_points
+        from models.network import build_model
+    except ImportError as exc:
+        return None, f"this checkout cannot rebuild the model or read the data ({exc})"
+    try:
+        state, cfg, _extra = load_checkpoint(ckpt)
+        dev = _resolve_device(device)
+        model = build_model(cfg)
+        model.load_state_dict(state)
+        model.to(dev).eval()
+        # cache=True: the contribution pass re-reads the same cases
+        dataset = CaseDataset([heldout], cfg.modalities, cfg.spatial_size, augment=False, cache=True)
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        log.warning("report: checkpoint %s on %s unusable: %s", ckpt, heldout, exc)
+        return None, f"cannot use {ckpt.name} on {heldout}: {exc}"
+    result = HeldoutResult(checkpoint_name=f"checkpoints/{ckpt.name}", heldout_dir=heldout, num_cases=len(dataset))
+    loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=0)
+    # 1. ROC / operating points from the malignant probability of every case with all its modalities
+    try:
+        pred = predict(model, loader, dev)
+        used = pred.used.bool()
+        probs, labels = pred.probs[used], pred.labels[used]
+        result.num_cases = int(used.sum())
+        result.positives = int((labels == 1).sum())
+        result.roc = [tuple(map(float, p)) for p in roc_points(probs, labels)]  # type: ignore[misc]
+        result.auroc = classification_metrics(probs, labels)["auroc"]
+        result.operating_points = {t: classification_metrics(probs, labels, threshold=t) for t in THRESHOLDS}
+        if result.positives in (0, result.num_cases):
+            result.roc_reason = "the held-out set has one class only"
+    except Exception as exc:  # noqa: BLE001 - report what failed, keep the rest of the report
+        log.warning("report: prediction on the held-out set failed: %s", exc)
+        result.roc, result.roc_reason = [], f"prediction on {heldout} failed: {exc}"
+    # 2. modality contribution (occlusion by masking; attention share where the family has attention)
+    try:
+        from models.contribution import modality_contribution
+    except ImportError as exc:
+        result.contribution_reason = f"models.contribution is not usable in this checkout ({exc})"
+        return result, ""
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    cases: dict[str, float] = defaultdict(float)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                raw = modality_contribution(
+                    model, batch["image"].to(dev), batch["mask"].to(dev), batch["seg"].to(dev),
+                    batch["label"].reshape(-1).to(dev),
+                )
+                for m, per in raw.items():
+                    n = float(per.get("cases", 0.0))
+                    cases[m] += n
+                    for k, v in per.items():
+                        if k != "cases" and v is not None and math.isfinite(v):
+                            sums[m][k] += v * n  # batch means over present cases -> mean over all such cases
+    except Exception as exc:  # noqa: BLE001
+        log.warning("report: modality contribution failed: %s", exc)
+        result.contribution_reason = f"modality contribution on {heldout} failed: {exc}"
+        return result, ""
+    result.contribution = {
+        m: {CONTRIBUTION_MEASURES.get(k, k): v / cases[m] for k, v in sums[m].items()}
+        for m in cfg.modalities if cases.get(m)
+    }
+    if not result.contribution:
+        result.contribution_reason = "no held-out case has any of the model's modalities"
+    return result, ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------------
+SECTIONS: tuple[tuple[str, Callable[[_Ctx], list[str]]], ...] = (
+    ("header", _header),
+    ("global Dice", _global_dice_section),
+    ("subsets", _subset_section),
+    ("paper tables", _paper_tables_section),
+    ("contribution", _contribution_section),
+    ("ROC", _roc_section),
+    ("privacy", _privacy_section),
+    ("sites", _sites_section),
+)
+
+
+def build_report(run_dir: Path, data_dir: Path | None = None, device: str = "auto") -> Path:
+    """Write ``run_dir/report.md`` and its PNG figures under ``run_dir/figures/``; return the report's path.
+
+    Args:
+        run_dir: a run directory (config.json, metrics.jsonl, checkpoints/).
+        data_dir: data root (holding ``heldout/``) or the held-out folder itself; default: the run config's
+            ``test-dir`` / ``<data-dir>/heldout``. Only the checkpoint-based contribution and the ROC need it.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"`` for the held-out predictions.
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` does not exist. Anything missing inside it is reported, not raised.
+    """
+    run = load_run(Path(run_dir))
+    fig_dir = run.run_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    held, reason = _heldout_analysis(run, Path(data_dir) if data_dir is not None else None, device)
+    ctx = _Ctx(run=run, fig_dir=fig_dir, heldout=held, heldout_reason=reason)
+    lines: list[str] = []
+    for name, section in SECTIONS:
+        try:
+            lines += section(ctx)
+        except Exception as exc:  # noqa: BLE001 - one broken section must not cost the whole report
+            log.exception("report section %r failed", name)
+            lines += [f"## {name}", "", f"This section could not be built: {type(exc).__name__}: {exc}", ""]
+    if ctx.figures:
+        lines += ["---", "", "Figures: " + ", ".join(f"`{p.relative_to(run.run_dir).as_posix()}`" for p in ctx.figures)]
+    out = run.run_dir / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
