@@ -174,3 +174,27 @@ def test_no_header_string_or_path_reaches_an_item(tmp_path: Path, augment: bool)
     for s in found:
         assert str(tmp_path) not in s and "/" not in s
         assert not any(phi.lower() in s.lower() for phi in PHI_STRINGS)
+
+
+def test_phantom_dicom_site_headers_stay_out_of_items(tmp_path: Path) -> None:
+    """The phantom writer stamps synthetic PHI into headers; none of it (nor a path) reaches an item."""
+    phantoms = pytest.importorskip("simulations.phantoms")
+    writers = pytest.importorskip("simulations.phantom_writers")
+    import pydicom
+
+    case = phantoms.make_case(np.random.default_rng(2), "case-0001", shape=(8, 16, 16), modalities=("t1", "ct"))
+    site = tmp_path / "site-01"
+    writers.write_case_dicom(case, site / "case-0001", uid_seed=3)
+    (site / "labels.csv").write_text(f"case_id,label\ncase-0001,{case.label}\n")
+    header_strings: set[str] = set()
+    for path in (site / "case-0001").rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "InstitutionName"):
+            if ds.get(key):
+                header_strings.add(str(ds.get(key)))
+    item = CaseDataset([site], modalities=("t1", "ct"), spatial_size=(8, 16, 16))[0]
+    found: list[str] = []
+    _strings(item, found)
+    assert sorted(found) == sorted(["image", "mask", "seg", "label", "case_id", "case-0001"])
+    assert not any(h and h in s for h in header_strings for s in found)
+    assert int(item["label"]) == case.label

@@ -245,3 +245,38 @@ def test_reorient_grid_moves_whole_voxels() -> None:
     np.testing.assert_allclose(dicom_affine([0, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1], [0, 0, 1]),
                                reorient_grid(Grid((2, 2, 2), dicom_affine([0, 0, 0], [1, 0, 0, 0, 1, 0],
                                                                           [1, 1], [0, 0, 1]))).affine)
+
+
+def test_phantom_round_trip_dicom(tmp_path: Path) -> None:
+    """phantom -> DICOM (simulations.phantom_writers) -> reader gives the volumes back within rescale precision."""
+    phantoms = pytest.importorskip("simulations.phantoms")
+    writers = pytest.importorskip("simulations.phantom_writers")
+    case = phantoms.make_case(np.random.default_rng(0), "case-0001", shape=(8, 16, 16),
+                              modalities=("t1", "t2", "ct", "us"))
+    case_dir = tmp_path / "site-01" / "case-0001"
+    writers.write_case_dicom(case, case_dir, uid_seed=0)
+    data = load_case(case_dir)
+    assert set(data.images) == set(case.volumes)
+    np.testing.assert_allclose(data.grid.affine, case.affine, atol=1e-3)
+    np.testing.assert_array_equal(data.seg, case.seg)
+    slopes: dict[str, float] = {}
+    for path in case_dir.rglob("*"):
+        if path.is_file() and not path.name.endswith((".nii", ".nii.gz")):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            m = load_series_mapping().identify(ds.get("Modality"), ds.get("SeriesDescription", ""))
+            slopes[m] = max(slopes.get(m, 0.0), float(ds.get("RescaleSlope", 1) or 1))
+    for m, vol in case.volumes.items():
+        assert data.images[m].shape == vol.shape
+        np.testing.assert_allclose(data.images[m], vol, atol=slopes[m] / 2 + 1e-3 * float(np.ptp(vol)) + 1e-4,
+                                   err_msg=m)
+
+
+def test_default_mapping_covers_every_phantom_vendor() -> None:
+    writers = pytest.importorskip("simulations.phantom_writers")
+    from models.modalities import DICOM_MODALITY
+
+    mapping = load_series_mapping()
+    for vendor, names in writers.SERIES_DESCRIPTIONS.items():
+        for modality, name in names.items():
+            description = name.format(dz=2.5)
+            assert mapping.identify(DICOM_MODALITY[modality], description) == modality, (vendor, description)

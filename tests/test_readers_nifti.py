@@ -96,3 +96,16 @@ def test_seg_with_brats2021_labels_is_reported(tmp_path: Path) -> None:
     bad = [p for p in data.problems if p.kind == "bad-seg"]
     assert bad and "[4]" in bad[0].reason
     assert os.path.basename(bad[0].path) == "c_seg.nii.gz"
+
+
+def test_phantom_round_trip_nifti(tmp_path: Path) -> None:
+    phantoms = pytest.importorskip("simulations.phantoms")
+    writers = pytest.importorskip("simulations.phantom_writers")
+    case = phantoms.make_case(np.random.default_rng(1), "case-0002", shape=(8, 16, 16), modalities=("t1ce", "flair"))
+    case_dir = tmp_path / "case-0002"
+    writers.write_case_nifti(case, case_dir)
+    data = load_case(case_dir)
+    assert set(data.images) == {"t1ce", "flair"}
+    np.testing.assert_array_equal(data.seg, case.seg)
+    for m, vol in case.volumes.items():
+        np.testing.assert_allclose(data.images[m], vol, atol=1e-3 * float(np.ptp(vol)) + 1e-4, err_msg=m)
