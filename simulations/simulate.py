@@ -1,0 +1,339 @@
+"""Local multi-site simulation: the real ServerApp and ClientApp on Flower's simulation engine.
+
+``simulate`` generates phantom sites when no data is given, fuses the run config (pyproject defaults +
+overrides), runs the apps over one virtual SuperNode per site, shows progress from the run's metrics log, and
+writes the report. The apps are loaded by their pyproject component names, exactly as ``flwr run`` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .appconfig import PROJECT_DIR, ConfigValue, default_run_config, fuse
+
+log = logging.getLogger("fedfusion.simulate")
+
+SERVER_APP = "server.server_app:app"
+CLIENT_APP = "client.client_app:app"
+
+
+@dataclass
+class SimulationResult:
+    """What a finished simulation left behind."""
+
+    run_dir: Path
+    rounds: int
+    num_sites: int
+    wall_seconds: float
+    peak_rss_mb: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def site_dirs(data_dir: Path) -> list[Path]:
+    """The site folders of a data root (``site-*``, sorted; the held-out set is not a site).
+
+    Raises:
+        FileNotFoundError: when ``data_dir`` holds no site folder, saying how to make one.
+    """
+    sites = sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and p.name.startswith("site-"))
+    if not sites:
+        raise FileNotFoundError(
+            f"{data_dir} holds no site-* folders; generate phantoms with "
+            f"`fedfusion phantoms --out {data_dir}` or point --data at a folder of sites"
+        )
+    return sites
+
+
+def backend_config(num_sites: int, cpus_per_site: float | None = None) -> dict[str, Any]:
+    """Ray backend resources for this machine: one CPU per virtual site by default (so at most ``nproc``
+    sites train at once and none oversubscribes the CPU), and a fair GPU share per site when GPUs exist."""
+    import torch
+
+    ncpu = os.cpu_count() or 1
+    cpus = float(cpus_per_site or 1)
+    ngpu = torch.cuda.device_count()
+    # A site's share of one GPU: let up to 4 sites share a device (small models), never more than exist.
+    gpus = min(1.0, ngpu / min(num_sites, 4 * ngpu)) if ngpu else 0.0
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": ncpu,
+            "num_gpus": ngpu,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process and its (Ray worker) children, MiB."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024.0
+
+
+def _current_tree_rss_mb() -> float:
+    """Current resident memory of this process plus all its descendants, MiB (Linux /proc)."""
+    total = 0
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(entry.name)] = int(stat[1])
+            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    for pid in rss:
+        p = pid
+        while p and p != me and p in parents:
+            p = parents[p]
+        if p == me:
+            total += rss[pid]
+    return total / 2**20
+
+
+class _MemorySampler(threading.Thread):
+    """Samples the resident memory of the whole process tree (Ray workers included) to find the peak."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_mb = max(self.peak_mb, _current_tree_rss_mb())
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.peak_mb = max(self.peak_mb, _current_tree_rss_mb())
+        return self.peak_mb
+
+
+def _progress_watcher(metrics_path: Path, rounds: int, num_sites: int, stop: threading.Event) -> None:
+    """Show round, phase, sites done and the current global Dice by tailing the metrics log."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from models.runlog import iter_metrics
+
+    with Progress(
+        TextColumn("[bold]round {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=rounds, status="starting sites…")
+        while not stop.wait(1.0):
+            last_round, phase, dice, sites = 0, "starting", None, 0
+            per_round_sites: dict[int, set[str]] = {}
+            for rec in iter_metrics(metrics_path):
+                phase = rec["phase"]
+                if rec["phase"] == "train" and str(rec["scope"]).startswith("site"):
+                    per_round_sites.setdefault(rec["round"], set()).add(rec["scope"])
+                if rec["phase"] == "server-eval" and rec["metric"] == "all/dice-whole":
+                    last_round, dice = rec["round"], rec["value"]
+            if per_round_sites:
+                r = max(per_round_sites)
+                sites = len(per_round_sites[r])
+            dice_txt = f"global Dice {dice:.3f}" if isinstance(dice, float) else "global Dice —"
+            progress.update(
+                task,
+                completed=last_round,
+                status=f"{phase} · sites done {sites}/{num_sites} · {dice_txt}",
+            )
+
+
+def run_federation(
+    run_config: Mapping[str, ConfigValue],
+    num_sites: int,
+    *,
+    cpus_per_site: float | None = None,
+    progress: bool = True,
+) -> SimulationResult:
+    """Run the ServerApp and ClientApp over ``num_sites`` virtual SuperNodes with ``run_config``.
+
+    The run directory is ``run_config["run-dir"]``; Flower's own log goes to ``<run-dir>/flower.log``.
+    """
+    # Flower's public run_simulation() cannot pass a run config to the apps; its internal runner (the one
+    # `flower-simulation` uses) can. flwr is pinned to <1.50 in pyproject.toml for this reason.
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    run_dir = Path(str(run_config["run-dir"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dict(run_config), indent=2, sort_keys=True))
+
+    # Ray workers inherit this: each virtual site uses only the cores it was given.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_site or 1)))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+    flwr_logger = logging.getLogger("flwr")
+    handler = logging.FileHandler(run_dir / "flower.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    flwr_logger.addHandler(handler)
+    console_handlers = [h for h in flwr_logger.handlers if h is not handler]
+    saved_levels = [h.level for h in console_handlers]
+    if progress:
+        for h in console_handlers:  # the progress display replaces Flower's wall of logs
+            h.setLevel(logging.WARNING)
+
+    run_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(run_config)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
+
+    stop = threading.Event()
+    watcher = None
+    if progress:
+        watcher = threading.Thread(
+            target=_progress_watcher,
+            args=(run_dir / "metrics.jsonl", int(run_config["num-server-rounds"]), num_sites, stop),
+            daemon=True,
+        )
+        watcher.start()
+    sampler = _MemorySampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        _run_simulation(
+            num_supernodes=num_sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr=SERVER_APP,
+            client_app_attr=CLIENT_APP,
+            backend_name="ray",
+            backend_config=backend_config(num_sites, cpus_per_site),
+            app_dir=str(PROJECT_DIR),
+            run=run,
+            server_app_context=server_context,
+            is_app=True,
+        )
+    finally:
+        wall = time.perf_counter() - t0
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=5)
+        peak = sampler.stop()
+        _shutdown_ray()
+        flwr_logger.removeHandler(handler)
+        handler.close()
+        for h, level in zip(console_handlers, saved_levels):
+            h.setLevel(level)
+
+    final = _final_global_metrics(run_dir / "metrics.jsonl")
+    return SimulationResult(
+        run_dir=run_dir,
+        rounds=int(run_config["num-server-rounds"]),
+        num_sites=num_sites,
+        wall_seconds=wall,
+        peak_rss_mb=max(peak, _peak_rss_mb()),
+        final_metrics=final,
+    )
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray cluster so no worker process outlives the run."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # pragma: no cover - best effort at teardown
+        log.debug("ray shutdown failed", exc_info=True)
+
+
+def _final_global_metrics(metrics_path: Path) -> dict[str, float]:
+    from models.runlog import iter_metrics
+
+    last: dict[str, float] = {}
+    last_round = -1
+    for rec in iter_metrics(metrics_path):
+        if rec["phase"] != "server-eval" or rec["scope"] != "global" or rec["value"] is None:
+            continue
+        if rec["round"] > last_round:
+            last_round, last = rec["round"], {}
+        last[rec["metric"]] = rec["value"]
+    return last
+
+
+def simulate(
+    out: Path,
+    *,
+    data: Path | None = None,
+    sites: int = 3,
+    cases_per_site: int = 16,
+    scenario: str = "realistic",
+    shape: tuple[int, int, int] = (32, 64, 64),
+    data_format: str = "dicom",
+    heldout_cases: int = 12,
+    overrides: Mapping[str, Any] | None = None,
+    cpus_per_site: float | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> SimulationResult:
+    """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``."""
+    out = Path(out)
+    overrides = dict(overrides or {})
+    if data is None:
+        from .phantom_writers import generate
+
+        data = out / "data"
+        seed = int(overrides.get("seed") or 0)
+        if not (data / "phantoms.json").exists():
+            generate(
+                data,
+                sites=sites,
+                cases_per_site=cases_per_site,
+                seed=seed,
+                scenario=scenario,
+                shape=shape,
+                fmt=data_format,
+                heldout_cases=heldout_cases,
+                progress=progress,
+            )
+    sites_found = site_dirs(Path(data))
+    overrides.setdefault("data-dir", str(Path(data).resolve()))
+    overrides["run-dir"] = str(out.resolve())
+    config = fuse(default_run_config(), overrides)
+    # A federation smaller than the strategy's minimums would wait forever: cap them to the sites we have.
+    for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
+        if key in config:
+            config[key] = min(int(config[key]), len(sites_found))
+    result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
+    if report:
+        from .report import build_report
+
+        result.report = build_report(out, data_dir=Path(data))
+    return result
