@@ -1,0 +1,166 @@
+"""Named multi-site scenarios: how phantom hospitals differ from one another.
+
+========================= =========================================================================================
+scenario                  sites differ in
+========================= =========================================================================================
+``iid``                   nothing: every site has all six modalities, the same scanner, class balance and size
+``modality-skew``         which modalities they acquire (site A all MRI, B CT + T1, C US + T2, ... cycling)
+``label-skew``            class balance (malignant share spread from ~15 % to ~80 %)
+``scanner-skew``          scanners: vendor, intensity gain, noise, voxel spacing, MR bias, US attenuation
+``realistic`` (default)   all of the above, plus per-case missing series and case counts varying around K
+========================= =========================================================================================
+
+The server's held-out set (:func:`heldout_profile`) always has every modality for every case and a balanced mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from models.modalities import MODALITIES
+
+from .phantoms import VENDORS, SiteProfile
+
+#: Modality subsets of the modality-skew sites, cycled for more sites (each keeps at least two series).
+SKEW_SUBSETS: tuple[tuple[str, ...], ...] = (
+    ("t1", "t1ce", "t2", "flair"),  # A: a neuro MRI centre
+    ("t1", "ct"),                   # B: emergency CT plus a plain T1
+    ("t2", "us"),                   # C: intra-operative ultrasound plus T2
+    ("t1ce", "flair", "ct"),        # D
+    ("t1", "t2", "us"),             # E
+    ("t1ce", "t2", "ct", "us"),     # F
+)
+
+#: Synthetic hospital names (InstitutionName), cycled.
+INSTITUTIONS: tuple[str, ...] = (
+    "St. Phantom University Hospital", "Riverside Synthetic Medical Centre", "Northgate Imaging Clinic",
+    "Lakeside Simulated Hospital", "Old Town Virtual Infirmary", "Hillcrest Mock Medical Center",
+    "Harbour Phantom Clinic", "Meadowbrook Test Hospital",
+)
+
+#: Class balance (malignant share) of label-skew sites, cycled.
+LABEL_SKEW: tuple[float, ...] = (0.15, 0.5, 0.8, 0.3, 0.65)
+
+DEFAULT_MALIGNANT = 0.4
+
+
+def site_name(index: int) -> str:
+    """Folder name of site ``index`` (0-based): ``site-01``, ``site-02``, ..."""
+    return f"site-{index + 1:02d}"
+
+
+def _base(index: int, cases: int) -> SiteProfile:
+    return SiteProfile(
+        name=site_name(index),
+        n_cases=cases,
+        malignant_fraction=DEFAULT_MALIGNANT,
+        vendor=VENDORS[index % len(VENDORS)],
+        institution=INSTITUTIONS[index % len(INSTITUTIONS)],
+    )
+
+
+def _scanner(rng: np.random.Generator, site: SiteProfile) -> SiteProfile:
+    """A site's own scanners: intensity gains, noise, field of view (-> spacing), bias, US attenuation."""
+    gain = {m: float(rng.uniform(0.7, 1.4)) for m in MODALITIES if m != "ct"}
+    fov = (
+        float(rng.uniform(105.0, 140.0)),
+        float(rng.uniform(185.0, 230.0)),
+        float(rng.uniform(165.0, 210.0)),
+    )
+    return replace(
+        site,
+        gain=gain,
+        noise=float(rng.uniform(0.7, 1.6)),
+        fov=fov,
+        bias=float(rng.uniform(0.06, 0.2)),
+        misregistration=float(rng.uniform(0.6, 1.4)),
+        ct_offset=float(rng.uniform(-4.0, 4.0)),
+        us_attenuation=float(rng.uniform(0.7, 1.4)),
+    )
+
+
+def iid(n_sites: int, cases_per_site: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """All sites alike: every modality, same scanner, class balance and size."""
+    return [replace(_base(i, cases_per_site), vendor=VENDORS[0]) for i in range(n_sites)]
+
+
+def modality_skew(n_sites: int, cases_per_site: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """Each site acquires a different modality subset (:data:`SKEW_SUBSETS`, cycled); otherwise alike."""
+    return [
+        replace(_base(i, cases_per_site), modalities=SKEW_SUBSETS[i % len(SKEW_SUBSETS)])
+        for i in range(n_sites)
+    ]
+
+
+def label_skew(n_sites: int, cases_per_site: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """Different class balance per site (:data:`LABEL_SKEW`, cycled); otherwise alike."""
+    return [
+        replace(_base(i, cases_per_site), vendor=VENDORS[0], malignant_fraction=LABEL_SKEW[i % len(LABEL_SKEW)])
+        for i in range(n_sites)
+    ]
+
+
+def scanner_skew(n_sites: int, cases_per_site: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """Same modalities and patients, different scanners (vendor, gain, noise, spacing, bias)."""
+    return [_scanner(rng, _base(i, cases_per_site)) for i in range(n_sites)]
+
+
+def realistic(n_sites: int, cases_per_site: int, rng: np.random.Generator) -> list[SiteProfile]:
+    """Modality skew + per-case missing series + scanner differences + label imbalance + varying sizes."""
+    sites = []
+    for i in range(n_sites):
+        site = _scanner(rng, _base(i, cases_per_site))
+        cases = max(2, int(round(cases_per_site * rng.uniform(0.7, 1.3))))
+        sites.append(
+            replace(
+                site,
+                modalities=SKEW_SUBSETS[i % len(SKEW_SUBSETS)],
+                n_cases=cases,
+                malignant_fraction=float(rng.uniform(0.2, 0.65)),
+                missing_rate=float(rng.uniform(0.05, 0.2)),
+            )
+        )
+    return sites
+
+
+#: Scenario name -> builder ``(n_sites, cases_per_site, rng) -> [SiteProfile, ...]``.
+SCENARIOS: dict[str, Callable[[int, int, np.random.Generator], list[SiteProfile]]] = {
+    "iid": iid,
+    "modality-skew": modality_skew,
+    "label-skew": label_skew,
+    "scanner-skew": scanner_skew,
+    "realistic": realistic,
+}
+
+
+def site_profiles(scenario: str, n_sites: int, cases_per_site: int, seed: int = 0) -> list[SiteProfile]:
+    """The sites of a named scenario, deterministic for ``seed``.
+
+    Raises:
+        ValueError: for an unknown scenario (listing the known ones) or non-positive sizes.
+    """
+    key = scenario.strip().lower()
+    if key not in SCENARIOS:
+        raise ValueError(f"unknown phantom scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    if n_sites < 1:
+        raise ValueError(f"the number of sites must be at least 1, got {n_sites}")
+    if cases_per_site < 1:
+        raise ValueError(f"cases per site must be at least 1, got {cases_per_site}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5CE7]))
+    return SCENARIOS[key](n_sites, cases_per_site, rng)
+
+
+def heldout_profile(cases: int) -> SiteProfile:
+    """The server's held-out test set: every modality for every case, balanced classes, a reference scanner."""
+    return SiteProfile(
+        name="heldout",
+        modalities=MODALITIES,
+        n_cases=cases,
+        malignant_fraction=0.5,
+        missing_rate=0.0,
+        vendor=VENDORS[0],
+        institution="Federation Reference Centre",
+    )
