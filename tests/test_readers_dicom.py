@@ -280,3 +280,40 @@ def test_default_mapping_covers_every_phantom_vendor() -> None:
         for modality, name in names.items():
             description = name.format(dz=2.5)
             assert mapping.identify(DICOM_MODALITY[modality], description) == modality, (vendor, description)
+
+
+def test_enhanced_multiframe_with_per_frame_positions_is_a_volume(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    from client.data.geometry import dicom_geometry
+
+    vol = make_volume((3, 8, 8), lo=0, hi=30000).astype(np.int16)
+    affine = simple_affine((3.0, 1.0, 1.0))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Modality, ds.SeriesDescription = "MR", "T2 TSE 3D"
+    for tag in ("ImagePositionPatient", "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, tag)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 8, 8, 3
+    shared = Dataset()
+    orientation = Dataset()
+    measures = Dataset()
+    _, iop, spacing, thickness = dicom_geometry(affine, 0)
+    orientation.ImageOrientationPatient = iop
+    measures.PixelSpacing, measures.SliceThickness = spacing, thickness
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for k in (2, 0, 1):  # frames stored out of order: the reader sorts by position
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = dicom_geometry(affine, k)[0]
+        item.PlanePositionSequence = DicomSequence([pos])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    ds.PixelData = np.stack([vol[2], vol[0], vol[1]]).tobytes()
+    (tmp_path / "case-1").mkdir()
+    ds.save_as(tmp_path / "case-1" / "enhanced.dcm")
+    data = load_case(tmp_path / "case-1", ["t2"])
+    np.testing.assert_allclose(data.images["t2"], vol.astype(np.float32))
+    np.testing.assert_allclose(data.grid.affine, affine, atol=1e-4)
