@@ -22,7 +22,7 @@ from models.config import ModelConfig
 from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
-from .console import print_round, render
+from .console import COLUMNS, print_round, render
 from .evaluation import GlobalEvaluator, resolve_test_dir
 from .settings import ServerSettings
 from .strategy import FederationExhausted, build_strategy
@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 #: run config keys forwarded to the sites in every train message (they also read their own run config)
 TRAIN_CONFIG_KEYS = ("num-server-rounds", "local-epochs", "lr", "batch-size")
-
-#: global-eval keys returned to Flower's own round summary (the full set goes to metrics.jsonl)
-SUMMARY_PREFIXES = ("all/", "mean/", "worst/")
 
 
 def _server_logging(run_dir: Path) -> logging.Handler:
@@ -156,7 +153,7 @@ def _run(
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
         if flat is None:
             return None
-        return MetricRecord({k: v for k, v in flat.items() if k.startswith(SUMMARY_PREFIXES)})
+        return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
     train_config = ConfigRecord({k: run_config[k] for k in TRAIN_CONFIG_KEYS if k in run_config})
     try:

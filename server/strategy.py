@@ -393,7 +393,12 @@ class FedFusionStrategy(Strategy):
             "sites-rejected": float(len(result.rejected)),
             "sites-declined": float(n_declined),
         }
-        site_metrics = weighted_metrics([numeric_metrics(reply_metrics(m) or {}) for m in accepted])
+        accepted_metrics = [numeric_metrics(reply_metrics(m) or {}) for m in accepted]
+        site_metrics = weighted_metrics(accepted_metrics)
+        for m in self.modalities:  # counts are summed, not averaged: cases and sites carrying each modality
+            if any(f"cases-{m}" in rec for rec in accepted_metrics):
+                site_metrics[f"cases-{m}"] = sum(rec.get(f"cases-{m}", 0.0) for rec in accepted_metrics)
+                site_metrics[f"has-{m}"] = float(sum(modality_weight(rec, m) > 0 for rec in accepted_metrics))
         metrics_out = {**site_metrics, **summary}
         if len(accepted) < max(1, self.base.min_train_nodes):
             logger.warning(
