@@ -160,3 +160,27 @@ def test_unsupported_protection_combinations_are_refused():
         build_strategy(ServerSettings(client_dp="server-side", strategy="fedadam"))
     chain = build_strategy(ServerSettings(client_dp="server-side", strategy="fedavg"))
     assert "DifferentialPrivacy" in type(chain.strategy).__name__
+
+
+def test_dp_wrappers_compose_with_modality_aware_aggregation(round_replies):
+    replies, a, b, c = round_replies
+    glob = _global()
+
+    def run(settings):
+        chain = build_strategy(settings, MODS)
+        arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
+        list(chain.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))
+        fresh = [reply(int(r.metadata.src_node_id), {k: v.numpy() for k, v in r.content["arrays"].items()},
+                       dict(r.content["metrics"])) for r in replies]
+        return chain, chain.aggregate_train(1, fresh)[0]
+
+    # server-side clipping with a clip far above the update norms and no noise = modality-aware mean
+    _, agg = run(ServerSettings(client_dp="server-side", client_dp_clip=1e6, client_dp_noise=0.0))
+    n = "encoders.t1.w"
+    np.testing.assert_allclose(agg[n].numpy(), (10 * a[n] + 30 * b[n]) / 40, rtol=1e-5)
+    # with noise: a modality no site has keeps its global values exactly (noise is not added to public values)
+    _, agg = run(ServerSettings(client_dp="server-side", client_dp_clip=1.0, client_dp_noise=1.0))
+    np.testing.assert_array_equal(agg["encoders.us.w"].numpy(), glob["encoders.us.w"])
+    # client-side: sites that did not clip to client-dp-clip are rejected by validation
+    chain, agg = run(ServerSettings(client_dp="client-side", client_dp_clip=0.01, client_dp_noise=0.0))
+    assert agg is None and all("clipping norm" in r for r in chain.rejections[1].values())
