@@ -19,6 +19,7 @@ Where a site's settings come from:
 from __future__ import annotations
 
 import inspect
+import re
 import logging
 import math
 import os
@@ -87,6 +88,16 @@ class SiteSettings:
     @property
     def site_name(self) -> str:
         return self.site_dir.name
+
+    @property
+    def site_index(self) -> float:
+        """The site's number for the server's logs: node config ``site-index``, else the NN of a ``site-NN`` folder,
+        else NaN (the server then names the site by its node id). A site number, never anything about patients."""
+        given = dict(self.node_config).get("site-index")
+        if given is not None:
+            return float(given)
+        m = re.fullmatch(r"site-(\d+)", self.site_name)
+        return float(m.group(1)) if m else float("nan")
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSettings:
@@ -171,14 +182,19 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
         )
         params = inspect.signature(CaseDataset).parameters
         if settings.series_map is not None:
-            if "series_map" not in params:
-                log.warning("this reader version takes no series map; ignoring series-map=%s", settings.series_map)
-            else:
-                kwargs["series_map"] = settings.series_map
+            kwargs["series_mapping"] = settings.series_map
         t0 = time.perf_counter()
-        ds = CaseDataset(**{k: v for k, v in kwargs.items() if k in params})
+        try:
+            ds = CaseDataset(**{k: v for k, v in kwargs.items() if k in params})
+        except (ValueError, OSError) as exc:
+            # The message names local paths: it stays in the site log; the server gets a generic reason.
+            log.error("site %s: no usable data: %s", settings.site_name, exc)
+            raise SiteDecline(
+                replies.NO_USABLE_DATA,
+                "the site has no usable case for this run's modalities (the site log and `fedfusion inspect` say why)",
+            ) from exc
         for problem in getattr(ds, "problems", []) or []:
-            log.warning("site %s: skipped or caveat: %s", settings.site_name, problem)
+            log.warning("site %s: %s", settings.site_name, problem)
         log.info(
             "site %s: %d usable cases loaded in %.1f s", settings.site_name, len(ds), time.perf_counter() - t0
         )
@@ -449,26 +465,24 @@ def train_round(
     rt.model.train()
     t0 = time.perf_counter()
     losses: list[float] = []
+    from models.training import ProximalTerm
+
+    # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
+    prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
     if rt.private is not None:
         parts = rt.private
         parts.reset_optimizer_state()
-        parts.proximal.set_reference(rt.train.proximal_mu)
         for _ in range(rt.train.local_epochs):
-            stats = _train_epoch(rt, parts.module, parts.loader, parts.optimizer, parts.loss_fn, generator, None)
+            stats = _train_epoch(rt, parts.module, parts.loader, parts.optimizer, parts.loss_fn, generator, prox)
             losses.append(_loss_of(stats))
     else:
-        from models.training import ProximalTerm
-
         rt.plain_optimizer.state.clear()
-        prox = None
-        if rt.train.proximal_mu > 0:
-            prox = ProximalTerm([p.detach().clone() for p in rt.model.parameters()], rt.train.proximal_mu)
         for _ in range(rt.train.local_epochs):
             stats = _train_epoch(rt, rt.model, rt.plain_loader, rt.plain_optimizer, rt.loss_fn, generator, prox)
             losses.append(_loss_of(stats))
     seconds = time.perf_counter() - t0
 
-    metrics: dict[str, float] = {"num-examples": float(rt.num_cases)}
+    metrics: dict[str, float] = {"num-examples": float(rt.num_cases), "site-index": rt.settings.site_index}
     finite = [x for x in losses if math.isfinite(x)]
     metrics["train-loss"] = float(sum(finite) / len(finite)) if finite else 0.0
     for m in MODALITIES:
@@ -477,8 +491,8 @@ def train_round(
     if accountant is not None and rt.private is not None:
         parts = rt.private
         before = accountant.epsilon(rt.dp.delta)
-        # Charge the PLANNED steps (epochs x ceil(N/B)), which is >= the steps applied (the loop skips empty
-        # Poisson batches), so the ledger never under-counts.
+        # Charge the planned steps (epochs x ceil(N/B)): the Poisson loader has exactly that many steps and the
+        # training loop takes a noise-only step for an empty batch, so planned = applied.
         accountant.record(parts.noise_multiplier, parts.sample_rate, rt.train.local_epochs * parts.steps_per_epoch,
                           rt.dp.delta)
         total = accountant.epsilon(rt.dp.delta)
@@ -516,7 +530,7 @@ def evaluate_round(
         raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
     rt.model.eval()
     metrics = _local_metrics(rt)
-    out: dict[str, float] = {"num-examples": float(rt.num_cases)}
+    out: dict[str, float] = {"num-examples": float(rt.num_cases), "site-index": rt.settings.site_index}
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[str(k)] = float(v)
@@ -524,12 +538,18 @@ def evaluate_round(
 
 
 def _local_metrics(rt: SiteRuntime) -> dict[str, float]:
-    """Segmentation + classification metrics of the model on all local cases (each with its own mask)."""
-    from models import evaluation
+    """Segmentation (Dice, IoU, precision per region; no HD95, for speed) and classification metrics of the model on
+    all local cases, each with the modalities it has. Keys are :mod:`models.metrics` names; always the same keys
+    (NaN where a metric is undefined, e.g. AUROC with one class) so replies stay consistent across sites."""
+    from models.evaluation import predict
+    from models.metrics import classification_metrics, mean_over_cases, segmentation_metrics
 
     loader = DataLoader(CasesOnly(rt.dataset), batch_size=max(1, min(rt.train.batch_size, rt.num_cases)), shuffle=False)
-    with torch.no_grad():
-        return dict(evaluation.evaluate(rt.model, loader, rt.device))
+    pred = predict(rt.model, loader, rt.device)
+    used = pred.used
+    out = mean_over_cases(segmentation_metrics(pred.seg_pred[used], pred.seg_true[used], hd95=False))
+    out.update(classification_metrics(pred.probs[used], pred.labels[used]))
+    return out
 
 
 def clear_cache() -> None:

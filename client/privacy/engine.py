@@ -10,8 +10,8 @@ that leaves or enters the site uses the plain network's names, which the server 
 
 FedProx with DP: a proximal term added to the loss would be silently dropped by Opacus (the DP optimizer rebuilds
 ``.grad`` from per-sample gradients, which do not see a loss term on the weights). The proximal gradient
-``mu * (w - w_global)`` does not depend on data, so it is added *after* clipping and noising (a DPOptimizer step
-hook): post-processing, no privacy cost.
+``mu * (w - w_global)`` does not depend on data, so :func:`models.training.train_epoch` adds it *after* clipping
+and noising (``ProximalTerm.add_gradient`` between ``pre_step`` and the update): post-processing, no privacy cost.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
-#: Grad-sample mode used by default; chosen by bench/dp_overhead.py (fastest correct mode on the default model).
-DEFAULT_GRAD_SAMPLE_MODE = "hooks"
-#: Modes fedfusion knows how to drive (ghost needs a per-sample loss; see make_private).
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
+#: Grad-sample mode used by default; chosen by bench/dp_overhead.py (fastest correct mode on the default model,
+#: see docs/benchmarks.md).
+DEFAULT_GRAD_SAMPLE_MODE = "microbatch"
+#: Modes fedfusion knows how to drive: Opacus's own (ghost needs a per-sample loss; see make_private) plus
+#: ``microbatch`` (exact per-case gradients from one batch-1 pass per case, see :class:`PerCaseGradModule`).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("microbatch", "hooks", "functorch", "ew", "ghost")
 
 
 def steps_per_epoch(num_cases: int, batch_size: int) -> int:
@@ -98,28 +100,57 @@ class CasesOnly(Dataset):
         return {k: torch.as_tensor(item[k]) for k in self.KEYS}
 
 
-@dataclass
-class ProximalHook:
-    """FedProx gradient ``mu * (w - w_global)`` added after DP noise (post-processing; see module docstring).
+class PerCaseGradModule(nn.Module):
+    """Exact per-case gradients by running each case of a batch through the network on its own.
 
-    Call :meth:`set_reference` each round with the received global weights; ``mu = 0`` disables it.
+    Why: Opacus's ``hooks`` mode builds 3D-convolution per-sample gradients by unfolding (im2col) every input,
+    which is ~20x slower than plain training for volumetric networks on CPU, and ``functorch`` vmaps every layer
+    (~5x). For the small batches of a hospital site (a handful of studies per step) running the cases one by one
+    costs about as much as one batched pass, so this is the fastest *correct* way on CPU (docs/benchmarks.md).
+
+    How: in training mode with gradients on, case ``i`` is run through :func:`torch.func.functional_call` with
+    per-case *views* of the parameters; a tensor hook on each view receives exactly case ``i``'s gradient and writes
+    it into ``p.grad_sample[i]`` (scaled by the batch size for a mean-reduced loss, as Opacus's own modes do).
+    Opacus's ``DPOptimizer`` then clips, noises and accounts as usual. The network must treat cases independently
+    (no BatchNorm; Opacus's validator checks) and the loss must be a mean of per-case losses.
+
+    Forward: ``image (B, M, *S)``, ``mask (B, M)`` → the wrapped network's outputs, concatenated over cases.
     """
 
-    params: list[nn.Parameter]
-    mu: float = 0.0
-    reference: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean") -> None:
+        super().__init__()
+        self._module = model
+        self.loss_reduction = loss_reduction
 
-    def set_reference(self, mu: float) -> None:
-        self.mu = float(mu)
-        self.reference = [p.detach().clone() for p in self.params] if self.mu > 0 else []
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> Any:
+        if not (self.training and torch.is_grad_enabled()) or image.shape[0] == 0:
+            return self._module(image, mask)
+        from torch.func import functional_call
 
-    def __call__(self, _optimizer: Any) -> None:
-        if self.mu <= 0:
-            return
-        with torch.no_grad():
-            for p, ref in zip(self.params, self.reference):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - ref, alpha=self.mu)
+        batch = int(image.shape[0])
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+        for _, p in named:
+            # zeros: a parameter a case does not reach (e.g. an absent modality's encoder) has zero gradient
+            p.grad_sample = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
+        outputs = []
+        for i in range(batch):
+            views = {}
+            for n, p in named:
+                v = p.view_as(p)
+                v.register_hook(_store_grad(p, i, scale))
+                views[n] = v
+            outputs.append(functional_call(self._module, views, (image[i : i + 1], mask[i : i + 1])))
+        if isinstance(outputs[0], torch.Tensor):
+            return torch.cat(outputs)
+        return type(outputs[0])(torch.cat(parts) for parts in zip(*outputs))
+
+
+def _store_grad(p: torch.Tensor, i: int, scale: float) -> Callable[[torch.Tensor], None]:
+    def hook(grad: torch.Tensor) -> None:
+        p.grad_sample[i].copy_(grad * scale)  # type: ignore[attr-defined]
+
+    return hook
 
 
 @dataclass
@@ -135,8 +166,7 @@ class PrivateParts:
         noise_multiplier, max_grad_norm: as used.
         sample_rate: Poisson rate per step; ``steps_per_epoch``: steps of one epoch (accounting unit).
         grad_sample_mode: Opacus mode in use.
-        proximal: FedProx hook (set its reference every round).
-        steps_taken: DP steps actually applied (the accountant charges the planned steps, which is >=).
+        steps_taken: DP steps applied so far (noise-only steps of empty Poisson batches included).
     """
 
     model: nn.Module
@@ -149,7 +179,6 @@ class PrivateParts:
     sample_rate: float
     steps_per_epoch: int
     grad_sample_mode: str
-    proximal: ProximalHook
     steps_taken: int = 0
 
     def reset_optimizer_state(self) -> None:
@@ -224,11 +253,17 @@ def make_private(
         warnings.filterwarnings("ignore", message=".*(full_backward_hook|Secure RNG|non-full backward).*")
         if grad_sample_mode == "ghost":
             module, dp_opt, criterion, dp_loader = engine.make_private(criterion=loss_fn, **kwargs)
+        elif grad_sample_mode == "microbatch":
+            # Opacus's optimizer, Poisson loader and validation; per-case gradients from PerCaseGradModule
+            # (Opacus's "no_op" mode leaves p.grad_sample to us).
+            per_case = PerCaseGradModule(model)
+            kwargs.update(module=per_case, grad_sample_mode="no_op")
+            _noop, dp_opt, dp_loader = engine.make_private(**kwargs)
+            module, criterion = per_case, loss_fn  # the no-op wrapper adds nothing but a second name prefix
         else:
             module, dp_opt, dp_loader = engine.make_private(**kwargs)
             criterion = loss_fn
     spe = len(dp_loader)
-    proximal = ProximalHook(params=[p for p in model.parameters() if p.requires_grad])
     parts = PrivateParts(
         model=model,
         module=module,
@@ -240,13 +275,12 @@ def make_private(
         sample_rate=1.0 / spe,
         steps_per_epoch=spe,
         grad_sample_mode=grad_sample_mode,
-        proximal=proximal,
     )
 
-    # One step hook (Opacus keeps a single one): count applied steps, then add the FedProx gradient after noise.
-    def _hook(opt: Any) -> None:
+    # Opacus keeps a single step hook (its own accountant's); fedfusion accounts in PersistentAccountant instead
+    # and uses the hook to count applied steps.
+    def _hook(_opt: Any) -> None:
         parts.steps_taken += 1
-        proximal(opt)
 
     dp_opt.step_hook = _hook
     return parts
