@@ -1,0 +1,160 @@
+"""Privacy building blocks: persistent accountant, site policy, noise derivation, per-case gradients, plain names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader
+
+from client.privacy.accountant import ACCOUNTANT_FILE, PersistentAccountant, epsilon_of
+from client.privacy.engine import (
+    CasesOnly,
+    PerCaseGradModule,
+    derive_noise_multiplier,
+    make_private,
+    sample_rate_of,
+    steps_per_epoch,
+)
+from client.privacy.policy import DPRequest, PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
+from tests.client_helpers import TINY
+
+
+def test_accountant_composes_persists_and_matches_opacus(tmp_path: Path) -> None:
+    ledger = PersistentAccountant.load(tmp_path)
+    assert ledger.epsilon(1e-5) == 0.0
+    ledger.record(1.1, 0.25, 4, 1e-5)
+    ledger.record(1.1, 0.25, 4, 1e-5)  # merged, as Opacus does
+    ledger.record(2.0, 0.5, 3, 1e-5)
+    assert ledger.history == [(1.1, 0.25, 8), (2.0, 0.5, 3)]
+    fresh = RDPAccountant()
+    fresh.history = [(1.1, 0.25, 8), (2.0, 0.5, 3)]
+    again = PersistentAccountant.load(tmp_path)
+    assert again.history == ledger.history and again.rounds == 3
+    assert again.epsilon(1e-5) == pytest.approx(fresh.get_epsilon(delta=1e-5), rel=1e-12)
+    # prospective check leaves the ledger untouched
+    before = list(again.history)
+    nxt = again.prospective_epsilon(1.1, 0.25, 4, 1e-5)
+    assert nxt > again.epsilon(1e-5) and again.history == before
+    assert nxt == pytest.approx(epsilon_of(before + [(1.1, 0.25, 4)], 1e-5))
+    assert [p.name for p in tmp_path.iterdir()] == [ACCOUNTANT_FILE]  # atomic write left no temporary file
+
+
+def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path: Path) -> None:
+    (tmp_path / ACCOUNTANT_FILE).write_text("{ truncated")
+    with pytest.raises(ValueError, match="refusing to train"):
+        PersistentAccountant.load(tmp_path)
+
+
+def test_policy_precedence_node_config_over_file_over_defaults(tmp_path: Path) -> None:
+    assert SitePolicy.resolve({}, tmp_path) == SitePolicy()
+    write_policy_file(tmp_path, {"max-epsilon": 3.0, "min-noise-multiplier": 0.8})
+    write_policy_file(tmp_path, {"allow-no-dp": True})  # merges, keeps earlier keys
+    assert read_policy_file(tmp_path) == {"max_epsilon": 3.0, "min_noise_multiplier": 0.8, "allow_no_dp": True}
+    p = SitePolicy.resolve({"max-epsilon": 2.0, "partition-id": 0}, tmp_path)
+    assert (p.max_epsilon, p.min_noise_multiplier, p.allow_no_dp) == (2.0, 0.8, True)
+    (tmp_path / "privacy-policy.toml").unlink()
+    (tmp_path / "privacy-policy.json").write_text(json.dumps({"max-grad-norm": 0.5}))
+    assert SitePolicy.resolve({}, tmp_path).max_grad_norm == 0.5
+    with pytest.raises(ValueError, match="max-epsilon"):
+        SitePolicy.resolve({"max-epsilon": "lots"}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "request_, phrase",
+    [
+        (DPRequest(noise_multiplier=0.2), "min-noise-multiplier"),
+        (DPRequest(max_grad_norm=5.0), "max-grad-norm"),
+        (DPRequest(target_epsilon=50.0), "max-epsilon"),
+        (DPRequest(delta=1e-3), "max-delta"),
+        (DPRequest(enabled=False), "WITHOUT differential privacy"),
+    ],
+)
+def test_policy_refuses_weaker_privacy(request_: DPRequest, phrase: str) -> None:
+    with pytest.raises(PolicyRefusal, match=phrase):
+        SitePolicy().check(request_)
+
+
+def test_policy_accepts_stronger_privacy_and_allowed_dp_off() -> None:
+    SitePolicy().check(DPRequest(noise_multiplier=3.0, max_grad_norm=0.5, delta=1e-6))
+    SitePolicy(allow_no_dp=True).check(DPRequest(enabled=False))
+
+
+def test_derived_noise_meets_the_target_over_the_planned_steps() -> None:
+    q, steps = sample_rate_of(10, 4), 3 * steps_per_epoch(10, 4)
+    assert q == pytest.approx(1 / 3)
+    sigma = derive_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps)
+    eps = epsilon_of([(sigma, q, steps)], 1e-5)
+    assert eps <= 8.0 and eps > 7.9  # the smallest noise that meets the target (binary search tolerance 0.01)
+    with pytest.raises(ValueError, match="dp-target-epsilon"):
+        derive_noise_multiplier(target_epsilon=0.0, delta=1e-5, sample_rate=q, steps=steps)
+
+
+def _batch(b: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(b, len(TINY.modalities), *TINY.spatial_size, generator=g)
+    mask = torch.ones(b, len(TINY.modalities))
+    mask[1, 2:] = 0
+    image = image * mask[:, :, None, None, None]
+    seg = torch.randint(0, 4, (b, *TINY.spatial_size), generator=g)
+    label = torch.tensor([0, 1, 1][:b])
+    return image, mask, seg, label
+
+
+def test_per_case_gradients_equal_opacus_functorch() -> None:
+    from opacus import GradSampleModule
+
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ref_model = build_model(TINY)
+    for m in ref_model.modules():  # deterministic forward for the comparison
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model = build_model(TINY)
+    model.load_state_dict(ref_model.state_dict())
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    loss = MultiTaskLoss()
+    image, mask, seg, label = _batch()
+
+    gsm = GradSampleModule(ref_model, force_functorch=True)
+    gsm.train()
+    loss(*gsm(image, mask), seg, label)[0].backward()
+    ours = PerCaseGradModule(model).train()
+    loss(*ours(image, mask), seg, label)[0].backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert p.grad_sample.shape == q.grad_sample.shape, name
+        torch.testing.assert_close(p.grad_sample, q.grad_sample, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_make_private_keeps_plain_names_and_clips() -> None:
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    names = set(model.state_dict())
+    image, mask, seg, label = _batch()
+    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i], "case_id": f"c{i}"} for i in range(3)]
+    loader = DataLoader(CasesOnly(items), batch_size=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = make_private(model, opt, loader, MultiTaskLoss(), noise_multiplier=1.0, max_grad_norm=0.5, seed=0)
+    assert set(parts.model.state_dict()) == names
+    assert parts.sample_rate == pytest.approx(0.5) and parts.steps_per_epoch == 2
+    batch = next(b for b in parts.loader if b["image"].shape[0] > 0)
+    assert "case_id" not in batch
+    parts.optimizer.zero_grad()
+    MultiTaskLoss()(*parts.module(batch["image"], batch["mask"]), batch["seg"], batch["label"])[0].backward()
+    parts.optimizer.pre_step()
+    # after clipping each case contributes at most max_grad_norm: the summed clipped gradient is bounded
+    total = torch.sqrt(sum((p.summed_grad.float() ** 2).sum() for p in model.parameters() if p.requires_grad))
+    assert float(total) <= 0.5 * batch["image"].shape[0] + 1e-4
+    assert parts.steps_taken == 1
