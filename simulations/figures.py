@@ -8,6 +8,7 @@ and it works headless.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -171,15 +172,29 @@ def roc_figure(
 
 
 def site_series_figure(
-    series: Mapping[str, Series], path: Path, *, title: str, ylabel: str, log_y: bool = False
+    series: Mapping[str, Series],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    log_y: bool = False,
+    limit: float | None = None,
+    limit_label: str = "limit",
 ) -> Path:
-    """One line per site over rounds (privacy spent, training loss)."""
+    """One line per site over rounds (privacy spent, training loss).
+
+    Args:
+        limit: optional horizontal reference line (e.g. the run's target ε); the y axis then starts at 0.
+    """
     fig = _figure(7.0, 4.0)
     ax = fig.subplots()
     if not _plot_lines(ax, series):
         ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes)
     elif log_y:
         ax.set_yscale("log")
+    if limit is not None and math.isfinite(limit):
+        ax.axhline(limit, color="red", linestyle=":", label=f"{limit_label} {limit:g}")
+        ax.set_ylim(bottom=0.0, top=max(ax.get_ylim()[1], limit * 1.05))
     ax.set(title=title, xlabel="round", ylabel=ylabel)
     _integer_rounds(ax)
     ax.grid(alpha=0.3)

@@ -134,7 +134,9 @@ class Run:
             try:
                 return canonical(str(raw).split(","))
             except ValueError as exc:
-                self.notes.append(f"config model-modalities is not valid ({exc}); modalities taken from the log")
+                note = f"config model-modalities is not valid ({exc}); modalities taken from the log"
+                if note not in self.notes:
+                    self.notes.append(note)
         logged = {k.split("/", 1)[0] for k in self.final_eval() if "/" in k}
         return tuple(m for m in MODALITIES if m in logged)
 
@@ -510,12 +512,13 @@ def _contribution_section(ctx: _Ctx) -> list[str]:
             measures += [k for k in per if k not in measures]
         path = figures.contribution_figure(
             held.contribution, ctx.fig("contribution_checkpoint.png"),
-            title=f"Contribution per modality ({held.checkpoint_name}, held-out set)",
+            title=f"Contribution per modality ({held.checkpoint_name}"
+                  + (f", round {held.checkpoint_round}" if held.checkpoint_round is not None else "") + ", held-out set)",
             ylabel="drop when the modality is masked / share",
         )
         ctx.figures.append(path)
         lines += [
-            f"From `{held.checkpoint_name}` on the held-out set ({held.num_cases} cases, `{held.heldout_dir}`): "
+            f"From {held.source} on the held-out set ({held.num_cases} cases, `{held.heldout_dir}`): "
             "for every modality, what the fused prediction loses when that modality alone is masked "
             "(Dice / probability drop), and its share of the cross-modal attention where the family has one.",
             "",
@@ -572,7 +575,7 @@ def _roc_section(ctx: _Ctx) -> list[str]:
     path = figures.roc_figure(fpr, tpr, thr, auroc, ctx.fig("roc.png"), specificity=spec)
     ctx.figures.append(path)
     lines += [
-        f"`{held.checkpoint_name}` on {held.num_cases} held-out cases ({held.positives} malignant), every case with "
+        f"{held.source} on {held.num_cases} held-out cases ({held.positives} malignant), every case with "
         f"all its modalities; score = P(malignant). AUROC {_fmt(auroc)}.",
         "",
         _fig_link(path, run.run_dir, "ROC and sensitivity over thresholds"),
@@ -591,19 +594,26 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
     sites = [s for s in run.records.scopes("train") if s != "global"]
     series = {s: run.records.series("train", s, "epsilon-total") for s in sites}
     series = {s: v for s, v in series.items() if v}
+    site_dp = [v for s in sites for _, v in run.records.series("train", s, "dp-enabled") if v is not None]
+    dp_off = dp is False or str(dp).lower() == "false" or (bool(site_dp) and not any(site_dp))
+    if dp_off:
+        # sites without DP report epsilon 0: a curve of zeros would read as "perfectly private"
+        return lines + ["Differential privacy was off in this run: no privacy accounting (no formal guarantee).", ""]
     if not series:
-        if dp is False:
-            return lines + ["Differential privacy was off in this run: no privacy accounting.", ""]
         return lines + [f"Privacy accounting (epsilon-total per site): {NOT_RECORDED}.", ""]
     if all(v is None for s in series.values() for _, v in s):
         return lines + ["Every site reported ε = ∞ (no DP noise): nothing to plot.", ""]
-    path = figures.site_series_figure(series, ctx.fig("privacy.png"), title="Privacy spent per site (ε, total)",
-                                      ylabel="ε spent so far")
-    ctx.figures.append(path)
     target = run.config.get("dp-target-epsilon")
+    try:
+        limit = float(target) if target is not None else None
+    except (TypeError, ValueError):
+        limit = None
+    path = figures.site_series_figure(series, ctx.fig("privacy.png"), title="Privacy spent per site (ε, total)",
+                                      ylabel="ε spent so far", limit=limit, limit_label="target ε")
+    ctx.figures.append(path)
     lines += [
         f"ε spent by each site so far (patient-level DP-SGD, RDP accountant), δ as reported by the site"
-        + (f"; run target ε = {_fmt(target)}" if target is not None and dp is not False else "")
+        + (f"; run target ε = {_fmt(target)}" if target is not None else "")
         + ".",
         "",
         _fig_link(path, run.run_dir, "privacy spent per site"),
@@ -680,6 +690,13 @@ class HeldoutResult:
     checkpoint_name: str
     heldout_dir: Path
     num_cases: int
+    checkpoint_round: int | None = None
+
+    @property
+    def source(self) -> str:
+        """Markdown naming the checkpoint and its round, e.g. ```checkpoints/best.pt` (round 3)``."""
+        tail = f" (round {self.checkpoint_round})" if self.checkpoint_round is not None else ""
+        return f"`{self.checkpoint_name}`{tail}"
     positives: int = 0
     #: ROC as ``(threshold, sensitivity, specificity)`` points (``models.metrics.roc_points``); empty = not computed
     roc: list[tuple[float, float, float]] = field(default_factory=list)
@@ -760,7 +777,7 @@ def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[Hel
     except ImportError as exc:
         return None, f"this checkout cannot rebuild the model or read the data ({exc})"
     try:
-        state, cfg, _extra = load_checkpoint(ckpt)
+        state, cfg, extra = load_checkpoint(ckpt)
         dev = _resolve_device(device)
         model = build_model(cfg)
         model.load_state_dict(state)
@@ -770,7 +787,9 @@ def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[Hel
     except Exception as exc:  # noqa: BLE001 - the report must still be written
         log.warning("report: checkpoint %s on %s unusable: %s", ckpt, heldout, exc)
         return None, f"cannot use {ckpt.name} on {heldout}: {exc}"
-    result = HeldoutResult(checkpoint_name=f"checkpoints/{ckpt.name}", heldout_dir=heldout, num_cases=len(dataset))
+    ckpt_round = extra.get("round") if isinstance(extra, Mapping) else None
+    result = HeldoutResult(checkpoint_name=f"checkpoints/{ckpt.name}", heldout_dir=heldout, num_cases=len(dataset),
+                           checkpoint_round=None if ckpt_round is None else int(ckpt_round))
     loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=0)
     # 1. ROC / operating points from the malignant probability of every case with all its modalities
     try:

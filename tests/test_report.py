@@ -6,7 +6,6 @@ import json
 import math
 import re
 import shutil
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +266,20 @@ def test_report_survives_missing_phases(
     else:
         _assert_png(run / "figures" / "privacy.png")
     assert "no checkpoint in checkpoints/" in text
+
+
+def test_privacy_section_says_when_dp_is_off(synthetic_run, tmp_path: Path) -> None:
+    """Sites without DP report epsilon 0; the report must not draw that as a privacy curve."""
+    src, _ = synthetic_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("figures", "report.md", "checkpoints"))
+    config = json.loads((run / "config.json").read_text())
+    config["dp-enabled"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    text = build_report(run, device="cpu").read_text()
+    assert "Differential privacy was off in this run" in text
+    assert "differential privacy (patient level): off" in text
+    assert not (run / "figures" / "privacy.png").exists()
 
 
 def test_report_of_an_empty_run_directory(tmp_path: Path) -> None:
