@@ -16,7 +16,7 @@ calcification  CT dense foci (200..800 HU)                  US bright reflectors
 oedema extent  FLAIR oedema size                            T2, T1, CT, US faint
 ============== ============================================ ==========================================
 
-Label: ``score = (z_enh + z_het - z_calc + z_oed) / 2 + N(0, 0.5^2)`` over standard-normal latents,
+Label: ``score = (z_enh + z_het - z_calc + z_oed) / 2 + N(0, 0.35^2)`` over standard-normal latents,
 ``label = score > 0``; a requested label is met by rejection sampling of the latents (so a site's class balance
 is exact while each cue stays a noisy, partial predictor).
 
@@ -56,7 +56,7 @@ PROPERTIES: tuple[str, ...] = ("enhancement", "heterogeneity", "calcification", 
 #: Score weights of the standardised latents (calcification argues for benign, as in low-grade tumours).
 SCORE_WEIGHTS: tuple[float, ...] = (0.5, 0.5, -0.5, 0.5)
 #: Standard deviation of the label noise added to the score.
-SCORE_NOISE: float = 0.5
+SCORE_NOISE: float = 0.35
 
 
 @dataclass(frozen=True)
@@ -220,10 +220,10 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre: Sequence[float], semi: Sequ
 
 #:                 air   scalp skull csf   gm    wm    oed   rim   core  necr  calc
 _BASE: dict[str, tuple[float, ...]] = {
-    "t1":    (0.0, 850, 60, 250, 520, 720, 580, 470, 400, 350, 360),
-    "t1ce":  (0.0, 900, 60, 270, 540, 730, 590, 470, 410, 360, 370),
-    "t2":    (0.0, 450, 40, 1400, 780, 560, 880, 880, 820, 1380, 640),
-    "flair": (0.0, 600, 40, 90, 640, 470, 1000, 890, 790, 700, 600),
+    "t1":    (0.0, 850, 60, 250, 520, 720, 580, 490, 400, 350, 360),
+    "t1ce":  (0.0, 900, 60, 270, 540, 730, 590, 500, 410, 360, 370),
+    "t2":    (0.0, 450, 40, 1400, 780, 560, 880, 850, 820, 1380, 640),
+    "flair": (0.0, 600, 40, 90, 640, 470, 1000, 895, 790, 700, 600),
     "ct":    (-1000, 20, 1100, 6, 38, 28, 24, 34, 30, 27, 250),
     "us":    (0.0, 120, 230, 8, 55, 75, 82, 165, 105, 22, 250),
 }
@@ -241,7 +241,7 @@ def _tissue_values(modality: str, p: np.ndarray) -> np.ndarray:
     v = np.asarray(_BASE[modality], dtype=np.float32).copy()
     enh, _het, calc, _oed = (float(x) for x in p)
     if modality == "t1ce":
-        v[_T["rim"]] += 120.0 + 780.0 * enh  # gadolinium uptake of the rim: the enhancement cue
+        v[_T["rim"]] += 200.0 + 800.0 * enh  # gadolinium uptake of the rim: the enhancement cue
         v[_T["scalp"]] += 40.0
     elif modality == "ct":
         v[_T["rim"]] += 18.0 * enh  # iodine: the same cue, weakly
@@ -361,8 +361,11 @@ def _anatomy(
 
     shape_noise = _smooth_field(rng, shape, tuple(np.maximum(1.0, 0.35 * semi_mm / spacing)))
     d = _ellipsoid(grid, centre, semi_n) + 0.10 * shape_noise  # lesion distance: rim outer surface at d = 1
-    # step of d per voxel along each axis (lesion units): nested regions stay >= ~1.5 voxels apart
-    step = float(np.max(spacing / semi_mm))
+    # largest change of d from one voxel to its 6-neighbour near the lesion (lesion units, shape noise included):
+    # the regions are kept > 1 such step apart, so core, rim and oedema nest on any grid
+    near = d < 2.0
+    step = max(float(np.max(np.abs(np.diff(d, axis=a))[np.take(near, range(d.shape[a] - 1), axis=a)]))
+               for a in range(3))
     r_core = min(rng.uniform(0.55, 0.75), 1.0 - 1.3 * step)
     r_core = max(r_core, 1.3 * step)
 
@@ -518,22 +521,24 @@ def _us_physics(
     Specular echoes at interfaces, depth attenuation, acoustic shadowing behind strong reflectors
     (calcifications), multiplicative Rayleigh speckle, scanner gain; echo clipped to 0..255.
     """
-    echo = clean.copy()
-    # interfaces perpendicular to the beam reflect strongly (lesion boundary, ventricle walls)
-    echo += 1.0 * np.abs(np.gradient(clean, axis=1))
+    # ``clean`` holds display levels of a 60 dB log-compressed image; the physics acts on linear amplitude
+    dyn_range_db = 60.0
+    echo = clean + 1.0 * np.abs(np.gradient(clean, axis=1))  # specular echoes at interfaces facing the beam
+    amp_db = (echo - 255.0) * (dyn_range_db / 255.0)
     # acoustic shadow: transmission falls with the reflector mass already crossed by the beam
     reflect = F[_T["calcification"]]
     crossed = np.cumsum(reflect, axis=1) - reflect
-    transmission = np.exp(-1.8 * crossed)
+    shadow_db = -8.0 * crossed  # ~8 dB per calcified voxel crossed
     H = clean.shape[1]
-    depth_mm = (np.arange(H, dtype=np.float32) * float(spacing[1])).reshape(1, H, 1)
-    attenuation = np.exp(-0.006 * site.us_attenuation * depth_mm)  # ~0.5 dB/cm/MHz after partial TGC
-    # speckle: envelope of smoothed complex Gaussian noise is Rayleigh; normalised to mean 1
+    depth_cm = (np.arange(H, dtype=np.float32) * float(spacing[1]) / 10.0).reshape(1, H, 1)
+    attenuation_db = -0.5 * site.us_attenuation * depth_cm  # ~0.5 dB/cm left after time-gain compensation
+    gain_db = 20.0 * np.log10(site.gain_of("us") * rng.uniform(0.92, 1.08))
+    # speckle: the envelope of smoothed complex Gaussian noise is Rayleigh; normalised to mean 1, multiplicative
     re = ndimage.gaussian_filter(rng.standard_normal(clean.shape, dtype=np.float32), (0.6, 1.0, 0.8), truncate=3.0)
     im = ndimage.gaussian_filter(rng.standard_normal(clean.shape, dtype=np.float32), (0.6, 1.0, 0.8), truncate=3.0)
     speckle = np.sqrt(re * re + im * im)
     speckle /= speckle.mean() + 1e-8
-    gain = site.gain_of("us") * rng.uniform(0.92, 1.08)
-    out = echo * transmission * attenuation * speckle * gain
-    out += np.abs(2.0 * site.noise * rng.standard_normal(clean.shape, dtype=np.float32))  # electronic floor
+    amplitude = 10.0 ** ((amp_db + shadow_db + attenuation_db + gain_db) / 20.0) * speckle
+    amplitude += np.abs(1e-3 * site.noise * rng.standard_normal(clean.shape, dtype=np.float32))  # electronics
+    out = 255.0 + (255.0 / dyn_range_db) * 20.0 * np.log10(amplitude + 1e-6)  # log compression to display
     return np.clip(out, 0.0, 255.0)
