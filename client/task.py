@@ -19,6 +19,7 @@ Where a site's settings come from:
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import logging
 import math
@@ -176,9 +177,12 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
             return _DATASETS[key]
         from client.data import CaseDataset
 
+        # Flower's deployed SuperNode starts a fresh ClientApp process per message, so the in-process cache only
+        # helps in simulation; the on-disk cache of preprocessed arrays (inside the site's private state
+        # directory) makes later rounds skip DICOM decoding and resampling.
         kwargs: dict[str, Any] = dict(
             site_dirs=[settings.site_dir], modalities=cfg.modalities, spatial_size=cfg.spatial_size,
-            augment=False, cache=True,
+            augment=False, cache=True, cache_dir=settings.state_dir / "preprocessed",
         )
         params = inspect.signature(CaseDataset).parameters
         if settings.series_map is not None:
@@ -389,10 +393,30 @@ def _noise_for(rt: SiteRuntime, policy: SitePolicy) -> float:
         return rt.dp.noise_multiplier
     q = sample_rate_of(rt.num_cases, rt.train.batch_size)
     steps = rt.train.num_server_rounds * rt.train.local_epochs * steps_per_epoch(rt.num_cases, rt.train.batch_size)
+    # the binary search costs seconds; deployed ClientApp processes live for one message, so remember results
+    cache_file = rt.settings.state_dir / "noise-cache.json"
+    cache_key = f"rdp|{rt.dp.target_epsilon!r}|{rt.dp.delta!r}|{q!r}|{steps}"
     try:
-        sigma = derive_noise_multiplier(target_epsilon=rt.dp.target_epsilon, delta=rt.dp.delta, sample_rate=q, steps=steps)
-    except ValueError as exc:
-        raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
+        cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+    except (OSError, ValueError):
+        cached = {}
+    if cache_key in cached:
+        sigma = float(cached[cache_key])
+    else:
+        try:
+            sigma = derive_noise_multiplier(
+                target_epsilon=rt.dp.target_epsilon, delta=rt.dp.delta, sample_rate=q, steps=steps
+            )
+        except ValueError as exc:
+            raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
+        cached[cache_key] = sigma
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError as exc:  # a cache, not state: never fail a round for it
+            log.warning("could not write %s: %s", cache_file, exc)
     log.info(
         "site %s: noise multiplier %.4f derived for epsilon=%g, delta=%g over %d rounds x %d epochs (%d steps, q=%.4f)",
         rt.settings.site_name, sigma, rt.dp.target_epsilon, rt.dp.delta, rt.train.num_server_rounds,
