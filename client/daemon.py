@@ -1,0 +1,260 @@
+"""The site daemon behind ``fedfusion site``: check the data, write the privacy policy, run Flower's SuperNode.
+
+Order of work:
+
+1. validate the site folder with :func:`client.data.inspect.inspect_data` (headers only, so a large archive is
+   checked in seconds) and refuse to start (exit code 2) when no usable case exists;
+2. merge the privacy-policy values given on the command line into ``<state>/privacy-policy.toml`` (values not given
+   keep what the file has; the file is what a plain ``flower-supernode`` with the same node config reads too);
+3. start ``flower-supernode`` from this environment's ``bin`` with ``--node-config "data-dir=... state-dir=..."``
+   and the TLS / node-authentication flags, forward SIGINT/SIGTERM/SIGHUP to it and exit with its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("fedfusion.site")
+
+#: Exit code when the data directory has no usable case (or cannot be checked).
+EXIT_NO_DATA = 2
+#: Exit code for bad arguments (missing certificates, bad policy values).
+EXIT_BAD_ARGS = 2
+#: flower-supernode's default local runtime API port.
+DEFAULT_RUNTIME_PORT = 9094
+
+
+class DaemonError(Exception):
+    """A reason not to start; ``exit_code`` is what ``fedfusion site`` exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_ARGS) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """Everything ``fedfusion site`` was given (paths as given; resolved by :meth:`resolved`)."""
+
+    data: Path
+    superlink: str
+    state: Path | None = None
+    root_certificates: Path | None = None
+    insecure: bool = False
+    auth_private_key: Path | None = None
+    auth_public_key: Path | None = None
+    series_map: Path | None = None
+    device: str = "auto"
+    num_threads: int = 0
+    site_index: int | None = None
+    runtime_port: int = DEFAULT_RUNTIME_PORT
+    isolation: str | None = None
+    max_retries: int | None = None
+    max_wait_time: float | None = None
+    modalities: tuple[str, ...] = ()
+    # privacy policy (None = keep the policy file's value / the default)
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    min_noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    allow_no_dp: bool | None = None
+    secure_mode: bool | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        """``--state``, default ``<data>-state`` next to the data folder (never inside it: the data may be
+        read-only)."""
+        if self.state is not None:
+            return Path(self.state).expanduser().resolve()
+        data = Path(self.data).expanduser().resolve()
+        return data.parent / f"{data.name}-state"
+
+    def policy_values(self) -> dict[str, Any]:
+        values = {
+            "max-epsilon": self.max_epsilon,
+            "max-delta": self.max_delta,
+            "min-noise-multiplier": self.min_noise_multiplier,
+            "max-grad-norm": self.max_grad_norm,
+            "allow-no-dp": self.allow_no_dp,
+            "secure-mode": self.secure_mode,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def validate_data(opts: SiteOptions) -> Any:
+    """The inspect report of the site folder; :class:`DaemonError` (exit 2) when nothing is usable."""
+    from client.data.inspect import inspect_data
+    from models.modalities import MODALITIES
+
+    data = Path(opts.data).expanduser()
+    if not data.is_dir():
+        raise DaemonError(f"--data {data} is not a folder; give the site folder (case folders + labels.csv)",
+                          EXIT_NO_DATA)
+    try:
+        report = inspect_data(data, opts.modalities or MODALITIES, opts.series_map, read_pixels=False)
+    except ValueError as exc:  # bad series map
+        raise DaemonError(f"cannot check {data}: {exc}", EXIT_BAD_ARGS) from exc
+    problems = report.all_problems()
+    for problem in problems[:50]:
+        log.warning("%s", problem)
+    if len(problems) > 50:
+        log.warning("... and %d more problems (run `fedfusion inspect %s` for all)", len(problems) - 50, data)
+    if not report.ok:
+        raise DaemonError(
+            f"no usable case in {data} ({len(problems)} problems); the site will not start. Run "
+            f"`fedfusion inspect {data}` to see why (labels.csv, segmentations, unmapped series: see --series-map).",
+            EXIT_NO_DATA,
+        )
+    log.info("site data %s: %d usable cases", data, report.usable_cases)
+    return report
+
+
+def node_config(opts: SiteOptions) -> dict[str, Any]:
+    """The SuperNode node config read by the ClientApp (same keys for a plain ``flower-supernode``)."""
+    cfg: dict[str, Any] = {
+        "data-dir": str(Path(opts.data).expanduser().resolve()),
+        "state-dir": str(opts.state_dir),
+    }
+    if opts.series_map is not None:
+        cfg["series-map"] = str(Path(opts.series_map).expanduser().resolve())
+    if opts.device and opts.device != "auto":
+        cfg["device"] = opts.device
+    if opts.num_threads:
+        cfg["num-threads"] = int(opts.num_threads)
+    if opts.site_index is not None:
+        cfg["site-index"] = int(opts.site_index)
+    return cfg
+
+
+def format_node_config(cfg: Mapping[str, Any]) -> str:
+    """``{"data-dir": "/d", "num-threads": 2}`` → ``data-dir="/d" num-threads=2`` (Flower parses TOML values)."""
+    parts = []
+    for key, value in cfg.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            value = str(value)
+            if '"' in value or "\\" in value:
+                raise DaemonError(
+                    f"node config {key}={value!r}: Flower's --node-config cannot carry quotes or backslashes; "
+                    "use a path without them"
+                )
+            text = f'"{value}"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def supernode_executable() -> str:
+    """``flower-supernode`` of this Python environment (falls back to the one on ``PATH``)."""
+    local = Path(sys.executable).parent / "flower-supernode"
+    if local.exists():
+        return str(local)
+    found = shutil.which("flower-supernode")
+    if found is None:
+        raise DaemonError("flower-supernode not found; install fedfusion (it depends on flwr) in this environment")
+    return found
+
+
+def supernode_argv(opts: SiteOptions, executable: str | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for ``opts`` (TLS + node authentication unless ``--insecure``).
+
+    Raises:
+        DaemonError: TLS/auth files missing or unreadable (exit 2).
+    """
+    argv = [executable or supernode_executable(), "--superlink", opts.superlink]
+    if opts.insecure:
+        log.warning("--insecure: the connection to the SuperLink is NOT encrypted; never use this outside a test")
+        argv.append("--insecure")
+        if opts.root_certificates is not None:
+            raise DaemonError("--insecure and --root-certificates exclude each other")
+    else:
+        if opts.root_certificates is None:
+            raise DaemonError(
+                "--root-certificates CA.pem is required (TLS to the SuperLink); use --insecure only for local tests"
+            )
+        _readable(opts.root_certificates, "--root-certificates")
+        argv += ["--root-certificates", str(Path(opts.root_certificates).expanduser().resolve())]
+    if opts.auth_private_key is not None:
+        _readable(opts.auth_private_key, "--auth-private-key")
+        argv += ["--auth-supernode-private-key", str(Path(opts.auth_private_key).expanduser().resolve())]
+    if opts.auth_public_key is not None:
+        # Flower 1.41 derives the public key from the private one and deprecates the flag; accept it for old scripts.
+        log.info("--auth-public-key is not needed by this Flower version (derived from the private key); ignored")
+    argv += ["--node-config", format_node_config(node_config(opts))]
+    if opts.runtime_port != DEFAULT_RUNTIME_PORT:
+        argv += ["--port", str(int(opts.runtime_port))]
+    if opts.isolation:
+        argv += ["--isolation", opts.isolation]
+    if opts.max_retries is not None:
+        argv += ["--max-retries", str(int(opts.max_retries))]
+    if opts.max_wait_time is not None:
+        argv += ["--max-wait-time", str(float(opts.max_wait_time))]
+    return argv
+
+
+def _readable(path: Path, flag: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DaemonError(f"{flag} {p}: no such file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise DaemonError(f"{flag} {p}: cannot read it ({exc})") from exc
+
+
+def prepare(opts: SiteOptions, executable: str | None = None) -> list[str]:
+    """Steps 1-2 and the command line of step 3 (no process started): validate data, write policy, build argv."""
+    validate_data(opts)
+    from client.privacy.policy import SitePolicy, write_policy_file
+
+    state = opts.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        values = opts.policy_values()
+        path = write_policy_file(state, values) if values else None
+        policy = SitePolicy.resolve({}, state)
+    except (OSError, ValueError) as exc:
+        raise DaemonError(f"site state/policy in {state}: {exc}") from exc
+    log.info("site privacy policy%s: %s", f" ({path})" if path else "", policy.to_flat())
+    if policy.allow_no_dp:
+        log.warning("this site's policy ALLOWS training without differential privacy (allow-no-dp=true)")
+    if not policy.secure_mode:
+        log.warning("secure-mode is off (seeded noise): fine for tests, turn it on for production (--secure-mode)")
+    return supernode_argv(opts, executable)
+
+
+def run(opts: SiteOptions, executable: str | None = None) -> int:
+    """Validate, write the policy, run the SuperNode until it exits; forward termination signals to it."""
+    argv = prepare(opts, executable)
+    log.info("starting %s", " ".join(argv))
+    proc = subprocess.Popen(argv)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main_argv_summary(argv: Sequence[str]) -> str:
+    """Printable command line (for logs and --dry-run)."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)
