@@ -1,0 +1,91 @@
+"""The multi-task training loss: segmentation (MONAI Dice + cross-entropy) plus case classification (cross-entropy).
+
+Reduction and differential privacy
+----------------------------------
+The loss is a **mean over the batch** of per-case losses (every case has the same number of voxels, so the voxel
+mean of the cross-entropy is the mean of per-case means, and MONAI's ``DiceLoss(batch=False)`` averages per-case
+Dice losses). That is what Opacus expects with ``loss_reduction="mean"``: it rescales the summed clipped per-case
+gradients by the expected batch size, so the per-case gradients it clips are the gradients of each case's own loss.
+
+For Opacus's ghost clipping (which needs per-case losses), set ``loss.reduction = "none"``: the call then returns
+the per-case totals ``(B,)`` only (Opacus's ``DPLossFastGradientClipping`` protocol) instead of ``(total, parts)``.
+
+``include_background=False`` for the Dice part (BraTS practice): the background Dice is ~1 on every case and would
+dilute the gradient of the small lesion classes; the cross-entropy term still covers the background voxels, so
+false positives there are penalised.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
+from torch import Tensor, nn
+
+
+class MultiTaskLoss(nn.Module):
+    """``seg_weight * DiceCE(seg) + cls_weight * CE(class)``, a mean over the batch.
+
+    Args:
+        seg_weight: weight of the segmentation loss (Dice + voxel cross-entropy, each weight 1).
+        cls_weight: weight of the case-classification cross-entropy.
+        include_background: include the background class in the Dice part (default False, see module docstring).
+
+    Call with ``seg_logits (B, C_seg, *S)``, ``class_logits (B, C)``, ``seg (B, *S)`` int64 labels in
+    ``[0, C_seg)``, ``label (B,)`` int64 in ``[0, C)``; returns ``(total, parts)`` where ``total`` is a scalar tensor
+    (with grad) and ``parts`` holds detached scalars ``seg``, ``cls`` (unweighted).
+    """
+
+    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 0.5, include_background: bool = False) -> None:
+        super().__init__()
+        if seg_weight < 0 or cls_weight < 0 or seg_weight + cls_weight <= 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got seg_weight={seg_weight}, cls_weight={cls_weight}"
+            )
+        self.seg_weight = float(seg_weight)
+        self.cls_weight = float(cls_weight)
+        self.include_background = include_background
+        #: "mean" (default): returns (total, parts). "none": returns per-case totals (B,) (Opacus ghost clipping).
+        self.reduction = "mean"
+        self.dice_ce = DiceCELoss(
+            include_background=include_background, to_onehot_y=True, softmax=True, reduction="mean", batch=False
+        )
+        # Same Dice as inside DiceCELoss, unreduced, for per-case losses.
+        self._dice_none = DiceLoss(
+            include_background=include_background, to_onehot_y=True, softmax=True, reduction="none", batch=False
+        )
+
+    def _check(self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor) -> None:
+        if seg_logits.dim() < 3 or tuple(seg.shape) != (seg_logits.shape[0], *seg_logits.shape[2:]):
+            raise ValueError(
+                f"seg must be (B, *S) matching seg_logits (B, C, *S); got seg {tuple(seg.shape)} and seg_logits "
+                f"{tuple(seg_logits.shape)}"
+            )
+        if class_logits.dim() != 2 or tuple(label.shape) != (class_logits.shape[0],):
+            raise ValueError(
+                f"label must be (B,) matching class_logits (B, C); got label {tuple(label.shape)} and class_logits "
+                f"{tuple(class_logits.shape)}"
+            )
+
+    def per_case(self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+        """Unweighted per-case losses ``(seg (B,), cls (B,))``."""
+        self._check(seg_logits, class_logits, seg, label)
+        target = seg.long().unsqueeze(1)
+        dice = self._dice_none(seg_logits, target).flatten(1).mean(dim=1)
+        ce = F.cross_entropy(seg_logits, seg.long(), reduction="none").flatten(1).mean(dim=1)
+        cls = F.cross_entropy(class_logits, label.long(), reduction="none")
+        return dice + ce, cls
+
+    def forward(  # type: ignore[override]
+        self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+        if self.reduction == "none":
+            seg_l, cls_l = self.per_case(seg_logits, class_logits, seg, label)
+            return self.seg_weight * seg_l + self.cls_weight * cls_l
+        if self.reduction != "mean":
+            raise ValueError(f"MultiTaskLoss.reduction must be 'mean' or 'none', got {self.reduction!r}")
+        self._check(seg_logits, class_logits, seg, label)
+        seg_loss = self.dice_ce(seg_logits, seg.long().unsqueeze(1))
+        cls_loss = F.cross_entropy(class_logits, label.long())
+        total = self.seg_weight * seg_loss + self.cls_weight * cls_loss
+        return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach()}
+

@@ -1,0 +1,210 @@
+"""Segmentation and classification metrics (MONAI's implementations), with fedfusion's naming and conventions.
+
+Segmentation, per region of :data:`models.config.SEG_REGIONS` (``oedema``, ``core``, ``enhancing``, ``whole``), on the
+binary region masks of the predicted and true label maps, **per case**, then averaged over cases:
+
+========================  =====================================  ===============================================
+metric                    definition                             empty conventions (P = prediction, T = truth)
+========================  =====================================  ===============================================
+``dice-<region>``         2|P∩T| / (|P|+|T|) (``compute_dice``)  P, T both empty -> 1; exactly one empty -> 0
+``iou-<region>``          |P∩T| / |P∪T| (``compute_iou``)        P, T both empty -> 1; exactly one empty -> 0
+``precision-<region>``    TP / (TP+FP) (confusion matrix)        both empty -> 1; P empty, T not -> 0 (finding
+                                                                 nothing is not "precise"); T empty, P not -> 0
+``hd95-<region>``         95th-percentile symmetric Hausdorff    both empty -> 0; exactly one empty -> the image
+                          distance (``compute_hausdorff_         diagonal (the worst possible distance)
+                          distance``), in **voxels** of the
+                          model grid (the data pipeline resamples
+                          every case to the model's spatial size)
+========================  =====================================  ===============================================
+
+Dice/IoU/precision: higher is better; HD95: lower is better. With these conventions no segmentation metric is NaN,
+so means over cases and subsets are always defined.
+
+Classification, from the probability of the malignant class (``CLASS_NAMES[1]``), predicted malignant iff
+``p >= threshold`` (0.5): ``accuracy``, ``recall`` (sensitivity), ``specificity``, ``f1``, ``auroc``
+(``compute_roc_auc``). A metric whose denominator is 0 (e.g. recall with no malignant case, AUROC with one class
+only) is **NaN** ("undefined"), never a made-up number; :class:`models.runlog.MetricsLog` stores it as null.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import (
+    compute_confusion_matrix_metric,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    compute_roc_auc,
+    get_confusion_matrix,
+)
+from torch import Tensor
+
+from .config import SEG_REGIONS
+
+#: Region names in metric order.
+REGIONS: tuple[str, ...] = tuple(SEG_REGIONS)
+#: Segmentation metric kinds; ``hd95`` is lower-is-better.
+SEG_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "hd95")
+#: Classification metric names.
+CLS_METRICS: tuple[str, ...] = ("accuracy", "recall", "specificity", "f1", "auroc")
+#: Metrics where smaller is better (everything else: larger is better).
+LOWER_IS_BETTER: frozenset[str] = frozenset(f"hd95-{r}" for r in REGIONS)
+
+
+def seg_metric_names(hd95: bool = True) -> list[str]:
+    """``dice-oedema, …, hd95-whole`` (HD95 names only when ``hd95``)."""
+    kinds = SEG_METRICS if hd95 else SEG_METRICS[:-1]
+    return [f"{k}-{r}" for k in kinds for r in REGIONS]
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` (a bare name like ``hd95-whole``) are better."""
+    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+
+
+def region_masks(labels: Tensor) -> Tensor:
+    """Binary region masks of label maps.
+
+    Args:
+        labels: (B, *S) integer label map (see ``SEG_LABELS``).
+
+    Returns:
+        (B, R, *S) float32 0/1, R = ``len(REGIONS)`` in :data:`REGIONS` order.
+    """
+    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in SEG_REGIONS.values()], 1).float()
+
+
+def segmentation_metrics(pred: Tensor, truth: Tensor, *, hd95: bool = True) -> dict[str, Tensor]:
+    """Per-case segmentation metrics of predicted vs true label maps.
+
+    Args:
+        pred: (B, *S) predicted labels (argmax of the segmentation logits).
+        truth: (B, *S) true labels.
+        hd95: also compute HD95 (the slow one: distance transforms per case and region).
+
+    Returns:
+        ``{"dice-<region>": (B,), "iou-<region>": (B,), "precision-<region>": (B,)[, "hd95-<region>": (B,)]}``
+        float64 CPU tensors, with the empty conventions of the module docstring.
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} label maps differ in shape")
+    p = region_masks(pred.detach().cpu())
+    t = region_masks(truth.detach().cpu())
+    # ignore_empty=False gives exactly our convention: empty truth -> 1 if prediction empty else 0.
+    dice = compute_dice(p, t, include_background=True, ignore_empty=False).double()
+    iou = compute_iou(p, t, include_background=True, ignore_empty=False).double()
+    cm = get_confusion_matrix(p, t, include_background=True)  # (B, R, 4): tp, fp, tn, fn
+    precision = compute_confusion_matrix_metric("precision", cm).double()
+    p_empty = p.flatten(2).sum(-1) == 0
+    t_empty = t.flatten(2).sum(-1) == 0
+    precision = torch.where(p_empty, (t_empty).double(), precision)  # 0/0: 1 if both empty, else 0
+    out: dict[str, Tensor] = {}
+    for i, r in enumerate(REGIONS):
+        out[f"dice-{r}"] = dice[:, i]
+        out[f"iou-{r}"] = iou[:, i]
+        out[f"precision-{r}"] = precision[:, i]
+    if hd95:
+        hd = hd95_distance(p, t)
+        for i, r in enumerate(REGIONS):
+            out[f"hd95-{r}"] = hd[:, i]
+    return out
+
+
+def hd95_distance(p: Tensor, t: Tensor) -> Tensor:
+    """95th-percentile Hausdorff distance in voxels of binary masks ``(B, R, *S)``, with the empty conventions.
+
+    Only (case, region) pairs where both masks are non-empty go through MONAI (the rest are fixed by convention),
+    so MONAI's NaN/inf warnings for empty masks never fire.
+    """
+    b, r = p.shape[:2]
+    diagonal = math.sqrt(sum(float(s) ** 2 for s in p.shape[2:]))
+    p_empty = p.flatten(2).sum(-1) == 0
+    t_empty = t.flatten(2).sum(-1) == 0
+    out = torch.where(p_empty & t_empty, 0.0, diagonal).double()
+    both = ~p_empty & ~t_empty
+    if bool(both.any()):
+        idx = both.nonzero(as_tuple=True)
+        pp = p[idx].unsqueeze(1)  # (K, 1, *S)
+        tt = t[idx].unsqueeze(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's internal deprecated-argument notice
+            hd = compute_hausdorff_distance(pp, tt, include_background=True, percentile=95)
+        out[idx] = hd[:, 0].double().cpu()
+    return out.reshape(b, r)
+
+
+def mean_over_cases(per_case: Mapping[str, Tensor]) -> dict[str, float]:
+    """Average per-case metric tensors ``(N,)`` into floats (NaN for an empty set of cases)."""
+    return {k: float(v.double().mean()) if v.numel() else math.nan for k, v in per_case.items()}
+
+
+def _confusion(probs: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """Binary confusion counts ``(1, 1, 4)`` [tp, fp, tn, fn] in MONAI's layout."""
+    y_pred = (probs >= threshold).float().reshape(-1, 1)
+    y = labels.float().reshape(-1, 1)
+    tp = (y_pred * y).sum()
+    fp = (y_pred * (1 - y)).sum()
+    tn = ((1 - y_pred) * (1 - y)).sum()
+    fn = ((1 - y_pred) * y).sum()
+    return torch.stack([tp, fp, tn, fn]).reshape(1, 1, 4)
+
+
+def classification_metrics(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int], threshold: float = 0.5) -> dict[str, float]:
+    """Case-level metrics from malignant-class probabilities.
+
+    Args:
+        probs: (N,) probability of the malignant class per case, in [0, 1].
+        labels: (N,) true labels, 0 benign / 1 malignant.
+        threshold: predicted malignant iff ``prob >= threshold``.
+
+    Returns:
+        ``accuracy, recall, specificity, f1, auroc`` as floats; NaN where undefined (see module docstring).
+    """
+    p = torch.as_tensor(probs, dtype=torch.float64).flatten().cpu()
+    y = torch.as_tensor(labels).flatten().cpu().long()
+    if p.shape != y.shape:
+        raise ValueError(f"{p.numel()} probabilities but {y.numel()} labels")
+    if p.numel() == 0:
+        return {k: math.nan for k in CLS_METRICS}
+    cm = _confusion(p, y, threshold)
+    out: dict[str, float] = {}
+    for name, monai_name in (
+        ("accuracy", "accuracy"),
+        ("recall", "sensitivity"),
+        ("specificity", "specificity"),
+        ("f1", "f1 score"),
+    ):
+        out[name] = float(compute_confusion_matrix_metric(monai_name, cm).flatten()[0])
+    tp, fp, _, fn = cm.flatten().tolist()
+    if 2 * tp + fp + fn == 0:  # MONAI returns NaN here too; keep it explicit
+        out["f1"] = math.nan
+    if int(y.sum()) in (0, y.numel()):
+        out["auroc"] = math.nan  # one class only: AUROC is undefined
+    else:
+        out["auroc"] = float(compute_roc_auc(p, y))
+    return out
+
+
+def roc_points(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> list[tuple[float, float, float]]:
+    """ROC curve as ``(threshold, sensitivity, specificity)`` points, one per distinct probability plus the ends.
+
+    Thresholds are ``+inf`` (nothing predicted malignant: sensitivity 0, specificity 1), every distinct probability
+    in decreasing order (predicted malignant iff ``p >= threshold``), and ``-inf`` is not needed because the lowest
+    probability already predicts every case malignant. Sensitivity (specificity) is NaN without malignant (benign)
+    cases.
+    """
+    p = np.asarray(torch.as_tensor(probs, dtype=torch.float64).flatten().cpu())
+    y = np.asarray(torch.as_tensor(labels).flatten().cpu()).astype(int)
+    pos, neg = int((y == 1).sum()), int((y == 0).sum())
+    points: list[tuple[float, float, float]] = []
+    for thr in [math.inf, *sorted(set(p.tolist()), reverse=True)]:
+        pred = p >= thr
+        sens = float((pred & (y == 1)).sum() / pos) if pos else math.nan
+        spec = float((~pred & (y == 0)).sum() / neg) if neg else math.nan
+        points.append((float(thr), sens, spec))
+    return points
