@@ -25,7 +25,7 @@ inferior->superior, rows anterior->posterior, columns right->left; :mod:`client.
 defined relative to the field of view, so any shape shows the same head; the site's field of view in mm sets the
 voxel spacing. Per-modality misregistration moves image content, never the segmentation.
 
-Speed: everything is whole-array numpy/scipy; one 32x64x64 case with all six modalities takes tens of ms.
+Speed: everything is whole-array numpy/scipy; one 32x64x64 case with all six modalities takes ~0.1 s of CPU.
 """
 
 from __future__ import annotations

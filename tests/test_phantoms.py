@@ -268,8 +268,7 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
 
     fa, fb, fc = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert fa and fa == fb  # same pixels, same UIDs, same PHI: byte-identical
-    assert fa != fc
-    assert a != c or set(fa) != set(fc) or any(fa[k] != fc.get(k) for k in fa)
+    assert fa != fc  # another seed, other data
 
 
 def test_nifti_layout_and_modality_skew(tmp_path: Path) -> None:
