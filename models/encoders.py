@@ -88,28 +88,26 @@ def upsample(spatial_dims: int, in_channels: int, out_channels: int) -> UpSample
 class Encoder(nn.Module):
     """A feature pyramid encoder: level 0 at full resolution, each later level halves every spatial axis.
 
-    Level 0 is one conv block (``in_channels`` -> ``channels[0]``) followed by a residual unit; level ``l > 0`` is a
-    strided residual unit ``channels[l-1]`` -> ``channels[l]``.
+    Level 0 is a residual unit ``in_channels`` -> ``channels[0]`` at full resolution; level ``l > 0`` is a strided
+    residual unit ``channels[l-1]`` -> ``channels[l]`` (two conv-GroupNorm-ReLU subunits each).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: input channels (1 for a per-modality encoder; ``channels[0]`` after a stem).
         channels: width per level; depth = ``len(channels)``.
-        stem: whether level 0 starts with its own conv block (False when a fusion stem already produced
-            ``channels[0]`` features at full resolution).
+        stem: False when a fusion stem already produced ``channels[0]`` features at full resolution (then
+            ``in_channels`` must equal ``channels[0]``).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], *, stem: bool = True) -> None:
         super().__init__()
         if not channels:
             raise ValueError("encoder needs at least one level in channels, e.g. channels=(8, 16, 32)")
-        first: list[nn.Module] = []
-        if stem:
-            first.append(conv_block(spatial_dims, in_channels, channels[0]))
-        elif in_channels != channels[0]:
+        if not stem and in_channels != channels[0]:
             raise ValueError(f"without a stem the input must have channels[0]={channels[0]} channels, got {in_channels}")
-        first.append(residual_block(spatial_dims, channels[0], channels[0]))
-        levels: list[nn.Module] = [nn.Sequential(*first)]
+        # Level 0 is a single residual unit (two convs) at full resolution: it runs once per modality, and on the
+        # DP path its per-sample conv gradients are the most expensive part of the network.
+        levels: list[nn.Module] = [residual_block(spatial_dims, in_channels, channels[0])]
         for prev, cur in zip(channels[:-1], channels[1:]):
             levels.append(residual_block(spatial_dims, prev, cur, strides=2))
         self.levels = nn.ModuleList(levels)

@@ -36,9 +36,9 @@ def tiny(family: str, dims: int = 3, modalities: tuple[str, ...] = SUBSETS["subs
     )
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to float32 noise, relative to the tensor's largest entry."""
-    return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-5)
+def close(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
+    """Equal up to float32 noise: relative to the tensor's largest entry, or to the model's gradient ``scale``."""
+    return bool((a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-4 * scale)
 
 
 def batch(cfg: ModelConfig, b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +155,14 @@ def test_opacus_per_sample_gradients(family: str) -> None:
         (seg.square().sum() + cls.square().sum()).backward()
     seg0, cls0 = reference(image[:1], mask[:1])
     (seg0.square().sum() + cls0.square().sum()).backward()
+    scale = max(float(p.grad.abs().max()) for p in model.parameters())
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert p.grad_sample is not None, name
         assert p.grad_sample.shape == (3, *p.shape), name
         # per-sample gradients add up to the batch gradient and sample 0's equals a batch-of-one gradient
         # (float32 noise: a conv bias before GroupNorm has a small gradient made of cancelling terms)
-        assert close(p.grad_sample.sum(0), p.grad), name
-        assert close(p.grad_sample[0], q.grad), name
+        assert close(p.grad_sample.sum(0), p.grad, scale), name
+        assert close(p.grad_sample[0], q.grad, scale), name
 
 
 def test_unimodal_baseline_is_the_same_network() -> None:
