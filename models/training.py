@@ -1,0 +1,296 @@
+"""The one training loop of fedfusion: used by the site client (plain, DP-SGD, FedProx) and centralized training.
+
+Batches may be dicts (``image, mask, seg, label[, case_id]``, the dataset's items collated) or tuples/lists
+``(image, mask, seg, label)``. Opacus's Poisson-sampling loader can yield **empty** batches (size 0):
+
+* with a plain optimizer they are skipped (no forward, no step);
+* with an Opacus ``DPOptimizer`` they still take a *noise-only* step (zero clipped gradient + Gaussian noise), which
+  is what Opacus does for an empty batch: DP-SGD's guarantee (and the accountant's step count) assumes every
+  sampled step releases a noisy update, and skipping a step would reveal that the batch was empty.
+
+FedProx (:class:`ProximalTerm`) adds ``mu/2 * ||w - w_global||^2``:
+
+* plain optimizer: added to the loss before ``backward`` (gradient ``mu * (w - w_global)``);
+* ``DPOptimizer``: a loss term on the weights is invisible to Opacus's per-sample gradients (Opacus rebuilds
+  ``.grad`` from the clipped per-sample gradients plus noise, which would silently drop it). Its gradient does not
+  depend on any case's data, so it is added **after** clipping and noising, before the parameter update: DP
+  post-processing, no privacy cost, not clipped. (``client.privacy.engine.ProximalHook`` does the same through
+  the optimizer's step hook; use one or the other, not both.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """The torch device to use: ``auto`` = CUDA when available else CPU; or an explicit ``cpu``, ``cuda``,
+    ``cuda:N``.
+
+    Raises:
+        ValueError: unknown name, or CUDA requested on a machine without it.
+    """
+    pref = (preference or "auto").strip().lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(pref)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} requested but CUDA is not available here; use --device cpu/auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {preference!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {preference!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, kind: str = "adam", *, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters of ``model``: ``adam`` or ``sgd`` (with ``momentum``)."""
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = kind.strip().lower()
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}; choose adam or sgd")
+
+
+def _plain_name(name: str) -> str:
+    # Opacus's GradSampleModule prefixes parameter names with "_module."
+    return name[len("_module.") :] if name.startswith("_module.") else name
+
+
+class ProximalTerm:
+    """FedProx proximal term ``mu/2 * sum ||w - w_global||^2`` over the trainable parameters.
+
+    Args:
+        global_params: the round's global weights, either a mapping ``name -> tensor`` (a state dict; Opacus's
+            ``_module.`` prefix is ignored on both sides, buffers and unknown names are ignored) or a sequence of
+            tensors in ``model.parameters()`` order.
+        mu: proximal strength (>= 0; 0 makes the term vanish).
+    """
+
+    def __init__(self, global_params: Mapping[str, Tensor] | Sequence[Tensor], mu: float) -> None:
+        if mu < 0:
+            raise ValueError(f"proximal mu must be >= 0, got {mu}")
+        self.mu = float(mu)
+        if isinstance(global_params, Mapping):
+            self._named: dict[str, Tensor] | None = {
+                _plain_name(k): torch.as_tensor(v).detach().clone() for k, v in global_params.items()
+            }
+            self._seq: list[Tensor] | None = None
+        else:
+            self._named = None
+            self._seq = [torch.as_tensor(v).detach().clone() for v in global_params]
+        self._cache: tuple[int, list[tuple[nn.Parameter, Tensor]]] | None = None
+
+    def pairs(self, model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
+        """(parameter, global value on the parameter's device) for every trainable parameter of ``model``."""
+        if self._cache is not None and self._cache[0] == id(model):
+            return self._cache[1]
+        named = list(model.named_parameters())
+        out: list[tuple[nn.Parameter, Tensor]] = []
+        if self._named is not None:
+            for name, p in named:
+                if not p.requires_grad:
+                    continue
+                ref = self._named.get(_plain_name(name))
+                if ref is None:
+                    raise ValueError(f"ProximalTerm: no global value for parameter {_plain_name(name)!r}")
+                out.append((p, self._fit(ref, p, name)))
+        else:
+            assert self._seq is not None
+            if len(self._seq) != len(named):
+                raise ValueError(
+                    f"ProximalTerm: {len(self._seq)} global tensors for {len(named)} model parameters; pass them in "
+                    "model.parameters() order or as a state dict"
+                )
+            out = [(p, self._fit(ref, p, n)) for (n, p), ref in zip(named, self._seq) if p.requires_grad]
+        self._cache = (id(model), out)
+        return out
+
+    @staticmethod
+    def _fit(ref: Tensor, p: Tensor, name: str) -> Tensor:
+        if tuple(ref.shape) != tuple(p.shape):
+            raise ValueError(f"ProximalTerm: global {name} has shape {tuple(ref.shape)}, model has {tuple(p.shape)}")
+        return ref.to(device=p.device, dtype=p.dtype)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """``mu/2 * sum ||w - w_global||^2`` as a scalar tensor with grad."""
+        pairs = self.pairs(model)
+        if not pairs:
+            return torch.zeros(())
+        total = sum(((p - ref) ** 2).sum() for p, ref in pairs)
+        return 0.5 * self.mu * total  # type: ignore[return-value]
+
+    __call__ = penalty
+
+    @torch.no_grad()
+    def add_gradient(self, model: nn.Module) -> None:
+        """Add ``mu * (w - w_global)`` to every parameter's ``.grad`` (DP path: after clipping and noise)."""
+        if self.mu == 0:
+            return
+        for p, ref in self.pairs(model):
+            if p.grad is None:
+                p.grad = self.mu * (p.detach() - ref)
+            else:
+                p.grad.add_(p.detach() - ref, alpha=self.mu)
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(image (B, M, *S), mask (B, M), seg (B, *S), label (B,))`` from a dict or tuple/list batch."""
+    if isinstance(batch, Mapping):
+        missing = [k for k in ("image", "mask", "seg", "label") if k not in batch]
+        if missing:
+            raise ValueError(f"batch dict lacks {missing}; expected keys image, mask, seg, label")
+        return batch["image"], batch["mask"], batch["seg"], batch["label"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 4:
+        image, mask, seg, label = batch[:4]
+        return image, mask, seg, label
+    raise ValueError(
+        f"unsupported batch of type {type(batch).__name__}; expected a dict with image, mask, seg, label or a "
+        "tuple (image, mask, seg, label)"
+    )
+
+
+def is_dp_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is an Opacus ``DPOptimizer`` (it wraps ``original_optimizer`` and adds noise)."""
+    return hasattr(optimizer, "original_optimizer") and hasattr(optimizer, "add_noise")
+
+
+def _noise_only_step(optimizer: Any) -> None:
+    """Opacus step for an empty Poisson batch: zero per-sample gradients (batch of 0) + noise, then update."""
+    # clear the previous step's summed gradients first (Opacus refuses to add noise to processed ones)
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mask_channels(image: Tensor, mask: Tensor) -> Tensor:
+    """Zero the channels of ``image (B, M, *S)`` whose ``mask (B, M)`` is 0 (exact zeros, NaN-proof)."""
+    keep = mask.reshape(*mask.shape, *([1] * (image.dim() - 2))) > 0
+    return torch.where(keep, image, torch.zeros((), dtype=image.dtype, device=image.device))
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., Any],
+    device: torch.device | str,
+    *,
+    modality_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+    proximal: ProximalTerm | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``, one optimizer step per batch.
+
+    Args:
+        model: network with ``forward(image (B, M, *S), mask (B, M)) -> (seg_logits, class_logits)`` (may be an
+            Opacus ``GradSampleModule``).
+        loader: batches as dicts or tuples (see module docstring); empty batches allowed.
+        optimizer: a torch optimizer or an Opacus ``DPOptimizer``.
+        loss_fn: ``loss_fn(seg_logits, class_logits, seg, label)`` returning ``(total, parts)`` (e.g.
+            :class:`models.losses.MultiTaskLoss`) or just a loss tensor (e.g. Opacus's ghost-clipping wrapper).
+        device: where to compute.
+        modality_dropout: per-present-modality drop probability per batch (``apply_modality_dropout``); dropped
+            channels are zeroed and their mask set to 0. 0 disables.
+        generator: CPU torch generator for the dropout draws (reproducible runs).
+        proximal: FedProx term (see module docstring for its DP handling).
+        max_batches: stop after this many batches (empty ones included); None = whole loader.
+
+    Returns:
+        ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, NaN when the loss
+        gives no parts), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
+        (optimizer steps, noise-only DP steps included), ``empty-batches``.
+    """
+    from .network import apply_modality_dropout
+
+    device = torch.device(device)
+    dp = is_dp_optimizer(optimizer)
+    model.train()
+    n_examples = 0
+    steps = 0
+    empty = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seg_sum = torch.zeros((), dtype=torch.float64, device=device)
+    cls_sum = torch.zeros((), dtype=torch.float64, device=device)
+    prox_sum = 0.0
+    have_parts = True
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        image, mask, seg, label = unpack_batch(batch)
+        b = int(image.shape[0])
+        if b == 0:
+            empty += 1
+            if dp:
+                _noise_only_step(optimizer)
+                steps += 1
+            continue
+        mask = mask.float()
+        if modality_dropout > 0:
+            mask = apply_modality_dropout(mask.cpu(), modality_dropout, generator=generator)
+        image = image.to(device, non_blocking=True).float()
+        mask = mask.to(device, non_blocking=True)
+        image = mask_channels(image, mask)
+        seg = seg.to(device, non_blocking=True).long()
+        label = label.to(device, non_blocking=True).long().reshape(-1)
+
+        optimizer.zero_grad(set_to_none=True)
+        seg_logits, class_logits = model(image, mask)
+        out = loss_fn(seg_logits, class_logits, seg, label)
+        if isinstance(out, tuple):
+            total, parts = out
+        else:
+            total, parts = out, None
+        backward_loss = total
+        if proximal is not None and proximal.mu > 0 and not dp:
+            penalty = proximal.penalty(model)
+            prox_sum += float(penalty.detach())
+            backward_loss = total + penalty
+        backward_loss.backward()
+        if dp and proximal is not None and proximal.mu > 0:
+            # Clip + noise, then the data-independent proximal gradient, then the update (see module docstring).
+            if optimizer.pre_step():  # type: ignore[attr-defined]
+                proximal.add_gradient(model)
+                prox_sum += float(proximal.penalty(model).detach())
+                optimizer.original_optimizer.step()  # type: ignore[attr-defined]
+        else:
+            optimizer.step()
+        steps += 1
+        # Opacus's ghost-clipping loss is not a tensor; .detach() gives its scalar mean.
+        loss_sum += total.detach().reshape(()).to(torch.float64) * b
+        if parts is not None and "seg" in parts and "cls" in parts:
+            seg_sum += parts["seg"].detach().to(torch.float64) * b
+            cls_sum += parts["cls"].detach().to(torch.float64) * b
+        else:
+            have_parts = False
+        n_examples += b
+    if dp:
+        optimizer.zero_grad(set_to_none=True)
+    nan = float("nan")
+    denom = max(n_examples, 1)
+    return {
+        "loss": float(loss_sum) / denom if n_examples else nan,
+        "loss-seg": float(seg_sum) / denom if n_examples and have_parts else nan,
+        "loss-cls": float(cls_sum) / denom if n_examples and have_parts else nan,
+        "loss-proximal": prox_sum / max(steps, 1),
+        "num-examples": float(n_examples),
+        "steps": float(steps),
+        "empty-batches": float(empty),
+    }
