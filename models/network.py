@@ -72,10 +72,21 @@ class FusionNet(nn.Module):
         if not self.fusion.modality_encoders:
             fused = self.fusion(x, mask)
             return self._decode(fused)
-        pyramids = [self.encoders[m](x[:, i : i + 1]) for i, m in enumerate(self.config.modalities)]
+        pyramids = [
+            self._zero_pyramid(x) if m in self.fusion.skip else self.encoders[m](x[:, i : i + 1])
+            for i, m in enumerate(self.config.modalities)
+        ]
         if self.fusion.late:
             return self.fusion(pyramids, mask, self.decoder)
         return self._decode(self.fusion(pyramids, mask))
+
+    def _zero_pyramid(self, x: Tensor) -> list[Tensor]:
+        """Stand-in features of a modality declared absent: zeros (B, C_l, *S / 2**l) per level. Every family
+        multiplies them by mask 0 or masks them out, so the output equals running the encoder."""
+        b, spatial = x.shape[0], x.shape[2:]
+        return [
+            x.new_zeros(b, c, *(s // 2**l for s in spatial)) for l, c in enumerate(self.config.channels)
+        ]
 
     def _decode(self, fused: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         bottleneck = fused[-1]
@@ -102,9 +113,39 @@ class FusionNet(nn.Module):
                 f"image spatial size {tuple(image.shape[2:])} must be divisible by {down}; resize the data to "
                 f"the model's spatial_size {cfg.spatial_size}"
             )
+        for i, name in enumerate(cfg.modalities):
+            if name in self.fusion.skip and bool((mask[:, i] > 0).any()):
+                raise ValueError(
+                    f"modality {name!r} is present in the batch but was declared absent at this site by "
+                    "set_site_modalities; declare it (or pass mask 0 for it)"
+                )
         if bool((mask.sum(dim=1) <= 0).any()):
             bad = torch.nonzero(mask.sum(dim=1) <= 0).flatten().tolist()
             raise ValueError(f"samples {bad} of the batch have no modality present (mask all 0); drop them")
+
+    # -- sites without some modalities ---------------------------------------------------------------------------
+    def set_site_modalities(self, modalities: Sequence[str] | None) -> None:
+        """Declare the modalities a site can ever have (``None``: all of the model's), to save compute.
+
+        Parameters owned by the other modalities (``models.modalities.owner_modality``) are frozen
+        (``requires_grad=False``) and their branches (encoder, stem, late-fusion head) are skipped in ``forward``;
+        the outputs are unchanged because those modalities' mask is always 0. Call it *before* building the optimizer
+        / Opacus ``make_private`` (which then see only the trainable parameters), and call it with ``None`` (or all
+        modalities) to undo. A batch where a declared-absent modality has mask 1 is a ValueError.
+        """
+        from .modalities import canonical, owner_modality
+
+        cfg = self.config
+        keep = set(cfg.modalities) if modalities is None else set(canonical(modalities))
+        unknown = keep - set(cfg.modalities)
+        if unknown:
+            raise ValueError(
+                f"site modalities {sorted(unknown)} are not inputs of this model ({', '.join(cfg.modalities)})"
+            )
+        self.fusion.skip = frozenset(set(cfg.modalities) - keep)
+        for name, p in self.named_parameters():
+            owner = owner_modality(name)
+            p.requires_grad_(owner is None or owner in keep)
 
     # -- introspection -------------------------------------------------------------------------------------------
     def attention_weights(self) -> Tensor | None:

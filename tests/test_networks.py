@@ -165,6 +165,50 @@ def test_opacus_per_sample_gradients(family: str) -> None:
         assert close(p.grad_sample[0], q.grad, scale), name
 
 
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+def test_every_layer_is_on_opacus_fast_path(family: str) -> None:
+    """Each module holding parameters has a hook grad sampler (no silent functorch fallback, e.g. PReLU or
+    ConvTranspose)."""
+    model = build_model(tiny(family, 3))
+    direct = [mod for mod in model.modules() if any(True for _ in mod.parameters(recurse=False))]
+    assert direct
+    slow = {type(mod).__name__ for mod in direct if type(mod) not in GradSampleModule.GRAD_SAMPLERS}
+    assert slow == set()
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+def test_site_modalities_skip_absent_branches(family: str) -> None:
+    cfg = tiny(family, 2).replace(dropout=0.0)
+    torch.manual_seed(4)
+    full = build_model(cfg).eval()
+    site = build_model(cfg)
+    site.load_state_dict(full.state_dict())
+    site.set_site_modalities(["ct", "t1"])  # this site never has t2
+    frozen = {n for n, p in site.named_parameters() if not p.requires_grad}
+    assert frozen and all(owner_modality(n) == "t2" for n in frozen)
+    assert all(p.requires_grad for n, p in site.named_parameters() if owner_modality(n) != "t2")
+    image, _ = batch(cfg)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    expected = full(image, mask)
+    got = site.eval()(image, mask)
+    for a, b in zip(expected, got):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="declared absent"):
+        site(image, torch.ones_like(mask))
+    # Opacus on the site model: every trainable parameter gets per-sample gradients
+    gsm = GradSampleModule(site.train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        seg, cls = gsm(image, mask)
+        (seg.mean() + cls.mean()).backward()
+    for name, p in site.named_parameters():
+        assert (getattr(p, "grad_sample", None) is not None) == p.requires_grad, name
+    with pytest.raises(ValueError, match="not inputs"):
+        site.set_site_modalities(["us"])
+    site.set_site_modalities(None)
+    assert all(p.requires_grad for p in site.parameters())
+
+
 def test_unimodal_baseline_is_the_same_network() -> None:
     for family in FUSION_FAMILIES:
         cfg = tiny(family, 2, ("t1ce",))

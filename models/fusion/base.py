@@ -37,6 +37,8 @@ class Fusion(nn.Module):
         self.modalities: tuple[str, ...] = cfg.modalities
         self.channels: tuple[int, ...] = cfg.channels
         self.spatial_dims: int = cfg.spatial_dims
+        #: modalities declared absent at this site (``FusionNet.set_site_modalities``): their branches are skipped.
+        self.skip: frozenset[str] = frozenset()
 
 
 def present_count(mask: Tensor) -> Tensor:

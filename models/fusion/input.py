@@ -39,6 +39,8 @@ class InputFusion(Fusion):
         extra = [1] * (image.dim() - 1)
         total = None
         for i, m in enumerate(self.modalities):
+            if m in self.skip:  # declared absent at this site: its term is exactly 0 anyway
+                continue
             part = self.stems[m](image[:, i : i + 1]) * mask[:, i].reshape(-1, *extra).to(image.dtype)
             total = part if total is None else total + part
         assert total is not None

@@ -65,6 +65,8 @@ class OutputFusion(Fusion):
         seg: Tensor | None = None
         cls: Tensor | None = None
         for i, m in enumerate(self.modalities):
+            if m in self.skip:  # declared absent at this site: its weight is exactly 0 anyway
+                continue
             feats = pyramids[i]
             head = self.heads[m]
             s = head.seg(decode(feats[-1], feats[:-1]))
