@@ -27,7 +27,9 @@ class Decoder(nn.Module):
     def __init__(self, spatial_dims: int, channels: Sequence[int], out_channels: int | None) -> None:
         super().__init__()
         chans = tuple(channels)
-        self.ups = nn.ModuleList(upsample(spatial_dims, chans[l + 1], chans[l]) for l in reversed(range(len(chans) - 1)))
+        self.ups = nn.ModuleList(
+            upsample(spatial_dims, chans[l + 1], chans[l]) for l in reversed(range(len(chans) - 1))
+        )
         self.blocks = nn.ModuleList(
             conv_block(spatial_dims, 2 * chans[l], chans[l]) for l in reversed(range(len(chans) - 1))
         )

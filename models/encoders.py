@@ -104,7 +104,9 @@ class Encoder(nn.Module):
         if not channels:
             raise ValueError("encoder needs at least one level in channels, e.g. channels=(8, 16, 32)")
         if not stem and in_channels != channels[0]:
-            raise ValueError(f"without a stem the input must have channels[0]={channels[0]} channels, got {in_channels}")
+            raise ValueError(
+                f"without a stem the input must have channels[0]={channels[0]} channels, got {in_channels}"
+            )
         # Level 0 is a single residual unit (two convs) at full resolution: it runs once per modality, and on the
         # DP path its per-sample conv gradients are the most expensive part of the network.
         levels: list[nn.Module] = [residual_block(spatial_dims, in_channels, channels[0])]

@@ -70,7 +70,8 @@ class AttentionFusion(Fusion):
     """Cross-modal attention at every level; parameters ``fusion.levels.<l>`` (shared core, owner None) and
     ``fusion.levels.<l>.embeddings.<m>`` (owned by ``m``).
 
-    Heads per level: ``gcd(cfg.attention_heads, channels[l])`` (the config guarantees divisibility only for the
+    Level 0 attends over 2x average-pooled tokens (its update is upsampled back) when the network has coarser
+    levels; the others attend at every position. Heads per level: ``gcd(cfg.attention_heads, channels[l])`` (the config guarantees divisibility only for the
     fused width; at the default config every level uses ``cfg.attention_heads``).
     """
 
@@ -82,7 +83,8 @@ class AttentionFusion(Fusion):
             ModalityAttention(c, math.gcd(cfg.attention_heads, c), cfg.modalities) for c in cfg.channels
         )
         # Pool factor of each level's tokens: 2 at full resolution when there are coarser levels, else 1.
-        self.pools: tuple[int, ...] = tuple(2 if l == 0 and len(cfg.channels) > 1 else 1 for l in range(len(cfg.channels)))
+        depth = len(cfg.channels)
+        self.pools: tuple[int, ...] = tuple(2 if l == 0 and depth > 1 else 1 for l in range(depth))
         self.last_attention: Tensor | None = None
 
     def forward(self, pyramids: Sequence[Sequence[Tensor]], mask: Tensor) -> list[Tensor]:
