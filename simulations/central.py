@@ -1,0 +1,269 @@
+"""Centralized training on the pooled sites: the non-federated, non-private upper bound.
+
+All ``site-*`` folders of a data root are pooled into one dataset (never ``heldout/``); the network trains with the
+same loop as a site (:func:`models.training.train_epoch`) and is evaluated on ``heldout/`` with
+:func:`models.evaluation.evaluate_subsets`. The run directory follows docs/architecture.md: ``config.json``,
+``metrics.jsonl`` (round = epoch; phase ``central-train`` / ``central-eval``, scope ``global``; round 0 is the
+untrained model when ``initial_eval``), ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (best
+``all/dice-whole``).
+
+Evaluation cost: evaluating every modality subset is ``2^M - 1`` forwards per held-out case. By default the
+per-epoch evaluations use only the full modality set (``eval_subsets="full"``) and the last epoch evaluates every
+subset (``final_subsets="all"``).
+
+Determinism: ``seed`` seeds model initialisation, the loader's shuffling, modality dropout and augmentation; on
+CPU two runs with the same settings give the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.modalities import MODALITIES, canonical
+
+log = logging.getLogger(__name__)
+
+#: Metric the best checkpoint is chosen by (a key of ``SubsetReport.to_flat()``).
+BEST_METRIC = "all/dice-whole"
+
+
+@dataclass
+class CentralSettings:
+    """Settings of one centralized run (all saved to ``RUN/config.json``).
+
+    Attributes:
+        data: data root holding ``site-*`` folders and ``heldout/`` (or a single site folder to train on).
+        out: run directory.
+        family: fusion family (``models.config.FUSION_FAMILIES``).
+        modalities: model modalities (canonical order).
+        epochs: training epochs.
+        lr: learning rate; optimizer: ``adam`` or ``sgd``.
+        batch_size: training batch size (cases).
+        spatial_size: ``(D, H, W)`` (or ``(H, W)`` for a 2D model) the data is resized to.
+        channels: encoder widths per level.
+        modality_dropout: training modality dropout (None: the ModelConfig default).
+        augment: random flips / intensity jitter of training cases.
+        seed: seed of everything random.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        heldout: held-out folder (None: ``data/heldout``).
+        eval_every: evaluate every this many epochs (the last epoch always); 0 = only after the last epoch.
+        eval_subsets / final_subsets: ``full`` (the full modality set only) or ``all`` (every subset).
+        hd95: HD95 in evaluations (True, False or ``"full"`` = full modality set only).
+        initial_eval: evaluate the untrained model as round 0.
+        threads: ``torch.set_num_threads`` (None: leave as is).
+        max_batches: cap of batches per epoch (smoke tests); None = all.
+        progress: rich progress display.
+    """
+
+    data: Path
+    out: Path
+    family: str = "attention"
+    modalities: tuple[str, ...] = MODALITIES
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 4
+    spatial_size: tuple[int, ...] = (16, 32, 32)
+    channels: tuple[int, ...] = (8, 16, 32)
+    modality_dropout: float | None = None
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+    heldout: Path | None = None
+    eval_every: int = 1
+    eval_subsets: str = "full"
+    final_subsets: str = "all"
+    hd95: bool | str = "full"
+    initial_eval: bool = False
+    threads: int | None = None
+    max_batches: int | None = None
+    progress: bool = True
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@dataclass
+class CentralResult:
+    """What :func:`train_central` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        history: per epoch ``{"epoch", "loss", ..., "eval": flat eval metrics or {}}``.
+        initial: flat metrics of the untrained model (``initial_eval``), else None.
+        final: the last :class:`models.evaluation.SubsetReport`.
+        best_value / best_epoch: best ``all/dice-whole`` and its epoch.
+        seconds: wall time.
+    """
+
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] | None = None
+    final: Any = None
+    best_value: float = -math.inf
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def _subsets_of(kind: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+    if kind == "all":
+        return None
+    if kind == "full":
+        return [modalities]
+    raise ValueError(f"subsets must be 'all' or 'full', got {kind!r}")
+
+
+def split_data_root(data: Path, heldout: Path | None = None) -> tuple[list[Path], Path | None]:
+    """(training site folders, held-out folder or None) of a data root or a single site folder."""
+    from client.data.site import discover_sites
+
+    found = discover_sites(Path(data))
+    train = [s.path for s in found if not s.heldout]
+    held = heldout
+    if held is None:
+        held = next((s.path for s in found if s.heldout), None)
+    if not train:
+        raise ValueError(f"{data} has no training site folders (site-*); only {[s.name for s in found]}")
+    return train, (Path(held) if held is not None else None)
+
+
+def train_central(settings: CentralSettings) -> CentralResult:
+    """Train on the pooled sites of ``settings.data`` and evaluate on the held-out set (see module docstring).
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or data, naming what and how to fix it.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import CaseDataset
+    from models.checkpoint import save_checkpoint
+    from models.config import ModelConfig
+    from models.evaluation import evaluate_subsets
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+    from models.runlog import MetricsLog
+    from models.training import make_optimizer, resolve_device, train_epoch
+
+    t0 = time.perf_counter()
+    s = settings
+    if s.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {s.epochs}")
+    if s.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {s.batch_size}")
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    modalities = canonical(s.modalities)
+    device = resolve_device(s.device)
+    cfg_kwargs: dict[str, Any] = dict(
+        family=s.family,
+        modalities=modalities,
+        spatial_dims=len(s.spatial_size),
+        spatial_size=tuple(s.spatial_size),
+        channels=tuple(s.channels),
+    )
+    if s.modality_dropout is not None:
+        cfg_kwargs["modality_dropout"] = float(s.modality_dropout)
+    heads = 2 if tuple(s.channels)[-1] % 2 == 0 else 1
+    model_cfg = ModelConfig(attention_heads=heads, **cfg_kwargs)
+
+    train_dirs, held_dir = split_data_root(Path(s.data), s.heldout)
+    if held_dir is None:
+        raise ValueError(
+            f"no held-out set: {s.data} has no heldout/ folder; pass a held-out folder (--heldout) to evaluate on"
+        )
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"kind": "central", **s.to_json_dict(), "device-resolved": str(device),
+              "train-sites": [p.name for p in train_dirs], "heldout-dir": str(held_dir),
+              **model_cfg.to_flat()}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    torch.manual_seed(s.seed)
+    train_ds = CaseDataset(train_dirs, modalities=modalities, spatial_size=s.spatial_size, augment=s.augment,
+                           cache=True, seed=s.seed)
+    held_ds = CaseDataset([held_dir], modalities=modalities, spatial_size=s.spatial_size, augment=False, cache=True)
+    loader_gen = torch.Generator().manual_seed(s.seed)
+    train_loader = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, generator=loader_gen,
+                              pin_memory=device.type == "cuda")
+    # Own generator: iterating a DataLoader draws a base seed from its generator (else torch's global RNG), and
+    # evaluations must not shift the global RNG that training's dropout uses (determinism with/without evals).
+    held_loader = DataLoader(held_ds, batch_size=max(s.batch_size, 4), shuffle=False,
+                             generator=torch.Generator().manual_seed(s.seed))
+
+    torch.manual_seed(s.seed)
+    model = build_model(model_cfg, device)
+    optimizer = make_optimizer(model, s.lr, s.optimizer)
+    loss_fn = MultiTaskLoss()
+    dropout_gen = torch.Generator().manual_seed(s.seed + 1)
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    result = CentralResult(run_dir=out)
+    log.info("central training: %d training cases from %s, %d held-out cases, %s on %s", len(train_ds),
+             [p.name for p in train_dirs], len(held_ds), model_cfg.family, device)
+
+    def evaluate(subsets_kind: str) -> Any:
+        return evaluate_subsets(model, held_loader, device, _subsets_of(subsets_kind, modalities), hd95=s.hd95)
+
+    progress = _progress(s.progress)
+    with progress:
+        task = progress.add_task("central", total=s.epochs, status="")
+        if s.initial_eval:
+            report = evaluate(s.eval_subsets)
+            result.initial = report.to_flat()
+            metrics_log.write(0, "central-eval", "global", result.initial)
+        for epoch in range(1, s.epochs + 1):
+            train = train_epoch(model, train_loader, optimizer, loss_fn, device,
+                                modality_dropout=model_cfg.modality_dropout, generator=dropout_gen,
+                                max_batches=s.max_batches)
+            metrics_log.write(epoch, "central-train", "global", train)
+            entry: dict[str, Any] = {"epoch": epoch, **train, "eval": {}}
+            last = epoch == s.epochs
+            if last or (s.eval_every > 0 and epoch % s.eval_every == 0):
+                report = evaluate(s.final_subsets if last else s.eval_subsets)
+                flat = report.to_flat()
+                metrics_log.write(epoch, "central-eval", "global", flat)
+                entry["eval"] = flat
+                result.final = report
+                value = flat.get(BEST_METRIC, math.nan)
+                if math.isfinite(value) and value > result.best_value:
+                    result.best_value, result.best_epoch = value, epoch
+                    save_checkpoint(out / "checkpoints" / "best.pt", model.state_dict(), model_cfg, epoch=epoch,
+                                    round=epoch, metrics=flat, best_metric=BEST_METRIC)
+            save_checkpoint(out / "checkpoints" / "last.pt", model.state_dict(), model_cfg, epoch=epoch,
+                            round=epoch, metrics=entry["eval"], optimizer=optimizer.state_dict())
+            result.history.append(entry)
+            dice = entry["eval"].get(BEST_METRIC)
+            progress.update(task, advance=1, status=f"loss {train['loss']:.3f}"
+                            + (f"  dice-whole {dice:.3f}" if dice is not None else ""))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+class _NoProgress:
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *a: Any, **k: Any) -> int:
+        return 0
+
+    def update(self, *a: Any, **k: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"))
