@@ -254,6 +254,30 @@ class LoopbackFederation:
         self.procs.kill(name)
         self.log(f"killed {name}")
 
+    def restart_site(self, name: str, timeout: float = 150.0) -> None:
+        """Start a crashed site again, as systemd's ``Restart=on-failure`` would, and wait until it is online.
+
+        Flower 1.41 refuses to activate a node id the SuperLink still believes online (exit code 305, "could not
+        be activated"), and only marks a silent node offline after 2 missed heartbeats (2 x 30 s, fixed in
+        Flower). So wait for the SuperLink to see the crashed node offline, then start; retry on a refusal.
+        """
+        node_id = self.node_ids[name]
+        deadline = time.monotonic() + timeout
+        while self.nodes().get(node_id) == "online":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperLink still lists crashed {name} (node {node_id}) online after {timeout:.0f}s")
+            self.procs.refresh()
+            time.sleep(2.0)
+        while True:
+            self.start_site(name)
+            try:
+                self.wait_online([name], timeout=max(5.0, deadline - time.monotonic()))
+                return
+            except RuntimeError:  # exited while connecting: refused activation; try again like systemd would
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(3.0)
+
     def start_rogue(self, name: str = "rogue") -> subprocess.Popen[bytes]:
         """Start a SuperNode whose key was never registered (it must be refused); returns its process."""
         priv = make_node_keys(self.workdir / "certs" / "unregistered" / name, name).private_key
@@ -304,6 +328,17 @@ class LoopbackFederation:
         )
         return proc.stdout + proc.stderr
 
+    def build_report(self, run_dir: Path, timeout: float = 180.0) -> Path:
+        """``fedfusion report RUN_DIR``: the coordinator's step that turns a run directory into report.md."""
+        proc = subprocess.run(
+            [str(venv_bin() / "fedfusion"), "report", str(run_dir)], env=self.env, capture_output=True, text=True,
+            timeout=timeout, cwd=self.workdir,
+        )
+        report = Path(run_dir) / "report.md"
+        if proc.returncode != 0 or not report.is_file():
+            raise RuntimeError(f"fedfusion report {run_dir} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return report
+
     def logs(self) -> str:
         """Every process log, for failure messages."""
         return "\n".join(f"----- {n}\n{m.log_text()[-6000:]}" for n, m in self.procs.procs.items())
@@ -318,8 +353,11 @@ TINY_RUN_CONFIG: dict[str, Any] = {
     "num-server-rounds": 2,
     "model-channels": "4,8",
     "model-spatial-size": "8,16,16",
+    # three modalities: the server evaluates every modality subset (7 here, 63 for all six) each round
+    "model-modalities": "t1,t1ce,flair",
     "local-epochs": 1,
-    "batch-size": 2,
+    # = cases per site: Poisson sampling rate 1, one DP step per epoch and never an empty batch
+    "batch-size": 4,
     "dp-enabled": True,
     "min-train-nodes": 2,
     "min-evaluate-nodes": 2,
@@ -332,7 +370,7 @@ def make_phantoms(out: Path, sites: int = 3, cases_per_site: int = 4, seed: int 
     """Write a small phantom federation (``site-01``… + ``heldout``) with the project's phantom generator."""
     from simulations.phantom_writers import generate  # the phantom generator (issue: phantoms)
 
-    generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario="mixed", shape=(8, 16, 16),
+    generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario="iid", shape=(8, 16, 16),
              fmt="nifti", heldout_cases=4)
     return out
 
@@ -350,6 +388,23 @@ def metrics_rounds(run_dir: Path) -> set[int]:
             except (ValueError, KeyError, TypeError):
                 continue
     return rounds
+
+
+def train_scopes(run_dir: Path, server_round: int) -> set[str]:
+    """Site scopes (e.g. ``site-01``) with train metrics logged in ``server_round`` (the sites aggregated)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    scopes: set[str] = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("round") == server_round and row.get("phase") == "train" and row.get("scope") != "global":
+                scopes.add(str(row.get("scope")))
+    return scopes
 
 
 def tiny_run_config(workdir: Path, data_dir: Path, **overrides: Any) -> dict[str, Any]:

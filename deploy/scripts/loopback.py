@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(cfg["run-dir"])
             print(f"[loopback] run {run_id}: {status} after {time.monotonic() - start:.0f}s; "
                   f"rounds logged: {sorted(metrics_rounds(run_dir))}")
-            print(f"[loopback] run directory: {run_dir}  (report: {run_dir / 'report.md'}"
-                  f"{'' if (run_dir / 'report.md').exists() else ' - not written'})")
             ok = status == "finished:completed" and args.rounds in metrics_rounds(run_dir)
-            if not ok:
+            if ok:
+                report = run_dir / "report.md"
+                if not report.exists():  # the coordinator's step: fedfusion report RUN_DIR
+                    report = fed.build_report(run_dir)
+                print(f"[loopback] run directory: {run_dir}  report: {report}")
+            else:
                 print(fed.run_log(run_id)[-4000:])
         print("[loopback] all processes stopped")
         return 0 if ok else 1
