@@ -76,7 +76,8 @@ def region_masks(labels: Tensor) -> Tensor:
     Returns:
         (B, R, *S) float32 0/1, R = ``len(REGIONS)`` in :data:`REGIONS` order.
     """
-    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in SEG_REGIONS.values()], 1).float()
+    regions = [torch.isin(labels, torch.tensor(v, device=labels.device)) for v in SEG_REGIONS.values()]
+    return torch.stack(regions, dim=1).float()
 
 
 def segmentation_metrics(pred: Tensor, truth: Tensor, *, hd95: bool = True) -> dict[str, Tensor]:
@@ -154,7 +155,9 @@ def _confusion(probs: Tensor, labels: Tensor, threshold: float) -> Tensor:
     return torch.stack([tp, fp, tn, fn]).reshape(1, 1, 4)
 
 
-def classification_metrics(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int], threshold: float = 0.5) -> dict[str, float]:
+def classification_metrics(
+    probs: Tensor | Sequence[float], labels: Tensor | Sequence[int], threshold: float = 0.5
+) -> dict[str, float]:
     """Case-level metrics from malignant-class probabilities.
 
     Args:
