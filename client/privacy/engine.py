@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 #: Grad-sample mode used by default; chosen by bench/dp_overhead.py (fastest correct mode on the default model,
-#: see docs/benchmarks.md).
-DEFAULT_GRAD_SAMPLE_MODE = "microbatch"
+#: see docs/benchmarks.md: hooks 3.1x, microbatch 4.3x, functorch 5.5x non-private on CPU; ew and ghost fail).
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 #: Modes fedfusion knows how to drive: Opacus's own (ghost needs a per-sample loss; see make_private) plus
 #: ``microbatch`` (exact per-case gradients from one batch-1 pass per case, see :class:`PerCaseGradModule`).
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("microbatch", "hooks", "functorch", "ew", "ghost")
@@ -103,10 +103,9 @@ class CasesOnly(Dataset):
 class PerCaseGradModule(nn.Module):
     """Exact per-case gradients by running each case of a batch through the network on its own.
 
-    Why: Opacus's ``hooks`` mode builds 3D-convolution per-sample gradients by unfolding (im2col) every input,
-    which is ~20x slower than plain training for volumetric networks on CPU, and ``functorch`` vmaps every layer
-    (~5x). For the small batches of a hospital site (a handful of studies per step) running the cases one by one
-    costs about as much as one batched pass, so this is the fastest *correct* way on CPU (docs/benchmarks.md).
+    Why: an exact alternative to Opacus's modes that works for any layer without a registered grad sampler. On the
+    default model on CPU it measured 4.3x non-private time against 3.1x for ``hooks`` (docs/benchmarks.md): batch-1
+    3D convolutions fall back to PyTorch's slow_conv3d kernel, so it is not the default.
 
     How: in training mode with gradients on, case ``i`` is run through :func:`torch.func.functional_call` with
     per-case *views* of the parameters; a tensor hook on each view receives exactly case ``i``'s gradient and writes
