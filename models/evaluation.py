@@ -188,10 +188,10 @@ class SubsetReport:
 
         metrics = list(metrics) if metrics else [
             m for m in ("dice-whole", "dice-core", "dice-enhancing", "iou-whole", "precision-whole", "hd95-whole",
-                        "accuracy", "f1", "auroc") if m in self.metric_names
+                        "accuracy", "f1", "auroc") if any(m in r for r in self.rows.values())
         ]
         table = Table(title=title or "held-out metrics per modality subset", show_lines=False)
-        table.add_column("subset", style="bold")
+        table.add_column("subset", style="bold", no_wrap=True)
         table.add_column("cases", justify="right")
         for m in metrics:
             table.add_column(m, justify="right")

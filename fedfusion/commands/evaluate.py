@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,8 @@ def command(
     monotonicity violations."""
     from rich.console import Console
 
-    console = Console(stderr=as_json)
+    # wide enough for the per-subset table when piped (rich would otherwise fold it to 80 columns)
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 200)
     if subsets not in ("all", "full"):
         console.print(f"[red]fedfusion evaluate: --subsets must be all or full, got {subsets!r}[/red]")
         raise typer.Exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,7 +40,7 @@ def command(
 
     from simulations.central import CentralSettings, train_central
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     try:
         settings = CentralSettings(
             data=data, out=out, family=fusion.strip().lower(),
