@@ -55,6 +55,8 @@ _register()
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Flower's logger has its own console handler; propagating too would print every line twice.
+    logging.getLogger("flwr").propagate = False
     app()
 
 
