@@ -13,8 +13,9 @@ maximum for the lower-is-better HD95).
 *lowers* Dice-whole by more than ``tolerance`` (default 0.01 absolute Dice: differences below that are noise on a
 handful of held-out cases). NaN when no such pair was evaluated (e.g. ``subsets=[full]``).
 
-Speed: the loader is read once; every batch goes through the network once per subset (batched), and segmentation
-metrics are computed on the fly. HD95 (distance transforms) is the slowest part: ``hd95=False`` skips it,
+Speed: the loader is read once; for every batch the per-modality encoders run once and only the fusion and decoder
+run per subset (``FusionNet.forward_subsets``, several subsets stacked along the batch axis), and segmentation
+metrics are computed on the fly. HD95 (distance transforms) is then the slowest part: ``hd95=False`` skips it,
 ``hd95="full"`` computes it for the full-modality subset only.
 """
 
@@ -227,6 +228,8 @@ def evaluate_subsets(
     hd95: bool | str = True,
     tolerance: float = MONOTONICITY_TOLERANCE,
     threshold: float = 0.5,
+    shared_encoding: bool = True,
+    subset_batch: int = 8,
 ) -> SubsetReport:
     """Evaluate ``model`` on ``loader`` for every subset of its modalities (or the given ``subsets``).
 
@@ -236,9 +239,14 @@ def evaluate_subsets(
         device: where to run the network.
         subsets: subsets to evaluate (default: all ``2^M - 1``), each a sequence of modality names.
         modalities: the model's input modalities in channel order (default: ``model.config.modalities``).
-        hd95: True = HD95 for every subset; ``"full"`` = for the full-modality subset only; False = never.
+        hd95: True or ``"all"`` = HD95 for every subset; ``"full"`` = for the full-modality subset only; False or
+            ``"none"`` = never.
         tolerance: Dice-whole drop that counts as a monotonicity violation.
         threshold: malignant-probability threshold of the classification metrics.
+        shared_encoding: use ``model.forward_subsets`` (encoders once per batch, fusion + decoder per subset);
+            False runs one full forward per subset (the reference path; same numbers, slower). Models without
+            ``forward_subsets`` always take the reference path.
+        subset_batch: subsets stacked along the batch axis per decoder pass (shared path only).
 
     Returns:
         :class:`SubsetReport`.
@@ -254,14 +262,24 @@ def evaluate_subsets(
     wanted = list(dict.fromkeys(wanted))  # unique, order kept
     full = tuple(mods)
     keeps = {s: torch.tensor([1.0 if m in s else 0.0 for m in mods], device=device) for s in wanted}
-    want_hd = {s: (hd95 is True) or (hd95 == "full" and s == full) for s in wanted}
-    if hd95 not in (True, False, "full"):
-        raise ValueError(f"hd95 must be True, False or 'full', got {hd95!r}")
+    if hd95 not in (True, False, "all", "full", "none"):
+        raise ValueError(f"hd95 must be True/'all', 'full' or False/'none', got {hd95!r}")
+    want_hd = {s: hd95 in (True, "all") or (hd95 == "full" and s == full) for s in wanted}
 
     model.eval()
     per_case: dict[tuple[str, ...], dict[str, list[Tensor]]] = {s: {} for s in wanted}
     probs: dict[tuple[str, ...], list[Tensor]] = {s: [] for s in wanted}
     labels: dict[tuple[str, ...], list[Tensor]] = {s: [] for s in wanted}
+    inner = getattr(model, "_module", model)  # an Opacus wrapper's plain module: no hooks needed at inference
+    shared = shared_encoding and hasattr(inner, "forward_subsets")
+
+    def record(s: tuple[str, ...], seg_logits: Tensor, class_logits: Tensor, seg_true: Tensor, label: Tensor) -> None:
+        pred = seg_logits.argmax(dim=1).cpu()
+        for k, v in segmentation_metrics(pred, seg_true, hd95=want_hd[s]).items():
+            per_case[s].setdefault(k, []).append(v)
+        probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu())
+        labels[s].append(label)
+
     for batch in loader:
         image, mask, seg, label = unpack_batch(batch)
         if image.shape[0] == 0:
@@ -272,23 +290,26 @@ def evaluate_subsets(
         mask = mask.to(device).float()
         seg_cpu = seg.cpu().long()
         label_cpu = label.reshape(-1).cpu().long()
+        whole: list[tuple[str, ...]] = []  # subsets that leave every case of the batch some modality
         for s in wanted:
             m = mask * keeps[s]
             ok = m.sum(dim=1) > 0
             if not bool(ok.any()):
                 continue
-            if not bool(ok.all()):
-                x, m = image[ok], m[ok]
-            else:
-                x = image
+            if shared and bool(ok.all()):
+                whole.append(s)
+                continue
+            # Reference path (and cases without any modality of s): one full forward on the usable cases.
+            x, m = (image, m) if bool(ok.all()) else (image[ok], m[ok])
             seg_logits, class_logits = model(mask_channels(x, m), m)
             ok_cpu = ok.cpu()
-            pred = seg_logits.argmax(dim=1).cpu()
-            vals = segmentation_metrics(pred, seg_cpu[ok_cpu], hd95=want_hd[s])
-            for k, v in vals.items():
-                per_case[s].setdefault(k, []).append(v)
-            probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu())
-            labels[s].append(label_cpu[ok_cpu])
+            record(s, seg_logits, class_logits, seg_cpu[ok_cpu], label_cpu[ok_cpu])
+        if whole:
+            # Encoders once per batch, fusion + decoder per subset (FusionNet.forward_subsets).
+            stacked = torch.stack([keeps[s] for s in whole])
+            outputs = inner.forward_subsets(image, mask, stacked, subset_batch=subset_batch)
+            for s, (seg_logits, class_logits) in zip(whole, outputs):
+                record(s, seg_logits, class_logits, seg_cpu, label_cpu)
 
     seg_names = seg_metric_names(hd95=True)
     metric_names = seg_names + list(CLS_METRICS)

@@ -21,7 +21,8 @@ its output is multiplied by 0), so Opacus's per-sample gradients exist for all p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,18 +68,113 @@ class FusionNet(nn.Module):
         """
         self._check_inputs(image, mask)
         mask = mask.to(image.dtype)
+        return self.decode(self._encode(image, mask), mask)
+
+    # -- the mask-independent / mask-dependent split (fast evaluation of many modality subsets) --------------------
+    def encode(self, image: Tensor, mask: Tensor) -> list[Any]:
+        """The part of :meth:`forward` that does not depend on which of the present modalities are used.
+
+        Args:
+            image, mask: as in :meth:`forward`; channels whose ``mask`` is 0 are zeroed first.
+
+        Returns:
+            Opaque per-modality features for :meth:`decode` (one list entry per modality, ``None`` for
+            modalities declared absent by :meth:`set_site_modalities`): ``input``: stem outputs (B, C_0, *S);
+            ``single``/``hierarchical``/``attention``: encoder pyramids ``[H^0..H^{L-1}]``; ``output``: the
+            modality's own ``(seg logits, class logits)``.
+        """
+        self._check_inputs(image, mask)
+        return self._encode(image, mask.to(image.dtype))
+
+    def _encode(self, image: Tensor, mask: Tensor) -> list[Any]:
         present = mask.reshape(*mask.shape, *([1] * (image.dim() - 2))) > 0
         x = torch.where(present, image, torch.zeros((), dtype=image.dtype, device=image.device))
         if not self.fusion.modality_encoders:
-            fused = self.fusion(x, mask)
-            return self._decode(fused)
+            return self.fusion.stem_features(x)
         pyramids = [
             self._zero_pyramid(x) if m in self.fusion.skip else self.encoders[m](x[:, i : i + 1])
             for i, m in enumerate(self.config.modalities)
         ]
         if self.fusion.late:
-            return self.fusion(pyramids, mask, self.decoder)
-        return self._decode(self.fusion(pyramids, mask))
+            return self.fusion.modality_predictions(pyramids, self.decoder)
+        return pyramids
+
+    def decode(self, features: list[Any], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Fuse :meth:`encode`'s features under ``mask`` (B, M) and predict: ``(seg logits (B, K, *S), class
+        logits (B, num_classes))``, equal to ``forward(image, mask)`` for any ``mask`` that is a subset of the mask
+        given to :meth:`encode` (a modality outside ``mask`` is multiplied by exactly 0 or masked out of attention,
+        whatever its features). Every sample needs at least one modality in ``mask``."""
+        mask = mask.to(self._feature_dtype(features))
+        if not self.fusion.modality_encoders:
+            return self._heads(self.fusion.fuse_stems(features, mask))
+        if self.fusion.late:
+            return self.fusion.combine(features, mask)
+        return self._heads(self.fusion(features, mask))
+
+    def forward_subsets(
+        self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int = 8
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``forward`` for many modality subsets of one batch, sharing the mask-independent work.
+
+        The per-modality encoders (stems for ``input``, whole per-modality predictions for ``output``) run once
+        (:meth:`encode`); only the fusion and decoder run per subset (:meth:`decode`), ``subset_batch`` subsets at
+        a time stacked along the batch axis (GroupNorm and attention are per sample, so stacking is exact).
+
+        Args:
+            image: (B, M, *S), as in :meth:`forward`.
+            mask: (B, M) availability of each case.
+            subset_masks: (S, M) 0/1 keep-vectors; subset ``s`` uses ``mask * subset_masks[s]``.
+            subset_batch: subsets per decoder pass (memory grows linearly with it).
+
+        Yields:
+            Per subset in order, ``(seg logits (B, K, *S), class logits (B, num_classes))``, equal (up to float
+            rounding) to ``forward(image, mask * subset_masks[s])``. Lazy: consume each before the next to keep
+            memory low. :meth:`attention_weights` / :meth:`fusion_weights` afterwards describe the last chunk.
+
+        Raises:
+            ValueError: bad shapes, or a subset that leaves some sample with no modality (drop those samples or
+            evaluate that subset separately).
+        """
+        self._check_inputs(image, mask)
+        mask = mask.to(image.dtype)
+        m = len(self.config.modalities)
+        if subset_masks.dim() != 2 or subset_masks.shape[1] != m:
+            raise ValueError(f"subset_masks must be (S, M) with M = {m}, got shape {tuple(subset_masks.shape)}")
+        if subset_batch < 1:
+            raise ValueError(f"subset_batch must be >= 1, got {subset_batch}")
+        effective = mask[None] * subset_masks.to(device=mask.device, dtype=mask.dtype)[:, None]  # (S, B, M)
+        empty = effective.sum(dim=2) <= 0
+        if bool(empty.any()):
+            s, b = (int(v) for v in torch.nonzero(empty)[0])
+            raise ValueError(
+                f"subset {s} leaves sample {b} of the batch with no modality present; evaluate that subset on the "
+                "samples that have one of its modalities"
+            )
+        features = self._encode(image, mask)
+        bsz = image.shape[0]
+        for start in range(0, effective.shape[0], subset_batch):
+            chunk = effective[start : start + subset_batch]
+            k = chunk.shape[0]
+            seg, cls = self.decode(_tile(features, k), chunk.reshape(k * bsz, m))
+            for j in range(k):
+                yield seg[j * bsz : (j + 1) * bsz], cls[j * bsz : (j + 1) * bsz]
+
+    @staticmethod
+    def _feature_dtype(features: list[Any]) -> torch.dtype:
+        def first(obj: Any) -> Tensor | None:
+            if isinstance(obj, Tensor):
+                return obj
+            if isinstance(obj, (list, tuple)):
+                for o in obj:
+                    t = first(o)
+                    if t is not None:
+                        return t
+            return None
+
+        t = first(features)
+        if t is None:
+            raise ValueError("features hold no tensor: every modality is declared absent")
+        return t.dtype
 
     def _zero_pyramid(self, x: Tensor) -> list[Tensor]:
         """Stand-in features of a modality declared absent: zeros (B, C_l, *S / 2**l) per level. Every family
@@ -88,7 +184,7 @@ class FusionNet(nn.Module):
             x.new_zeros(b, c, *(s // 2**l for s in spatial)) for l, c in enumerate(self.config.channels)
         ]
 
-    def _decode(self, fused: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def _heads(self, fused: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         bottleneck = fused[-1]
         return self.decoder(bottleneck, fused[:-1]), self.classifier(bottleneck)
 
@@ -161,6 +257,15 @@ class FusionNet(nn.Module):
         if isinstance(self.fusion, OutputFusion):
             return self.fusion.last_weights
         return None
+
+
+def _tile(obj: Any, k: int) -> Any:
+    """Repeat every tensor of a nested list/tuple ``k`` times along the batch axis (``[x, x, ..., x]``)."""
+    if k == 1 or obj is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.repeat(k, *([1] * (obj.dim() - 1)))
+    return type(obj)(_tile(o, k) for o in obj)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> FusionNet:

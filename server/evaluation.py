@@ -1,8 +1,9 @@
 """Global evaluation of the global model on the server's held-out set, and aggregation of site metrics.
 
 * :class:`GlobalEvaluator` evaluates a state dict on the held-out set (``test-dir``, default
-  ``<data-dir>/heldout``) for every non-empty modality subset (``models.evaluation.evaluate_subsets``):
-  segmentation Dice/IoU/precision/HD95 per region, classification accuracy/recall/specificity/F1/AUROC, per
+  ``<data-dir>/heldout``) for every non-empty modality subset (``models.evaluation.evaluate_subsets``: encoders
+  once per batch, fusion + decoder per subset): segmentation Dice/IoU/precision per region (HD95 for the full
+  modality set only unless ``eval-hd95`` says otherwise), classification accuracy/recall/specificity/F1/AUROC, per
   subset plus ``all``, ``mean`` and ``worst``. Its flat metrics go to the metrics log with phase ``server-eval``.
 * :func:`server.aggregation.weighted_metrics` (re-exported here) averages the sites' metrics weighted by
   ``num-examples``.
@@ -52,6 +53,8 @@ class GlobalEvaluator:
         batch_size: held-out cases per forward pass.
         subsets: modality subsets to evaluate (``None`` = all ``2**M - 1``).
         dataset: an already built dataset (tests, or callers that hold one); skips reading ``test_dir``.
+        hd95: HD95 for the full modality set only (``"full"``, run config ``eval-hd95``), every subset
+            (``"all"``) or never (``"none"``); the distance transforms dominate an every-subset evaluation.
     """
 
     def __init__(
@@ -62,7 +65,11 @@ class GlobalEvaluator:
         batch_size: int = 2,
         subsets: Sequence[Sequence[str]] | None = None,
         dataset: Any | None = None,
+        hd95: str = "full",
     ) -> None:
+        if hd95 not in ("full", "all", "none"):
+            raise ValueError(f"global evaluation hd95 (run config 'eval-hd95') is {hd95!r}; choose full, all or none")
+        self.hd95 = hd95
         self.model_config = model_config
         self.test_dir = Path(test_dir)
         self.device_name = device
@@ -140,7 +147,7 @@ class GlobalEvaluator:
             model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
             model.to(device)
             loader = DataLoader(self._dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
-            report = evaluate_subsets(model, loader, device, subsets=self.subsets)
+            report = evaluate_subsets(model, loader, device, subsets=self.subsets, hd95=self.hd95)
         except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
             logger.exception("global evaluation failed: %s", exc)
             return None

@@ -123,6 +123,7 @@ def _run(
         resolve_test_dir(settings.test_dir, settings.data_dir),
         device=settings.device,
         batch_size=settings.eval_batch_size,
+        hd95=settings.eval_hd95,
     )
 
     def after_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:

@@ -14,6 +14,9 @@ from typing import Any
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
 AGGREGATIONS: tuple[str, ...] = ("modality-aware", "plain")
 CLIENT_DP: tuple[str, ...] = ("none", "server-side", "client-side")
+#: ``eval-hd95``: HD95 in the server's per-round held-out evaluation for the full modality set only, every subset,
+#: or never (HD95's distance transforms dominate an every-subset evaluation).
+EVAL_HD95: tuple[str, ...] = ("full", "all", "none")
 
 
 class UnsupportedConfiguration(ValueError):
@@ -61,6 +64,7 @@ class ServerSettings:
     client_dp_clip: float = 1.0
     secagg: bool = False
     eval_batch_size: int = 2
+    eval_hd95: str = "full"
     device: str = "auto"
 
     @classmethod
@@ -100,6 +104,7 @@ class ServerSettings:
         choice("strategy", self.strategy, STRATEGIES)
         choice("aggregation", self.aggregation, AGGREGATIONS)
         choice("client-dp", self.client_dp, CLIENT_DP)
+        choice("eval-hd95", self.eval_hd95, EVAL_HD95)
         if self.num_server_rounds < 1:
             raise ValueError(f"run config 'num-server-rounds' must be >= 1, got {self.num_server_rounds}")
         for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):

@@ -67,6 +67,7 @@ def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> N
         if rnd in evaluated:
             for row in rows:
                 assert {f"{row}/dice-whole", f"{row}/auroc"} <= keys, (rnd, row)
+            assert "all/hd95-whole" in keys and "t1/hd95-whole" not in keys  # eval-hd95 default: full set only
         else:
             assert not keys
     log_text = (run_dir / "server.log").read_text()

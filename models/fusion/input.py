@@ -36,13 +36,28 @@ class InputFusion(Fusion):
 
     def forward(self, image: Tensor, mask: Tensor) -> list[Tensor]:
         """``image`` (B, M, *S) with missing channels already zero, ``mask`` (B, M) -> pyramid ``[F^0..F^{L-1}]``."""
-        extra = [1] * (image.dim() - 1)
-        total = None
-        for i, m in enumerate(self.modalities):
-            if m in self.skip:  # declared absent at this site: its term is exactly 0 anyway
+        return self.fuse_stems(self.stem_features(image), mask)
+
+    def stem_features(self, image: Tensor) -> list[Tensor | None]:
+        """Per-modality stem outputs ``W_i * x_i`` (B, C_0, *S), ``None`` for modalities declared absent.
+
+        They do not depend on the mask, so subset evaluation (``FusionNet.forward_subsets``) computes them once.
+        """
+        return [
+            None if m in self.skip else self.stems[m](image[:, i : i + 1]) for i, m in enumerate(self.modalities)
+        ]
+
+    def fuse_stems(self, stems: list[Tensor | None], mask: Tensor) -> list[Tensor]:
+        """Masked, renormalised sum of :meth:`stem_features` (B, C_0, *S) for ``mask`` (B, M), then GroupNorm,
+        ReLU and the shared encoder -> pyramid ``[F^0..F^{L-1}]``."""
+        first = next(s for s in stems if s is not None)
+        extra = [1] * (first.dim() - 1)
+        total: Tensor | None = None
+        for i, part in enumerate(stems):
+            if part is None:  # declared absent at this site: its term is exactly 0 anyway
                 continue
-            part = self.stems[m](image[:, i : i + 1]) * mask[:, i].reshape(-1, *extra).to(image.dtype)
+            part = part * mask[:, i].reshape(-1, *extra).to(part.dtype)
             total = part if total is None else total + part
         assert total is not None
-        scale = (len(self.modalities) / present_count(mask)).reshape(-1, *extra).to(image.dtype)
+        scale = (len(self.modalities) / present_count(mask)).reshape(-1, *extra).to(total.dtype)
         return self.encoder(self.stem_act(self.stem_norm(total * scale)))

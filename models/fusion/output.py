@@ -56,6 +56,29 @@ class OutputFusion(Fusion):
         Returns fused (seg logits (B, K, *S), class logits (B, num_classes)); stores the per-sample fusion weights
         (B, M) in :attr:`last_weights`.
         """
+        return self.combine(self.modality_predictions(pyramids, decode), mask)
+
+    def modality_predictions(
+        self,
+        pyramids: Sequence[Sequence[Tensor]],
+        decode: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Each modality's own prediction ``(seg logits (B, K, *S), class logits (B, num_classes))``; ``None`` for
+        modalities declared absent at this site. Independent of the mask, so subset evaluation
+        (``FusionNet.forward_subsets``) computes them once and only re-runs :meth:`combine` per subset."""
+        out: list[tuple[Tensor, Tensor] | None] = []
+        for i, m in enumerate(self.modalities):
+            if m in self.skip:
+                out.append(None)
+                continue
+            feats = pyramids[i]
+            head = self.heads[m]
+            out.append((head.seg(decode(feats[-1], feats[:-1])), head.cls(feats[-1])))
+        return out
+
+    def combine(self, predictions: Sequence[tuple[Tensor, Tensor] | None], mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Masked learned-weight average of :meth:`modality_predictions` for ``mask`` (B, M) -> fused
+        (seg logits (B, K, *S), class logits (B, num_classes)); stores the weights in :attr:`last_weights`."""
         b = mask.shape[0]
         index = torch.zeros(b, dtype=torch.long, device=mask.device)
         gates = torch.cat([self.heads[m].gate(index) for m in self.modalities], dim=1)  # (B, M)
@@ -64,13 +87,10 @@ class OutputFusion(Fusion):
         weights = torch.where(present, weights, torch.zeros_like(weights))  # exact zeros, no NaN for safety
         seg: Tensor | None = None
         cls: Tensor | None = None
-        for i, m in enumerate(self.modalities):
-            if m in self.skip:  # declared absent at this site: its weight is exactly 0 anyway
+        for i, pred in enumerate(predictions):
+            if pred is None:  # declared absent at this site: its weight is exactly 0 anyway
                 continue
-            feats = pyramids[i]
-            head = self.heads[m]
-            s = head.seg(decode(feats[-1], feats[:-1]))
-            c = head.cls(feats[-1])
+            s, c = pred
             w = weights[:, i]
             s = s * w.reshape(-1, *([1] * (s.dim() - 1)))
             c = c * w[:, None]

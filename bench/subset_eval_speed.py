@@ -1,0 +1,104 @@
+"""Wall time of the every-modality-subset held-out evaluation (``models.evaluation.evaluate_subsets``), per family.
+
+Compares, on the same held-out cases and model (default :class:`models.config.ModelConfig` per family: 3D,
+16x32x32, channels (8, 16, 32), six modalities, 63 subsets):
+
+* ``reference``: one full network forward per subset (``shared_encoding=False``) — the evaluation before
+  ``FusionNet.forward_subsets`` — with HD95 for every subset (the server's former default) and for the full set only;
+* ``shared``: encoders once per batch, fusion + decoder per subset, ``subset_batch`` subsets stacked along the batch
+  axis, HD95 for the full set only (the server's default ``eval-hd95 = "full"``).
+
+Every timed variant's metrics are checked against the reference (max absolute difference printed). The held-out set
+is loaded (and resampled) once before timing, as the server's cached dataset is.
+
+Usage::
+
+    .venv/bin/python bench/subset_eval_speed.py --heldout DATA/heldout [--runs RUNS] [--threads 2]
+
+``--runs`` takes trained weights from ``RUNS/<family>-fusion/checkpoints/last.pt`` (as ``bench/paper_tables.py``
+writes them; realistic predictions make HD95 timings realistic); without it the models are untrained (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAMILIES = ("input", "single", "hierarchical", "attention", "output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--heldout", type=Path, required=True, help="site-layout held-out folder (case folders + labels)")
+    p.add_argument("--runs", type=Path, default=None, help="paper-tables run folder with trained checkpoints")
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--batch-size", type=int, default=2, help="held-out cases per batch (server eval-batch-size)")
+    p.add_argument("--subset-batch", default="1,8,21,63", help="comma-separated subset_batch values to time")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-reference-all-hd95", action="store_true", help="skip the slowest reference variant")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import CaseDataset
+    from models.checkpoint import load_checkpoint
+    from models.config import ModelConfig
+    from models.evaluation import evaluate_subsets
+    from models.network import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        cfg = ModelConfig(family=family)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        source = "untrained"
+        if args.runs is not None:
+            ckpt = args.runs / f"{family}-fusion" / "checkpoints" / "last.pt"
+            if ckpt.exists():
+                state, model_cfg, _ = load_checkpoint(ckpt)
+                if model_cfg != cfg:
+                    cfg = model_cfg
+                    model = build_model(cfg)
+                model.load_state_dict(state)
+                source = str(ckpt)
+        ds = CaseDataset([args.heldout], cfg.modalities, cfg.spatial_size, augment=False, cache=True)
+        cases = [ds[i] for i in range(len(ds))]  # load + resample once (the server caches its dataset too)
+        loader = DataLoader(cases, batch_size=args.batch_size, shuffle=False)
+
+        def timed(**kw: object) -> tuple[float, dict[str, float]]:
+            t0 = time.perf_counter()
+            report = evaluate_subsets(model, loader, "cpu", **kw)
+            return time.perf_counter() - t0, report.to_flat()
+
+        print(f"\n{family} ({source}), {len(cases)} cases, {2 ** len(cfg.modalities) - 1} subsets")
+        variants: list[tuple[str, dict[str, object]]] = []
+        if not args.skip_reference_all_hd95:
+            variants.append(("reference, hd95 every subset", dict(shared_encoding=False, hd95=True)))
+        variants.append(("reference, hd95 full set only", dict(shared_encoding=False, hd95="full")))
+        variants += [(f"shared, subset_batch {k}, hd95 full set only",
+                      dict(shared_encoding=True, hd95="full", subset_batch=int(k)))
+                     for k in args.subset_batch.split(",")]
+        variants.append(("shared, subset_batch 8, no hd95", dict(shared_encoding=True, hd95=False, subset_batch=8)))
+        ref: dict[str, float] | None = None
+        for name, kw in variants:
+            secs, flat = timed(**kw)
+            if ref is None or (kw.get("hd95") == "full" and not kw["shared_encoding"]):
+                ref = flat
+            common = [k for k in flat if k in ref and math.isfinite(flat[k]) and math.isfinite(ref[k])]
+            diff = max(abs(flat[k] - ref[k]) for k in common)
+            print(f"  {name:45s} {secs:7.2f} s   max |metric diff| vs reference {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""FusionNet.forward_subsets (encoders once, fusion + decoder per subset) equals forward() with the subset mask,
+for every family; evaluate_subsets gives the same report on both paths; the server's HD95 setting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.config import FUSION_FAMILIES, ModelConfig
+from models.evaluation import evaluate_subsets
+from models.modalities import subsets
+from models.network import build_model
+from server.evaluation import GlobalEvaluator
+from server.settings import ServerSettings
+
+MODS = ("t1", "t1ce", "flair", "ct", "us")
+
+
+def _keeps(modalities: tuple[str, ...]) -> torch.Tensor:
+    return torch.tensor([[1.0 if m in s else 0.0 for m in modalities] for s in subsets(modalities)])
+
+
+@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("spatial", [(8, 16, 16), (16, 16)], ids=["3d", "2d"])
+def test_forward_subsets_matches_forward_with_the_subset_mask(family: str, spatial: tuple[int, ...]) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, modalities=MODS, spatial_dims=len(spatial), spatial_size=spatial,
+                      channels=(4, 8))
+    model = build_model(cfg).eval()
+    image = torch.randn(3, len(MODS), *spatial)
+    mask = torch.ones(3, len(MODS))
+    mask[1, 3] = 0.0  # case 1 has no CT: its CT channel holds garbage that must not matter
+    image[1, 3] = 1e3
+    keeps = _keeps(MODS)
+    keeps = keeps[((mask[None] * keeps[:, None]).sum(dim=2) > 0).all(dim=1)]  # subsets every case can use
+    with torch.no_grad():
+        outputs = list(model.forward_subsets(image, mask, keeps, subset_batch=4))
+        assert len(outputs) == keeps.shape[0]
+        for keep, (seg, cls) in zip(keeps, outputs):
+            ref_seg, ref_cls = model(image, mask * keep)
+            assert seg.shape == ref_seg.shape and cls.shape == ref_cls.shape
+            torch.testing.assert_close(seg, ref_seg, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cls, ref_cls, atol=1e-5, rtol=0)
+
+
+def test_forward_subsets_respects_site_modalities_and_rejects_empty_subsets() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="output", modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8))
+    model = build_model(cfg).eval()
+    model.set_site_modalities(("t1", "flair", "us"))
+    image = torch.randn(2, len(MODS), 8, 16, 16)
+    mask = torch.tensor([[1.0, 0, 1, 0, 1], [1.0, 0, 0, 0, 1]])
+    keeps = torch.tensor([[1.0, 1, 1, 1, 1], [0.0, 0, 0, 0, 1], [1.0, 1, 0, 0, 0]])
+    with torch.no_grad():
+        for keep, (seg, cls) in zip(keeps, model.forward_subsets(image, mask, keeps)):
+            ref_seg, ref_cls = model(image, mask * keep)
+            torch.testing.assert_close(seg, ref_seg, atol=1e-5, rtol=0)
+            torch.testing.assert_close(cls, ref_cls, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="no modality present"):
+            list(model.forward_subsets(image, mask, torch.tensor([[0.0, 0, 1, 0, 0]])))
+        with pytest.raises(ValueError, match="subset_masks"):
+            list(model.forward_subsets(image, mask, torch.ones(2, 3)))
+
+
+def _batches(modalities: tuple[str, ...], spatial: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(2):
+        mask = torch.ones(2, len(modalities))
+        if i == 1:
+            mask[0, :2] = 0.0  # a case without t1/t1ce: subsets of those only skip it (reference path)
+        out.append({"image": torch.randn(2, len(modalities), *spatial, generator=g), "mask": mask,
+                    "seg": torch.randint(0, 4, (2, *spatial), generator=g), "label": torch.tensor([0, 1])})
+    return out
+
+
+@pytest.mark.parametrize("family", ["input", "attention", "output"])
+def test_evaluate_subsets_shared_path_gives_the_reference_report(family: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mods = ("t1", "t1ce", "ct")
+    cfg = ModelConfig(family=family, modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    model = build_model(cfg)
+    batches = _batches(mods, cfg.spatial_size)
+    fast = evaluate_subsets(model, batches, "cpu", hd95="full", subset_batch=3).to_flat()
+    slow = evaluate_subsets(model, batches, "cpu", hd95="full", shared_encoding=False).to_flat()
+    assert fast.keys() == slow.keys()
+    for k, v in slow.items():
+        assert (math.isnan(v) and math.isnan(fast[k])) or fast[k] == pytest.approx(v, abs=1e-6), k
+    assert fast["t1/cases"] == 3.0 and fast["all/cases"] == 4.0
+    assert "all/hd95-whole" in fast and "t1/hd95-whole" not in fast
+
+
+def test_server_eval_hd95_setting() -> None:
+    assert ServerSettings.from_run_config({}).eval_hd95 == "full"
+    assert ServerSettings.from_run_config({"eval-hd95": "none"}).eval_hd95 == "none"
+    with pytest.raises(ValueError, match="eval-hd95"):
+        ServerSettings.from_run_config({"eval-hd95": "sometimes"})
+
+    torch.set_num_threads(1)
+    mods = ("t1", "ct")
+    cfg = ModelConfig(family="single", modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    items = [{"image": b["image"][j], "mask": b["mask"][j], "seg": b["seg"][j], "label": b["label"][j]}
+             for b in _batches(mods, cfg.spatial_size) for j in range(2)]
+    state = build_model(cfg).state_dict()
+    for hd95, full_has, subset_has in (("full", True, False), ("all", True, True), ("none", False, False)):
+        outcome = GlobalEvaluator(cfg, "unused", device="cpu", dataset=items, hd95=hd95).evaluate(state)
+        assert outcome is not None
+        assert ("all/hd95-whole" in outcome.flat) is full_has
+        assert ("t1/hd95-whole" in outcome.flat) is subset_has
+    with pytest.raises(ValueError, match="eval-hd95"):
+        GlobalEvaluator(cfg, "unused", hd95="sometimes")
