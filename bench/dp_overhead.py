@@ -272,16 +272,10 @@ def main() -> None:
 
 
 def write_docs(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{section}{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## DP-SGD overhead (site training)\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    from simulations.mdsections import write_section
+
+    path = write_section(ROOT / "docs" / "benchmarks.md", "dp-overhead", section,
+                         heading="## DP-SGD overhead (site training)", new_file_title="# Benchmarks")
     print(f"updated {path}")
 
 

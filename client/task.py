@@ -512,6 +512,9 @@ def train_round(
     metrics: dict[str, float] = {"num-examples": float(rt.num_cases), "site-index": rt.settings.site_index}
     finite = [x for x in losses if math.isfinite(x)]
     metrics["train-loss"] = float(sum(finite) / len(finite)) if finite else 0.0
+    # Wall seconds of the local epochs alone (no loading, no transport): bench/round_overhead.py compares the
+    # federation's round time against the sum of these.
+    metrics["train-seconds"] = float(seconds)
     for m in MODALITIES:
         metrics[f"cases-{m}"] = float(rt.counts.get(m, 0))
         metrics[f"has-{m}"] = 1.0 if rt.counts.get(m, 0) > 0 else 0.0

@@ -442,6 +442,7 @@ def generate(
     heldout_cases: int = 12,
     progress: bool = False,
     overwrite: bool = False,
+    missing_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Generate a federation of phantom sites (plus ``heldout/``) under ``out``; return the manifest.
 
@@ -457,6 +458,8 @@ def generate(
         heldout_cases: cases of the server's held-out set (all modalities); 0 writes none.
         progress: show a rich progress bar.
         overwrite: replace an earlier phantom generation in ``out``.
+        missing_fraction: if given, each site lacks this share of the modalities (site level, exact; see
+            :func:`simulations.scenarios.with_missing_fraction`), overriding the scenario's modality choice.
 
     Returns:
         the manifest, also written to ``out/phantoms.json``.
@@ -469,7 +472,7 @@ def generate(
         raise ValueError(f"--shape must be three sizes D H W of at least 8 voxels each, got {tuple(shape)}")
     if heldout_cases < 0:
         raise ValueError(f"--heldout-cases must be 0 or more, got {heldout_cases}")
-    profiles = site_profiles(scenario, sites, cases_per_site, seed)
+    profiles = site_profiles(scenario, sites, cases_per_site, seed, missing_fraction=missing_fraction)
     groups: list[tuple[int, SiteProfile]] = list(enumerate(profiles))
     if heldout_cases:
         groups.append((-1, heldout_profile(heldout_cases)))
@@ -490,6 +493,7 @@ def generate(
         "generator": "fedfusion phantoms",
         "version": 1,
         "scenario": scenario,
+        "missing_fraction": missing_fraction,
         "seed": int(seed),
         "shape": list(shape_t),
         "format": fmt,

@@ -136,11 +136,39 @@ SCENARIOS: dict[str, Callable[[int, int, np.random.Generator], list[SiteProfile]
 }
 
 
-def site_profiles(scenario: str, n_sites: int, cases_per_site: int, seed: int = 0) -> list[SiteProfile]:
-    """The sites of a named scenario, deterministic for ``seed``.
+def with_missing_fraction(sites: list[SiteProfile], fraction: float) -> list[SiteProfile]:
+    """Make each site lack a controlled share of the six modalities (site level: a lacked series is never acquired).
+
+    The federation keeps ``round(N * M * (1 - fraction))`` (site, modality) slots (half up, at least one per site),
+    spread as evenly as possible over the ``N`` sites (site sizes differ by at most one); each site's kept modalities
+    are a window of :data:`MODALITIES` that starts where the previous site's ended, so together the sites cover as
+    many modalities as the slots allow (e.g. 4 sites at 75 %: every modality at exactly one site). Per-case gaps
+    (``missing_rate``) are switched off so the share is exact; the realised share is ``1 - slots / (N * M)``.
 
     Raises:
-        ValueError: for an unknown scenario (listing the known ones) or non-positive sizes.
+        ValueError: for a fraction outside [0, 1).
+    """
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"missing fraction must be in [0, 1) (0 = every site has every modality), got {fraction}")
+    n, m = len(sites), len(MODALITIES)
+    slots = max(n, int(n * m * (1.0 - float(fraction)) + 0.5))
+    out, start = [], 0
+    for i, site in enumerate(sites):
+        k = min(m, slots // n + (1 if i < slots % n else 0))
+        chosen = {MODALITIES[(start + j) % m] for j in range(k)}
+        start = (start + k) % m
+        out.append(replace(site, modalities=tuple(x for x in MODALITIES if x in chosen), missing_rate=0.0))
+    return out
+
+
+def site_profiles(
+    scenario: str, n_sites: int, cases_per_site: int, seed: int = 0, missing_fraction: float | None = None
+) -> list[SiteProfile]:
+    """The sites of a named scenario, deterministic for ``seed``; with ``missing_fraction`` each site then lacks
+    that share of the modalities (:func:`with_missing_fraction`).
+
+    Raises:
+        ValueError: for an unknown scenario (listing the known ones), non-positive sizes or a bad fraction.
     """
     key = scenario.strip().lower()
     if key not in SCENARIOS:
@@ -150,7 +178,10 @@ def site_profiles(scenario: str, n_sites: int, cases_per_site: int, seed: int = 
     if cases_per_site < 1:
         raise ValueError(f"cases per site must be at least 1, got {cases_per_site}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5CE7]))
-    return SCENARIOS[key](n_sites, cases_per_site, rng)
+    sites = SCENARIOS[key](n_sites, cases_per_site, rng)
+    if missing_fraction is not None:
+        sites = with_missing_fraction(sites, missing_fraction)
+    return sites
 
 
 def heldout_profile(cases: int) -> SiteProfile:

@@ -1,0 +1,52 @@
+"""Named experiments (``fedfusion experiment NAME``): each trains a grid of runs and writes a table to its own
+marked section of docs/results.md (``<!-- experiment-NAME:start -->`` ... ``<!-- experiment-NAME:end -->``).
+
+============  =====================================================================================================
+name          what it compares
+============  =====================================================================================================
+``fusion``    the five fusion families vs single-modality baselines, federated
+``missing``   0-75 % missing modalities per site x plain vs modality-aware aggregation x modality dropout on/off
+``privacy``   target epsilon 1, 3, 8, inf (no DP) vs Dice and accuracy
+``settings``  local-only at each site vs federated vs centralized pooled (upper bound), same data and epochs
+============  =====================================================================================================
+
+Budgets (:data:`simulations.experiments.common.BUDGETS`): ``tiny`` (smoke), ``small`` (default), ``full``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: Experiment name -> (module under simulations.experiments, one-line description).
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "fusion": ("fusion", "five fusion families vs single-modality baselines, federated"),
+    "missing": ("missing", "missing modalities per site (0-75 %) x plain/modality-aware aggregation x dropout"),
+    "privacy": ("privacy", "epsilon in {1, 3, 8, inf} vs Dice and accuracy"),
+    "settings": ("settings", "local-only vs federated vs centralized pooled training"),
+}
+
+
+def get(name: str) -> ModuleType:
+    """The experiment module (exposing ``NAME``, ``TITLE``, ``GRID`` where it has one, and ``run(ctx) -> str``).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    key = name.strip().lower()
+    if key not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(f"{__name__}.{EXPERIMENTS[key][0]}")
+
+
+def run(name: str, budget: str = "small", seed: int = 0, **context: object) -> str:
+    """Run experiment ``name`` at ``budget`` with ``seed`` and return the Markdown it wrote.
+
+    Extra keyword arguments go to :class:`simulations.experiments.common.Context` (``work``, ``results``,
+    ``command``, ``progress``, ``write``).
+    """
+    from .common import Context, budget_of
+
+    module = get(name)
+    ctx = Context(budget=budget_of(budget), seed=int(seed), **context)  # type: ignore[arg-type]
+    return module.run(ctx)

@@ -1,0 +1,395 @@
+"""Shared machinery of the experiments: budgets, phantom data, federated / centralized runs, one evaluator, tables.
+
+Every experiment row is evaluated the same way, whatever trained it (federation, one site alone, pooled data):
+the final model (``checkpoints/last.pt``) on the phantom held-out set (every modality for every case), once with
+all of the model's modalities and once with each single modality (:func:`evaluate_checkpoint`, no HD95). The
+federated runs therefore switch the server's own per-round held-out evaluation off (run config ``test-dir`` points
+at a folder that does not exist; the server logs that and goes on): it would evaluate all 63 modality subsets with
+HD95 after the last round, which costs more than the training at these sizes and is not what the tables show.
+
+Virtual sites get a privacy policy (``RUN/site-state/SITE/privacy-policy.toml``) that admits the experiment's
+settings: non-private runs (``allow-no-dp``; needed for the epsilon = inf row and the non-DP comparisons) and any
+noise multiplier (``min-noise-multiplier = 0``, so large-epsilon rows are not declined). Real sites keep their own
+policies; this only stands in for the sites' consent in a simulation.
+
+Reproducibility: the seed fixes the phantoms (anatomy, labels, scanners), the model initialisation and every site's
+training RNG (``seed`` run config key); each finished run caches its outcome (``RUN/outcome.json``, keyed by the
+run's settings) so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.modalities import MODALITIES, canonical, subset_name
+
+from ..mdsections import write_section
+
+log = logging.getLogger("fedfusion.experiment")
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "results.md"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big every run of an experiment is (the same for all rows of one table).
+
+    Attributes:
+        name: ``tiny`` (smoke tests, ~1-2 min per experiment on 2 cores), ``small`` (default, minutes) or ``full``.
+        sites / cases_per_site / heldout_cases: phantom federation size (experiments may ask for more sites).
+        shape: phantom grid = model input ``(D, H, W)`` in voxels.
+        channels: encoder widths per level (run config ``model-channels``).
+        rounds / local_epochs: federated rounds and local epochs per round; local-only and centralized runs train
+            ``rounds * local_epochs`` epochs (the same number of passes over their data).
+        lr / batch_size: Adam learning rate and batch size (cases), everywhere.
+        eval_batch: held-out cases per forward pass in :func:`evaluate_checkpoint`.
+    """
+
+    name: str
+    sites: int
+    cases_per_site: int
+    heldout_cases: int
+    shape: tuple[int, int, int]
+    channels: str
+    rounds: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    eval_batch: int = 8
+
+    def describe(self) -> str:
+        return (
+            f"budget `{self.name}`: {self.cases_per_site} cases per site, {self.heldout_cases} held-out cases, grid "
+            f"{'x'.join(map(str, self.shape))}, channels ({self.channels}), {self.rounds} rounds x "
+            f"{self.local_epochs} local epoch(s), Adam lr {self.lr:g}, batch {self.batch_size}"
+        )
+
+
+BUDGETS: dict[str, Budget] = {
+    "tiny": Budget("tiny", sites=2, cases_per_site=4, heldout_cases=4, shape=(8, 16, 16), channels="4,8",
+                   rounds=2, local_epochs=1, lr=3e-3, batch_size=2, eval_batch=4),
+    "small": Budget("small", sites=3, cases_per_site=8, heldout_cases=8, shape=(16, 32, 32), channels="4,8,16",
+                    rounds=4, local_epochs=1, lr=3e-3, batch_size=4),
+    "full": Budget("full", sites=4, cases_per_site=16, heldout_cases=16, shape=(16, 32, 32), channels="8,16,32",
+                   rounds=10, local_epochs=2, lr=3e-3, batch_size=4),
+}
+
+
+def budget_of(name: str) -> Budget:
+    """The named budget. Raises ValueError listing the known ones."""
+    key = name.strip().lower()
+    if key not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
+    return BUDGETS[key]
+
+
+@dataclass
+class Context:
+    """One experiment invocation: budget, seed, where runs go, where the table goes, how it was started."""
+
+    budget: Budget
+    seed: int = 0
+    work: Path = ROOT / "runs" / "experiments"
+    results: Path = RESULTS
+    command: str = ""
+    progress: bool = False
+    write: bool = True
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work)
+        self.results = Path(self.results)
+
+
+@dataclass
+class Outcome:
+    """One trained-and-evaluated row: its held-out metrics and what it cost.
+
+    Attributes:
+        label: row name.
+        metrics: ``all/<metric>`` (all model modalities present), ``<modality>/<metric>`` (one modality present),
+            ``single-mean/dice-whole`` and ``single-worst/dice-whole`` (over the single modalities; only for models
+            with more than one modality), plus run extras (``epsilon-spent``, ``noise-multiplier``, ...).
+        seconds: wall time of training (simulation or centralized loop), excluding the evaluation.
+        run_dir: the run directory.
+    """
+
+    label: str
+    metrics: dict[str, float]
+    seconds: float
+    run_dir: str
+
+    def get(self, key: str) -> float:
+        return float(self.metrics.get(key, math.nan))
+
+
+# ----------------------------------------------------------------------------------------------- data and runs
+def phantoms(ctx: Context, scenario: str, *, sites: int | None = None,
+             missing_fraction: float | None = None) -> Path:
+    """Phantom federation for this budget and seed (NIfTI, generated once and reused by every row)."""
+    from simulations.phantom_writers import PARTIAL_MARKER, generate
+
+    b = ctx.budget
+    n = sites or b.sites
+    tag = f"-missing{int(round(missing_fraction * 100)):02d}" if missing_fraction is not None else ""
+    data = ctx.work / "data" / (
+        f"{scenario}{tag}-s{n}x{b.cases_per_site}-h{b.heldout_cases}-{'x'.join(map(str, b.shape))}-seed{ctx.seed}"
+    )
+    if not (data / "phantoms.json").exists() or (data / PARTIAL_MARKER).exists():
+        generate(data, sites=n, cases_per_site=b.cases_per_site, seed=ctx.seed, scenario=scenario, shape=b.shape,
+                 fmt="nifti", heldout_cases=b.heldout_cases, overwrite=True, missing_fraction=missing_fraction)
+    return data
+
+
+def base_overrides(ctx: Context) -> dict[str, Any]:
+    """Run config shared by every federated row of a budget (non-private; experiments override keys)."""
+    b = ctx.budget
+    return {
+        "num-server-rounds": b.rounds,
+        "local-epochs": b.local_epochs,
+        "lr": b.lr,
+        "batch-size": b.batch_size,
+        "model-channels": b.channels,
+        "model-spatial-size": ",".join(map(str, b.shape)),
+        "seed": ctx.seed,
+        "dp-enabled": False,
+        "eval-every": 0,
+        "eval-batch-size": b.eval_batch,
+    }
+
+
+def _key(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(run_dir: Path, key: str) -> Outcome | None:
+    path = run_dir / "outcome.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != key:
+        return None
+    log.info("reusing finished run %s", run_dir)
+    return Outcome(label=data["label"], metrics=data["metrics"], seconds=data["seconds"], run_dir=data["run_dir"])
+
+
+def _store(run_dir: Path, key: str, outcome: Outcome) -> Outcome:
+    (run_dir / "outcome.json").write_text(json.dumps({"key": key, **asdict(outcome)}, indent=2, default=str))
+    return outcome
+
+
+def permit_experiment_policies(run_dir: Path, data: Path) -> None:
+    """Let the virtual sites of ``data`` accept non-private runs and any noise (see the module docstring)."""
+    from client.privacy.policy import write_policy_file
+    from simulations.simulate import site_dirs
+
+    for site in site_dirs(data):
+        write_policy_file(run_dir / "site-state" / site.name, {"allow-no-dp": True, "min-noise-multiplier": 0.0})
+
+
+def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, Any],
+                  extras: Callable[[Path], dict[str, float]] | None = None) -> Outcome:
+    """Run (or reuse) a federated simulation of ``data`` with ``base_overrides`` + ``overrides`` and evaluate it."""
+    from simulations.simulate import simulate
+
+    cfg = {**base_overrides(ctx), **overrides}
+    run_dir = ctx.work / "runs" / ctx.budget.name / label
+    key = _key({"kind": "federated", "data": str(data), **cfg})
+    cached = _cached(run_dir, key)
+    if cached is not None:
+        return cached
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale or interrupted run: start clean (site ledgers included)
+    run_dir.mkdir(parents=True)
+    permit_experiment_policies(run_dir, data)
+    cfg["test-dir"] = str(run_dir / "no-server-eval")  # see the module docstring: the experiment evaluates
+    log.info("federated run %s: %s", label, cfg)
+    with _quiet_flower(not ctx.progress):
+        result = simulate(run_dir, data=data, overrides=cfg, progress=ctx.progress, report=False)
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        raise RuntimeError(f"federated run {label} left no checkpoint ({ckpt}); see {run_dir / 'flower.log'}")
+    metrics = evaluate_checkpoint(ckpt, data / "heldout", batch_size=ctx.budget.eval_batch)
+    metrics.update(site_train_summary(run_dir))
+    if extras is not None:
+        metrics.update(extras(run_dir))
+    return _store(run_dir, key, Outcome(label, metrics, result.wall_seconds, str(run_dir)))
+
+
+@contextlib.contextmanager
+def _quiet_flower(quiet: bool) -> Iterator[None]:
+    """Keep Flower's console lines off while a quiet experiment runs (they still go to ``RUN/flower.log``)."""
+    import flwr.common.logger  # noqa: F401 - installs Flower's console handler, which we then quiet
+
+    handlers = [h for h in logging.getLogger("flwr").handlers if not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in handlers]
+    if quiet:
+        for h in handlers:
+            h.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)
+
+
+def run_central(ctx: Context, label: str, data: Path, *, family: str = "attention",
+                modalities: Sequence[str] = MODALITIES, modality_dropout: float = 0.25,
+                heldout: Path | None = None) -> Outcome:
+    """Train on ``data`` (a data root: pooled sites; or one site folder: local-only) for ``rounds * local_epochs``
+    epochs with the federated rows' optimizer, lr, batch size and model, and evaluate like them."""
+    import torch
+
+    from simulations.central import CentralSettings, train_central
+
+    b = ctx.budget
+    heldout = heldout or (data / "heldout")
+    settings = CentralSettings(
+        data=data, out=ctx.work / "runs" / b.name / label, family=family, modalities=tuple(canonical(modalities)),
+        epochs=b.rounds * b.local_epochs, lr=b.lr, optimizer="adam", batch_size=b.batch_size, spatial_size=b.shape,
+        channels=tuple(int(c) for c in b.channels.split(",")), modality_dropout=modality_dropout, seed=ctx.seed,
+        heldout=heldout, eval_every=0, eval_subsets="full", final_subsets="full", hd95=False, progress=ctx.progress,
+    )
+    run_dir = Path(settings.out)
+    key = _key({"kind": "central", **settings.to_json_dict()})
+    cached = _cached(run_dir, key)
+    if cached is not None:
+        return cached
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    threads = torch.get_num_threads()
+    try:
+        result = train_central(settings)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", heldout, batch_size=b.eval_batch)
+    return _store(run_dir, key, Outcome(label, metrics, result.seconds, str(run_dir)))
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+#: Metrics kept per evaluated subset (models.metrics names).
+KEPT = ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "auroc", "f1", "recall", "specificity")
+
+
+def evaluate_checkpoint(ckpt: Path, heldout: Path, *, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
+    """Held-out metrics of a checkpoint: all model modalities, and each single modality (see :class:`Outcome`)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import CaseDataset
+    from models.checkpoint import load_checkpoint
+    from models.evaluation import evaluate_subsets
+    from models.network import build_model
+    from models.training import resolve_device
+
+    state, cfg, _meta = load_checkpoint(ckpt)
+    dev = resolve_device(device)
+    model = build_model(cfg).to(dev)
+    model.load_state_dict(state)
+    model.eval()
+    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
+                     cache=True)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
+    singles = [(m,) for m in cfg.modalities] if len(cfg.modalities) > 1 else []
+    report = evaluate_subsets(model, loader, dev, [tuple(cfg.modalities), *singles], hd95=False)
+    out: dict[str, float] = {}
+    for k in KEPT:
+        out[f"all/{k}"] = float(report.rows[subset_name(cfg.modalities)].get(k, math.nan))
+    dice_singles = []
+    for (m,) in singles:
+        row = report.rows[subset_name((m,))]
+        for k in ("dice-whole", "accuracy"):
+            out[f"{m}/{k}"] = float(row.get(k, math.nan))
+        dice_singles.append(out[f"{m}/dice-whole"])
+    if dice_singles:
+        out["single-mean/dice-whole"] = float(sum(dice_singles) / len(dice_singles))
+        out["single-worst/dice-whole"] = float(min(dice_singles))
+    out["held-out-cases"] = float(len(ds))
+    return out
+
+
+def site_train_summary(run_dir: Path) -> dict[str, float]:
+    """From a federated run's metrics log: the last round's highest epsilon spent by a site, its noise multiplier,
+    the sites that trained in the last round, and the sites' summed local training seconds over all rounds."""
+    from models.runlog import iter_metrics
+
+    last: dict[str, dict[str, float]] = {}
+    last_round = 0
+    train_seconds = 0.0
+    for rec in iter_metrics(Path(run_dir) / "metrics.jsonl"):
+        if rec["phase"] != "train" or not str(rec["scope"]).startswith("site-") or rec["value"] is None:
+            continue
+        if rec["metric"] == "train-seconds":
+            train_seconds += float(rec["value"])
+        if rec["round"] > last_round:
+            last_round, last = rec["round"], {}
+        last.setdefault(rec["scope"], {})[rec["metric"]] = float(rec["value"])
+    trained = [m for m in last.values() if m.get("declined", 0.0) == 0.0 and "train-loss" in m]
+    out = {"sites-trained-last-round": float(len(trained)), "last-round": float(last_round)}
+    if trained:
+        out["epsilon-spent"] = max(m.get("epsilon-total", 0.0) for m in trained)
+        out["noise-multiplier"] = max(m.get("noise-multiplier", 0.0) for m in trained)
+        out["train-loss-last"] = sum(m["train-loss"] for m in trained) / len(trained)
+    if train_seconds:
+        out["site-train-seconds"] = train_seconds
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+def fmt(v: float | None, digits: int = 3) -> str:
+    """A table cell: ``n/a`` for missing or non-finite values."""
+    if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> str:
+    """A GitHub Markdown table; columns from ``align_right_from`` on are right-aligned (numbers)."""
+    sep = ["---" if i < align_right_from else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def section_name(experiment: str) -> str:
+    """The docs/results.md section an experiment owns."""
+    return f"experiment-{experiment}"
+
+
+def provenance(ctx: Context, experiment: str) -> str:
+    """The line that says how, when and at what budget a table was made."""
+    import torch
+
+    minutes = (time.time() - ctx.started) / 60.0
+    command = ctx.command or f"fedfusion experiment {experiment} --budget {ctx.budget.name} --seed {ctx.seed}"
+    return (
+        f"Generated {_dt.date.today().isoformat()} by `{command}` (seed {ctx.seed}; {ctx.budget.describe()}; "
+        f"{minutes:.0f} min on {platform.machine()} with torch {torch.__version__.split('+')[0]}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}). Phantom data: numbers say how the methods compare "
+        "on synthetic multimodal phantoms, nothing about clinical accuracy."
+    )
+
+
+def write_result(ctx: Context, experiment: str, title: str, body: str) -> Path | None:
+    """Write an experiment's section (title, provenance, body) to ``ctx.results`` unless ``ctx.write`` is off."""
+    text = f"## {title}\n\n{provenance(ctx, experiment)}\n\n{body.strip()}\n"
+    if not ctx.write:
+        print(text)
+        return None
+    return write_section(ctx.results, section_name(experiment), text)

@@ -1,0 +1,93 @@
+"""Experiment ``fusion``: the five fusion families vs single-modality baselines, all trained federated.
+
+Every row is a federated simulation of the same phantom federation (scenario ``scanner-skew``: every site has all
+six modalities, scanners differ), the same budget and seed, without DP, with modality-aware aggregation. Fusion
+rows use all six modalities; baselines are one-modality networks (``input`` family over a single channel). All rows
+are evaluated on the same held-out cases: with all of the row's modalities, and (fusion rows) with each single
+modality present, which shows how well a fused model degrades when only one series is available.
+"""
+
+from __future__ import annotations
+
+from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
+
+NAME = "fusion"
+TITLE = "Experiment `fusion`: fusion families vs single-modality baselines (federated)"
+FAMILIES = ("input", "single", "hierarchical", "attention", "output")
+
+#: Budget -> (fusion families, single-modality baselines).
+GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "tiny": (("attention",), ("ct",)),
+    "small": (FAMILIES, ("flair", "ct", "us")),
+    "full": (FAMILIES, ("t1", "t1ce", "t2", "flair", "ct", "us")),
+}
+
+
+def run(ctx: Context) -> str:
+    """Train every row, write the section, return its Markdown body."""
+    families, baselines = GRID[ctx.budget.name]
+    data = phantoms(ctx, "scanner-skew")
+    fused: list[Outcome] = [run_federated(ctx, f"fusion-{f}", data, {"model-family": f}) for f in families]
+    single: list[Outcome] = [
+        run_federated(ctx, f"fusion-only-{m}", data, {"model-family": "input", "model-modalities": m,
+                                                      "model-modality-dropout": 0.0})
+        for m in baselines
+    ]
+    headers = ["model", "modalities", "Dice whole", "Dice core", "Dice enh.", "accuracy", "AUROC",
+               "Dice whole, one modality (mean / worst)", "train s"]
+    rows = []
+    for f, o in zip(families, fused):
+        rows.append([f"{f} fusion", "all six", fmt(o.get("all/dice-whole")), fmt(o.get("all/dice-core")),
+                     fmt(o.get("all/dice-enhancing")), fmt(o.get("all/accuracy")), fmt(o.get("all/auroc")),
+                     f"{fmt(o.get('single-mean/dice-whole'))} / {fmt(o.get('single-worst/dice-whole'))}",
+                     f"{o.seconds:.0f}"])
+    for m, o in zip(baselines, single):
+        rows.append([f"{m} only", m, fmt(o.get("all/dice-whole")), fmt(o.get("all/dice-core")),
+                     fmt(o.get("all/dice-enhancing")), fmt(o.get("all/accuracy")), fmt(o.get("all/auroc")),
+                     "—", f"{o.seconds:.0f}"])
+    body = [
+        f"{ctx.budget.sites} phantom sites (scenario `scanner-skew`: all six modalities everywhere, different "
+        "scanners), FedAvg with modality-aware aggregation, no DP, modality dropout 0.25 for fusion rows (0 for "
+        "one-modality rows). Metrics: held-out means; \"one modality\" = the fusion model given a single series "
+        "(mean and worst over the six). `train s` = simulation wall time.",
+        "",
+        markdown_table(headers, rows, align_right_from=2),
+        "",
+        "### What the numbers say",
+        "",
+        *findings(families, fused, baselines, single),
+    ]
+    text = "\n".join(body)
+    write_result(ctx, NAME, TITLE, text)
+    return text
+
+
+def findings(families: tuple[str, ...], fused: list[Outcome], baselines: tuple[str, ...],
+             single: list[Outcome]) -> list[str]:
+    """Plain statements computed from the rows (no claim the numbers do not carry)."""
+    out: list[str] = []
+    if fused:
+        best = max(zip(families, fused), key=lambda t: _val(t[1].get("all/dice-whole")))
+        worst = min(zip(families, fused), key=lambda t: _val(t[1].get("all/dice-whole")))
+        out.append(f"- Best fusion family by whole-tumour Dice: `{best[0]}` ({fmt(best[1].get('all/dice-whole'))}); "
+                   f"weakest: `{worst[0]}` ({fmt(worst[1].get('all/dice-whole'))}).")
+    if single and fused:
+        best_single = max(zip(baselines, single), key=lambda t: _val(t[1].get("all/dice-whole")))
+        better = [f for f, o in zip(families, fused)
+                  if _val(o.get("all/dice-whole")) > _val(best_single[1].get("all/dice-whole"))]
+        out.append(f"- Best single-modality baseline: `{best_single[0]}` "
+                   f"({fmt(best_single[1].get('all/dice-whole'))}); fusion families above it: "
+                   f"{', '.join(f'`{f}`' for f in better) if better else 'none'}.")
+        if len(better) < len(families):
+            out.append(
+                "- Why fusion does not always beat one series here: in the phantoms FLAIR alone outlines the whole "
+                "tumour (oedema-vs-brain CNR 3.1, docs/phantoms.md), so whole-tumour Dice needs no second series, "
+                "while a six-encoder network has about six times the encoder parameters to fit from the same few "
+                "cases and rounds. The sub-regions (core: T1, enhancing rim: T1ce) and the malignancy label need "
+                "complementary contrasts, so that is where fusion is expected to pay off first."
+            )
+    return out
+
+
+def _val(v: float) -> float:
+    return v if v == v else -1.0  # NaN sorts last

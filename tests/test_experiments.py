@@ -1,0 +1,166 @@
+"""Experiments' building blocks: registry, CLI, marked sections, missing-modality phantoms, log parsers, and the
+shared evaluator on a tiny checkpoint. (A whole experiment, even at the ``tiny`` budget, starts Ray several times
+and takes over a minute on 2 cores; it is run by hand: ``fedfusion experiment fusion --budget tiny``.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations import experiments
+from simulations.experiments.common import BUDGETS, budget_of, markdown_table, section_name, site_train_summary
+from simulations.mdsections import markers, read_section, write_section
+
+
+# ------------------------------------------------------------------------------------------------- registry
+def test_registry_names_modules_and_grids() -> None:
+    assert set(experiments.EXPERIMENTS) == {"fusion", "missing", "privacy", "settings"}
+    for name in experiments.EXPERIMENTS:
+        mod = experiments.get(name)
+        assert mod.NAME == name and callable(mod.run) and mod.TITLE
+        if hasattr(mod, "GRID"):  # every budget has a grid
+            assert set(mod.GRID) == set(BUDGETS)
+    with pytest.raises(ValueError, match="unknown experiment 'nope'; choose one of fusion"):
+        experiments.get("nope")
+    with pytest.raises(ValueError, match="unknown budget"):
+        budget_of("huge")
+    assert budget_of(" Small ").name == "small"
+
+
+def test_missing_grid_spans_zero_to_75_percent_both_aggregations_and_dropout() -> None:
+    from simulations.experiments.missing import GRID
+
+    fractions, aggregations, dropouts, _ = GRID["small"]
+    assert min(fractions) == 0.0 and max(fractions) == 0.75
+    assert set(aggregations) == {"plain", "modality-aware"} and 0.0 in dropouts and max(dropouts) > 0
+
+
+def test_cli_lists_experiment_and_rejects_unknown_names() -> None:
+    from typer.testing import CliRunner
+
+    from fedfusion.cli import app
+
+    runner = CliRunner()
+    assert "--budget" in runner.invoke(app, ["experiment", "--help"]).output
+    bad = runner.invoke(app, ["experiment", "nope", "--budget", "tiny"])
+    assert bad.exit_code != 0 and "unknown experiment" in bad.output
+    bad = runner.invoke(app, ["experiment", "fusion", "--budget", "huge"])
+    assert bad.exit_code != 0 and "unknown budget" in bad.output
+
+
+# ------------------------------------------------------------------------------------------- marked sections
+def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    path = tmp_path / "results.md"
+    write_section(path, "paper-tables", "paper table v1")
+    write_section(path, section_name("fusion"), "## fusion\n\nrow A", heading="<!-- heading kept -->")
+    text = path.read_text()
+    assert text.startswith("# fedfusion results\n") and "<!-- heading kept -->" in text
+    assert text.index(markers("paper-tables")[0]) < text.index(markers("experiment-fusion")[0])
+    path.write_text(text + "\nhand-written notes stay\n")
+
+    write_section(path, "experiment-fusion", "## fusion\n\nrow B")
+    text = path.read_text()
+    assert read_section(path, "experiment-fusion") == "## fusion\n\nrow B" and "row A" not in text
+    assert read_section(path, "paper-tables") == "paper table v1"
+    assert "hand-written notes stay" in text and text.count("<!-- heading kept -->") == 1
+    # A body that already carries its markers (bench/paper_tables.py style) is not double-marked.
+    start, end = markers("paper-tables")
+    write_section(path, "paper-tables", f"{start}\npaper table v2\n{end}\n")
+    assert path.read_text().count(start) == 1 and read_section(path, "paper-tables") == "paper table v2"
+    assert read_section(path, "experiment-missing") is None
+    with pytest.raises(ValueError, match="section name"):
+        markers("Bad Name")
+
+
+def test_markdown_table_shape() -> None:
+    table = markdown_table(["a", "b"], [["x", "1.000"]]).splitlines()
+    assert table == ["| a | b |", "| --- | ---: |", "| x | 1.000 |"]
+
+
+# ------------------------------------------------------------------------------------ missing-modality phantoms
+@pytest.mark.parametrize("n_sites", [3, 4])
+def test_missing_fraction_is_realised_per_site_and_covers_modalities(n_sites: int) -> None:
+    from models.modalities import MODALITIES
+    from simulations.scenarios import site_profiles
+
+    for fraction in (0.0, 0.25, 0.5, 0.75):
+        sites = site_profiles("iid", n_sites, 5, seed=1, missing_fraction=fraction)
+        kept = [len(s.modalities) for s in sites]
+        realised = 1 - sum(kept) / (len(MODALITIES) * n_sites)
+        assert abs(realised - fraction) <= 0.5 / n_sites + 1e-9  # rounding of N*M*(1-f) slots only
+        assert max(kept) - min(kept) <= 1 and min(kept) >= 1
+        assert all(s.missing_rate == 0.0 for s in sites)
+        covered = set().union(*(s.modalities for s in sites))
+        assert len(covered) == min(len(MODALITIES), sum(kept))
+    assert [s.modalities for s in site_profiles("iid", 4, 5, missing_fraction=0.75)] == [
+        ("t1", "t1ce"), ("t2", "flair"), ("ct",), ("us",)]
+    with pytest.raises(ValueError, match="missing fraction"):
+        site_profiles("iid", 3, 5, missing_fraction=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ log parsers
+def test_round_overhead_parsers(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from round_overhead import round_walls, site_train_seconds
+
+    log = tmp_path / "flower.log"
+    log.write_text(
+        "2026-01-01 10:00:00,000 INFO Initial global evaluation results: None\n"
+        "2026-01-01 10:00:01,000 INFO [ROUND 1/2]\n"
+        "2026-01-01 10:00:05,500 INFO configure_train: Sampled 2 nodes\n"
+        "2026-01-01 10:00:11,000 INFO [ROUND 2/2]\n"
+        "2026-01-01 10:00:14,250 INFO Strategy execution finished in 13.25s\n"
+    )
+    assert round_walls(log) == {1: 10.0, 2: 3.25}
+    metrics = tmp_path / "metrics.jsonl"
+    recs = [
+        {"round": 1, "phase": "train", "scope": "site-1", "metric": "train-seconds", "value": 2.0},
+        {"round": 1, "phase": "train", "scope": "site-2", "metric": "train-seconds", "value": 3.0},
+        {"round": 1, "phase": "train", "scope": "global", "metric": "train-seconds", "value": 2.5},
+        {"round": 2, "phase": "train", "scope": "site-1", "metric": "train-seconds", "value": 1.0},
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert site_train_seconds(metrics) == {1: [2.0, 3.0], 2: [1.0]}
+
+
+def test_site_train_summary_reads_last_round_privacy(tmp_path: Path) -> None:
+    recs = []
+    for rnd, eps in ((1, 2.0), (2, 4.0)):
+        for site, extra in (("site-1", 0.0), ("site-2", 0.5)):
+            for metric, value in (("train-loss", 1.0 / rnd), ("epsilon-total", eps + extra),
+                                  ("noise-multiplier", 1.5), ("train-seconds", 2.0)):
+                recs.append({"round": rnd, "phase": "train", "scope": site, "metric": metric, "value": value})
+    recs.append({"round": 2, "phase": "train", "scope": "site-3", "metric": "declined", "value": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = site_train_summary(tmp_path)
+    assert s["epsilon-spent"] == 4.5 and s["noise-multiplier"] == 1.5 and s["sites-trained-last-round"] == 2
+    assert s["site-train-seconds"] == 8.0 and s["last-round"] == 2
+
+
+# --------------------------------------------------------------------------------------------- shared evaluator
+def test_evaluate_checkpoint_reports_full_and_single_modality_rows(tmp_path: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from models.checkpoint import save_checkpoint
+    from models.config import ModelConfig
+    from models.network import build_model
+    from simulations.experiments.common import evaluate_checkpoint
+    from simulations.phantom_writers import generate
+
+    generate(tmp_path / "data", sites=1, cases_per_site=1, seed=0, scenario="iid", shape=(8, 16, 16), fmt="nifti",
+             heldout_cases=2)
+    cfg = ModelConfig(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
+                      channels=(4, 8), attention_heads=2)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "last.pt", build_model(cfg).state_dict(), cfg, round=1)
+    m = evaluate_checkpoint(tmp_path / "last.pt", tmp_path / "data" / "heldout", batch_size=2, device="cpu")
+    assert m["held-out-cases"] == 2
+    for key in ("all/dice-whole", "all/accuracy", "t1/dice-whole", "ct/dice-whole"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["single-mean/dice-whole"] == pytest.approx((m["t1/dice-whole"] + m["ct/dice-whole"]) / 2)
+    assert m["single-worst/dice-whole"] == min(m["t1/dice-whole"], m["ct/dice-whole"])
