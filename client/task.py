@@ -18,10 +18,9 @@ Where a site's settings come from:
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 import logging
+import re
 import math
 import os
 import threading
@@ -184,12 +183,11 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
             site_dirs=[settings.site_dir], modalities=cfg.modalities, spatial_size=cfg.spatial_size,
             augment=False, cache=True, cache_dir=settings.state_dir / "preprocessed",
         )
-        params = inspect.signature(CaseDataset).parameters
         if settings.series_map is not None:
             kwargs["series_mapping"] = settings.series_map
         t0 = time.perf_counter()
         try:
-            ds = CaseDataset(**{k: v for k, v in kwargs.items() if k in params})
+            ds = CaseDataset(**kwargs)
         except (ValueError, OSError) as exc:
             # The message names local paths: it stays in the site log; the server gets a generic reason.
             log.error("site %s: no usable data: %s", settings.site_name, exc)
@@ -209,16 +207,9 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
 def modality_counts(dataset: Any, modalities: tuple[str, ...]) -> dict[str, int]:
     """Cases carrying each modality of :data:`MODALITIES` (0 for modalities the run does not use)."""
     counts: dict[str, int] = {m: 0 for m in MODALITIES}
-    got = dataset.modality_counts() if hasattr(dataset, "modality_counts") else None
-    if got is None:  # fall back to reading masks
-        for i in range(len(dataset)):
-            mask = dataset[i]["mask"]
-            for j, m in enumerate(modalities):
-                counts[m] += int(float(mask[j]) > 0.5)
-    else:
-        for m, n in dict(got).items():
-            if m in counts:
-                counts[m] = int(n)
+    for m, n in dataset.modality_counts().items():
+        if m in counts:
+            counts[m] = int(n)
     return counts
 
 
@@ -310,11 +301,9 @@ def _make_loss() -> Any:
 
 
 def _make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    from models import training
+    from models.training import make_optimizer
 
-    if hasattr(training, "make_optimizer"):
-        return training.make_optimizer(model, lr=lr)
-    return torch.optim.SGD(model.parameters(), lr=lr)  # pragma: no cover
+    return make_optimizer(model, lr=lr)
 
 
 def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[SiteRuntime, SitePolicy]:
@@ -446,10 +435,7 @@ def _train_epoch(rt: SiteRuntime, module: Any, loader: Any, optimizer: Any, loss
 
 
 def _loss_of(stats: Mapping[str, Any]) -> float:
-    for key in ("loss", "train-loss", "mean_loss", "total"):
-        if key in stats:
-            return float(stats[key])
-    return float("nan")
+    return float(stats.get("loss", float("nan")))
 
 
 def train_round(
@@ -540,8 +526,6 @@ def train_round(
                         "noise-multiplier": 0.0, "max-grad-norm": 0.0})
         log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
                     rt.settings.site_name, server_round, metrics["train-loss"], seconds)
-    if accountant is not None and rt.private is None:  # pragma: no cover - defensive
-        raise SiteDecline(replies.SITE_FAILURE, "DP requested but the private engine is missing")
     state_out = {k: v.detach().cpu().clone() for k, v in rt.model.state_dict().items()}
     return state_out, metrics
 
