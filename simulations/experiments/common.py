@@ -393,3 +393,23 @@ def write_result(ctx: Context, experiment: str, title: str, body: str) -> Path |
         print(text)
         return None
     return write_section(ctx.results, section_name(experiment), text)
+
+
+def budget_notes(outcomes: Sequence[Outcome]) -> list[str]:
+    """Say which columns cannot rank the rows at this budget (computed from the rows, so it disappears when the
+    models do learn those targets)."""
+    out: list[str] = []
+    accs = [o.get("all/accuracy") for o in outcomes]
+    if accs and all(math.isfinite(a) and abs(a - 0.5) < 1e-6 for a in accs):
+        out.append(
+            "- No row's classifier has left a constant prediction at this budget: accuracy is 0.500 everywhere, the "
+            "base rate of the balanced held-out set (AUROC, computed from the probabilities, still varies but on "
+            "few cases). The classification columns do not rank the rows here; `--budget full` trains longer."
+        )
+    sub = [max(o.get("all/dice-core"), o.get("all/dice-enhancing")) for o in outcomes]
+    if sub and all(math.isfinite(s) and s < 0.1 for s in sub):
+        out.append(
+            "- Sub-region Dice (core, enhancing rim) stays below 0.1 in every row: the small regions are not learnt "
+            "yet at this budget, so whole-tumour Dice is the column that separates the rows."
+        )
+    return out

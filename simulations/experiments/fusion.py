@@ -9,7 +9,7 @@ modality present, which shows how well a fused model degrades when only one seri
 
 from __future__ import annotations
 
-from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
+from .common import Context, Outcome, budget_notes, fmt, markdown_table, phantoms, run_federated, write_result
 
 NAME = "fusion"
 TITLE = "Experiment `fusion`: fusion families vs single-modality baselines (federated)"
@@ -56,6 +56,7 @@ def run(ctx: Context) -> str:
         "### What the numbers say",
         "",
         *findings(families, fused, baselines, single),
+        *budget_notes(fused + single),
     ]
     text = "\n".join(body)
     write_result(ctx, NAME, TITLE, text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
+from .common import Context, Outcome, budget_notes, fmt, markdown_table, phantoms, run_federated, write_result
 
 NAME = "privacy"
 TITLE = "Experiment `privacy`: privacy budget epsilon vs Dice and accuracy (federated, DP-SGD)"
@@ -55,6 +55,7 @@ def run(ctx: Context) -> str:
         "### What the numbers say",
         "",
         *findings(results),
+        *budget_notes([o for _, o in results]),
     ]
     text = "\n".join(body)
     write_result(ctx, NAME, TITLE, text)

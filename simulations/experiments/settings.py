@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .common import Context, Outcome, fmt, markdown_table, phantoms, run_central, run_federated, write_result
+from .common import Context, Outcome, budget_notes, fmt, markdown_table, phantoms, run_central, run_federated, write_result
 
 NAME = "settings"
 TITLE = "Experiment `settings`: local-only vs federated vs centralized pooled training"
@@ -53,6 +53,7 @@ def run(ctx: Context) -> str:
         "### What the numbers say",
         "",
         *findings(mean, fed, central),
+        *budget_notes([*local, fed, central]),
     ]
     text = "\n".join(body)
     write_result(ctx, NAME, TITLE, text)
