@@ -164,3 +164,28 @@ def test_evaluate_checkpoint_reports_full_and_single_modality_rows(tmp_path: Pat
         assert 0.0 <= m[key] <= 1.0, key
     assert m["single-mean/dice-whole"] == pytest.approx((m["t1/dice-whole"] + m["ct/dice-whole"]) / 2)
     assert m["single-worst/dice-whole"] == min(m["t1/dice-whole"], m["ct/dice-whole"])
+
+
+# ---------------------------------------------------------------------- small DP sites (found by bench/scale.py)
+def test_poisson_loader_builds_an_empty_first_batch_of_dict_items() -> None:
+    """50 sites x 4 cases: ~6 % of sites drew an empty first Poisson batch and Opacus failed on dict items."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, Dataset
+
+    from client.privacy.engine import seed_empty_batch_template
+
+    class Cases(Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": torch.ones(2, 4, 4), "label": torch.tensor(1)}
+
+    loader = DPDataLoader.from_data_loader(DataLoader(Cases(), batch_size=2),
+                                           generator=torch.Generator().manual_seed(0))
+    loader.batch_sampler.sample_rate = 1e-12  # every Poisson batch is empty
+    seed_empty_batch_template(loader)
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (0, 2, 4, 4) and batch["label"].dtype == torch.int64
