@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Ideal (no overhead, {min(ncpu, args.sites)} sites in parallel): ~{1 / min(ncpu, args.sites):.2f}. "
         + (f"Median ratio from round 2 on: {statistics.median(steady):.2f}. " if steady else "")
+        + "A round's wall time also holds the sites' evaluation of the new global model (Flower's evaluate phase, "
+        "fraction-evaluate 1.0) and the server's aggregation and checkpoint. "
         + "Round 1 also builds each site's runtime (reads and caches its cases, builds the model and, with DP, the "
         "Opacus engine) inside the ClientApp, which is not counted as training.",
     ]
