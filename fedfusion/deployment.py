@@ -337,6 +337,28 @@ def descendants(pid: int) -> set[int]:
     return {p for p in out if table.get(p, (0, "Z"))[1] != "Z"}
 
 
+def session_members(sids: Iterable[int]) -> set[int]:
+    """Every live (non-zombie) process whose session id is in ``sids``.
+
+    A process keeps its session when its parent dies: Ray actors orphaned by a finished ``flwr-simulation``
+    (re-parented to init) are still found through the session their detached SuperExec leads.
+    """
+    want = set(sids)
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, session, ...
+        if rest[0] not in ("Z", "X") and int(rest[3]) in want:
+            out.add(int(entry))
+    return out
+
+
 def alive(pids: Iterable[int]) -> set[int]:
     """The subset of ``pids`` still running (zombies count as gone)."""
     table = _proc_table()
@@ -356,6 +378,9 @@ class Managed:
     def refresh(self) -> None:
         if self.popen.poll() is None:
             self.seen |= descendants(self.popen.pid)
+        # Members of sessions led by our processes (Flower detaches its SuperExec with start_new_session; its
+        # orphaned children keep that session). Our own session is never one of them: ours started new ones.
+        self.seen |= session_members(({self.popen.pid} | self.seen) - {os.getsid(0)}) - {os.getpid()}
 
     def log_text(self) -> str:
         try:
@@ -418,6 +443,9 @@ class ProcessSet:
                     pass
             else:
                 time.sleep(0.2)
+        m.refresh()  # orphans that appeared while the tree went down (same sessions)
+        pids |= m.seen
+        self.all_pids |= pids
         if alive(pids):
             _signal_all(alive(pids), signal.SIGKILL)
         try:

@@ -302,8 +302,15 @@ def simulate(
     cpus_per_site: float | None = None,
     progress: bool = True,
     report: bool = True,
+    engine: str = "inprocess",
 ) -> SimulationResult:
-    """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``."""
+    """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``.
+
+    ``engine``: ``inprocess`` runs Flower's simulation engine in this process; ``flwr`` submits the same run
+    config with ``flwr run`` to a private local SuperLink (:mod:`simulations.flwr_run`).
+    """
+    if engine not in ("inprocess", "flwr"):
+        raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
     out = Path(out)
     overrides = dict(overrides or {})
     if data is None:
@@ -331,7 +338,12 @@ def simulate(
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
         if key in config:
             config[key] = min(int(config[key]), len(sites_found))
-    result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
+    if engine == "flwr":
+        from .flwr_run import run_federation_flwr
+
+        result = run_federation_flwr(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
+    else:
+        result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
     if report:
         from .report import build_report
 

@@ -41,12 +41,20 @@ def command(
     cpus_per_site: Annotated[Optional[float], typer.Option(help="CPU cores per virtual site (default 1).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress display instead of Flower's log.")] = True,
     report: Annotated[bool, typer.Option(help="Write report.md with figures at the end.")] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="inprocess: Flower's simulation engine in this process; flwr: `flwr run` on a private local "
+            "SuperLink that is stopped (with all its workers) when the run ends or is interrupted."
+        ),
+    ] = "inprocess",
 ) -> None:
     """Generate phantom hospital sites (unless --data), run a federated simulation with the real ServerApp and
     ClientApp on Flower's simulation engine, and write a report to OUT/report.md."""
     from rich.console import Console
 
     from simulations.appconfig import parse_assignments
+    from simulations.flwr_run import FlwrRunError
     from simulations.simulate import simulate
 
     console = Console()
@@ -81,8 +89,9 @@ def command(
             cpus_per_site=cpus_per_site,
             progress=progress,
             report=report,
+            engine=engine,
         )
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+    except (KeyError, ValueError, FileNotFoundError, FlwrRunError) as exc:
         console.print(f"[red]fedfusion simulate: {exc}[/red]")
         raise typer.Exit(2) from exc
     m = result.final_metrics
