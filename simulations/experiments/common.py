@@ -220,8 +220,22 @@ def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, 
     permit_experiment_policies(run_dir, data)
     cfg["test-dir"] = str(run_dir / "no-server-eval")  # see the module docstring: the experiment evaluates
     log.info("federated run %s: %s", label, cfg)
-    with _quiet_flower(not ctx.progress):
-        result = simulate(run_dir, data=data, overrides=cfg, progress=ctx.progress, report=False)
+    for attempt in (1, 2):
+        with _quiet_flower(not ctx.progress):
+            result = simulate(run_dir, data=data, overrides=cfg, progress=ctx.progress, report=False)
+        failed = failed_site_replies(run_dir)
+        if not failed:
+            break
+        # A site crash (not a privacy decline) makes the row meaningless; one retry covers transient failures
+        # (e.g. a source file being edited while Ray workers import it), a second failure is reported.
+        log.warning("federated run %s: %d failed site replies (see %s); %s", label, failed,
+                    run_dir / "server.log", "retrying once" if attempt == 1 else "giving up")
+        if attempt == 2:
+            raise RuntimeError(f"federated run {label}: {failed} site replies failed twice; see "
+                               f"{run_dir / 'server.log'} and the sites' logs")
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        permit_experiment_policies(run_dir, data)
     ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.exists():
         raise RuntimeError(f"federated run {label} left no checkpoint ({ckpt}); see {run_dir / 'flower.log'}")
@@ -322,6 +336,17 @@ def evaluate_checkpoint(ckpt: Path, heldout: Path, *, batch_size: int = 8, devic
         out["single-worst/dice-whole"] = float(min(dice_singles))
     out["held-out-cases"] = float(len(ds))
     return out
+
+
+def failed_site_replies(run_dir: Path) -> int:
+    """Train replies the server rejected (site errors, invalid updates) over all rounds of a run."""
+    from models.runlog import iter_metrics
+
+    per_round: dict[int, float] = {}
+    for rec in iter_metrics(Path(run_dir) / "metrics.jsonl"):
+        if rec["phase"] == "train" and rec["scope"] == "global" and rec["metric"] == "sites-rejected":
+            per_round[rec["round"]] = max(per_round.get(rec["round"], 0.0), float(rec["value"] or 0.0))
+    return int(sum(per_round.values()))
 
 
 def site_train_summary(run_dir: Path) -> dict[str, float]:
