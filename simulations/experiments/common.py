@@ -438,3 +438,34 @@ def budget_notes(outcomes: Sequence[Outcome]) -> list[str]:
             "yet at this budget, so whole-tumour Dice is the column that separates the rows."
         )
     return out
+
+
+def modality_reliance(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> dict[str, float]:
+    """Whole-tumour Dice drop on the held-out set when each modality is masked out of the full input
+    (:func:`models.contribution.modality_contribution`, ``dice_drop`` against the true segmentation; mean over
+    cases, batch by batch weighted by cases). Empty for one-modality models."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import CaseDataset
+    from models.checkpoint import load_checkpoint
+    from models.contribution import modality_contribution
+    from models.network import build_model
+
+    state, cfg, _ = load_checkpoint(ckpt)
+    if len(cfg.modalities) < 2:
+        return {}
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
+                     cache=True)
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    with torch.inference_mode():
+        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+            out = modality_contribution(model, batch["image"], batch["mask"], seg=batch["seg"], label=batch["label"])
+            for m, vals in out.items():
+                sums[m] = sums.get(m, 0.0) + vals["dice_drop"] * vals["cases"]
+                counts[m] = counts.get(m, 0.0) + vals["cases"]
+    return {m: sums[m] / counts[m] for m in sums if counts[m]}
