@@ -9,14 +9,16 @@ Compares, on the same held-out cases and model (default :class:`models.config.Mo
   axis, HD95 for the full set only (the server's default ``eval-hd95 = "full"``).
 
 Every timed variant's metrics are checked against the reference (max absolute difference printed). The held-out set
-is loaded (and resampled) once before timing, as the server's cached dataset is.
+is loaded (and resampled) once before timing, as the server's cached dataset is. Wall time and process CPU time
+(all threads) are printed: on a shared machine CPU time is the steadier number.
 
 Usage::
 
-    .venv/bin/python bench/subset_eval_speed.py --heldout DATA/heldout [--runs RUNS] [--threads 2]
+    .venv/bin/python bench/subset_eval_speed.py --heldout DATA/heldout [--checkpoint C.pt] [--threads 1]
 
-``--runs`` takes trained weights from ``RUNS/<family>-fusion/checkpoints/last.pt`` (as ``bench/paper_tables.py``
-writes them; realistic predictions make HD95 timings realistic); without it the models are untrained (seed 0).
+``--checkpoint`` gives trained weights for a family (its config is used as is); other families are untrained
+(seed 0). Untrained networks predict speckle, which makes HD95 (edge distances) far slower than on trained
+predictions: time the every-subset-HD95 reference with trained weights (``--skip-reference-all-hd95`` otherwise).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ FAMILIES = ("input", "single", "hierarchical", "attention", "output")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heldout", type=Path, required=True, help="site-layout held-out folder (case folders + labels)")
-    p.add_argument("--runs", type=Path, default=None, help="paper-tables run folder with trained checkpoints")
+    p.add_argument("--checkpoint", type=Path, action="append", default=[],
+                   help="trained checkpoint (models/checkpoint.py) used for its family instead of an untrained "
+                        "model; repeatable")
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--batch-size", type=int, default=2, help="held-out cases per batch (server eval-batch-size)")
     p.add_argument("--subset-batch", default="1,8,21,63", help="comma-separated subset_batch values to time")
@@ -57,30 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
+    trained = {}
+    for path in args.checkpoint:
+        state, ckpt_cfg, _ = load_checkpoint(path)
+        trained[ckpt_cfg.family] = (path, (state, ckpt_cfg))
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
         cfg = ModelConfig(family=family)
         torch.manual_seed(0)
         model = build_model(cfg)
-        source = "untrained"
-        if args.runs is not None:
-            ckpt = args.runs / f"{family}-fusion" / "checkpoints" / "last.pt"
-            if ckpt.exists():
-                state, model_cfg, _ = load_checkpoint(ckpt)
-                if model_cfg != cfg:
-                    cfg = model_cfg
-                    model = build_model(cfg)
-                model.load_state_dict(state)
-                source = str(ckpt)
+        source = "untrained, seed 0"
+        if family in trained:
+            path, (state, cfg) = trained[family]
+            model = build_model(cfg)
+            model.load_state_dict(state)
+            source = str(path)
         ds = CaseDataset([args.heldout], cfg.modalities, cfg.spatial_size, augment=False, cache=True)
         cases = [ds[i] for i in range(len(ds))]  # load + resample once (the server caches its dataset too)
         loader = DataLoader(cases, batch_size=args.batch_size, shuffle=False)
 
-        def timed(**kw: object) -> tuple[float, dict[str, float]]:
-            t0 = time.perf_counter()
+        def timed(**kw: object) -> tuple[float, float, dict[str, float]]:
+            t0, c0 = time.perf_counter(), time.process_time()
             report = evaluate_subsets(model, loader, "cpu", **kw)
-            return time.perf_counter() - t0, report.to_flat()
+            return time.perf_counter() - t0, time.process_time() - c0, report.to_flat()
 
-        print(f"\n{family} ({source}), {len(cases)} cases, {2 ** len(cfg.modalities) - 1} subsets")
+        print(f"\n{family} ({source}), {len(cases)} cases, {2 ** len(cfg.modalities) - 1} subsets", flush=True)
         variants: list[tuple[str, dict[str, object]]] = []
         if not args.skip_reference_all_hd95:
             variants.append(("reference, hd95 every subset", dict(shared_encoding=False, hd95=True)))
@@ -91,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("shared, subset_batch 8, no hd95", dict(shared_encoding=True, hd95=False, subset_batch=8)))
         ref: dict[str, float] | None = None
         for name, kw in variants:
-            secs, flat = timed(**kw)
+            secs, cpu, flat = timed(**kw)
             if ref is None or (kw.get("hd95") == "full" and not kw["shared_encoding"]):
                 ref = flat
             common = [k for k in flat if k in ref and math.isfinite(flat[k]) and math.isfinite(ref[k])]
             diff = max(abs(flat[k] - ref[k]) for k in common)
-            print(f"  {name:45s} {secs:7.2f} s   max |metric diff| vs reference {diff:.2e}")
+            print(f"  {name:45s} wall {secs:7.2f} s  cpu {cpu:7.2f} s  max |metric diff| vs reference {diff:.2e}",
+                  flush=True)
     return 0
 
 
