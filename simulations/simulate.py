@@ -293,7 +293,7 @@ def simulate(
     *,
     data: Path | None = None,
     sites: int = 3,
-    cases_per_site: int = 16,
+    cases_per_site: int = 24,
     scenario: str = "realistic",
     shape: tuple[int, int, int] = (32, 64, 64),
     data_format: str = "dicom",

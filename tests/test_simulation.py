@@ -19,6 +19,7 @@ TINY = {
     "model-spatial-size": "8,16,16",
     "model-modalities": "t1,t1ce,t2,flair,ct,us",
     "batch-size": 2,
+    "local-epochs": 1,
     "lr": 0.003,
     "dp-enabled": True,
     "dp-target-epsilon": 8.0,

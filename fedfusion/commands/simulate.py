@@ -16,7 +16,7 @@ def command(
         Optional[Path], typer.Option(help="Folder of site-* folders (+ heldout/). Default: generate phantoms.")
     ] = None,
     sites: Annotated[int, typer.Option(help="Phantom sites to generate (when --data is not given).")] = 3,
-    cases_per_site: Annotated[int, typer.Option(help="Phantom cases per site (varies per site).")] = 16,
+    cases_per_site: Annotated[int, typer.Option(help="Phantom cases per site (varies per site).")] = 24,
     scenario: Annotated[str, typer.Option(help="Phantom scenario: iid, modality-skew, label-skew, realistic.")] = (
         "realistic"
     ),
