@@ -143,9 +143,10 @@ def findings(fractions: tuple[float, ...], aggregations: tuple[str, ...], dropou
         out.append(
             "- At 0 % missing both aggregations compute the same weighted mean (every site owns every encoder, so the "
             "per-modality weights equal the case counts)"
-            + ("; the two runs agree to every digit, so a run is deterministic for its seed. All differences below "
-               "come from one seed, though: differences under ~0.02 Dice should not be read as effects without "
-               "more seeds (`--seed`)." if same else
+            + ("; the two runs agree to every digit here (reruns of one configuration can still differ in the "
+               "4th digit: replies are summed in arrival order). All differences below come from one seed: "
+               "differences under ~0.02 Dice should not be read as effects without more seeds (`--seed`)."
+               if same else
                f"; the gap measured there ({', '.join(f'{x:.3f}' for x in noise)}) is run-to-run noise and is the "
                "scale against which the other differences must be read." if noise else ".")
         )

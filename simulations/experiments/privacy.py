@@ -54,7 +54,7 @@ def run(ctx: Context) -> str:
         "",
         "### What the numbers say",
         "",
-        *findings(results),
+        *findings(results, ctx.budget.batch_size),
         *budget_notes([o for _, o in results]),
     ]
     text = "\n".join(body)
@@ -62,7 +62,20 @@ def run(ctx: Context) -> str:
     return text
 
 
-def findings(results: list[tuple[float, Outcome]]) -> list[str]:
+def _parameter_count(o: Outcome) -> int:
+    """Trainable parameters of the row's model (from its last checkpoint), 0 if unavailable."""
+    from pathlib import Path
+
+    from models.checkpoint import load_checkpoint
+
+    ckpt = Path(o.run_dir) / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        return 0
+    state, _, _ = load_checkpoint(ckpt)
+    return int(sum(v.numel() for k, v in state.items() if v.is_floating_point() and "running_" not in k))
+
+
+def findings(results: list[tuple[float, Outcome]], batch: int) -> list[str]:
     out: list[str] = []
     private = [(e, o) for e, o in results if not math.isinf(e)]
     public = [o for e, o in results if math.isinf(e)]
@@ -71,9 +84,22 @@ def findings(results: list[tuple[float, Outcome]]) -> list[str]:
         gaps = ", ".join(f"ε={e:g}: {o.get('all/dice-whole') - ref:+.3f}" for e, o in private)
         out.append(f"- Dice (whole) relative to the non-private run: {gaps}.")
     if private:
+        params = _parameter_count(private[0][1])
+        for e, o in private:
+            sigma = o.get("noise-multiplier")
+            if not (math.isfinite(sigma) and params):
+                continue
+            out.append(
+                f"- ε={e:g}: noise multiplier {sigma:.2f}, so each step adds Gaussian noise of std "
+                f"{sigma:.2f} x C / B = {sigma / batch:.2f} per coordinate to the mean clipped gradient "
+                f"(C = 1, expected batch B = {batch}), whose norm is at most C = 1 spread over {params:,} "
+                f"parameters: at most {1 / math.sqrt(params):.4f} per coordinate on average. Noise outweighs the "
+                f"signal by ~{sigma / batch * math.sqrt(params):.0f}x per coordinate per step"
+                + (", which is why this row stays far below the non-private one at this budget."
+                   if public and o.get("all/dice-whole") < public[0].get("all/dice-whole") - 0.1 else ".")
+            )
         out.append(
-            "- Few cases per site make DP expensive: noise is added per batch of a handful of cases, so the noise "
-            "multiplier a site needs for a given epsilon is large relative to the clipped signal (the sampling "
-            "rate batch/N is high). More cases per site at the same epsilon lower the noise per useful gradient."
+            "- What would help: more cases per site (B grows at a fixed sampling rate, noise per case shrinks as "
+            "1/B), fewer parameters (smaller encoders, frozen branches), more rounds at a lower learning rate."
         )
     return out
