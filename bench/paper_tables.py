@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases-per-site", type=int, default=12)
     p.add_argument("--heldout-cases", type=int, default=12)
     p.add_argument("--scenario", default="iid", help="phantom scenario (iid: every site has every modality)")
-    p.add_argument("--shape", type=int, nargs=3, default=(16, 32, 32), help="phantom grid and model input D H W")
+    p.add_argument("--shape", type=int, nargs=3, default=(16, 32, 32), help="phantom grid D H W")
+    p.add_argument("--input-size", type=int, nargs="+", default=None,
+                   help="model input the volumes are resampled to: D H W (3D model) or H W (2D model on the axial "
+                        "slice through the lesion, see client/data/dataset.py); default: --shape")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -70,11 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-baselines", action="store_true", help="skip the MRI/CT/US-only rows")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a row's finished run in --work (same settings, all epochs logged) instead of training")
     return p.parse_args(argv)
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def _fmt_secs(v: float) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:.0f}"
 
 
 def markdown(rows: list[tuple[str, str, dict[str, float], float]], args: argparse.Namespace, command: str,
@@ -87,7 +96,8 @@ def markdown(rows: list[tuple[str, str, dict[str, float], float]], args: argpars
         f"Generated {date} by `{command}`.",
         "",
         f"Centralized training (pooled sites, no DP, no federation), {n_train} training cases from {args.sites} "
-        f"phantom sites (scenario `{args.scenario}`), {n_held} held-out cases, grid {tuple(args.shape)}, "
+        f"phantom sites (scenario `{args.scenario}`), {n_held} held-out cases, phantom grid {tuple(args.shape)} "
+        f"resampled to {tuple(args.input_size) if args.input_size else tuple(args.shape)}, "
         f"{args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch_size}, channels ({args.channels}), seed "
         f"{args.seed}. Every row has the same data and budget and is evaluated with all of its modalities present; "
         "unimodal rows are early-fusion networks over their modalities. Metrics are means over held-out cases "
@@ -108,7 +118,7 @@ def markdown(rows: list[tuple[str, str, dict[str, float], float]], args: argpars
         "|---|---|" + "---:|" * (len(TABLE2) + 1),
     ]
     for label, mods, m, secs in rows:
-        lines.append(f"| {label} | {mods} | " + " | ".join(_fmt(m.get(k)) for k, _ in TABLE2) + f" | {secs:.0f} |")
+        lines.append(f"| {label} | {mods} | " + " | ".join(_fmt(m.get(k)) for k, _ in TABLE2) + f" | {_fmt_secs(secs)} |")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -124,6 +134,35 @@ def write_section(path: Path, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def _finished_run(settings: object) -> tuple[dict[str, float], int, float] | None:
+    """(all-modality metrics, training cases, seconds) of a finished run with the same settings, else None."""
+    import json
+
+    from models.runlog import iter_metrics
+
+    out = Path(settings.out)  # type: ignore[attr-defined]
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    try:
+        seconds = float((out / "seconds.txt").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        seconds = math.nan  # a run from before seconds.txt was written
+    wanted = settings.to_json_dict()  # type: ignore[attr-defined]
+    if any(config.get(k) != v for k, v in wanted.items() if k not in ("progress", "threads", "device")):
+        return None
+    records = list(iter_metrics(out / "metrics.jsonl"))
+    epochs = int(wanted["epochs"])
+    final = {r["metric"]: r["value"] for r in records if r["round"] == epochs and r["phase"] == "central-eval"}
+    train = {r["metric"]: r["value"] for r in records if r["round"] == epochs and r["phase"] == "central-train"}
+    if not final or "num-examples" not in train:
+        return None
+    metrics = {k.split("/", 1)[1]: (math.nan if v is None else float(v)) for k, v in final.items()
+               if k.startswith("all/")}
+    return metrics, int(train["num-examples"]), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
     plan += [(f"{f} fusion", f, ALL) for f in fams]
     channels = tuple(int(c) for c in args.channels.split(","))
+    input_size = tuple(args.input_size) if args.input_size else tuple(args.shape)
+    if len(input_size) not in (2, 3):
+        raise SystemExit(f"--input-size takes H W (2D) or D H W (3D), got {input_size}")
     rows: list[tuple[str, str, dict[str, float], float]] = []
     n_train = n_held = 0
     t0 = time.perf_counter()
@@ -159,16 +201,23 @@ def main(argv: list[str] | None = None) -> int:
         console.rule(f"{label} ({family}, {'+'.join(mods)})")
         settings = CentralSettings(
             data=Path(data), out=args.work / "runs" / label.replace(" ", "-"), family=family, modalities=mods,
-            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, spatial_size=tuple(args.shape),
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, spatial_size=input_size,
             channels=channels, seed=args.seed, device=args.device, eval_every=0, final_subsets="full",
             hd95="full", progress=True,
         )
-        res = train_central(settings)
-        flat = res.final.to_flat()
-        metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("all/")}
+        reused = _finished_run(settings) if args.reuse else None
+        if reused is not None:
+            metrics, examples, seconds = reused
+            console.print(f"reusing the finished run {settings.out}")
+        else:
+            res = train_central(settings)
+            flat = res.final.to_flat()
+            metrics = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("all/")}
+            examples, seconds = int(res.history[-1]["num-examples"]), res.seconds
+            (Path(settings.out) / "seconds.txt").write_text(f"{seconds:.1f}\n", encoding="utf-8")
         n_held = int(metrics.get("cases", 0))
-        n_train = max(n_train, int(res.history[-1]["num-examples"]))
-        rows.append((label, "+".join(mods), metrics, res.seconds))
+        n_train = max(n_train, examples)
+        rows.append((label, "+".join(mods), metrics, seconds))
         console.print(f"{label}: dice-whole {_fmt(metrics.get('dice-whole'))}, accuracy "
                       f"{_fmt(metrics.get('accuracy'))} in {res.seconds:.0f} s")
     for title, cols in (("Table I: segmentation", TABLE1), ("Table II: classification", TABLE2)):

@@ -229,7 +229,7 @@ def evaluate_subsets(
     tolerance: float = MONOTONICITY_TOLERANCE,
     threshold: float = 0.5,
     shared_encoding: bool = True,
-    subset_batch: int = 8,
+    subset_batch: int | None = None,
 ) -> SubsetReport:
     """Evaluate ``model`` on ``loader`` for every subset of its modalities (or the given ``subsets``).
 
@@ -246,7 +246,8 @@ def evaluate_subsets(
         shared_encoding: use ``model.forward_subsets`` (encoders once per batch, fusion + decoder per subset);
             False runs one full forward per subset (the reference path; same numbers, slower). Models without
             ``forward_subsets`` always take the reference path.
-        subset_batch: subsets stacked along the batch axis per decoder pass (shared path only).
+        subset_batch: subsets stacked along the batch axis per decoder pass (shared path only; ``None``: the
+            network's default, 1 on CPU, 8 on CUDA).
 
     Returns:
         :class:`SubsetReport`.

@@ -112,7 +112,7 @@ class FusionNet(nn.Module):
         return self._heads(self.fusion(features, mask))
 
     def forward_subsets(
-        self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int = 8
+        self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``forward`` for many modality subsets of one batch, sharing the mask-independent work.
 
@@ -124,7 +124,9 @@ class FusionNet(nn.Module):
             image: (B, M, *S), as in :meth:`forward`.
             mask: (B, M) availability of each case.
             subset_masks: (S, M) 0/1 keep-vectors; subset ``s`` uses ``mask * subset_masks[s]``.
-            subset_batch: subsets per decoder pass (memory grows linearly with it).
+            subset_batch: subsets per decoder pass (memory grows linearly with it). ``None``: 1 on CPU, where
+                stacking was measured slower (``bench/subset_eval_speed.py``: cache-bound convolutions plus the
+                copies), 8 on CUDA (fewer, larger kernel launches; not measured here).
 
         Yields:
             Per subset in order, ``(seg logits (B, K, *S), class logits (B, num_classes))``, equal (up to float
@@ -140,6 +142,8 @@ class FusionNet(nn.Module):
         m = len(self.config.modalities)
         if subset_masks.dim() != 2 or subset_masks.shape[1] != m:
             raise ValueError(f"subset_masks must be (S, M) with M = {m}, got shape {tuple(subset_masks.shape)}")
+        if subset_batch is None:
+            subset_batch = 8 if image.device.type == "cuda" else 1
         if subset_batch < 1:
             raise ValueError(f"subset_batch must be >= 1, got {subset_batch}")
         effective = mask[None] * subset_masks.to(device=mask.device, dtype=mask.dtype)[:, None]  # (S, B, M)
