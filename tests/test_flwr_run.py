@@ -14,8 +14,6 @@ import pytest
 
 from models.runlog import iter_metrics
 
-pytestmark = pytest.mark.slow
-
 SITES = 2
 CASES = 3
 TINY = {
@@ -59,6 +57,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_flwr_run_finishes_offline_and_leaves_no_process(phantoms: Path, tmp_path: Path) -> None:
     from simulations.flwr_run import run_with_flwr
 
@@ -91,6 +90,7 @@ def test_flwr_run_finishes_offline_and_leaves_no_process(phantoms: Path, tmp_pat
     assert "--disable-runtime-dependency-installation" in cmds
 
 
+@pytest.mark.slow
 def test_interrupted_flwr_run_leaves_no_process(phantoms: Path, tmp_path: Path) -> None:
     from simulations.flwr_run import run_with_flwr
 
@@ -108,3 +108,80 @@ def test_interrupted_flwr_run_leaves_no_process(phantoms: Path, tmp_path: Path) 
                       poll=interrupt_once_running)
     assert any("flower-superlink" in c for c in seen.values())
     assert _ours(flwr_home) == {}
+
+
+def test_federation_config_is_what_flower_accepts() -> None:
+    """The --federation-config string parses exactly as `flwr run` parses it (Flower 1.41 SimulationConfig)."""
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
+
+    from simulations.flwr_run import federation_config
+
+    parsed = parse_config_args([federation_config(7, cpus_per_site=1)])
+    cfg = simulation_config_from_json({k.replace("-", "_"): v for k, v in parsed.items()})
+    assert cfg.num_supernodes == 7
+    assert cfg.client_resources_num_cpus == 1
+    assert cfg.init_args_num_cpus >= 1
+
+
+def test_process_set_stops_orphans_in_detached_sessions(tmp_path: Path) -> None:
+    """Like Flower's SuperExec: a child detaches into its own session, starts a worker and exits (and is reaped),
+    so the worker is re-parented and its process group has no leader left to signal. Stopping the parent must
+    still stop the worker, found through the session it kept."""
+    import os
+    import sys
+    import time
+
+    from fedfusion.deployment import ProcessSet, alive
+
+    marker = f"FEDFUSION_TEST_ORPHAN={tmp_path}"
+    detach = (
+        "import subprocess, sys, time; time.sleep(1.0); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])"  # the worker; then exit
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {detach!r}], start_new_session=True).wait(); time.sleep(300)"
+    )
+    procs = ProcessSet(tmp_path / "logs", env={**os.environ, "FEDFUSION_TEST_ORPHAN": str(tmp_path)})
+    procs.start("parent", [sys.executable, "-c", parent])
+
+    def ours(needle: bytes) -> set[int]:
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    env = (entry / "environ").read_bytes()
+                    cmd = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if marker.encode() + b"\0" in env and needle in cmd:
+                    found.add(int(entry.name))
+        return alive(found)
+
+    def workers() -> set[int]:
+        return ours(b"import time; time.sleep(300)") - ours(b"Popen")
+
+    def child() -> set[int]:
+        return ours(b"sleep(1.0)") - ours(b"start_new_session")
+
+    try:
+        # The set sees the detaching child while it lives (as it would see Flower's SuperExec) ...
+        deadline = time.monotonic() + 30
+        while not (child() & procs.procs["parent"].seen) and time.monotonic() < deadline:
+            procs.refresh()
+            time.sleep(0.05)
+        assert child() & procs.procs["parent"].seen, "the detaching child never started"
+        # ... but is not refreshed again until the child has exited and its worker is an orphan.
+        while (child() or not workers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orphans = workers()
+        assert orphans, "the detached worker never started"
+        assert not orphans & procs.procs["parent"].seen
+        left = procs.stop_all(timeout=5)
+        assert left == set()
+        assert workers() == set()
+    finally:  # never leave a sleeper behind, even when an assertion fails
+        procs.stop_all(timeout=5)
+        for pid in workers():
+            os.kill(pid, 9)
