@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         n_train = max(n_train, examples)
         rows.append((label, "+".join(mods), metrics, seconds))
         console.print(f"{label}: dice-whole {_fmt(metrics.get('dice-whole'))}, accuracy "
-                      f"{_fmt(metrics.get('accuracy'))} in {res.seconds:.0f} s")
+                      f"{_fmt(metrics.get('accuracy'))} in {_fmt_secs(seconds)} s")
     for title, cols in (("Table I: segmentation", TABLE1), ("Table II: classification", TABLE2)):
         table = Table(title=title)
         table.add_column("model")
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, _, m, _ in rows:
             table.add_row(label, *[_fmt(m.get(k)) for k, _ in cols])
         console.print(table)
-    command = "python bench/paper_tables.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(
-        argv if argv is not None else sys.argv[1:]))
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reuse"]  # same numbers as training
+    command = "python bench/paper_tables.py" + (" " + shlex.join(given) if given else "")
     if not args.no_write:
         write_section(args.results, markdown(rows, args, command, n_train, n_held))
         console.print(f"wrote the paper-tables section of {args.results}")
