@@ -397,23 +397,26 @@ def section_name(experiment: str) -> str:
     return f"experiment-{experiment}"
 
 
-def provenance(ctx: Context, experiment: str) -> str:
-    """The line that says how, when and at what budget a table was made."""
+def provenance(ctx: Context, experiment: str, train_seconds: float | None = None) -> str:
+    """The line that says how, when and at what budget a table was made (``train_seconds``: the rows' summed
+    training time, which stays true when finished rows were reused from their cached outcomes)."""
     import torch
 
-    minutes = (time.time() - ctx.started) / 60.0
+    minutes = (train_seconds if train_seconds is not None else time.time() - ctx.started) / 60.0
     command = ctx.command or f"fedfusion experiment {experiment} --budget {ctx.budget.name} --seed {ctx.seed}"
     return (
         f"Generated {_dt.date.today().isoformat()} by `{command}` (seed {ctx.seed}; {ctx.budget.describe()}; "
-        f"{minutes:.0f} min on {platform.machine()} with torch {torch.__version__.split('+')[0]}, "
+        f"rows trained in {minutes:.0f} min in all on {platform.machine()} with torch {torch.__version__.split('+')[0]}, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}). Phantom data: numbers say how the methods compare "
         "on synthetic multimodal phantoms, nothing about clinical accuracy."
     )
 
 
-def write_result(ctx: Context, experiment: str, title: str, body: str) -> Path | None:
+def write_result(ctx: Context, experiment: str, title: str, body: str,
+                 outcomes: Sequence[Outcome] | None = None) -> Path | None:
     """Write an experiment's section (title, provenance, body) to ``ctx.results`` unless ``ctx.write`` is off."""
-    text = f"## {title}\n\n{provenance(ctx, experiment)}\n\n{body.strip()}\n"
+    seconds = sum(o.seconds for o in outcomes) if outcomes else None
+    text = f"## {title}\n\n{provenance(ctx, experiment, seconds)}\n\n{body.strip()}\n"
     if not ctx.write:
         print(text)
         return None
@@ -469,3 +472,27 @@ def modality_reliance(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> dict
                 sums[m] = sums.get(m, 0.0) + vals["dice_drop"] * vals["cases"]
                 counts[m] = counts.get(m, 0.0) + vals["cases"]
     return {m: sums[m] / counts[m] for m in sums if counts[m]}
+
+
+def foreground_ratio(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> float:
+    """Predicted over true lesion volume (voxels with any label > 0) on the held-out set with all the model's
+    modalities: 0 = the network predicts no lesion at all (the all-background solution cross-entropy favours
+    early at a few % foreground), 1 = the right amount (not necessarily in the right place)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.data.dataset import CaseDataset
+    from models.checkpoint import load_checkpoint
+    from models.evaluation import predict
+
+    state, cfg, _ = load_checkpoint(ckpt)
+    from models.network import build_model
+
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
+                     cache=True)
+    pred = predict(model, DataLoader(ds, batch_size=batch_size, shuffle=False), torch.device("cpu"))
+    true = float((pred.seg_true > 0).sum())
+    return float((pred.seg_pred > 0).sum()) / true if true else math.nan

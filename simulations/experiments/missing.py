@@ -118,7 +118,7 @@ def _write(ctx: Context, fractions: tuple[float, ...], aggregations: tuple[str, 
         *budget_notes(list(results.values())),
     ]
     text = "\n".join(body)
-    write_result(ctx, NAME, TITLE, text)
+    write_result(ctx, NAME, TITLE, text, list(results.values()))
     return text
 
 
@@ -147,7 +147,7 @@ def findings(fractions: tuple[float, ...], aggregations: tuple[str, ...], dropou
                "4th digit: replies are summed in arrival order). All differences below come from one seed: "
                "differences under ~0.02 Dice should not be read as effects without more seeds (`--seed`)."
                if same else
-               f"; the gap measured there ({', '.join(f'{x:.3f}' for x in noise)}) is run-to-run noise and is the "
+               f"; the gap measured there ({', '.join(f'{x:.1e}' for x in noise)}) is run-to-run noise and is the "
                "scale against which the other differences must be read." if noise else ".")
         )
         out.append(
@@ -171,6 +171,19 @@ def findings(fractions: tuple[float, ...], aggregations: tuple[str, ...], dropou
                         f"plain FedAvg's ({da:.3f} vs {db:.3f}) and Dice (all) differs by {gain:+.3f}")
                 if gain >= threshold:
                     out.append(head + ": here the owners' undiluted encoder updates pay off.")
+                elif gain <= -threshold and math.isfinite(ratio) and ratio > 1.2:
+                    d_one = a.get("single-mean/dice-whole") - b.get("single-mean/dice-whole")
+                    out.append(
+                        head + f" (one-modality Dice {d_one:+.3f}): modality-aware *hurts* the fused prediction "
+                        "here. What the drift shows: with so few owners per modality each encoder is trained by "
+                        "its owner site(s) alone and moves far toward features that suit those sites' own copy of "
+                        "the shared layers, while the shared fusion and decoder are averaged over all sites, each of "
+                        "which trained them on a different set of encoders; combined on all six series they fit none "
+                        "of them well. Plain FedAvg damps every encoder update by n_m / N and keeps the encoders "
+                        "near a common point the averaged decoder can read. This is client drift on the shared "
+                        "layers amplified by single-owner encoders; fewer local steps per round, more rounds or a "
+                        "server learning rate < 1 for the encoders are the usual remedies (not measured here)."
+                    )
                 elif math.isfinite(ratio) and ratio > 1.2:
                     out.append(
                         head + ": modality-aware does not help here although its encoders did train further, so at "

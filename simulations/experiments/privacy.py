@@ -58,7 +58,7 @@ def run(ctx: Context) -> str:
         *budget_notes([o for _, o in results]),
     ]
     text = "\n".join(body)
-    write_result(ctx, NAME, TITLE, text)
+    write_result(ctx, NAME, TITLE, text, [o for _, o in results])
     return text
 
 

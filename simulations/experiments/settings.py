@@ -56,7 +56,7 @@ def run(ctx: Context) -> str:
         *budget_notes([*local, fed, central]),
     ]
     text = "\n".join(body)
-    write_result(ctx, NAME, TITLE, text)
+    write_result(ctx, NAME, TITLE, text, [*local, fed, central])
     return text
 
 
