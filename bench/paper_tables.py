@@ -124,16 +124,11 @@ def markdown(rows: list[tuple[str, str, dict[str, float], float]], args: argpars
 
 
 def write_section(path: Path, section: str) -> None:
-    """Create or replace the marked section of ``path``, keeping everything else."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# fedfusion results\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    """Create or replace the ``paper-tables`` section of ``path``, keeping everything else (the one marked-section
+    writer all generated docs share: :func:`simulations.mdsections.write_section`, atomic and locked)."""
+    from simulations.mdsections import write_section as write_marked
+
+    write_marked(path, "paper-tables", section)
 
 
 def _finished_run(settings: object) -> tuple[dict[str, float], int, float] | None:
