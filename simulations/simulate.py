@@ -54,6 +54,24 @@ def site_dirs(data_dir: Path) -> list[Path]:
     return sites
 
 
+def permit_virtual_sites(
+    run_dir: Path, data: Path, *, allow_no_dp: bool = True, min_noise_multiplier: float | None = None
+) -> None:
+    """Write the privacy policy of every virtual site of a simulation (``RUN/site-state/<site>``).
+
+    A real site's operator owns its policy and fedfusion never loosens it from the server side; in a simulation the
+    person running it operates every virtual site, so a run without DP (or with less noise than the default floor)
+    needs their policies to say so explicitly.
+    """
+    from client.privacy.policy import write_policy_file
+
+    values: dict[str, object] = {"allow-no-dp": allow_no_dp}
+    if min_noise_multiplier is not None:
+        values["min-noise-multiplier"] = min_noise_multiplier
+    for site in site_dirs(data):
+        write_policy_file(Path(run_dir) / "site-state" / site.name, values)
+
+
 def backend_config(num_sites: int, cpus_per_site: float | None = None) -> dict[str, Any]:
     """Ray backend resources for this machine: one CPU per virtual site by default (so at most ``nproc``
     sites train at once and none oversubscribes the CPU), and a fair GPU share per site when GPUs exist."""
@@ -338,6 +356,12 @@ def simulate(
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
         if key in config:
             config[key] = min(int(config[key]), len(sites_found))
+    if not config.get("dp-enabled", True):
+        log.warning(
+            "dp-enabled=false: the %d virtual sites' policies are set to allow training WITHOUT differential "
+            "privacy (simulation only; a real site decides this in its own policy)", len(sites_found)
+        )
+        permit_virtual_sites(out, Path(data), allow_no_dp=True)
     if engine == "flwr":
         from .flwr_run import run_federation_flwr
 

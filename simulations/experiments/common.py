@@ -196,11 +196,9 @@ def _store(run_dir: Path, key: str, outcome: Outcome) -> Outcome:
 
 def permit_experiment_policies(run_dir: Path, data: Path) -> None:
     """Let the virtual sites of ``data`` accept non-private runs and any noise (see the module docstring)."""
-    from client.privacy.policy import write_policy_file
-    from simulations.simulate import site_dirs
+    from simulations.simulate import permit_virtual_sites
 
-    for site in site_dirs(data):
-        write_policy_file(run_dir / "site-state" / site.name, {"allow-no-dp": True, "min-noise-multiplier": 0.0})
+    permit_virtual_sites(run_dir, data, allow_no_dp=True, min_noise_multiplier=0.0)
 
 
 def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, Any],
