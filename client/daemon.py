@@ -33,7 +33,7 @@ EXIT_BAD_ARGS = 2
 DEFAULT_RUNTIME_PORT = 9094
 
 
-class DaemonError(Exception):
+class DaemonError(ValueError):
     """A reason not to start; ``exit_code`` is what ``fedfusion site`` exits with."""
 
     def __init__(self, message: str, exit_code: int = EXIT_BAD_ARGS) -> None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from client.daemon import format_node_config  # one formatter for every --node-config we build
+
 #: Name of the SuperLink connection written to ``$FLWR_HOME/config.toml`` (``flwr run . fedfusion``).
 CONNECTION_NAME = "fedfusion"
 #: Port the SuperLink listens on in fedfusion's deployment files (Fleet + Control + Runtime, HTTPS).
@@ -120,23 +122,6 @@ def superlink_command(
     if log_file is not None:
         cmd += ["--log-file", str(log_file)]
     return cmd
-
-
-def format_node_config(node_config: Mapping[str, Any]) -> str:
-    """``{"data-dir": "/d"}`` -> ``data-dir="/d"`` (Flower's ``--node-config`` syntax, TOML values)."""
-    parts = []
-    for key, value in node_config.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        else:
-            value = str(value)
-            if '"' in value or "\\" in value:
-                raise ValueError(f"node config {key}={value!r}: quotes and backslashes are not supported by Flower")
-            text = f'"{value}"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 def supernode_command(

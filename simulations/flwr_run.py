@@ -290,47 +290,18 @@ def run_federation_flwr(
     """
     import shutil
     import tempfile
-    import threading
 
-    from .simulate import SimulationResult, _final_global_metrics, _MemorySampler, _progress_watcher
+    from .simulate import RunObserver
 
-    run_dir = Path(str(run_config["run-dir"])).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(str(run_config["run-dir"])).resolve().mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fedfusion-flwr-"))
-    stop = threading.Event()
-    watcher = None
-    if progress:
-        watcher = threading.Thread(
-            target=_progress_watcher,
-            args=(run_dir / "metrics.jsonl", int(run_config["num-server-rounds"]), num_sites, stop),
-            daemon=True,
-        )
-        watcher.start()
-    sampler = _MemorySampler()
-    sampler.start()
-    t0 = time.perf_counter()
-    ok = False
     try:
-        run_with_flwr(
-            run_config, Path(str(run_config["data-dir"])), num_sites, workdir,
-            cpus_per_site=cpus_per_site, timeout=timeout,
-        )
-        ok = True
+        with RunObserver(run_config, num_sites, progress) as observer:
+            run_with_flwr(
+                run_config, Path(str(run_config["data-dir"])), num_sites, workdir,
+                cpus_per_site=cpus_per_site, timeout=timeout,
+            )
     except FlwrRunError as exc:
         raise FlwrRunError(f"{exc}\n(scratch folder kept: {workdir})") from exc
-    finally:
-        wall = time.perf_counter() - t0
-        stop.set()
-        if watcher is not None:
-            watcher.join(timeout=5)
-        peak = sampler.stop()
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return SimulationResult(
-        run_dir=run_dir,
-        rounds=int(run_config["num-server-rounds"]),
-        num_sites=num_sites,
-        wall_seconds=wall,
-        peak_rss_mb=peak,
-        final_metrics=_final_global_metrics(run_dir / "metrics.jsonl"),
-    )
+    shutil.rmtree(workdir, ignore_errors=True)
+    return observer.result()

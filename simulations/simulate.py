@@ -181,6 +181,52 @@ def _progress_watcher(metrics_path: Path, rounds: int, num_sites: int, stop: thr
             )
 
 
+class RunObserver:
+    """Wall clock, whole-process-tree peak memory and (optionally) the progress display around one federated run;
+    the same for both engines. Use as a context manager, then :meth:`result`."""
+
+    def __init__(self, run_config: Mapping[str, ConfigValue], num_sites: int, progress: bool) -> None:
+        self.run_dir = Path(str(run_config["run-dir"])).resolve()
+        self.rounds = int(run_config["num-server-rounds"])
+        self.num_sites = num_sites
+        self.progress = progress
+        self.wall_seconds = 0.0
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._sampler = _MemorySampler()
+        self._t0 = 0.0
+
+    def __enter__(self) -> "RunObserver":
+        if self.progress:
+            self._watcher = threading.Thread(
+                target=_progress_watcher,
+                args=(self.run_dir / "metrics.jsonl", self.rounds, self.num_sites, self._stop),
+                daemon=True,
+            )
+            self._watcher.start()
+        self._sampler.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.peak_rss_mb = max(self._sampler.stop(), _peak_rss_mb())
+
+    def result(self) -> SimulationResult:
+        return SimulationResult(
+            run_dir=self.run_dir,
+            rounds=self.rounds,
+            num_sites=self.num_sites,
+            wall_seconds=self.wall_seconds,
+            peak_rss_mb=self.peak_rss_mb,
+            final_metrics=_final_global_metrics(self.run_dir / "metrics.jsonl"),
+        )
+
+
 def run_federation(
     run_config: Mapping[str, ConfigValue],
     num_sites: int,
@@ -233,52 +279,27 @@ def run_federation(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
 
-    stop = threading.Event()
-    watcher = None
-    if progress:
-        watcher = threading.Thread(
-            target=_progress_watcher,
-            args=(run_dir / "metrics.jsonl", int(run_config["num-server-rounds"]), num_sites, stop),
-            daemon=True,
-        )
-        watcher.start()
-    sampler = _MemorySampler()
-    sampler.start()
-    t0 = time.perf_counter()
     try:
-        _run_simulation(
-            num_supernodes=num_sites,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
-            backend_name="ray",
-            backend_config=backend_config(num_sites, cpus_per_site),
-            app_dir=str(PROJECT_DIR),
-            run=run,
-            server_app_context=server_context,
-            is_app=True,
-        )
+        with RunObserver(run_config, num_sites, progress) as observer:
+            _run_simulation(
+                num_supernodes=num_sites,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+                backend_name="ray",
+                backend_config=backend_config(num_sites, cpus_per_site),
+                app_dir=str(PROJECT_DIR),
+                run=run,
+                server_app_context=server_context,
+                is_app=True,
+            )
     finally:
-        wall = time.perf_counter() - t0
-        stop.set()
-        if watcher is not None:
-            watcher.join(timeout=5)
-        peak = sampler.stop()
         _shutdown_ray()
         flwr_logger.removeHandler(handler)
         handler.close()
         for h, level in zip(console_handlers, saved_levels):
             h.setLevel(level)
-
-    final = _final_global_metrics(run_dir / "metrics.jsonl")
-    return SimulationResult(
-        run_dir=run_dir,
-        rounds=int(run_config["num-server-rounds"]),
-        num_sites=num_sites,
-        wall_seconds=wall,
-        peak_rss_mb=max(peak, _peak_rss_mb()),
-        final_metrics=final,
-    )
+    return observer.result()
 
 
 def _shutdown_ray() -> None:
