@@ -54,7 +54,10 @@ _register()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # fedfusion's own modules speak at INFO; third-party libraries (alembic, ray, ...) only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("fedfusion", "client", "server", "models", "simulations"):
+        logging.getLogger(name).setLevel(logging.INFO)
     # Flower's logger has its own console handler; propagating too would print every line twice.
     logging.getLogger("flwr").propagate = False
     app()
