@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,26 +26,11 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from models.config import ModelConfig
 
 #: metrics where lower is better (everything else: higher is better)
 LOWER_IS_BETTER = ("loss", "hd95", "violations")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename (readers never see a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lower_is_better(metric: str) -> bool:
