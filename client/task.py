@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import math
-import os
 import threading
 import time
 import zlib
@@ -47,6 +46,7 @@ from client.privacy.engine import (
     steps_per_epoch,
 )
 from client.privacy.policy import DPRequest, PolicyRefusal, SitePolicy
+from models.atomic import atomic_write_text
 from models.config import ModelConfig
 from models.modalities import MODALITIES
 
@@ -403,10 +403,7 @@ def _noise_for(rt: SiteRuntime, policy: SitePolicy) -> float:
             raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
         cached[cache_key] = sigma
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-            os.replace(tmp, cache_file)
+            atomic_write_text(cache_file, json.dumps(cached, indent=1))
         except OSError as exc:  # a cache, not state: never fail a round for it
             log.warning("could not write %s: %s", cache_file, exc)
     log.info(

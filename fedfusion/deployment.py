@@ -30,7 +30,7 @@ import sys
 import time
 import tomllib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -290,9 +290,8 @@ def wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state letter) for every process, from /proc (Linux)."""
-    table: dict[int, tuple[int, str]] = {}
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...) per process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -302,9 +301,12 @@ def _proc_table() -> dict[int, tuple[int, str]]:
         except OSError:
             continue
         # the command name is in parentheses and may contain spaces: split after the last ')'
-        rest = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(rest[1]), rest[0])
-    return table
+        yield int(entry), stat[stat.rfind(")") + 2 :].split()
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) for every process, from /proc (Linux)."""
+    return {pid: (int(rest[1]), rest[0]) for pid, rest in _proc_stats()}
 
 
 def descendants(pid: int) -> set[int]:
@@ -330,17 +332,9 @@ def session_members(sids: Iterable[int]) -> set[int]:
     """
     want = set(sids)
     out: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2 :].split()  # state, ppid, pgrp, session, ...
+    for pid, rest in _proc_stats():
         if rest[0] not in ("Z", "X") and int(rest[3]) in want:
-            out.add(int(entry))
+            out.add(pid)
     return out
 
 

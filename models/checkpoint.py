@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .config import ModelConfig
 
 CHECKPOINT_FORMAT = "fedfusion-checkpoint-v1"
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temp file in ``path``'s directory, fsync, then ``os.replace``: readers see the old file
-    or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 ``text`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def save_checkpoint(

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 
 class MetricsLog:
     """Append-only JSON-lines metrics log, flushed and fsynced per batch so a crash loses no round."""
@@ -44,9 +46,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r["round"] <= last_round]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
         return list(iter_metrics(self.path))

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from models.atomic import atomic_write_text
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig
 
 #: metrics where lower is better (everything else: higher is better)

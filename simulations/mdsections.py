@@ -16,6 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from models.atomic import atomic_write_text
+
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
@@ -79,8 +81,5 @@ def write_section(
             text = head + block + tail
         else:
             text = text.rstrip("\n") + "\n\n" + (heading.rstrip("\n") + "\n\n" if heading else "") + block + "\n"
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
+        atomic_write_text(p, text)
     return p

@@ -104,26 +104,16 @@ def _peak_rss_mb() -> float:
 
 
 def _current_tree_rss_mb() -> float:
-    """Current resident memory of this process plus all its descendants, MiB (Linux /proc)."""
+    """Current resident memory of this process plus all its descendants (Ray workers included), MiB."""
+    from fedfusion.deployment import descendants
+
+    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
-    me = os.getpid()
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in {os.getpid(), *descendants(os.getpid())}:
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            parents[int(entry.name)] = int(stat[1])
-            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except (OSError, IndexError, ValueError):
-            continue
-    for pid in rss:
-        p = pid
-        while p and p != me and p in parents:
-            p = parents[p]
-        if p == me:
-            total += rss[pid]
+            continue  # the process ended between the listing and the read
     return total / 2**20
 
 

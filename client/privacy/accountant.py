@@ -18,12 +18,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from opacus.accountants import RDPAccountant
+
+from models.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,7 @@ class PersistentAccountant:
             # informational copy for operators reading the file; the history is the state
             "epsilon": self.epsilon(self.delta) if self.delta else 0.0,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".accountant-", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(data, indent=1))
 
     # -- accounting ----------------------------------------------------------------------------------
     def epsilon(self, delta: float) -> float:

@@ -25,12 +25,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from models.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,7 @@ def write_policy_file(state_dir: str | os.PathLike[str], values: Mapping[str, An
         v = merged[name]
         lines.append(f"{_key(name)} = {'true' if v is True else 'false' if v is False else repr(float(v))}")
     path = d / POLICY_TOML
-    fd, tmp = tempfile.mkstemp(prefix=".policy-", suffix=".tmp", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
