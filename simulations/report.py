@@ -612,7 +612,7 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
                                       ylabel="ε spent so far", limit=limit, limit_label="target ε")
     ctx.figures.append(path)
     lines += [
-        f"ε spent by each site so far (patient-level DP-SGD, RDP accountant), δ as reported by the site"
+        "ε spent by each site so far (patient-level DP-SGD, RDP accountant), δ as reported by the site"
         + (f"; run target ε = {_fmt(target)}" if target is not None else "")
         + ".",
         "",
