@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 #: Grad-sample mode used by default; chosen by bench/dp_overhead.py (fastest correct mode on the default model,
-#: see docs/benchmarks.md: hooks 3.1x, microbatch 4.3x, functorch 5.5x non-private on CPU; ew and ghost fail).
+#: see docs/benchmarks.md). ``hooks`` runs with fedfusion's grouped-convolution sampler for Conv layers
+#: (:mod:`client.privacy.grad_samplers`) instead of Opacus's unfold-based one.
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 #: Modes fedfusion knows how to drive: Opacus's own (ghost needs a per-sample loss; see make_private) plus
 #: ``microbatch`` (exact per-case gradients from one batch-1 pass per case, see :class:`PerCaseGradModule`).
@@ -104,8 +105,8 @@ class PerCaseGradModule(nn.Module):
     """Exact per-case gradients by running each case of a batch through the network on its own.
 
     Why: an exact alternative to Opacus's modes that works for any layer without a registered grad sampler. On the
-    default model on CPU it measured 4.3x non-private time against 3.1x for ``hooks`` (docs/benchmarks.md): batch-1
-    3D convolutions fall back to PyTorch's slow_conv3d kernel, so it is not the default.
+    default model on CPU it measured about 2.9x non-private time against 1.4x for ``hooks`` (docs/benchmarks.md):
+    one batch-1 pass per case forgoes the batch's vectorisation, so it is not the default.
 
     How: in training mode with gradients on, case ``i`` is run through :func:`torch.func.functional_call` with
     per-case *views* of the parameters; a tensor hook on each view receives exactly case ``i``'s gradient and writes
@@ -225,6 +226,9 @@ def make_private(
     problems = incompatible_layers(model)
     if problems:
         raise ValueError("the network has layers Opacus cannot train privately: " + "; ".join(problems))
+    from client.privacy import grad_samplers
+
+    grad_samplers.install()  # per-case conv gradients without im2col (hooks/ghost modes read Opacus's registry)
     with warnings.catch_warnings():
         # Opacus warns about secure RNG being off on every construction; the site logs its own message once.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
