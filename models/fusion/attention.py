@@ -52,9 +52,11 @@ class ModalityAttention(nn.Module):
         """``tokens`` (B, P, M, C), ``mask`` (B, M) -> (update ``delta`` (B, P, M, C), attention (B, M, M) averaged
         over heads and positions; rows of missing query modalities are zero)."""
         b, p, m, c = tokens.shape
-        index = torch.zeros(b, dtype=torch.long, device=tokens.device)
-        emb = torch.stack([self.embeddings[name](index) for name in self.modalities], dim=1)  # (B, M, C)
-        qkv = self.qkv(self.norm(tokens + emb[:, None]))
+        # (B, 1) indices, not (B,): Opacus's expanded-weights mode needs a batch *and* a feature dimension
+        index = torch.zeros(b, 1, dtype=torch.long, device=tokens.device)
+        emb = torch.cat([self.embeddings[name](index) for name in self.modalities], dim=1)  # (B, M, C)
+        # Linear layers see (B, P*M, C): Opacus's ghost-clipping norm sampler takes 2D/3D activations only
+        qkv = self.qkv(self.norm(tokens + emb[:, None]).reshape(b, p * m, c))
         q, k, v = qkv.reshape(b, p, m, 3, self.heads, c // self.heads).unbind(dim=3)
         q, k, v = (x.transpose(2, 3) for x in (q, k, v))  # (B, P, h, M, d)
         scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads)  # (B, P, h, Mq, Mk)
@@ -63,7 +65,7 @@ class ModalityAttention(nn.Module):
         attn = scores.softmax(dim=-1)
         mixed = (attn @ v).transpose(2, 3).reshape(b, p, m, c)
         weights = attn.detach().mean(dim=(1, 2)) * mask.to(attn.dtype)[:, :, None]
-        return self.out(mixed), weights
+        return self.out(mixed.reshape(b, p * m, c)).reshape(b, p, m, c), weights
 
 
 class AttentionFusion(Fusion):

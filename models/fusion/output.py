@@ -80,8 +80,9 @@ class OutputFusion(Fusion):
         """Masked learned-weight average of :meth:`modality_predictions` for ``mask`` (B, M) -> fused
         (seg logits (B, K, *S), class logits (B, num_classes)); stores the weights in :attr:`last_weights`."""
         b = mask.shape[0]
-        index = torch.zeros(b, dtype=torch.long, device=mask.device)
-        gates = torch.cat([self.heads[m].gate(index) for m in self.modalities], dim=1)  # (B, M)
+        # (B, 1) indices, not (B,): Opacus's expanded-weights mode needs a batch *and* a feature dimension
+        index = torch.zeros(b, 1, dtype=torch.long, device=mask.device)
+        gates = torch.cat([self.heads[m].gate(index) for m in self.modalities], dim=1)[..., 0]  # (B, M)
         present = mask > 0
         weights = gates.masked_fill(~present, float("-inf")).softmax(dim=1)
         weights = torch.where(present, weights, torch.zeros_like(weights))  # exact zeros, no NaN for safety
