@@ -1,16 +1,24 @@
 """DP-SGD overhead on the default fusion model: time per epoch and peak memory, private vs non-private.
 
 Runs, in one process and interleaved (so machine load hits every mode alike), one epoch of non-private training and
-one epoch of DP-SGD per Opacus per-sample-gradient mode over phantom cases, repeated; prints the median time per
-epoch, the ratio DP / non-private and the peak memory of each, and checks every mode for correctness first: with
-noise 0 its clipped, summed gradient of one batch must equal a reference computed case by case with plain
-autograd. The fastest correct mode should be ``client.privacy.engine.DEFAULT_GRAD_SAMPLE_MODE``.
+one epoch of DP-SGD per per-sample-gradient mode over phantom cases, repeated; prints the median time per epoch,
+the ratio DP / non-private and the peak memory of each, and checks every mode for correctness first: its clipped,
+summed gradient of one batch must equal a reference computed case by case with plain autograd. The fastest correct
+mode should be ``client.privacy.engine.DEFAULT_GRAD_SAMPLE_MODE``.
 
-    .venv/bin/python bench/dp_overhead.py                      # default model, 16 phantom cases, batch 4
+The default model is the one a site trains by default: the ``model-*`` keys, ``batch-size`` of the run config in
+pyproject.toml (``--model library`` takes ``ModelConfig()`` instead). Modes: Opacus's ``hooks`` (with fedfusion's
+grouped-convolution sampler for Conv layers, :mod:`client.privacy.grad_samplers`), ``hooks-unfold`` (Opacus's
+hooks mode with its own unfold-based conv sampler, for comparison), ``functorch``, ``ew``, ``ghost``, and
+fedfusion's ``microbatch`` (one batch-1 pass per case).
+
+    .venv/bin/python bench/dp_overhead.py                      # default model, 48 phantom cases, run-config batch
     .venv/bin/python bench/dp_overhead.py --write-docs         # also update docs/benchmarks.md
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size during the epoch above the
-RSS before it, sampled from /proc every 2 ms (torch's CPU allocations are invisible to tracemalloc).
+Time per epoch is scaled to exactly N cases (a Poisson epoch trains on N cases only in expectation; see run_epoch).
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation at the start of an epoch; on CPU the peak
+resident set size during the first two epochs above the RSS before them, each mode in a fresh child process, sampled
+from /proc every 2 ms (torch's CPU allocations are invisible to tracemalloc).
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-MARK_START = "<!-- dp-overhead:start -->"
-MARK_END = "<!-- dp-overhead:end -->"
-MODES = ("microbatch", "hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "hooks-unfold", "microbatch", "functorch", "ew", "ghost")
+#: bench-only modes: (engine mode, use fedfusion's grouped conv sampler)
+VARIANTS = {"hooks-unfold": ("hooks", False)}
 
 
 class PeakRSS:
@@ -73,54 +81,123 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def build_data(cases: int, seed: int) -> Any:
-    from client.data import CaseDataset
+def default_model(which: str) -> tuple[Any, int]:
+    """``(ModelConfig, batch size)`` of the run config in pyproject.toml (``run``) or the library defaults."""
     from models.config import ModelConfig
+    from simulations.appconfig import default_run_config
+
+    run = default_run_config()
+    batch = int(run.get("batch-size", 4))
+    return (ModelConfig.from_flat(run) if which == "run" else ModelConfig()), batch
+
+
+class conv_sampler:
+    """Context: Opacus's registry holds fedfusion's grouped conv sampler (``grouped=True``) or Opacus's own."""
+
+    def __init__(self, mode: str) -> None:
+        self.grouped = VARIANTS.get(mode, (mode, True))[1]
+
+    def __enter__(self) -> None:
+        from client.privacy import grad_samplers
+
+        (grad_samplers.install if self.grouped else grad_samplers.uninstall)()
+
+    def __exit__(self, *exc: Any) -> None:
+        from client.privacy import grad_samplers
+
+        grad_samplers.install()
+
+
+def build_data(cfg: Any, cases: int, seed: int) -> tuple[Any, Path]:
+    """``(dataset, site directory)`` of ``cases`` fresh phantom cases (NIfTI, all modalities present)."""
     from simulations.phantom_writers import generate
 
-    cfg = ModelConfig()
     out = Path(tempfile.mkdtemp(prefix="dp-bench-"))
     generate(out / "ph", sites=1, cases_per_site=cases, seed=seed, scenario="iid", shape=cfg.spatial_size,
              fmt="nifti", heldout_cases=0)
-    return CaseDataset([out / "ph" / "site-01"], cfg.modalities, cfg.spatial_size)
+    return load_data(cfg, out / "ph" / "site-01"), out / "ph" / "site-01"
 
 
-def make_setup(mode: str, dataset: Any, batch: int, device: torch.device, noise: float, seed: int) -> dict[str, Any]:
+def load_data(cfg: Any, site: Path) -> Any:
+    from client.data import CaseDataset
+
+    return CaseDataset([site], cfg.modalities, cfg.spatial_size)
+
+
+def probe_memory(args: argparse.Namespace) -> None:
+    """Child process: peak RSS growth (MiB) over two epochs of ``args.probe_memory`` in a fresh process.
+
+    Why a child: in the timing process each mode's RSS is blurred by what the allocator kept from the modes before
+    it; a fresh process sees one mode's own working set (first-epoch allocations included).
+    """
+    torch.set_num_threads(args.threads)
+    cfg, _ = default_model(args.model)
+    dataset = load_data(cfg, Path(args.probe_data))
+    setup = make_setup(args.probe_memory, cfg, dataset, args.batch_size, torch.device("cpu"), noise=1.0, seed=0)
+    with PeakRSS() as rss:
+        for _ in range(2):
+            run_epoch(setup, torch.device("cpu"))
+    print(f"PEAK_MIB {rss.extra_mb:.1f}")
+
+
+def child_memory(mode: str, args: argparse.Namespace, site: Path) -> float:
+    """Peak RSS growth of ``mode`` measured by :func:`probe_memory` in a fresh interpreter (NaN on failure)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", mode, "--probe-data", str(site),
+           "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in res.stdout.splitlines():
+        if line.startswith("PEAK_MIB "):
+            return float(line.split()[1])
+    print(f"  memory probe for {mode} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    return float("nan")
+
+
+def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.device, noise: float,
+               seed: int) -> dict[str, Any]:
     """Model, optimizer, loader and loss for ``mode`` (``none`` = non-private)."""
     from client.privacy.engine import CasesOnly, make_private
-    from models.config import ModelConfig
     from models.losses import MultiTaskLoss
     from models.network import build_model
     from models.training import make_optimizer
 
     torch.manual_seed(seed)
-    model = build_model(ModelConfig()).to(device)
+    model = build_model(cfg).to(device)
     opt = make_optimizer(model, lr=1e-3)
     loader = DataLoader(CasesOnly(dataset), batch_size=batch, shuffle=True)
     loss = MultiTaskLoss()
     if mode == "none":
-        return {"model": model, "module": model, "optimizer": opt, "loader": loader, "loss": loss}
+        return {"mode": mode, "model": model, "module": model, "optimizer": opt, "loader": loader, "loss": loss}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parts = make_private(model, opt, loader, loss, noise_multiplier=noise, max_grad_norm=1.0,
-                             grad_sample_mode=mode, seed=seed)
-    return {"model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": parts.loader,
+                             grad_sample_mode=VARIANTS.get(mode, (mode, True))[0], seed=seed)
+    return {"mode": mode, "model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": parts.loader,
             "loss": parts.loss_fn}
 
 
 def run_epoch(setup: dict[str, Any], device: torch.device) -> float:
+    """Seconds of one epoch, scaled to exactly ``len(dataset)`` cases.
+
+    Why scaled: a DP epoch draws its batches by Poisson sampling, so the cases it trains on are ``len(dataset)`` only
+    in expectation (std ~12 % at 48 cases, batch 12): an unscaled median ratio moves by that much from run to run.
+    Time per trained case times the dataset size compares like with like.
+    """
     from models.training import train_epoch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), conv_sampler(setup["mode"]):
         warnings.simplefilter("ignore")
-        train_epoch(setup["module"], setup["loader"], setup["optimizer"], setup["loss"], device,
-                    modality_dropout=0.0, generator=torch.Generator().manual_seed(0))
+        stats = train_epoch(setup["module"], setup["loader"], setup["optimizer"], setup["loss"], device,
+                            modality_dropout=0.0, generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    cases = len(setup["loader"].dataset)
+    return seconds * cases / max(stats["num-examples"], 1.0)
 
 
 def reference_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], clip: float,
@@ -143,78 +220,132 @@ def reference_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return total
 
 
-def check_mode(mode: str, dataset: Any, device: torch.device) -> tuple[bool, str]:
+def ghost_gram_gib(cfg: Any, batch: int) -> float:
+    """GiB of the Gram matrices Opacus's ghost norm sampler builds for the network's largest ``nn.Linear`` input.
+
+    For an activation of ``T`` tokens per case it forms ``a a^T`` and ``g g^T`` of ``(batch, T, T)`` floats each:
+    quadratic in ``T``, which the attention family's level-0 tokens (positions x modalities) make large.
+    """
+    from models.network import build_model
+
+    tokens = [1]
+
+    def hook(_m: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        x = inputs[0]
+        tokens.append(int(torch.tensor(x.shape[1:-1]).prod()) if x.dim() > 2 else 1)
+
+    model = build_model(cfg).eval()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(torch.zeros(1, len(cfg.modalities), *cfg.spatial_size), torch.ones(1, len(cfg.modalities)))
+    for h in handles:
+        h.remove()
+    return 2 * batch * max(tokens) ** 2 * 4 / 2**30
+
+
+def memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple[bool, str]:
     """Whether ``mode``'s clipped summed gradient of one 3-case batch matches the case-by-case reference."""
-    from client.privacy.engine import CasesOnly
-
+    if mode == "ghost" and ghost_gram_gib(cfg, 3) > memory_gib() / 2:
+        return False, f"not run: ghost norms need {ghost_gram_gib(cfg, 3):.0f} GiB of Gram matrices even at 3 cases"
     try:
-        setup = make_setup(mode, dataset, 4, device, noise=1.0, seed=0)
-        model, module, opt, loss_fn = setup["model"], setup["module"], setup["optimizer"], setup["loss"]
-        for m in model.modules():  # deterministic forward for the comparison
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        view = CasesOnly(dataset)
-        batch = {k: torch.stack([view[i][k] for i in range(3)]) for k in CasesOnly.KEYS}
-        model.train()
-        opt.zero_grad()
-        out = loss_fn(*module(batch["image"].to(device), batch["mask"].to(device)), batch["seg"].to(device),
-                      batch["label"].to(device))
-        loss = out[0] if isinstance(out, tuple) else out
-        loss.backward()
-        opt.clip_and_accumulate()
-        got = [p.summed_grad for p in model.parameters() if p.requires_grad]
-        # the reference runs on a fresh copy: the mode's hooks stay attached to ``model``
-        from models.config import ModelConfig
-        from models.network import build_model
-
-        twin = build_model(ModelConfig()).to(device)
-        twin.load_state_dict(model.state_dict())
-        for m in twin.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        twin.train()
-        ref = reference_clipped_sum(twin, batch, 1.0, device)
-        err = max(float((g.double() - r.double()).abs().max()) for g, r in zip(got, ref))
-        scale = max(float(r.abs().max()) for r in ref)
-        ok = err <= 1e-4 * max(scale, 1.0)
-        return ok, f"max abs error {err:.2e} (gradient scale {scale:.2e})"
+        with conv_sampler(mode):
+            return _check_mode(mode, cfg, dataset, device)
     except Exception as exc:  # noqa: BLE001 - a failing mode is a result of the benchmark
         return False, f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
+def _check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple[bool, str]:
+    from client.privacy.engine import CasesOnly
+
+    setup = make_setup(mode, cfg, dataset, 4, device, noise=1.0, seed=0)
+    model, module, opt, loss_fn = setup["model"], setup["module"], setup["optimizer"], setup["loss"]
+    for m in model.modules():  # deterministic forward for the comparison
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    view = CasesOnly(dataset)
+    batch = {k: torch.stack([view[i][k] for i in range(3)]) for k in CasesOnly.KEYS}
+    model.train()
+    opt.zero_grad()
+    out = loss_fn(*module(batch["image"].to(device), batch["mask"].to(device)), batch["seg"].to(device),
+                  batch["label"].to(device))
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    # ghost clipping's backward already clipped (second pass over rescaled losses); its optimizer only accumulates
+    (opt.accumulate if mode == "ghost" else opt.clip_and_accumulate)()
+    got = [p.summed_grad for p in model.parameters() if p.requires_grad]
+    # the reference runs on a fresh copy: the mode's hooks stay attached to ``model``
+    from models.network import build_model
+
+    twin = build_model(cfg).to(device)
+    twin.load_state_dict(model.state_dict())
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    twin.train()
+    ref = reference_clipped_sum(twin, batch, 1.0, device)
+    err = max(float((g.double() - r.double()).abs().max()) for g, r in zip(got, ref))
+    scale = max(float(r.abs().max()) for r in ref)
+    ok = err <= 1e-3 * scale  # float32: ghost clipping's Gram-matrix norms agree to ~3e-4 relative, the others ~3e-6
+    return ok, f"max abs error {err:.2e} (gradient scale {scale:.2e})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=int, default=16, help="phantom training cases (one site)")
-    ap.add_argument("--batch-size", type=int, default=4, help="expected (Poisson) batch size")
-    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per mode (median reported)")
+    ap.add_argument("--model", choices=("run", "library"), default="run",
+                    help="run: the run config's model-* keys in pyproject.toml (what sites train); "
+                         "library: ModelConfig() defaults")
+    ap.add_argument("--cases", type=int, default=48, help="phantom training cases (one site)")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="expected (Poisson) batch size; 0 = the run config's batch-size")
+    ap.add_argument("--repeats", type=int, default=5, help="timed epochs per mode (median reported)")
     ap.add_argument("--modes", default=",".join(MODES), help="grad-sample modes to try")
     ap.add_argument("--slow-repeats", type=int, default=1,
                     help="timed epochs for modes slower than 5x non-private after the first repeat")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--write-docs", action="store_true", help="update the table in docs/benchmarks.md")
+    ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)  # internal: child for one mode
+    ap.add_argument("--probe-data", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # Opacus/torch hook warnings would drown the table
+    if args.probe_memory:
+        probe_memory(args)
+        return
 
-    from models.config import ModelConfig
+    from models.network import build_model
     from models.training import resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    dataset = build_data(args.cases, seed=0)
-    cfg = ModelConfig()
-    print(f"model: default ModelConfig ({cfg.family}, {len(cfg.modalities)} modalities, spatial {cfg.spatial_size}, "
-          f"channels {cfg.channels}); {len(dataset)} cases, batch {args.batch_size}, device {device}, "
-          f"{args.threads} threads")
+    cfg, run_batch = default_model(args.model)
+    args.batch_size = args.batch_size or run_batch
+    dataset, site = build_data(cfg, args.cases, seed=0)
+    params = sum(p.numel() for p in build_model(cfg).parameters())
+    model_desc = (f"{'run-config' if args.model == 'run' else 'ModelConfig()'} model: {cfg.family} fusion, "
+                  f"{len(cfg.modalities)} modalities, {cfg.spatial_dims}D {'x'.join(map(str, cfg.spatial_size))}, "
+                  f"channels {','.join(map(str, cfg.channels))}, {params:,} parameters")
+    print(f"{model_desc}; {len(dataset)} cases, batch {args.batch_size}, device {device}, {args.threads} threads")
 
     correct: dict[str, tuple[bool, str]] = {}
     for mode in modes:
-        correct[mode] = check_mode(mode, dataset, device)
+        correct[mode] = check_mode(mode, cfg, dataset, device)
         print(f"  check {mode:10s}: {'OK ' if correct[mode][0] else 'BAD'} {correct[mode][1]}", flush=True)
 
+    if "ghost" in modes and correct["ghost"][0]:
+        need = ghost_gram_gib(cfg, args.batch_size)
+        if need > memory_gib() / 2:
+            correct["ghost"] = (False, f"correct on 3 cases ({correct['ghost'][1]}), not timed: Opacus's ghost norms "
+                                       f"for the attention Linear layers need {need:.0f} GiB of Gram matrices at "
+                                       f"batch {args.batch_size} (quadratic in tokens per case), {memory_gib():.0f} GiB "
+                                       "here")
+            print(f"  ghost: {correct['ghost'][1]}", flush=True)
     runnable = ["none", *[m for m in modes if correct[m][0]]]
-    setups = {m: make_setup(m, dataset, args.batch_size, device, noise=1.0, seed=0) for m in runnable}
+    setups = {m: make_setup(m, cfg, dataset, args.batch_size, device, noise=1.0, seed=0) for m in runnable}
     for m in runnable:  # warm-up epoch (allocator, lazy init)
         run_epoch(setups[m], device)
     times: dict[str, list[float]] = {m: [] for m in runnable}
@@ -230,10 +361,12 @@ def main() -> None:
                 times[m].append(run_epoch(setups[m], device))
                 mem[m] = max(mem[m], (torch.cuda.max_memory_allocated(device) - base) / 2**20)
             else:
-                with PeakRSS() as rss:
-                    times[m].append(run_epoch(setups[m], device))
-                mem[m] = max(mem[m], rss.extra_mb)
+                times[m].append(run_epoch(setups[m], device))
         print(f"  repeat {rep + 1}/{args.repeats} done", flush=True)
+    if device.type != "cuda":
+        for m in runnable:
+            mem[m] = child_memory(m, args, site)
+        print("  memory probes done", flush=True)
 
     base_t = statistics.median(times["none"])
     rows = []
@@ -245,9 +378,9 @@ def main() -> None:
         rows.append((m, t, t / base_t, mem[m], "" if m == "none" else "correct"))
     best = min((r for r in rows if r[0] != "none" and r[1] is not None), key=lambda r: r[1], default=None)
 
-    mem_label = "peak GPU memory above start, MiB" if device.type == "cuda" else "peak RSS above start, MiB"
+    mem_label = "peak GPU memory above start, MiB" if device.type == "cuda" else "peak RSS growth (fresh process, 2 epochs), MiB"
     lines = [
-        f"| mode | s / epoch | ratio vs non-private | {mem_label} | note |",
+        f"| mode | s / epoch of N cases | ratio vs non-private | {mem_label} | note |",
         "|---|---|---|---|---|",
     ]
     for m, t, ratio, mb, note in rows:
@@ -266,15 +399,15 @@ def main() -> None:
         header = (
             f"`bench/dp_overhead.py` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
             f"device {device}, {args.threads} threads, {len(dataset)} phantom cases, batch {args.batch_size}, "
-            f"median of {args.repeats} interleaved epochs; modes slower than 5x timed once):"
+            f"median of {args.repeats} interleaved epochs; modes slower than 5x timed once). {model_desc}:"
         )
-        write_docs(header + "\n\n" + table + "\n")
+        write_docs(header + "\n\n" + table + "\n", "dp-overhead" if args.model == "run" else "dp-overhead-library")
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, name: str) -> None:
     from simulations.mdsections import write_section
 
-    path = write_section(ROOT / "docs" / "benchmarks.md", "dp-overhead", section,
+    path = write_section(ROOT / "docs" / "benchmarks.md", name, section,
                          heading="## DP-SGD overhead (site training)", new_file_title="# Benchmarks")
     print(f"updated {path}")
 
