@@ -47,6 +47,11 @@ MODES = ("hooks", "hooks-unfold", "microbatch", "functorch", "ew", "ghost")
 VARIANTS = {"hooks-unfold": ("hooks", False)}
 
 
+def variant(mode: str) -> tuple[str, bool]:
+    """``(client.privacy.engine mode, grouped conv sampler on)`` of a bench mode."""
+    return VARIANTS.get(mode, (mode, True))
+
+
 class PeakRSS:
     """Peak resident memory (bytes) of this process while the context is open, above the RSS at entry."""
 
@@ -95,7 +100,7 @@ class conv_sampler:
     """Context: Opacus's registry holds fedfusion's grouped conv sampler (``grouped=True``) or Opacus's own."""
 
     def __init__(self, mode: str) -> None:
-        self.grouped = VARIANTS.get(mode, (mode, True))[1]
+        self.grouped = variant(mode)[1]
 
     def __enter__(self) -> None:
         from client.privacy import grad_samplers
@@ -172,7 +177,7 @@ def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.devi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parts = make_private(model, opt, loader, loss, noise_multiplier=noise, max_grad_norm=1.0,
-                             grad_sample_mode=VARIANTS.get(mode, (mode, True))[0], seed=seed)
+                             grad_sample_mode=variant(mode)[0], seed=seed)
     return {"mode": mode, "model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": parts.loader,
             "loss": parts.loss_fn}
 
@@ -249,8 +254,8 @@ def memory_gib() -> float:
 
 def check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple[bool, str]:
     """Whether ``mode``'s clipped summed gradient of one 3-case batch matches the case-by-case reference."""
-    if mode == "ghost" and ghost_gram_gib(cfg, 3) > memory_gib() / 2:
-        return False, f"not run: ghost norms need {ghost_gram_gib(cfg, 3):.0f} GiB of Gram matrices even at 3 cases"
+    if mode == "ghost" and (need := ghost_gram_gib(cfg, 3)) > memory_gib() / 2:
+        return False, f"not run: ghost norms need {need:.0f} GiB of Gram matrices even at 3 cases"
     try:
         with conv_sampler(mode):
             return _check_mode(mode, cfg, dataset, device)
@@ -258,14 +263,20 @@ def check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple
         return False, f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every Dropout's p set to 0 (a deterministic forward for the comparison), returned."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def _check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple[bool, str]:
     from client.privacy.engine import CasesOnly
 
     setup = make_setup(mode, cfg, dataset, 4, device, noise=1.0, seed=0)
     model, module, opt, loss_fn = setup["model"], setup["module"], setup["optimizer"], setup["loss"]
-    for m in model.modules():  # deterministic forward for the comparison
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    without_dropout(model)
     view = CasesOnly(dataset)
     batch = {k: torch.stack([view[i][k] for i in range(3)]) for k in CasesOnly.KEYS}
     model.train()
@@ -282,10 +293,7 @@ def _check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tupl
 
     twin = build_model(cfg).to(device)
     twin.load_state_dict(model.state_dict())
-    for m in twin.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    twin.train()
+    without_dropout(twin).train()
     ref = reference_clipped_sum(twin, batch, 1.0, device)
     err = max(float((g.double() - r.double()).abs().max()) for g, r in zip(got, ref))
     scale = max(float(r.abs().max()) for r in ref)

@@ -2,7 +2,7 @@
 
 Why: Opacus's own sampler for ``nn.Conv{1,2,3}d`` unfolds every input (im2col) and multiplies with ``einsum``. On a
 3D network that copy dominates a DP-SGD step: on the fusion model on CPU ~60 % of a hooks step was ``aten::copy_``
-from ``unfold3d``, 5-20x the cost of the convolution's ordinary weight gradient per layer; a DP epoch took 2.5-3.5x a
+from ``unfold3d``, 3.5-20x the cost of the convolution's ordinary weight gradient per layer; a DP epoch took 2.5-3.5x a
 non-private one, and 1.4-1.5x with this sampler (``bench/dp_overhead.py``, docs/benchmarks.md).
 
 How: the per-case weight gradients of a convolution with ``groups=g`` over a batch of ``n`` cases are exactly the
