@@ -1,10 +1,11 @@
 """fedfusion's Flower ClientApp (Message API): ``train`` and ``evaluate`` handlers.
 
 Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names)
-and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples``, ``train-loss``,
-``cases-<modality>`` and ``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`,
-``dp-enabled``, ``epsilon-total``, ``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``.
-Evaluate metrics: ``num-examples`` plus the local segmentation/classification metrics of :mod:`models.metrics`.
+and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples``, ``site-index``, ``train-loss``,
+``train-seconds``, ``cases-<modality>`` and ``has-<modality>`` for every modality of
+:data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``, ``epsilon-round``, ``delta``,
+``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples``, ``site-index`` plus the local
+segmentation/classification metrics of :mod:`models.metrics`.
 
 When the site does not train (privacy budget exhausted, run config weaker than the site's policy, no usable
 case, arrays that do not fit the run's model) it answers with an *error* reply whose code is one of

@@ -143,18 +143,13 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 
 def resolve_torch_device(name: str) -> torch.device:
-    """``auto`` → CUDA when present else CPU; ``cuda`` without a GPU is a clear error."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        try:
-            from models.training import resolve_device
+    """``auto`` → CUDA when present else CPU; an unknown name or ``cuda`` without a GPU is a clear decline."""
+    from models.training import resolve_device
 
-            return torch.device(resolve_device("auto"))
-        except ImportError:  # pragma: no cover - training module absent in a partial checkout
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SiteDecline(replies.BAD_REQUEST, "node config device=cuda but this site has no CUDA GPU; use auto or cpu")
-    return torch.device(name)
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise SiteDecline(replies.BAD_REQUEST, f"node config device: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ _RUNTIMES: dict[tuple[Any, ...], "SiteRuntime"] = {}
 def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
     """The site's :class:`client.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
 
-    Unreadable cases are skipped by the reader and logged here (kind and site-local path; the log stays on site).
+    Unreadable cases are skipped and logged by the reader (kind and site-local path; the log stays on site).
     """
     key = (str(settings.site_dir), str(settings.series_map), cfg.modalities, cfg.spatial_size)
     with _LOCK:
@@ -195,8 +190,6 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
                 replies.NO_USABLE_DATA,
                 "the site has no usable case for this run's modalities (the site log and `fedfusion inspect` say why)",
             ) from exc
-        for problem in getattr(ds, "problems", []) or []:
-            log.warning("site %s: %s", settings.site_name, problem)
         log.info(
             "site %s: %d usable cases loaded in %.1f s", settings.site_name, len(ds), time.perf_counter() - t0
         )
@@ -204,7 +197,7 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
         return ds
 
 
-def modality_counts(dataset: Any, modalities: tuple[str, ...]) -> dict[str, int]:
+def modality_counts(dataset: Any) -> dict[str, int]:
     """Cases carrying each modality of :data:`MODALITIES` (0 for modalities the run does not use)."""
     counts: dict[str, int] = {m: 0 for m in MODALITIES}
     for m, n in dataset.modality_counts().items():
@@ -348,9 +341,9 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
             settings=settings, model_cfg=cfg, train=ts, dp=dp, device=device, dataset=dataset, model=model,
             loss_fn=_make_loss(),
         )
-        rt.counts = modality_counts(dataset, cfg.modalities)
+        rt.counts = modality_counts(dataset)
         # Modalities this site never has cannot train their encoders here (the server keeps those encoders from the
-        # sites that have them); freezing them before Opacus sees the parameters halves DP-SGD's cost at such sites.
+        # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.
         model.set_site_modalities([m for m in cfg.modalities if rt.counts.get(m, 0) > 0])
         train_view = CasesOnly(dataset)
         loader = DataLoader(train_view, batch_size=min(ts.batch_size, len(dataset)), shuffle=True, drop_last=False)

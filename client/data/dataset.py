@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.atomic import atomic_write
 from models.modalities import MODALITIES, canonical
 
 from .problems import ERROR, Problem
@@ -245,12 +245,8 @@ class CaseDataset(Dataset):
         if report:
             self._report(case.problems)
         arrays = preprocess_case(case.images, case.seg, self.modalities, self.spatial_size)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        if path is not None:  # atomic: a concurrent reader never sees half a file
+            atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return arrays
 
     def _build_augment(self, seed: int) -> Any:
@@ -296,15 +292,3 @@ class CaseDataset(Dataset):
         masks = np.stack(self._masks)
         return {m: int(masks[:, c].sum()) for c, m in enumerate(self.modalities)}
 
-    def label_counts(self) -> dict[int, int]:
-        """Usable cases per class label."""
-        return {c: int(sum(1 for x in self._labels if x == c)) for c in sorted(set(self._labels))}
-
-    @property
-    def labels(self) -> list[int]:
-        return list(self._labels)
-
-    @property
-    def masks(self) -> np.ndarray:
-        """``(N, M)`` float32 availability masks of all items."""
-        return np.stack(self._masks).astype(np.float32)

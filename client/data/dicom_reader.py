@@ -86,7 +86,6 @@ class DicomSeries:
     description: str
     modality: str | None
     files: list[_FileHeader] = field(default_factory=list)
-    _uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,6 @@ def scan_dicom(
                 modality_tag=header.modality_tag,
                 description=header.description,
                 modality=mapping.identify(header.modality_tag, header.description),
-                _uid=header.series_uid,
             )
             by_uid[header.series_uid] = series
         series.files.append(header)
@@ -493,7 +491,7 @@ def read_dicom_case(
 
     Returns:
         ``(volumes, series, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``.
-        When several series map to one modality the one with the most files is used, the others reported.
+        When several series map to one modality the one with the most frames is used, the others reported.
     """
     case_dir = Path(case_dir)
     all_series, problems = scan_dicom(case_dir, mapping, case_id)

@@ -60,7 +60,7 @@ def find_nifti_files(case_dir: Path) -> list[NiftiFile]:
     return out
 
 
-def read_seg(path: Path, case_id: str = "") -> tuple[np.ndarray, np.ndarray]:
+def read_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a segmentation as ``(labels (D, H, W) uint8, RAS affine)``.
 
     Raises:
@@ -111,7 +111,7 @@ def read_nifti_case(
             continue
         try:
             if f.tag == "seg":
-                seg = read_seg(f.path, case_id)
+                seg = read_seg(f.path)
             else:
                 data, affine = load_nifti(f.path)
                 volumes[f.tag] = (np.asarray(data, dtype=np.float32), affine)

@@ -63,13 +63,6 @@ def _has_case_folders(path: Path) -> bool:
     return False
 
 
-def is_site(path: Path) -> bool:
-    """A site is a folder with ``labels.csv`` (or, lacking it, with case folders holding files)."""
-    path = Path(path)
-    if (path / LABELS_FILE).is_file():
-        return True
-    return path.is_dir() and not _site_children(path) and _has_case_folders(path)
-
 
 def _site_children(path: Path) -> list[Path]:
     return [

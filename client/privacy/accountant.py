@@ -14,6 +14,7 @@ parameters (``eps_error``), which would make a saved budget less reproducible.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,9 +40,18 @@ HistoryEntry = tuple[float, float, int]
 
 def epsilon_of(history: list[HistoryEntry], delta: float) -> float:
     """Epsilon a *fresh* Opacus RDP accountant computes for ``history`` at ``delta`` (0 for an empty history)."""
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    # ~90 ms per Opacus call; a round asks for the same (history, delta) several times (budget check, reply
+    # metrics, the ledger's informational copy), and the answer depends on nothing else.
+    if not history:
+        return 0.0
     acc = RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
 
 
 def _merge(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:

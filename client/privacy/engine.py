@@ -309,12 +309,6 @@ def seed_empty_batch_template(dp_loader: Any) -> None:
         collate.first_batch = default_collate([item])
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with plain parameter names (strips Opacus's ``_module.`` if a wrapper is passed)."""
-    inner = getattr(model, "_module", model)
-    return inner.state_dict()
-
-
 def load_plain_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load received arrays into the plain network, refusing missing/unexpected names with a clear error."""
     inner = getattr(model, "_module", model)

@@ -95,12 +95,6 @@ class SitePolicy:
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "policy") -> "SitePolicy":
-        """Build from dash- or underscore-keyed values; unknown keys are ignored by design (node configs carry
-        other keys), bad values raise a ``ValueError`` naming the key and ``source``."""
-        return cls(**_parse(data, source))
-
-    @classmethod
     def resolve(cls, node_config: Mapping[str, Any], state_dir: str | os.PathLike[str] | None) -> "SitePolicy":
         """Policy from defaults < policy file in ``state_dir`` < ``node_config``."""
         merged: dict[str, Any] = {}
