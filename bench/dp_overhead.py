@@ -347,10 +347,10 @@ def main() -> None:
     if "ghost" in modes and correct["ghost"][0]:
         need = ghost_gram_gib(cfg, args.batch_size)
         if need > memory_gib() / 2:
-            correct["ghost"] = (False, f"correct on 3 cases ({correct['ghost'][1]}), not timed: Opacus's ghost norms "
-                                       f"for the attention Linear layers need {need:.0f} GiB of Gram matrices at "
-                                       f"batch {args.batch_size} (quadratic in tokens per case), {memory_gib():.0f} GiB "
-                                       "here")
+            correct["ghost"] = (False, f"correct on 3 cases ({correct['ghost'][1]}), not timed: Opacus's ghost "
+                                       f"norms for the attention Linear layers need {need:.0f} GiB of Gram matrices "
+                                       f"at batch {args.batch_size} (quadratic in tokens per case), "
+                                       f"{memory_gib():.0f} GiB here")
             print(f"  ghost: {correct['ghost'][1]}", flush=True)
     runnable = ["none", *[m for m in modes if correct[m][0]]]
     setups = {m: make_setup(m, cfg, dataset, args.batch_size, device, noise=1.0, seed=0) for m in runnable}
@@ -386,7 +386,8 @@ def main() -> None:
         rows.append((m, t, t / base_t, mem[m], "" if m == "none" else "correct"))
     best = min((r for r in rows if r[0] != "none" and r[1] is not None), key=lambda r: r[1], default=None)
 
-    mem_label = "peak GPU memory above start, MiB" if device.type == "cuda" else "peak RSS growth (fresh process, 2 epochs), MiB"
+    mem_label = ("peak GPU memory above start, MiB" if device.type == "cuda"
+                 else "peak RSS growth (fresh process, 2 epochs), MiB")
     lines = [
         f"| mode | s / epoch of N cases | ratio vs non-private | {mem_label} | note |",
         "|---|---|---|---|---|",

@@ -166,16 +166,46 @@ def supernode_executable() -> str:
     return found
 
 
+def supernode_flags(
+    *,
+    executable: str,
+    superlink: str,
+    root_certificates: Path | str | None,
+    private_key: Path | str | None,
+    node_config: Mapping[str, Any],
+    runtime_port: int = DEFAULT_RUNTIME_PORT,
+    insecure: bool = False,
+    isolation: str | None = None,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command line, flags only, no checks: the one builder behind :func:`supernode_argv`
+    (``fedfusion site``) and :func:`fedfusion.deployment.supernode_command` (deployment files, loopback)."""
+    argv = [executable, "--superlink", superlink]
+    if insecure:
+        argv.append("--insecure")
+    if root_certificates is not None:
+        argv += ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key)]
+    argv += ["--node-config", format_node_config(node_config), "--port", str(int(runtime_port))]
+    if isolation:
+        argv += ["--isolation", isolation]
+    if max_retries is not None:
+        argv += ["--max-retries", str(int(max_retries))]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(float(max_wait_time))]
+    return argv
+
+
 def supernode_argv(opts: SiteOptions, executable: str | None = None) -> list[str]:
     """The ``flower-supernode`` command line for ``opts`` (TLS + node authentication unless ``--insecure``).
 
     Raises:
         DaemonError: TLS/auth files missing or unreadable (exit 2).
     """
-    argv = [executable or supernode_executable(), "--superlink", opts.superlink]
     if opts.insecure:
         log.warning("--insecure: the connection to the SuperLink is NOT encrypted; never use this outside a test")
-        argv.append("--insecure")
         if opts.root_certificates is not None:
             raise DaemonError("--insecure and --root-certificates exclude each other")
     else:
@@ -184,23 +214,21 @@ def supernode_argv(opts: SiteOptions, executable: str | None = None) -> list[str
                 "--root-certificates CA.pem is required (TLS to the SuperLink); use --insecure only for local tests"
             )
         _readable(opts.root_certificates, "--root-certificates")
-        argv += ["--root-certificates", str(Path(opts.root_certificates).expanduser().resolve())]
     if opts.auth_private_key is not None:
         _readable(opts.auth_private_key, "--auth-private-key")
-        argv += ["--auth-supernode-private-key", str(Path(opts.auth_private_key).expanduser().resolve())]
     if opts.auth_public_key is not None:
         # Flower 1.41 derives the public key from the private one and deprecates the flag; accept it for old scripts.
         log.info("--auth-public-key is not needed by this Flower version (derived from the private key); ignored")
-    argv += ["--node-config", format_node_config(node_config(opts))]
-    if opts.runtime_port != DEFAULT_RUNTIME_PORT:
-        argv += ["--port", str(int(opts.runtime_port))]
-    if opts.isolation:
-        argv += ["--isolation", opts.isolation]
-    if opts.max_retries is not None:
-        argv += ["--max-retries", str(int(opts.max_retries))]
-    if opts.max_wait_time is not None:
-        argv += ["--max-wait-time", str(float(opts.max_wait_time))]
-    return argv
+
+    def resolved(path: Path | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    return supernode_flags(
+        executable=executable or supernode_executable(), superlink=opts.superlink,
+        root_certificates=resolved(opts.root_certificates), private_key=resolved(opts.auth_private_key),
+        node_config=node_config(opts), runtime_port=opts.runtime_port, insecure=opts.insecure,
+        isolation=opts.isolation, max_retries=opts.max_retries, max_wait_time=opts.max_wait_time,
+    )
 
 
 def _readable(path: Path, flag: str) -> None:

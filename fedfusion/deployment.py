@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from client.daemon import format_node_config  # one formatter for every --node-config we build
+from client.daemon import DEFAULT_RUNTIME_PORT, format_node_config, supernode_flags  # noqa: F401 (re-exported)
 
 #: Name of the SuperLink connection written to ``$FLWR_HOME/config.toml`` (``flwr run . fedfusion``).
 CONNECTION_NAME = "fedfusion"
 #: Port the SuperLink listens on in fedfusion's deployment files (Fleet + Control + Runtime, HTTPS).
 DEFAULT_SUPERLINK_PORT = 9092
 #: Local Runtime API port of a SuperNode (only reachable on the site machine itself).
-DEFAULT_SUPERNODE_RUNTIME_PORT = 9094
+DEFAULT_SUPERNODE_RUNTIME_PORT = DEFAULT_RUNTIME_PORT
 #: Packages that make up the Flower app (shipped inside the FAB).
 APP_PACKAGES = ("models", "client", "server", "fedfusion", "simulations")
 #: The project directory (where pyproject.toml lives).
@@ -137,20 +137,16 @@ def supernode_command(
     executable: str = "flower-supernode",
 ) -> list[str]:
     """The ``flower-supernode`` command line of one site (TLS + node authentication unless ``insecure``)."""
-    cmd = [executable, "--superlink", superlink]
     if insecure:
         warn_insecure()
-        cmd.append("--insecure")
-    else:
-        if root_certificates is None or private_key is None:
-            raise ValueError("supernode_command: root_certificates and private_key are required unless insecure=True")
-        cmd += ["--root-certificates", str(root_certificates), "--auth-supernode-private-key", str(private_key)]
-    cmd += ["--node-config", format_node_config(node_config), "--port", str(runtime_port)]
-    if max_retries is not None:
-        cmd += ["--max-retries", str(max_retries)]
-    if max_wait_time is not None:
-        cmd += ["--max-wait-time", str(max_wait_time)]
-    return cmd
+        root_certificates = private_key = None
+    elif root_certificates is None or private_key is None:
+        raise ValueError("supernode_command: root_certificates and private_key are required unless insecure=True")
+    return supernode_flags(
+        executable=executable, superlink=superlink, root_certificates=root_certificates, private_key=private_key,
+        node_config=node_config, runtime_port=runtime_port, insecure=insecure, max_retries=max_retries,
+        max_wait_time=max_wait_time,
+    )
 
 
 def site_command(
