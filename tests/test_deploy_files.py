@@ -253,6 +253,19 @@ def test_flwr_connection_is_read_by_flower(tmp_path: Path, monkeypatch: pytest.M
     assert read_superlink_connection(None).name == dep.CONNECTION_NAME  # made the default
 
 
+def test_staging_drops_legacy_federation_tables_and_keeps_the_rest(tmp_path: Path) -> None:
+    fake = tmp_path / "project"
+    fake.mkdir()
+    (fake / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n\n[tool.flwr.federations]\ndefault = "local"\n\n'
+        '[tool.flwr.federations.local]\noptions.num-supernodes = 2\n\n'
+        '[tool.flwr.app.config]\nlr = 0.1\n'
+    )
+    data = tomllib.loads((dep.stage_app(tmp_path / "app", project_dir=fake) / "pyproject.toml").read_text())
+    assert "federations" not in data["tool"]["flwr"]
+    assert data["project"] == {"name": "x"} and data["tool"]["flwr"]["app"]["config"] == {"lr": 0.1}
+
+
 def test_staged_app_builds_a_fab_without_touching_the_checkout(tmp_path: Path) -> None:
     import zipfile
     from io import BytesIO

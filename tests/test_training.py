@@ -189,7 +189,7 @@ def test_evaluate_subsets_rows_and_masking() -> None:
         assert report.rows["mean"][k] == pytest.approx(sum(vals) / len(vals))
         assert report.rows["worst"][k] == pytest.approx(min(vals))
     assert 0.0 <= report.monotonicity_violations <= 1.0 and report.monotonicity_pairs == 9
-    assert report.to_table() is not None and report.to_dict()["subsets"] == names
+    assert report.to_table().row_count == len(names) + 2 and report.to_dict()["subsets"] == names
 
 
 def test_evaluate_subsets_skips_cases_without_any_subset_modality() -> None:

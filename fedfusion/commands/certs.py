@@ -31,9 +31,7 @@ from typing import Annotated
 
 import typer
 
-#: Curve for every key we make: P-384 is what Flower's docs use for node auth, and TLS accepts it.
-_CURVE_NAME = "secp384r1"
-
+from models.atomic import atomic_write
 
 @dataclass(frozen=True)
 class SiteKeys:
@@ -60,25 +58,17 @@ class DeploymentKeys:
 def _ec_key():  # -> ec.EllipticCurvePrivateKey
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    return ec.generate_private_key(ec.SECP384R1())
+    return ec.generate_private_key(ec.SECP384R1())  # P-384: what Flower's docs use for node auth; TLS accepts it
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    """Write a private key readable by its owner only, atomically (``mkstemp`` creates the temp file 0600)."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: fh.write(data))
+    os.chmod(path, 0o644)
 
 
 def _pem_private(key) -> bytes:
