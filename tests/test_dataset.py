@@ -178,8 +178,8 @@ def test_no_header_string_or_path_reaches_an_item(tmp_path: Path, augment: bool)
 
 def test_phantom_dicom_site_headers_stay_out_of_items(tmp_path: Path) -> None:
     """The phantom writer stamps synthetic PHI into headers; none of it (nor a path) reaches an item."""
-    phantoms = pytest.importorskip("simulations.phantoms")
-    writers = pytest.importorskip("simulations.phantom_writers")
+    from simulations import phantoms
+    from simulations import phantom_writers as writers
     import pydicom
 
     case = phantoms.make_case(np.random.default_rng(2), "case-0001", shape=(8, 16, 16), modalities=("t1", "ct"))

@@ -18,7 +18,7 @@ SHAPE = (4, 8, 8)
 @pytest.fixture
 def readers_messy_root(tmp_path: Path) -> Path:
     """A data root: site-01 with good and bad cases, heldout/ with one good case."""
-    pydicom_data = pytest.importorskip("pydicom.data")
+    from pydicom import data as pydicom_data
     seg = make_seg(SHAPE)
     aff = simple_affine()
     root = tmp_path / "data"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pydicom = pytest.importorskip("pydicom")
+import pydicom
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from client.data.dicom_reader import read_dicom_case  # noqa: E402
@@ -249,8 +249,8 @@ def test_reorient_grid_moves_whole_voxels() -> None:
 
 def test_phantom_round_trip_dicom(tmp_path: Path) -> None:
     """phantom -> DICOM (simulations.phantom_writers) -> reader gives the volumes back within rescale precision."""
-    phantoms = pytest.importorskip("simulations.phantoms")
-    writers = pytest.importorskip("simulations.phantom_writers")
+    from simulations import phantoms
+    from simulations import phantom_writers as writers
     case = phantoms.make_case(np.random.default_rng(0), "case-0001", shape=(8, 16, 16),
                               modalities=("t1", "t2", "ct", "us"))
     case_dir = tmp_path / "site-01" / "case-0001"
@@ -272,7 +272,7 @@ def test_phantom_round_trip_dicom(tmp_path: Path) -> None:
 
 
 def test_default_mapping_covers_every_phantom_vendor() -> None:
-    writers = pytest.importorskip("simulations.phantom_writers")
+    from simulations import phantom_writers as writers
     from models.modalities import DICOM_MODALITY
 
     mapping = load_series_mapping()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-nib = pytest.importorskip("nibabel")
+import nibabel as nib
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform  # noqa: E402
 from nibabel.testing import data_path  # noqa: E402
 
@@ -99,8 +99,8 @@ def test_seg_with_brats2021_labels_is_reported(tmp_path: Path) -> None:
 
 
 def test_phantom_round_trip_nifti(tmp_path: Path) -> None:
-    phantoms = pytest.importorskip("simulations.phantoms")
-    writers = pytest.importorskip("simulations.phantom_writers")
+    from simulations import phantoms
+    from simulations import phantom_writers as writers
     case = phantoms.make_case(np.random.default_rng(1), "case-0002", shape=(8, 16, 16), modalities=("t1ce", "flair"))
     case_dir = tmp_path / "case-0002"
     writers.write_case_nifti(case, case_dir)

@@ -15,6 +15,7 @@ from models.config import ModelConfig
 from models.modalities import MODALITIES, subset_name, subsets
 from models.runlog import MetricsLog
 from simulations.report import MONOTONICITY_TOLERANCE, build_report, leave_one_out, monotonicity_share
+from tests.server_stubs import write_heldout
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("site-01", "site-02", "site-03")
@@ -308,7 +309,7 @@ def test_null_values_and_torn_last_line(synthetic_run, tmp_path: Path) -> None:
 
 def test_monotonicity_matches_models_evaluation(synthetic_run) -> None:
     """The report's log-only monotonicity count follows the rule of models.evaluation.monotonicity."""
-    evaluation = pytest.importorskip("models.evaluation")
+    from models import evaluation
     _, evals = synthetic_run
     assert MONOTONICITY_TOLERANCE == evaluation.MONOTONICITY_TOLERANCE
     for flat in evals.values():
@@ -334,30 +335,7 @@ def test_cli_report_command(synthetic_run, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
-def _write_heldout(root: Path, cfg: ModelConfig, n: int = 6) -> Path:
-    """A tiny BraTS-layout held-out set (NIfTI per modality + seg + labels.csv) on the model's grid."""
-    nib = pytest.importorskip("nibabel")
-    rng = np.random.default_rng(1)
-    held = root / "heldout"
-    held.mkdir(parents=True)
-    rows = ["case_id,label"]
-    for i in range(n):
-        case = f"case-{i + 1:04d}"
-        (held / case).mkdir()
-        seg = np.zeros(cfg.spatial_size, dtype=np.uint8)
-        seg[2:6, 4:12, 4:12] = 1
-        seg[3:5, 6:10, 6:10] = 3
-        for m in cfg.modalities:
-            img = (rng.normal(0, 1, cfg.spatial_size) + seg).astype(np.float32)
-            nib.save(nib.Nifti1Image(img, np.eye(4)), held / case / f"{case}_{m}.nii.gz")
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), held / case / f"{case}_seg.nii.gz")
-        rows.append(f"{case},{i % 2}")
-    (held / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def test_report_with_data_draws_roc_and_checkpoint_contribution(synthetic_run, tmp_path: Path) -> None:
-    pytest.importorskip("client.data.dataset", reason="held-out reader (client.data.dataset) not in this checkout")
     import torch
 
     torch.set_num_threads(1)
@@ -365,16 +343,12 @@ def test_report_with_data_draws_roc_and_checkpoint_contribution(synthetic_run, t
     run = tmp_path / "run"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("figures", "report.md"))
     cfg = ModelConfig(family="attention", spatial_size=(8, 16, 16), channels=(4, 8))
-    data = _write_heldout(tmp_path / "data", cfg)
+    data = tmp_path / "data"
+    write_heldout(data / "heldout", cfg.modalities, n_cases=6, shape=cfg.spatial_size, seed=1)
     text = build_report(run, data_dir=data, device="cpu").read_text()
     section = text.split("(paper Fig. 4)", 1)[1].split("\n## ", 1)[0]
     assert "figures/roc.png" in section, section
     _assert_png(run / "figures" / "roc.png")
     contribution = text.split("(paper Fig. 3)", 1)[1].split("\n## ", 1)[0]
-    try:
-        import models.contribution  # noqa: F401
-    except ImportError:
-        assert "models.contribution.modality_contribution is not in this checkout" in contribution
-    else:
-        assert "figures/contribution_checkpoint.png" in contribution, contribution
-        _assert_png(run / "figures" / "contribution_checkpoint.png")
+    assert "figures/contribution_checkpoint.png" in contribution, contribution
+    _assert_png(run / "figures" / "contribution_checkpoint.png")

@@ -136,7 +136,6 @@ def test_train_epoch_with_proximal_pulls_towards_global() -> None:
 
 
 def test_dp_optimizer_takes_noise_only_step_on_empty_batch() -> None:
-    pytest.importorskip("opacus")
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
