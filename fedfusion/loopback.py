@@ -14,7 +14,6 @@ Typical use::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfusion import deployment as dep
-from fedfusion.commands.certs import DeploymentKeys, make_deployment_keys, make_node_keys
+from fedfusion.commands.certs import DeploymentKeys, make_deployment_keys, make_node_keys, site_names
 
 #: Terminal run states reported by ``flwr ls`` (``finished:completed``, ``finished:failed``, …).
 FINISHED_PREFIX = "finished"
@@ -42,31 +41,6 @@ def missing_binaries() -> list[str]:
     return [b for b in need if not (venv_bin() / b).exists() and shutil.which(b) is None]
 
 
-def apps_present(project_dir: Path = dep.PROJECT_DIR) -> list[str]:
-    """The Flower app modules named in pyproject.toml that do not exist yet (empty list = both present)."""
-    missing = []
-    for module in ("client.client_app", "server.server_app"):
-        if importlib.util.find_spec(module) is None:
-            missing.append(module)
-    return missing
-
-
-def site_daemon_available() -> bool:
-    """True when ``fedfusion site`` exists in this checkout (the site daemon of issue 4)."""
-    return importlib.util.find_spec("fedfusion.commands.site") is not None
-
-
-def site_daemon_flags() -> str:
-    """``fedfusion site --help`` text (to adapt to the flags the daemon supports), '' if unavailable."""
-    if not site_daemon_available():
-        return ""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedfusion.cli", "site", "--help"], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
-    )
-    return proc.stdout + proc.stderr
-
-
 class LoopbackFederation:
     """A SuperLink + ``n_sites`` SuperNodes on 127.0.0.1 with TLS and node authentication (context manager).
 
@@ -74,8 +48,7 @@ class LoopbackFederation:
         workdir: folder for certificates, logs, state (SuperLink database, per-site state dirs), FLWR_HOME.
         data_dir: a federation's data folder holding ``site-01``, ``site-02``… (what ``fedfusion phantoms`` writes).
         n_sites: number of SuperNodes to start (site-01 … site-NN).
-        use_site_daemon: start sites with ``fedfusion site`` (True), ``flower-supernode`` (False), or ``None`` =
-            the daemon when this checkout has it.
+        use_site_daemon: start sites with ``fedfusion site`` (True) or Flower's own ``flower-supernode`` (False).
         node_config_extra: more node config keys for every site (e.g. a site privacy policy).
         threads_per_site: torch threads per ClientApp process (OMP/MKL env), so sites do not oversubscribe CPUs.
     """
@@ -86,7 +59,7 @@ class LoopbackFederation:
         data_dir: Path,
         n_sites: int = 3,
         *,
-        use_site_daemon: bool | None = None,
+        use_site_daemon: bool = True,
         node_config_extra: Mapping[str, Any] | None = None,
         threads_per_site: int = 1,
         log: Callable[[str], None] | None = None,
@@ -94,8 +67,8 @@ class LoopbackFederation:
         self.workdir = Path(workdir).resolve()
         self.data_dir = Path(data_dir).resolve()
         self.n_sites = n_sites
-        self.site_names = [f"site-{i:02d}" for i in range(1, n_sites + 1)]
-        self.use_site_daemon = site_daemon_available() if use_site_daemon is None else use_site_daemon
+        self.site_names = site_names(n_sites)
+        self.use_site_daemon = use_site_daemon
         self.node_config_extra = dict(node_config_extra or {})
         self.log = log or (lambda msg: print(f"[loopback] {msg}", flush=True))
         self.superlink_port, *self.runtime_ports = dep.free_ports(1 + n_sites)
@@ -377,34 +350,19 @@ def make_phantoms(out: Path, sites: int = 3, cases_per_site: int = 4, seed: int 
 
 def metrics_rounds(run_dir: Path) -> set[int]:
     """Rounds that have at least one line in ``run_dir/metrics.jsonl`` (empty if none yet)."""
-    import json
+    from models.runlog import iter_metrics
 
-    path = Path(run_dir) / "metrics.jsonl"
-    rounds: set[int] = set()
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rounds.add(int(json.loads(line)["round"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return rounds
+    return {int(r["round"]) for r in iter_metrics(Path(run_dir) / "metrics.jsonl") if "round" in r}
 
 
 def train_scopes(run_dir: Path, server_round: int) -> set[str]:
     """Site scopes (e.g. ``site-01``) with train metrics logged in ``server_round`` (the sites aggregated)."""
-    import json
+    from models.runlog import iter_metrics
 
-    path = Path(run_dir) / "metrics.jsonl"
-    scopes: set[str] = set()
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("round") == server_round and row.get("phase") == "train" and row.get("scope") != "global":
-                scopes.add(str(row.get("scope")))
-    return scopes
+    return {
+        str(r.get("scope")) for r in iter_metrics(Path(run_dir) / "metrics.jsonl")
+        if r.get("round") == server_round and r.get("phase") == "train" and r.get("scope") != "global"
+    }
 
 
 def tiny_run_config(workdir: Path, data_dir: Path, **overrides: Any) -> dict[str, Any]:
