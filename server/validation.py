@@ -113,7 +113,8 @@ class UpdateValidator:
 
     # -- checks ------------------------------------------------------------------------------------
     def structural_problem(self, msg: Message, global_arrays: Mapping[str, np.ndarray]) -> str | None:
-        """Why a reply cannot be aggregated at all (``None`` if it is structurally fine)."""
+        """Why a reply cannot be aggregated at all (``None`` if it is structurally fine); values are checked by
+        :meth:`update_norm`, which decodes each array once."""
         if msg.has_error():
             return f"error reply: {msg.error.reason}"
         arrays = reply_arrays(msg)
@@ -140,18 +141,22 @@ class UpdateValidator:
                 return f"wrong shape for {name}: {tuple(arr.shape)} (global model has {tuple(ref.shape)})"
             if np.dtype(arr.dtype) != ref.dtype:
                 return f"wrong dtype for {name}: {arr.dtype} (global model has {ref.dtype})"
-        for name in global_arrays:
-            values = arrays[name].numpy()
-            if values.dtype.kind in "fc" and not np.isfinite(values).all():
-                return f"non-finite values (NaN or Inf) in {name}"
         return None
 
     @staticmethod
-    def update_norm(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) -> float:
-        """L2 norm of ``arrays - global_arrays`` over all parameters (float64, unitless)."""
+    def update_norm(arrays: ArrayRecord, global64: Mapping[str, np.ndarray]) -> float | str:
+        """L2 norm of ``arrays - global64`` over all parameters (float64, unitless), or why the values are unusable.
+
+        Args:
+            arrays: a structurally valid reply (:meth:`structural_problem` found nothing).
+            global64: the global model, name -> float64 array.
+        """
         total = 0.0
-        for name, ref in global_arrays.items():
-            diff = arrays[name].numpy().astype(np.float64) - ref.astype(np.float64)
+        for name, ref in global64.items():
+            values = arrays[name].numpy()  # decodes the bytes: once per array per reply
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return f"non-finite values (NaN or Inf) in {name}"
+            diff = values.astype(np.float64) - ref
             total += float(np.dot(diff.ravel(), diff.ravel()))
         return math.sqrt(total)
 
@@ -164,6 +169,7 @@ class UpdateValidator:
         """
         result = ValidationResult()
         candidates: list[tuple[Message, float]] = []
+        global64 = {name: ref.astype(np.float64) for name, ref in global_arrays.items()}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             problem = self.structural_problem(msg, global_arrays)
@@ -172,7 +178,10 @@ class UpdateValidator:
                 continue
             arrays = reply_arrays(msg)
             assert arrays is not None
-            norm = self.update_norm(arrays, global_arrays)
+            norm = self.update_norm(arrays, global64)
+            if isinstance(norm, str):
+                result.rejected.append(Rejection(node, norm))
+                continue
             result.norms[node] = norm
             candidates.append((msg, norm))
 
