@@ -173,15 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     data = args.data
     if data is None:
-        from simulations.phantom_writers import generate
+        from simulations.phantom_writers import ensure
 
         data = args.work / f"data-{args.scenario}-s{args.sites}x{args.cases_per_site}-h{args.heldout_cases}-" \
                            f"{'x'.join(map(str, args.shape))}-seed{args.seed}"
-        if not (data / "phantoms.json").exists():
-            console.print(f"generating phantoms in {data}")
-            generate(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed,
-                     scenario=args.scenario, shape=tuple(args.shape), fmt="nifti",
-                     heldout_cases=args.heldout_cases)
+        _, reused = ensure(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed,
+                           scenario=args.scenario, shape=tuple(args.shape), fmt="nifti",
+                           heldout_cases=args.heldout_cases)
+        console.print(f"{'reusing' if reused else 'generated'} phantoms in {data}")
     plan = [] if args.no_baselines else list(BASELINES)
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
     plan += [(f"{f} fusion", f, ALL) for f in fams]

@@ -93,14 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from simulations.experiments.common import permit_experiment_policies
     from simulations.mdsections import write_section
-    from simulations.phantom_writers import generate
+    from simulations.phantom_writers import ensure
     from simulations.simulate import simulate
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fedfusion-round-overhead-"))
     data = work / "data"
-    if not (data / "phantoms.json").exists():
-        generate(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed, scenario="iid",
-                 shape=tuple(args.shape), fmt="nifti", heldout_cases=4, overwrite=True)
+    ensure(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed, scenario="iid",
+           shape=tuple(args.shape), fmt="nifti", heldout_cases=4)
     run = work / "run"
     permit_experiment_policies(run, data)
     overrides = {

@@ -55,16 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from simulations.experiments.common import permit_experiment_policies
     from simulations.mdsections import write_section
-    from simulations.phantom_writers import generate
+    from simulations.phantom_writers import ensure
     from simulations.simulate import simulate
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fedfusion-scale-"))
     data = work / "data"
     t0 = time.perf_counter()
-    reused = (data / "phantoms.json").exists()
-    if not reused:
-        generate(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed, scenario="iid",
-                 shape=tuple(args.shape), fmt="nifti", heldout_cases=args.heldout_cases, overwrite=True)
+    _, reused = ensure(data, sites=args.sites, cases_per_site=args.cases_per_site, seed=args.seed, scenario="iid",
+                       shape=tuple(args.shape), fmt="nifti", heldout_cases=args.heldout_cases)
     gen_s = time.perf_counter() - t0
     run = work / "run"
     # 1 round at epsilon 8 needs less noise than the default site policy's floor; let the virtual sites accept it.

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from client.data.geometry import dicom_geometry, save_nifti
+from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
 
 from .phantoms import DEFAULT_SITE, PhantomCase, SiteProfile, make_case
@@ -498,6 +499,8 @@ def generate(
         "shape": list(shape_t),
         "format": fmt,
         "modalities": list(MODALITIES),
+        # what was asked for, so that :func:`ensure` reuses this folder only for the same request
+        "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, heldout_cases, missing_fraction),
         "sites": {},
         "heldout": None,
     }
@@ -556,8 +559,33 @@ def generate(
     else:
         run(lambda name: None)
 
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (out / PARTIAL_MARKER).unlink(missing_ok=True)
     return manifest
+
+
+def _request(sites: int, cases_per_site: int, seed: int, scenario: str, shape: Sequence[int], fmt: str,
+             heldout_cases: int, missing_fraction: float | None) -> dict[str, Any]:
+    return {"sites": int(sites), "cases_per_site": int(cases_per_site), "seed": int(seed), "scenario": scenario,
+            "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "heldout_cases": int(heldout_cases),
+            "missing_fraction": missing_fraction}
+
+
+def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0, scenario: str = "realistic",
+           shape: Sequence[int] = (32, 64, 64), fmt: str = "dicom", heldout_cases: int = 12, progress: bool = False,
+           missing_fraction: float | None = None) -> tuple[dict[str, Any], bool]:
+    """The phantoms of :func:`generate` for this request in ``out``: reused when a complete earlier generation there
+    was asked for with the same arguments, (re)generated otherwise. Returns ``(manifest, reused)``."""
+    out = Path(out)
+    request = _request(sites, cases_per_site, seed, scenario, shape, fmt, heldout_cases, missing_fraction)
+    if (out / MANIFEST).is_file() and not (out / PARTIAL_MARKER).exists():
+        try:
+            manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("request") == request:
+            return manifest, True
+    manifest = generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario=scenario, shape=shape,
+                        fmt=fmt, heldout_cases=heldout_cases, progress=progress, overwrite=True,
+                        missing_fraction=missing_fraction)
+    return manifest, False

@@ -343,22 +343,11 @@ def simulate(
     out = Path(out)
     overrides = dict(overrides or {})
     if data is None:
-        from .phantom_writers import generate
+        from .phantom_writers import ensure
 
         data = out / "data"
-        seed = int(overrides.get("seed") or 0)
-        if not (data / "phantoms.json").exists():
-            generate(
-                data,
-                sites=sites,
-                cases_per_site=cases_per_site,
-                seed=seed,
-                scenario=scenario,
-                shape=shape,
-                fmt=data_format,
-                heldout_cases=heldout_cases,
-                progress=progress,
-            )
+        ensure(data, sites=sites, cases_per_site=cases_per_site, seed=int(overrides.get("seed") or 0),
+               scenario=scenario, shape=shape, fmt=data_format, heldout_cases=heldout_cases, progress=progress)
     sites_found = site_dirs(Path(data))
     overrides.setdefault("data-dir", str(Path(data).resolve()))
     overrides["run-dir"] = str(out.resolve())

@@ -140,7 +140,7 @@ class Outcome:
 def phantoms(ctx: Context, scenario: str, *, sites: int | None = None,
              missing_fraction: float | None = None) -> Path:
     """Phantom federation for this budget and seed (NIfTI, generated once and reused by every row)."""
-    from simulations.phantom_writers import PARTIAL_MARKER, generate
+    from simulations.phantom_writers import ensure
 
     b = ctx.budget
     n = sites or b.sites
@@ -148,9 +148,8 @@ def phantoms(ctx: Context, scenario: str, *, sites: int | None = None,
     data = ctx.work / "data" / (
         f"{scenario}{tag}-s{n}x{b.cases_per_site}-h{b.heldout_cases}-{'x'.join(map(str, b.shape))}-seed{ctx.seed}"
     )
-    if not (data / "phantoms.json").exists() or (data / PARTIAL_MARKER).exists():
-        generate(data, sites=n, cases_per_site=b.cases_per_site, seed=ctx.seed, scenario=scenario, shape=b.shape,
-                 fmt="nifti", heldout_cases=b.heldout_cases, overwrite=True, missing_fraction=missing_fraction)
+    ensure(data, sites=n, cases_per_site=b.cases_per_site, seed=ctx.seed, scenario=scenario, shape=b.shape,
+           fmt="nifti", heldout_cases=b.heldout_cases, missing_fraction=missing_fraction)
     return data
 
 
