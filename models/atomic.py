@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import IO
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a binary temp file beside ``path``, fsync it, then rename it onto ``path``."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], mode: int | None = None) -> None:
+    """Call ``write`` on a binary temp file beside ``path``, fsync it, then rename it onto ``path``.
+
+    Args:
+        mode: permission bits of the file; ``None`` = what ``open()`` would give (0666 minus the umask). The temp
+            file is 0600 from creation either way, so a private file is never readable by others, even briefly.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if mode is None:
+        mode = 0o666 & ~_umask()
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -27,6 +35,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would set it process-wide for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

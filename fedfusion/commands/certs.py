@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +61,12 @@ def _ec_key():  # -> ec.EllipticCurvePrivateKey
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only, atomically (``mkstemp`` creates the temp file 0600)."""
-    atomic_write(path, lambda fh: fh.write(data))
+    """Write a private key readable by its owner only (0600), atomically."""
+    atomic_write(path, lambda fh: fh.write(data), mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
-    os.chmod(path, 0o644)
+    atomic_write(path, lambda fh: fh.write(data), mode=0o644)
 
 
 def _pem_private(key) -> bytes:
