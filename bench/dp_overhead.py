@@ -225,12 +225,8 @@ def reference_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return total
 
 
-def ghost_gram_gib(cfg: Any, batch: int) -> float:
-    """GiB of the Gram matrices Opacus's ghost norm sampler builds for the network's largest ``nn.Linear`` input.
-
-    For an activation of ``T`` tokens per case it forms ``a a^T`` and ``g g^T`` of ``(batch, T, T)`` floats each:
-    quadratic in ``T``, which the attention family's level-0 tokens (positions x modalities) make large.
-    """
+def linear_tokens(cfg: Any) -> int:
+    """Most tokens per case any ``nn.Linear`` of the network sees (1 for a ``(B, C)`` input)."""
     from models.network import build_model
 
     tokens = [1]
@@ -245,16 +241,25 @@ def ghost_gram_gib(cfg: Any, batch: int) -> float:
         model(torch.zeros(1, len(cfg.modalities), *cfg.spatial_size), torch.ones(1, len(cfg.modalities)))
     for h in handles:
         h.remove()
-    return 2 * batch * max(tokens) ** 2 * 4 / 2**30
+    return max(tokens)
+
+
+def ghost_gram_gib(tokens: int, batch: int) -> float:
+    """GiB of the Gram matrices Opacus's ghost norm sampler builds for a Linear input of ``tokens`` per case.
+
+    It forms ``a a^T`` and ``g g^T`` of ``(batch, T, T)`` floats each: quadratic in ``T``, which the attention
+    family's level-0 tokens (positions x modalities) make large.
+    """
+    return 2 * batch * tokens**2 * 4 / 2**30
 
 
 def memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tuple[bool, str]:
+def check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device, tokens: int) -> tuple[bool, str]:
     """Whether ``mode``'s clipped summed gradient of one 3-case batch matches the case-by-case reference."""
-    if mode == "ghost" and (need := ghost_gram_gib(cfg, 3)) > memory_gib() / 2:
+    if mode == "ghost" and (need := ghost_gram_gib(tokens, 3)) > memory_gib() / 2:
         return False, f"not run: ghost norms need {need:.0f} GiB of Gram matrices even at 3 cases"
     try:
         with conv_sampler(mode):
@@ -339,13 +344,14 @@ def main() -> None:
                   f"channels {','.join(map(str, cfg.channels))}, {params:,} parameters")
     print(f"{model_desc}; {len(dataset)} cases, batch {args.batch_size}, device {device}, {args.threads} threads")
 
+    tokens = linear_tokens(cfg)
     correct: dict[str, tuple[bool, str]] = {}
     for mode in modes:
-        correct[mode] = check_mode(mode, cfg, dataset, device)
+        correct[mode] = check_mode(mode, cfg, dataset, device, tokens)
         print(f"  check {mode:10s}: {'OK ' if correct[mode][0] else 'BAD'} {correct[mode][1]}", flush=True)
 
     if "ghost" in modes and correct["ghost"][0]:
-        need = ghost_gram_gib(cfg, args.batch_size)
+        need = ghost_gram_gib(tokens, args.batch_size)
         if need > memory_gib() / 2:
             correct["ghost"] = (False, f"correct on 3 cases ({correct['ghost'][1]}), not timed: Opacus's ghost "
                                        f"norms for the attention Linear layers need {need:.0f} GiB of Gram matrices "

@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     trains = site_train_seconds(run / "metrics.jsonl")
     trained = {r: len(v) for r, v in trains.items()}
     ncpu = os.cpu_count() or 1
-    try:
-        import psutil  # type: ignore[import-not-found]
-
-        total_gib = psutil.virtual_memory().total / 2**30
-    except ImportError:
-        total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     per_round = [walls[r] for r in sorted(walls)]
     lines = [
         f"`{shlex.join(['bench/scale.py', *(argv if argv is not None else sys.argv[1:])])}` "

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from models.atomic import atomic_write
+
 #: A series of ``(round, value)`` points; ``value`` None = not recorded (e.g. non-finite in the log).
 Series = Sequence[tuple[int, float | None]]
 
@@ -29,12 +31,8 @@ def _figure(width: float = 7.0, height: float = 4.2):  # -> matplotlib.figure.Fi
 
 def _save(fig, path: Path) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (temp file then rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=_DPI)
-    tmp.replace(path)
-    return path
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI))
+    return Path(path)
 
 
 def _xy(series: Series) -> tuple[list[int], list[float]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from models.config import SEG_REGIONS
 from models.modalities import MODALITIES, canonical, subset_name
+from models.atomic import atomic_write_text
 from models.runlog import iter_metrics
 
 from . import figures
@@ -748,14 +749,6 @@ def _pick_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _resolve_device(device: str):  # -> torch.device
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[HeldoutResult | None, str]:
     """Predictions (ROC) and modality contributions of the best (else last) checkpoint on the held-out set;
     ``(None, reason)`` when any ingredient is missing. Never raises: the report must still be written."""
@@ -774,11 +767,12 @@ def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[Hel
         from models.evaluation import predict
         from models.metrics import classification_metrics, roc_points
         from models.network import build_model
+        from models.training import resolve_device
     except ImportError as exc:
         return None, f"this checkout cannot rebuild the model or read the data ({exc})"
     try:
         state, cfg, extra = load_checkpoint(ckpt)
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         model = build_model(cfg)
         model.load_state_dict(state)
         model.to(dev).eval()
@@ -882,7 +876,5 @@ def build_report(run_dir: Path, data_dir: Path | None = None, device: str = "aut
     if ctx.figures:
         lines += ["---", "", "Figures: " + ", ".join(f"`{p.relative_to(run.run_dir).as_posix()}`" for p in ctx.figures)]
     out = run.run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     return out

@@ -48,7 +48,7 @@ def run(ctx: Context) -> str:
     body = [
         f"{ctx.budget.sites} phantom sites (scenario `scanner-skew`), attention fusion over six modalities, "
         "modality-aware FedAvg, delta 1e-5, clipping norm 1.0, Poisson sampling. Evaluated on the held-out set "
-        "with all six series. `train s` = simulation wall time (DP-SGD costs ~3x per step, docs/benchmarks.md).",
+        "with all six series. `train s` = simulation wall time (DP-SGD's cost per step over non-private: docs/benchmarks.md).",
         "",
         markdown_table(headers, rows),
         "",

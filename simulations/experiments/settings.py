@@ -19,6 +19,7 @@ TITLE = "Experiment `settings`: local-only vs federated vs centralized pooled tr
 
 def run(ctx: Context) -> str:
     """Train every row, write the section, return its Markdown body."""
+    from client.data.site import list_cases
     from simulations.simulate import site_dirs
 
     data = phantoms(ctx, "scanner-skew")
@@ -34,7 +35,7 @@ def run(ctx: Context) -> str:
                 fmt(o.get("all/dice-enhancing")), fmt(o.get("all/accuracy")), fmt(o.get("all/auroc")),
                 fmt(o.get("single-mean/dice-whole")), f"{o.seconds:.0f}"]
 
-    counts = [sum(1 for d in s.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))) for s in sites]
+    counts = [len(list_cases(s)) for s in sites]
     rows = [row(f"local only: {s.name}", str(n), o) for s, n, o in zip(sites, counts, local)]
     mean = {k: _mean([o.get(k) for o in local]) for k in
             ("all/dice-whole", "all/dice-core", "all/dice-enhancing", "all/accuracy", "all/auroc",
