@@ -14,6 +14,7 @@ fedfusion's ``microbatch`` (one batch-1 pass per case).
 
     .venv/bin/python bench/dp_overhead.py                      # default model, 48 phantom cases, run-config batch
     .venv/bin/python bench/dp_overhead.py --write-docs         # also update docs/benchmarks.md
+    .venv/bin/python bench/dp_overhead.py --profile            # where a DP step's time goes, per conv layer too
 
 Time per epoch is scaled to exactly N cases (a Poisson epoch trains on N cases only in expectation; see run_epoch).
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation at the start of an epoch; on CPU the peak
@@ -306,6 +307,116 @@ def _check_mode(mode: str, cfg: Any, dataset: Any, device: torch.device) -> tupl
     return ok, f"max abs error {err:.2e} (gradient scale {scale:.2e})"
 
 
+def profile(cfg: Any, batch: int, steps: int = 5) -> None:
+    """Where a DP step's time goes (``--profile``): phases and grad samplers per step, then every conv shape.
+
+    Per step at ``batch`` on random inputs: forward / backward / optimizer seconds, non-private vs DP (hooks), and
+    the seconds Opacus spends in each layer type's grad sampler. Per distinct Conv3d shape of the network (ms):
+    the batch's ordinary weight gradient, the per-case weight gradients by fedfusion's grouped call and by
+    Opacus's unfold, and the input gradient by PyTorch's convolution backward vs a forward convolution with the
+    flipped kernel (stride-1 layers).
+    """
+    import collections
+
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from torch.utils.data import TensorDataset
+
+    from client.privacy import grad_samplers
+    from client.privacy.engine import make_private
+    from client.privacy.grad_samplers import conv_grad_sample_grouped
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+    from models.training import make_optimizer
+
+    m = len(cfg.modalities)
+    x, mask = torch.randn(batch, m, *cfg.spatial_size), torch.ones(batch, m)
+    seg, label = torch.randint(0, 4, (batch, *cfg.spatial_size)), torch.randint(0, 2, (batch,))
+    loss_fn = MultiTaskLoss()
+    in_sampler: dict[str, float] = collections.defaultdict(float)
+    grad_samplers.install()  # what make_private registers, so that the timing wrappers wrap the samplers it uses
+    originals = dict(GradSampleModule.GRAD_SAMPLERS)
+
+    def timed_sampler(kind: type, fn: Any) -> Any:
+        def run(layer: Any, acts: Any, backprops: torch.Tensor) -> Any:
+            t0 = time.perf_counter()
+            out = fn(layer, acts, backprops)
+            in_sampler[kind.__name__] += time.perf_counter() - t0
+            return out
+        return run
+
+    def phases(module: Any, opt: Any) -> tuple[float, float, float]:
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(*module(x, mask), seg, label)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    print(f"\nper step at batch {batch} (s, mean of {steps}):")
+    for mode in ("none", "hooks"):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        module, opt = model, make_optimizer(model, lr=1e-3)
+        if mode == "hooks":
+            parts = make_private(model, opt, DataLoader(TensorDataset(x), batch_size=batch), loss_fn,
+                                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+            module, opt = parts.module, parts.optimizer
+            for kind, fn in originals.items():
+                GradSampleModule.GRAD_SAMPLERS[kind] = timed_sampler(kind, fn)
+        for _ in range(2):
+            phases(module, opt)
+        in_sampler.clear()
+        runs = [phases(module, opt) for _ in range(steps)]
+        fwd, bwd, upd = (sum(r[i] for r in runs) / steps for i in range(3))
+        samplers = ", ".join(f"{k} {v / steps:.3f}" for k, v in sorted(in_sampler.items(), key=lambda kv: -kv[1]))
+        print(f"  {'non-private' if mode == 'none' else 'DP hooks':11s} forward {fwd:.3f}  backward {bwd:.3f}  "
+              f"optimizer {upd:.3f}  total {fwd + bwd + upd:.3f}"
+              + (f"  (grad samplers: {samplers})" if samplers else ""))
+    GradSampleModule.GRAD_SAMPLERS.update(originals)
+
+    shapes: collections.Counter = collections.Counter()
+    def record(layer: Any, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        shapes[(layer.in_channels, layer.out_channels, tuple(inputs[0].shape[2:]), layer.kernel_size, layer.stride,
+                layer.padding)] += 1
+
+    net = build_model(cfg)
+    handles = [c.register_forward_hook(record) for c in net.modules() if isinstance(c, torch.nn.Conv3d)]
+    with torch.no_grad():
+        net(x, mask)
+    for h in handles:
+        h.remove()
+
+    def ms(fn: Any, repeats: int = 5) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats * 1000
+
+    print(f"\nConv3d layers at batch {batch} (ms per call; n = layers of that shape):")
+    print("  n  in->out  input       k s | weight grad  per-case grouped  per-case unfold | input grad  flipped fwd")
+    for (cin, cout, size, k, stride, pad), n in sorted(shapes.items(), key=lambda kv: -kv[1]):
+        layer = torch.nn.Conv3d(cin, cout, k, stride=stride, padding=pad)
+        inp = torch.randn(batch, cin, *size)
+        gy = torch.randn_like(layer(inp))
+        args3 = (list(stride), list(pad), [1, 1, 1], False, [0, 0, 0], 1)
+        w_grad = ms(lambda: torch.ops.aten.convolution_backward(gy, inp, layer.weight, None, *args3,
+                                                               [False, True, False]))
+        grouped = ms(lambda: conv_grad_sample_grouped(layer, [inp], gy))
+        unfold = ms(lambda: compute_conv_grad_sample(layer, [inp], gy))
+        x_grad = ms(lambda: torch.ops.aten.convolution_backward(gy, inp, layer.weight, None, *args3,
+                                                               [True, False, False]))
+        flipped = "-"
+        if stride == (1, 1, 1):
+            w_flip = layer.weight.detach().flip(2, 3, 4).transpose(0, 1).contiguous()
+            flipped = f"{ms(lambda: torch.nn.functional.conv3d(gy, w_flip, padding=pad)):.2f}"
+        print(f"  {n:<2d} {cin:>2d}->{cout:<3d} {'x'.join(map(str, size)):11s} {k[0]} {stride[0]} | {w_grad:11.2f}  "
+              f"{grouped:16.2f}  {unfold:15.2f} | {x_grad:10.2f}  {flipped:>11s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("run", "library"), default="run",
@@ -321,6 +432,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--write-docs", action="store_true", help="update the table in docs/benchmarks.md")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the table: where a DP step's time goes (phases, grad samplers, conv layers)")
     ap.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)  # internal: child for one mode
     ap.add_argument("--probe-data", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -337,6 +450,9 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     cfg, run_batch = default_model(args.model)
     args.batch_size = args.batch_size or run_batch
+    if args.profile:
+        profile(cfg, args.batch_size)
+        return
     dataset, site = build_data(cfg, args.cases, seed=0)
     params = sum(p.numel() for p in build_model(cfg).parameters())
     model_desc = (f"{'run-config' if args.model == 'run' else 'ModelConfig()'} model: {cfg.family} fusion, "

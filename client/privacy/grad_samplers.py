@@ -1,9 +1,10 @@
 """Per-case convolution gradients for Opacus's ``hooks`` mode, computed as one grouped weight-gradient call.
 
 Why: Opacus's own sampler for ``nn.Conv{1,2,3}d`` unfolds every input (im2col) and multiplies with ``einsum``. On a
-3D network that copy dominates a DP-SGD step: on the fusion model on CPU ~60 % of a hooks step was ``aten::copy_``
-from ``unfold3d``, 3.5-20x the cost of the convolution's ordinary weight gradient per layer; a DP epoch took 2.5-3.5x a
-non-private one, and 1.4-1.5x with this sampler (``bench/dp_overhead.py``, docs/benchmarks.md).
+3D network that copy dominates a DP-SGD step: for the 3x3x3 layers of the default fusion model it costs 3-30x the
+layer's ordinary weight gradient, and summed over the layers more than a whole non-private step; a DP epoch took
+2.5-3.5x a non-private one, and 1.4-1.5x with this sampler (``bench/dp_overhead.py [--profile]``,
+docs/benchmarks.md).
 
 How: the per-case weight gradients of a convolution with ``groups=g`` over a batch of ``n`` cases are exactly the
 weight gradient of *one* convolution with ``groups=n*g`` over the batch folded into channels: input
