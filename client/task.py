@@ -213,23 +213,25 @@ def modality_counts(dataset: Any) -> dict[str, int]:
 class TrainSettings:
     """The training part of the run config."""
 
-    local_epochs: int = 1
-    lr: float = 0.01
-    batch_size: int = 4
+    # the defaults of pyproject.toml [tool.flwr.app.config], for a run config that lacks a key
+    local_epochs: int = 3
+    lr: float = 0.002
+    batch_size: int = 12
     proximal_mu: float = 0.0
     seed: int = 0
-    num_server_rounds: int = 1
+    num_server_rounds: int = 5
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "TrainSettings":
+        d = cls()
         try:
             out = cls(
-                local_epochs=int(rc.get("local-epochs", 1)),
-                lr=float(rc.get("lr", 0.01)),
-                batch_size=int(rc.get("batch-size", 4)),
-                proximal_mu=float(rc.get("proximal-mu", 0.0)),
-                seed=int(rc.get("seed", 0)),
-                num_server_rounds=int(rc.get("num-server-rounds", 1)),
+                local_epochs=int(rc.get("local-epochs", d.local_epochs)),
+                lr=float(rc.get("lr", d.lr)),
+                batch_size=int(rc.get("batch-size", d.batch_size)),
+                proximal_mu=float(rc.get("proximal-mu", d.proximal_mu)),
+                seed=int(rc.get("seed", d.seed)),
+                num_server_rounds=int(rc.get("num-server-rounds", d.num_server_rounds)),
             )
         except (TypeError, ValueError) as exc:
             raise SiteDecline(replies.BAD_REQUEST, f"unreadable run config value: {exc}") from exc

@@ -37,7 +37,7 @@ def _bool(value: Any) -> bool:
 class ServerSettings:
     """Server-side run config values (dash-separated keys in the run config, underscores here)."""
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     seed: int = 0
     strategy: str = "fedavg"
     aggregation: str = "modality-aware"
@@ -54,7 +54,7 @@ class ServerSettings:
     run_dir: str = "runs/latest"
     resume: str = ""
     proximal_mu: float = 0.0
-    lr: float = 0.01
+    lr: float = 0.002
     server_lr: float = 0.1
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
