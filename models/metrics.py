@@ -52,8 +52,9 @@ REGIONS: tuple[str, ...] = tuple(SEG_REGIONS)
 SEG_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "hd95")
 #: Classification metric names.
 CLS_METRICS: tuple[str, ...] = ("accuracy", "recall", "specificity", "f1", "auroc")
-#: Metrics where smaller is better (everything else: larger is better).
-LOWER_IS_BETTER: frozenset[str] = frozenset(f"hd95-{r}" for r in REGIONS)
+#: Metrics where smaller is better (everything else: larger is better); ``monotonicity-violations`` is the share of
+#: modality-subset pairs where adding a modality lowered Dice (:mod:`models.evaluation`).
+LOWER_IS_BETTER: frozenset[str] = frozenset({*(f"hd95-{r}" for r in REGIONS), "monotonicity-violations"})
 
 
 def seg_metric_names(hd95: bool = True) -> list[str]:

@@ -134,7 +134,6 @@ class ModalityAwareStrategy(Strategy):
         #: groups without any eligible site in the last aggregated round (kept at their global values)
         self.last_absent: list[str] = []
         #: eligible sites (node ids) per group in the last aggregated round
-        self.last_eligible: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return f"ModalityAware({type(self.strategy).__name__})"
@@ -222,7 +221,6 @@ class ModalityAwareStrategy(Strategy):
             for n in group_names:
                 out[n] = combined[n]
         self.last_absent = absent
-        self.last_eligible = eligible_log
         if absent:
             logger.info("round %d: no site has %s this round: their parameters keep the global values",
                         server_round, ", ".join(absent))

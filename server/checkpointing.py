@@ -29,13 +29,8 @@ import torch
 from models.atomic import atomic_write_text
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import ModelConfig
+from models.metrics import lower_is_better
 
-#: metrics where lower is better (everything else: higher is better)
-LOWER_IS_BETTER = ("loss", "hd95", "violations")
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(tag in metric for tag in LOWER_IS_BETTER)
 
 
 def pick_metric(flat: Mapping[str, float], metric: str) -> tuple[str, float] | None:

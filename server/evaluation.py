@@ -85,14 +85,9 @@ class GlobalEvaluator:
         return self._disabled_reason
 
     def _device(self) -> torch.device:
-        if self.device_name == "auto":
-            try:
-                from models.training import resolve_device
+        from models.training import resolve_device
 
-                return resolve_device("auto")
-            except ImportError:  # older checkouts: same rule, inline
-                return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device_name)
+        return resolve_device(self.device_name)
 
     def _load(self) -> bool:
         if self._disabled_reason is not None:
@@ -139,8 +134,8 @@ class GlobalEvaluator:
         from models.evaluation import evaluate_subsets
         from models.network import build_model
 
-        device = self._device()
         try:
+            device = self._device()  # an unusable device name fails this evaluation, not the server
             if self._model is None:
                 self._model = build_model(self.model_config)
             model = self._model

@@ -29,10 +29,6 @@ from .strategy import FederationExhausted, build_strategy
 
 logger = logging.getLogger(__name__)
 
-#: run config keys forwarded to the sites in every train message (they also read their own run config)
-TRAIN_CONFIG_KEYS = ("num-server-rounds", "local-epochs", "lr", "batch-size")
-
-
 def _server_logging(run_dir: Path) -> logging.Handler:
     """Send the ``server`` loggers to ``RUN/server.log`` (and to stderr when nothing else is configured)."""
     pkg = logging.getLogger("server")
@@ -156,7 +152,7 @@ def _run(
             return None
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
-    train_config = ConfigRecord({k: run_config[k] for k in TRAIN_CONFIG_KEYS if k in run_config})
+    train_config = ConfigRecord()  # sites read the run config themselves; Flower adds "server-round"
     try:
         strategy.start(
             grid=grid,

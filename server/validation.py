@@ -48,13 +48,11 @@ class ValidationResult:
         accepted: replies that may be aggregated, in arrival order.
         rejected: replies left out, with reasons.
         norms: update L2 norm of every structurally valid reply, by node id.
-        reference_norm: the norm the outlier test compared against (``None`` = no norm test this round).
     """
 
     accepted: list[Message] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     norms: dict[int, float] = field(default_factory=dict)
-    reference_norm: float | None = None
 
 
 def reply_arrays(msg: Message) -> ArrayRecord | None:
@@ -191,7 +189,6 @@ class UpdateValidator:
             reference = float(np.median(norms))
         elif self.history:
             reference = float(np.median(self.history))
-        result.reference_norm = reference
 
         accepted_norms: list[float] = []
         for msg, norm in candidates:
