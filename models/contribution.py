@@ -66,7 +66,9 @@ def contribution_per_sample(
     model.eval()
     try:
         mask = mask.to(image.dtype)
-        seg_full, cls_full = model(image, mask)
+        # encoders once; every "without m" run only re-fuses (decode(features, subset) == forward(image, subset))
+        features = inner.encode(image, mask)
+        seg_full, cls_full = inner.decode(features, mask)
         prob_full = cls_full.softmax(dim=1)
         ref_class = label.long() if label is not None else prob_full.argmax(dim=1)
         pick = ref_class[:, None]
@@ -87,7 +89,7 @@ def contribution_per_sample(
             if bool((has & runnable).any()):
                 # Samples that keep some modality run without m; the others take the uninformed prediction.
                 safe = torch.where(runnable[:, None], drop_mask, mask)
-                seg_wo, cls_wo = model(image, safe)
+                seg_wo, cls_wo = inner.decode(features, safe)
                 p_wo = torch.where(runnable, cls_wo.softmax(dim=1).gather(1, pick)[:, 0], p_wo)
                 pred_wo = torch.where(runnable.reshape(-1, *[1] * (pred_full.dim() - 1)), seg_wo.argmax(dim=1), pred_wo)
             if seg is not None:

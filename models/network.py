@@ -103,8 +103,8 @@ class FusionNet(nn.Module):
         """Fuse :meth:`encode`'s features under ``mask`` (B, M) and predict: ``(seg logits (B, K, *S), class
         logits (B, num_classes))``, equal to ``forward(image, mask)`` for any ``mask`` that is a subset of the mask
         given to :meth:`encode` (a modality outside ``mask`` is multiplied by exactly 0 or masked out of attention,
-        whatever its features). Every sample needs at least one modality in ``mask``."""
-        mask = mask.to(self._feature_dtype(features))
+        whatever its features). Every sample needs at least one modality in ``mask``, which has the image's float
+        dtype (as :meth:`forward` and :meth:`encode` cast it)."""
         if not self.fusion.modality_encoders:
             return self._heads(self.fusion.fuse_stems(features, mask))
         if self.fusion.late:
@@ -162,23 +162,6 @@ class FusionNet(nn.Module):
             seg, cls = self.decode(_tile(features, k), chunk.reshape(k * bsz, m))
             for j in range(k):
                 yield seg[j * bsz : (j + 1) * bsz], cls[j * bsz : (j + 1) * bsz]
-
-    @staticmethod
-    def _feature_dtype(features: list[Any]) -> torch.dtype:
-        def first(obj: Any) -> Tensor | None:
-            if isinstance(obj, Tensor):
-                return obj
-            if isinstance(obj, (list, tuple)):
-                for o in obj:
-                    t = first(o)
-                    if t is not None:
-                        return t
-            return None
-
-        t = first(features)
-        if t is None:
-            raise ValueError("features hold no tensor: every modality is declared absent")
-        return t.dtype
 
     def _zero_pyramid(self, x: Tensor) -> list[Tensor]:
         """Stand-in features of a modality declared absent: zeros (B, C_l, *S / 2**l) per level. Every family

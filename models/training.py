@@ -14,8 +14,7 @@ FedProx (:class:`ProximalTerm`) adds ``mu/2 * ||w - w_global||^2``:
 * ``DPOptimizer``: a loss term on the weights is invisible to Opacus's per-sample gradients (Opacus rebuilds
   ``.grad`` from the clipped per-sample gradients plus noise, which would silently drop it). Its gradient does not
   depend on any case's data, so it is added **after** clipping and noising, before the parameter update: DP
-  post-processing, no privacy cost, not clipped. (``client.privacy.engine.ProximalHook`` does the same through
-  the optimizer's step hook; use one or the other, not both.)
+  post-processing, no privacy cost, not clipped.
 """
 
 from __future__ import annotations
