@@ -2,8 +2,11 @@
 
 Everything expensive (reading and resampling the site's studies, building the network, Opacus's ``make_private``,
 deriving the noise multiplier) happens once per site process and is cached at module level, keyed by what it
-depends on (site folder, series map, model config, DP and optimiser settings). A round only loads the received
-weights, trains or evaluates, and charges the privacy ledger.
+depends on (site folder, series map, model config, DP and optimiser settings); the training parts are built by the
+first train message only. A round only loads the received weights, trains or evaluates, and charges the privacy
+ledger. In simulation a site process serves every round; a deployed SuperNode starts a fresh ClientApp process per
+message, so there the on-disk caches in the site's state directory (preprocessed cases, derived noise multipliers)
+carry the savings.
 
 Where a site's settings come from:
 
@@ -267,9 +270,10 @@ class SiteRuntime:
     model: torch.nn.Module
     loss_fn: Any
     noise_multiplier: float = 0.0
+    #: DP-SGD parts (DP runs) or ``(module, loader, optimizer, loss)`` (DP off), built by the first train message:
+    #: a deployed ClientApp process lives for one message, and an evaluate message needs neither.
     private: PrivateParts | None = None
-    plain_optimizer: Any = None
-    plain_loader: DataLoader | None = None
+    plain: tuple[Any, DataLoader, Any, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -347,30 +351,42 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         # Modalities this site never has cannot train their encoders here (the server keeps those encoders from the
         # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.
         model.set_site_modalities([m for m in cfg.modalities if rt.counts.get(m, 0) > 0])
-        train_view = CasesOnly(dataset)
-        loader = DataLoader(train_view, batch_size=min(ts.batch_size, len(dataset)), shuffle=True, drop_last=False)
-        optimizer = _make_optimizer(model, ts.lr)
-        if dp.enabled:
-            rt.noise_multiplier = _noise_for(rt, policy)
-            rt.private = make_private(
-                model, optimizer, loader, rt.loss_fn,
-                noise_multiplier=rt.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, secure_mode=policy.secure_mode, seed=ts.seed,
-            )
-            if not policy.secure_mode:
-                log.info(
-                    "site %s: Opacus secure_mode is OFF (seeded noise, fine for experiments); set secure-mode=true "
-                    "in the node config for production", settings.site_name,
-                )
-        else:
-            log.warning(
-                "site %s: TRAINING WITHOUT DIFFERENTIAL PRIVACY (run config dp-enabled=false, allowed by this "
-                "site's policy allow-no-dp=true). Updates leave the site with no formal privacy guarantee.",
-                settings.site_name,
-            )
-            rt.plain_optimizer, rt.plain_loader = optimizer, loader
         _RUNTIMES[key] = rt
         return rt, policy
+
+
+def _training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, Any]:
+    """``(module, loader, optimizer, loss)`` to train with: Opacus's DP-SGD parts, or the plain ones when the run
+    (with the site's consent) has DP off. Built once per runtime, on the first train message."""
+    with _LOCK:
+        if rt.private is None and rt.plain is None:
+            loader = DataLoader(CasesOnly(rt.dataset), batch_size=min(rt.train.batch_size, rt.num_cases),
+                                shuffle=True, drop_last=False)
+            optimizer = _make_optimizer(rt.model, rt.train.lr)
+            if rt.dp.enabled:
+                rt.noise_multiplier = _noise_for(rt, policy)
+                rt.private = make_private(
+                    rt.model, optimizer, loader, rt.loss_fn,
+                    noise_multiplier=rt.noise_multiplier, max_grad_norm=rt.dp.max_grad_norm,
+                    grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, secure_mode=policy.secure_mode, seed=rt.train.seed,
+                )
+                if not policy.secure_mode:
+                    log.info(
+                        "site %s: Opacus secure_mode is OFF (seeded noise, fine for experiments); set "
+                        "secure-mode=true in the node config for production", rt.settings.site_name,
+                    )
+            else:
+                log.warning(
+                    "site %s: TRAINING WITHOUT DIFFERENTIAL PRIVACY (run config dp-enabled=false, allowed by this "
+                    "site's policy allow-no-dp=true). Updates leave the site with no formal privacy guarantee.",
+                    rt.settings.site_name,
+                )
+                rt.plain = (rt.model, loader, optimizer, rt.loss_fn)
+    if rt.private is not None:
+        p = rt.private
+        return p.module, p.loader, p.optimizer, p.loss_fn
+    assert rt.plain is not None
+    return rt.plain
 
 
 def _noise_for(rt: SiteRuntime, policy: SitePolicy) -> float:
@@ -442,7 +458,8 @@ def train_round(
         SiteDecline: policy refusal, exhausted budget, no data, or arrays that do not match the model.
     """
     rt, policy = get_runtime(node_config, run_config)
-    accountant = PersistentAccountant.load(rt.settings.state_dir) if rt.dp.enabled else None
+    module, loader, optimizer, loss_fn = _training_parts(rt, policy)
+    accountant = PersistentAccountant.load(rt.settings.state_dir) if rt.private is not None else None
     if accountant is not None and rt.private is not None:
         parts = rt.private
         steps = rt.train.local_epochs * parts.steps_per_epoch
@@ -474,17 +491,12 @@ def train_round(
 
     # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
     prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
-    if rt.private is not None:
-        parts = rt.private
-        parts.reset_optimizer_state()
-        for _ in range(rt.train.local_epochs):
-            stats = _train_epoch(rt, parts.module, parts.loader, parts.optimizer, parts.loss_fn, generator, prox)
-            losses.append(_loss_of(stats))
-    else:
-        rt.plain_optimizer.state.clear()
-        for _ in range(rt.train.local_epochs):
-            stats = _train_epoch(rt, rt.model, rt.plain_loader, rt.plain_optimizer, rt.loss_fn, generator, prox)
-            losses.append(_loss_of(stats))
+    # each round starts from the received global weights: forget momentum (a DPOptimizer shares its
+    # original optimizer's state)
+    optimizer.state.clear()
+    for _ in range(rt.train.local_epochs):
+        stats = _train_epoch(rt, module, loader, optimizer, loss_fn, generator, prox)
+        losses.append(_loss_of(stats))
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, float] = {"num-examples": float(rt.num_cases), "site-index": rt.settings.site_index}

@@ -181,10 +181,6 @@ class PrivateParts:
     grad_sample_mode: str
     steps_taken: int = 0
 
-    def reset_optimizer_state(self) -> None:
-        """Forget momentum etc. between rounds (each round starts from the received global weights)."""
-        self.optimizer.original_optimizer.state.clear()
-
 
 def make_private(
     model: nn.Module,
