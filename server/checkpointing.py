@@ -8,8 +8,8 @@ Layout (see docs/architecture.md)::
     RUN/checkpoints/best.pt    best global model by run config `best-metric`
 
 ``last.pt`` is a :func:`models.checkpoint.save_checkpoint` file whose ``extra`` holds ``round`` (the last
-completed round), ``strategy_state`` (e.g. FedAdam's ``m_t``/``v_t``, the validator's norm history),
-``run_config``, ``declined`` (node ids dropped for a spent privacy budget) and ``best`` (metric, value, round).
+completed round), ``strategy_state`` (e.g. FedAdam's ``m_t``/``v_t``, the validator's norm history, the node ids
+declined for a spent privacy budget), ``run_config`` and ``best`` (metric, value, round).
 Because a round's metrics are logged before its checkpoint is renamed into place, resuming from ``last.pt`` at
 round ``r`` and dropping log entries of rounds ``> r`` never loses or doubles a round.
 """
@@ -54,7 +54,6 @@ class ResumeState:
     model_config: ModelConfig
     strategy_state: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
-    declined: list[int] = field(default_factory=list)
     best: dict[str, Any] | None = None
 
 
@@ -80,7 +79,6 @@ class RunDirectory:
         *,
         strategy_state: Mapping[str, Any],
         run_config: Mapping[str, Any],
-        declined: list[int],
         best: Mapping[str, Any] | None,
     ) -> None:
         """Write ``last.pt`` for the completed ``server_round`` (atomic write-then-rename)."""
@@ -91,7 +89,6 @@ class RunDirectory:
             round=int(server_round),
             strategy_state=dict(strategy_state),
             run_config=dict(run_config),
-            declined=[int(n) for n in declined],
             best=dict(best) if best else None,
         )
 
@@ -136,7 +133,6 @@ class RunDirectory:
             model_config=config,
             strategy_state=dict(extra.get("strategy_state") or {}),
             run_config=dict(extra.get("run_config") or {}),
-            declined=[int(n) for n in extra.get("declined") or []],
             best=extra.get("best"),
         )
 

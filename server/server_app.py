@@ -79,7 +79,6 @@ def _run(
     start_round = 0
     best = BestTracker(settings.best_metric)
     strategy_state: Mapping[str, Any] = {}
-    declined: list[int] = []
     if settings.resume:
         state = run_dir.load_resume()
         if state.model_config != model_config:
@@ -91,7 +90,6 @@ def _run(
         start_round = state.round
         arrays = ArrayRecord({k: v for k, v in state.state_dict.items()})
         strategy_state = state.strategy_state
-        declined = state.declined
         best = BestTracker(settings.best_metric, state.best)
         # Entries of an interrupted round (> start_round) would otherwise be logged twice.
         mlog.drop_rounds_after(start_round)
@@ -112,7 +110,6 @@ def _run(
     strategy = build_strategy(settings, model_config.modalities, mlog, round_offset=start_round)
     if strategy_state:
         strategy.set_state(strategy_state)
-    strategy.declined |= set(declined)
 
     evaluator = GlobalEvaluator(
         model_config,
@@ -144,8 +141,7 @@ def _run(
         # last.pt goes last: once it names round r, everything of round r is on disk.
         run_dir.save_round(
             rnd, state_dict, model_config,
-            strategy_state=strategy.get_state(), run_config=resolved,
-            declined=sorted(strategy.declined), best=best.state(),
+            strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
         )
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
         if flat is None:

@@ -400,27 +400,20 @@ class FedFusionStrategy(Strategy):
                 site_metrics[f"cases-{m}"] = sum(rec.get(f"cases-{m}", 0.0) for rec in accepted_metrics)
                 site_metrics[f"has-{m}"] = float(sum(modality_weight(rec, m) > 0 for rec in accepted_metrics))
         metrics_out = {**site_metrics, **summary}
+        self._log(rnd, "train", "global", metrics_out)
         if len(accepted) < max(1, self.base.min_train_nodes):
             logger.warning(
                 "round %d: only %d accepted update(s), fewer than min-train-nodes = %d: the global model is kept",
                 rnd, len(accepted), self.base.min_train_nodes,
             )
-            self._log(rnd, "train", "global", metrics_out)
             return None, MetricRecord(metrics_out)
 
         sanitised = [self._sanitise(m) for m in accepted]
         aggregated, _ = self.strategy.aggregate_train(rnd, sanitised)
         if aggregated is None:
             logger.warning("round %d: aggregation produced no model; the global model is kept", rnd)
-            self._log(rnd, "train", "global", metrics_out)
             return None, MetricRecord(metrics_out)
-
-        out = self._finish(rnd, aggregated, sanitised)
-        if out is None:
-            self._log(rnd, "train", "global", metrics_out)
-            return None, MetricRecord(metrics_out)
-        self._log(rnd, "train", "global", metrics_out)
-        return out, MetricRecord(metrics_out)
+        return self._finish(rnd, aggregated, sanitised), MetricRecord(metrics_out)
 
     def _finish(self, rnd: int, aggregated: ArrayRecord, sanitised: Sequence[Message]) -> ArrayRecord | None:
         """Global dtypes back (Flower's mean computes in float64), absent modalities kept, finiteness checked."""
