@@ -37,8 +37,9 @@ def run(ctx: Context) -> str:
         for m in baselines
     ]
     for o in fused + single:
-        o.metrics.setdefault("lesion-volume-ratio",
-                             foreground_ratio(Path(o.run_dir) / "checkpoints" / "last.pt", data / "heldout"))
+        if "lesion-volume-ratio" not in o.metrics:  # not setdefault: that would evaluate foreground_ratio anyway
+            o.metrics["lesion-volume-ratio"] = foreground_ratio(Path(o.run_dir) / "checkpoints" / "last.pt",
+                                                                data / "heldout")
     reliance = {f: modality_reliance(Path(o.run_dir) / "checkpoints" / "last.pt", data / "heldout")
                 for f, o in zip(families, fused)}
     headers = ["model", "modalities", "Dice whole", "Dice core", "Dice enh.", "accuracy", "AUROC",
