@@ -365,6 +365,7 @@ def _training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any,
             optimizer = _make_optimizer(rt.model, rt.train.lr)
             if rt.dp.enabled:
                 rt.noise_multiplier = _noise_for(rt, policy)
+                rt.model.train()  # Opacus validates training mode; an evaluate message may have left it in eval
                 rt.private = make_private(
                     rt.model, optimizer, loader, rt.loss_fn,
                     noise_multiplier=rt.noise_multiplier, max_grad_norm=rt.dp.max_grad_norm,

@@ -70,6 +70,15 @@ def test_train_changes_arrays_reports_availability_and_exact_epsilon(phantoms: P
     assert m["dp-enabled"] == 1.0 and m["noise-multiplier"] == 1.0 and m["delta"] == 1e-5
 
 
+def test_a_site_whose_first_message_is_evaluate_then_trains(phantoms: Path, tmp_path: Path) -> None:
+    """In simulation a worker may evaluate a site before it ever trained it: training must still work after."""
+    ctx = context(_node(phantoms, tmp_path), run_config())
+    assert not evaluate(message("evaluate", initial_state()), ctx).has_error()
+    reply = train(message("train", initial_state()), ctx)
+    assert not reply.has_error(), reply.error
+    assert dict(reply.content["metrics"])["epsilon-total"] > 0
+
+
 def test_second_process_continues_from_spent_epsilon(phantoms: Path, tmp_path: Path) -> None:
     node = _node(phantoms, tmp_path)
     first = train(message("train", initial_state()), context(node, run_config()))

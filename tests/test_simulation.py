@@ -27,19 +27,6 @@ TINY = {
 }
 
 
-def _children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def test_three_site_dp_simulation_with_missing_modalities(tmp_path: Path) -> None:
     from simulations.phantom_writers import generate
     from simulations.simulate import simulate
@@ -79,6 +66,8 @@ def test_three_site_dp_simulation_with_missing_modalities(tmp_path: Path) -> Non
     import ray
 
     assert not ray.is_initialized()
-    leftovers = [p for p in _children_of(os.getpid()) if Path(f"/proc/{p}/cmdline").exists()
+    from fedfusion.deployment import descendants
+
+    leftovers = [p for p in descendants(os.getpid()) if Path(f"/proc/{p}/cmdline").exists()
                  and b"ray" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert leftovers == []
