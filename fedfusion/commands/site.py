@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from client.daemon import DEFAULT_RUNTIME_PORT
+
 
 def command(
     data: Annotated[Path, typer.Option("--data", help="The site folder: case folders + labels.csv.")],
@@ -56,7 +58,7 @@ def command(
     ] = None,
     runtime_port: Annotated[
         int, typer.Option("--runtime-port", help="Local runtime API port (two SuperNodes on one machine).")
-    ] = 9094,
+    ] = DEFAULT_RUNTIME_PORT,
     isolation: Annotated[
         Optional[str], typer.Option("--isolation", help="flower-supernode --isolation (subprocess | process).")
     ] = None,
