@@ -90,7 +90,7 @@ class PeakRSS:
 def default_model(which: str) -> tuple[Any, int]:
     """``(ModelConfig, batch size)`` of the run config in pyproject.toml (``run``) or the library defaults."""
     from models.config import ModelConfig
-    from simulations.appconfig import default_run_config
+    from common.runconfig import default_run_config
 
     run = default_run_config()
     batch = int(run.get("batch-size", 4))
@@ -125,7 +125,7 @@ def build_data(cfg: Any, cases: int, seed: int) -> tuple[Any, Path]:
 
 
 def load_data(cfg: Any, site: Path) -> Any:
-    from client.data import CaseDataset
+    from common.data import CaseDataset
 
     return CaseDataset([site], cfg.modalities, cfg.spatial_size)
 

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", type=int, nargs=3, default=(16, 32, 32), help="phantom grid D H W")
     p.add_argument("--input-size", type=int, nargs="+", default=None,
                    help="model input the volumes are resampled to: D H W (3D model) or H W (2D model on the axial "
-                        "slice through the lesion, see client/data/dataset.py); default: --shape")
+                        "slice through the lesion, see common/data/dataset.py); default: --shape")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=4)

@@ -4,7 +4,7 @@ Tiny phantoms (default 50 sites x 4 cases on a 16x32x32 grid) and a tiny model (
 measurement is about the federation (Ray actors, one ClientApp runtime per site, message traffic, aggregation of 50
 replies), not about the network. The server evaluates the global model on a small held-out set (4 cases, every
 modality subset) after the round, as a real run does. Peak memory is the resident memory of the whole process tree
-(driver + Ray workers, sampled every 0.5 s; :class:`simulations.simulate.SimulationResult`). Results go to
+(driver + Ray workers, sampled every 0.5 s; :class:`simulations.observer.SimulationResult`). Results go to
 docs/benchmarks.md (section ``scale``).
 
 Usage::

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from client.data.dataset import CaseDataset
+    from common.data.dataset import CaseDataset
     from models.checkpoint import load_checkpoint
     from models.config import ModelConfig
     from models.evaluation import evaluate_subsets

@@ -9,7 +9,7 @@ segmentation/classification metrics of :mod:`models.metrics`.
 
 When the site does not train (privacy budget exhausted, run config weaker than the site's policy, no usable
 case, arrays that do not fit the run's model) it answers with an *error* reply whose code is one of
-:mod:`client.replies` and whose reason is a short plain-text message with numbers only. Flower's strategies drop
+:mod:`common.replies` and whose reason is a short plain-text message with numbers only. Flower's strategies drop
 error replies before aggregation, so a declining site never disturbs a round.
 
 The same app runs in simulation (node config ``partition-id``) and in a deployed SuperNode (node config
@@ -24,7 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import replies
+from common import replies
 
 log = logging.getLogger("fedfusion.site")
 

@@ -2,7 +2,7 @@
 
 Order of work:
 
-1. validate the site folder with :func:`client.data.inspect.inspect_data` (headers only, so a large archive is
+1. validate the site folder with :func:`common.data.inspect.inspect_data` (headers only, so a large archive is
    checked in seconds) and refuse to start (exit code 2) when no usable case exists;
 2. merge the privacy-policy values given on the command line into ``<state>/privacy-policy.toml`` (values not given
    keep what the file has; the file is what a plain ``flower-supernode`` with the same node config reads too);
@@ -92,7 +92,7 @@ class SiteOptions:
 
 def validate_data(opts: SiteOptions) -> Any:
     """The inspect report of the site folder; :class:`DaemonError` (exit 2) when nothing is usable."""
-    from client.data.inspect import inspect_data
+    from common.data.inspect import inspect_data
     from models.modalities import MODALITIES
 
     data = Path(opts.data).expanduser()

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client import replies
+from common import replies
+from common.layout import partition_site, simulated_state_dir
 from client.privacy.accountant import PersistentAccountant
 from client.privacy.engine import (
     DEFAULT_GRAD_SAMPLE_MODE,
@@ -57,7 +58,7 @@ log = logging.getLogger("fedfusion.site")
 
 
 class SiteDecline(Exception):
-    """The site will not do what was asked; becomes an error reply with ``code`` (see :mod:`client.replies`)."""
+    """The site will not do what was asked; becomes an error reply with ``code`` (see :mod:`common.replies`)."""
 
     def __init__(self, code: int, text: str, **numbers: float) -> None:
         self.code = code
@@ -115,18 +116,18 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         site_dir = Path(data_dir).expanduser().resolve()
         default_state = site_dir.parent / f"{site_dir.name}-state"
     elif "partition-id" in nc:
-        root = Path(str(run_config.get("data-dir", "data/phantoms"))).expanduser().resolve()
-        sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-")) if root.is_dir() else []
-        pid = int(nc["partition-id"])
-        if not sites or pid >= len(sites):
+        root = Path(str(run_config["data-dir"])).expanduser().resolve()
+        try:
+            site_dir = partition_site(root, int(nc["partition-id"]))
+        except (OSError, ValueError) as exc:
+            log.error("simulated site: %s", exc)  # names local paths: stays in the site log
             raise SiteDecline(
                 replies.NO_USABLE_DATA,
-                f"simulation partition {pid} has no site folder (the run config's data-dir holds {len(sites)} "
-                "site-* folders); make num-supernodes match the number of sites",
-            )
-        site_dir = sites[pid]
-        run_dir = Path(str(run_config.get("run-dir", "runs/latest"))).expanduser().resolve()
-        default_state = run_dir / "site-state" / site_dir.name
+                f"simulation partition {nc['partition-id']} has no site folder in the run config's data-dir; make "
+                "num-supernodes match the number of site folders",
+            ) from exc
+        run_dir = Path(str(run_config["run-dir"])).expanduser().resolve()
+        default_state = simulated_state_dir(run_dir, site_dir.name)
     else:
         raise SiteDecline(
             replies.NO_USABLE_DATA,
@@ -164,7 +165,7 @@ _RUNTIMES: dict[tuple[Any, ...], "SiteRuntime"] = {}
 
 
 def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
-    """The site's :class:`client.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
+    """The site's :class:`common.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
 
     Unreadable cases are skipped and logged by the reader (kind and site-local path; the log stays on site).
     """
@@ -172,7 +173,7 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
     with _LOCK:
         if key in _DATASETS:
             return _DATASETS[key]
-        from client.data import CaseDataset
+        from common.data import CaseDataset
 
         # Flower's deployed SuperNode starts a fresh ClientApp process per message, so the in-process cache only
         # helps in simulation; the on-disk cache of preprocessed arrays (inside the site's private state

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common import flwr_cli, processes
+from common.layout import heldout_dir, simulated_state_dir
 from fedfusion import deployment as dep
 from fedfusion.commands.certs import DeploymentKeys, make_deployment_keys, make_node_keys, site_names
 
@@ -71,7 +73,7 @@ class LoopbackFederation:
         self.use_site_daemon = use_site_daemon
         self.node_config_extra = dict(node_config_extra or {})
         self.log = log or (lambda msg: print(f"[loopback] {msg}", flush=True))
-        self.superlink_port, *self.runtime_ports = dep.free_ports(1 + n_sites)
+        self.superlink_port, *self.runtime_ports = processes.free_ports(1 + n_sites)
         self.address = f"127.0.0.1:{self.superlink_port}"
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {
@@ -86,7 +88,7 @@ class LoopbackFederation:
             "COLUMNS": "200",
             "NO_COLOR": "1",
         }
-        self.procs = dep.ProcessSet(self.workdir / "logs", env=self.env, cwd=self.workdir)
+        self.procs = processes.ProcessSet(self.workdir / "logs", env=self.env, cwd=self.workdir)
         self.keys: DeploymentKeys | None = None
         self.node_ids: dict[str, int] = {}
         self.app_dir = self.workdir / "app"
@@ -109,8 +111,8 @@ class LoopbackFederation:
         """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.keys = make_deployment_keys(self.workdir / "certs", ["localhost", "127.0.0.1"], self.site_names, force=True)
-        dep.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
-        dep.stage_app(self.app_dir)
+        flwr_cli.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
+        flwr_cli.stage_app(self.app_dir)
         self.start_superlink()
         for name in self.site_names:
             self.node_ids[name] = self.register(self.site_key(name)[1], name)
@@ -139,7 +141,7 @@ class LoopbackFederation:
         )
         self.procs.start("superlink", cmd)
         self.log(f"SuperLink starting on https://{self.address} (TLS, SuperNode auth, SQLite state)")
-        if not dep.wait_port("127.0.0.1", self.superlink_port, timeout):
+        if not processes.wait_port("127.0.0.1", self.superlink_port, timeout):
             raise RuntimeError(f"SuperLink did not open port {self.superlink_port}:\n{self.procs.procs['superlink'].log_text()}")
         # The port opens before the app is ready to serve: wait until the Control API answers.
         deadline = time.monotonic() + timeout
@@ -155,8 +157,8 @@ class LoopbackFederation:
     # ------------------------------------------------------------------ flwr CLI
     def flwr(self, args: list[str], timeout: float = 60.0) -> dict:
         """``flwr <args> fedfusion --format json`` against this SuperLink; returns the parsed JSON."""
-        return dep.flwr_json(
-            [str(venv_bin() / "flwr"), *args, dep.CONNECTION_NAME, "--format", "json"], self.env, timeout=timeout,
+        return flwr_cli.flwr_json(
+            [str(venv_bin() / "flwr"), *args, flwr_cli.CONNECTION_NAME, "--format", "json"], self.env, timeout=timeout,
             cwd=self.workdir,
         )
 
@@ -193,7 +195,7 @@ class LoopbackFederation:
         return d / "node.key", d / "node.pub"
 
     def state_dir(self, name: str) -> Path:
-        d = self.workdir / "site-state" / name
+        d = simulated_state_dir(self.workdir, name)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -206,7 +208,7 @@ class LoopbackFederation:
         if not ca.exists():
             ca = self.keys.ca_cert
         data = self.data_dir / name
-        port = self.runtime_ports[idx] if name in self.site_names else dep.free_ports(1)[0]
+        port = self.runtime_ports[idx] if name in self.site_names else processes.free_ports(1)[0]
         if self.use_site_daemon:
             return dep.site_command(
                 data=data, superlink=self.address, state=self.state_dir(name), root_certificates=ca,
@@ -256,7 +258,7 @@ class LoopbackFederation:
         priv = make_node_keys(self.workdir / "certs" / "unregistered" / name, name).private_key
         cmd = dep.supernode_command(
             superlink=self.address, root_certificates=self.keys.ca_cert if self.keys else None, private_key=priv,
-            node_config={"data-dir": str(self.data_dir / "site-01")}, runtime_port=dep.free_ports(1)[0],
+            node_config={"data-dir": str(self.data_dir / "site-01")}, runtime_port=processes.free_ports(1)[0],
             max_retries=2, executable=str(venv_bin() / "flower-supernode"),
         )
         return self.procs.start(name, cmd).popen
@@ -264,9 +266,9 @@ class LoopbackFederation:
     # ------------------------------------------------------------------ runs
     def submit(self, run_config: Mapping[str, Any]) -> int:
         """``flwr run <staged app> fedfusion --run-config overrides.toml``; returns the run id."""
-        overrides = dep.run_config_toml(run_config, self.workdir / "run-config.toml")
-        data = dep.flwr_json(
-            [str(venv_bin() / "flwr"), "run", str(self.app_dir), dep.CONNECTION_NAME, "--run-config", str(overrides),
+        overrides = flwr_cli.run_config_toml(run_config, self.workdir / "run-config.toml")
+        data = flwr_cli.flwr_json(
+            [str(venv_bin() / "flwr"), "run", str(self.app_dir), flwr_cli.CONNECTION_NAME, "--run-config", str(overrides),
              "--format", "json"],
             self.env, timeout=120, cwd=self.workdir,
         )
@@ -296,7 +298,7 @@ class LoopbackFederation:
     def run_log(self, run_id: int) -> str:
         """``flwr log RUN_ID fedfusion --show`` (the ServerApp's log as the SuperLink kept it)."""
         proc = subprocess.run(
-            [str(venv_bin() / "flwr"), "log", str(run_id), dep.CONNECTION_NAME, "--show"],
+            [str(venv_bin() / "flwr"), "log", str(run_id), flwr_cli.CONNECTION_NAME, "--show"],
             env=self.env, capture_output=True, text=True, timeout=60, cwd=self.workdir,
         )
         return proc.stdout + proc.stderr
@@ -368,6 +370,6 @@ def train_scopes(run_dir: Path, server_round: int) -> set[str]:
 def tiny_run_config(workdir: Path, data_dir: Path, **overrides: Any) -> dict[str, Any]:
     """:data:`TINY_RUN_CONFIG` with the run directory and held-out set placed for this loopback deployment."""
     cfg = {**TINY_RUN_CONFIG, "run-dir": str(Path(workdir).resolve() / "run"),
-           "data-dir": str(Path(data_dir).resolve()), "test-dir": str(Path(data_dir).resolve() / "heldout")}
+           "data-dir": str(Path(data_dir).resolve()), "test-dir": str(heldout_dir(Path(data_dir).resolve()))}
     cfg.update(overrides)
     return cfg

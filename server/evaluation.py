@@ -25,14 +25,9 @@ from models.config import ModelConfig
 
 from .aggregation import weighted_metrics
 
-__all__ = ["GlobalEvaluator", "EvalOutcome", "weighted_metrics", "resolve_test_dir"]
+__all__ = ["GlobalEvaluator", "EvalOutcome", "weighted_metrics"]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_test_dir(test_dir: str, data_dir: str) -> Path:
-    """``test-dir`` if set, else ``<data-dir>/heldout``."""
-    return Path(test_dir) if str(test_dir).strip() else Path(data_dir) / "heldout"
 
 
 class EvalOutcome:
@@ -101,7 +96,7 @@ class GlobalEvaluator:
                 logger.warning("global evaluation disabled: %s", self._disabled_reason)
                 return False
             try:
-                from client.data.dataset import CaseDataset
+                from common.data.dataset import CaseDataset
 
                 self._dataset = CaseDataset(
                     [self.test_dir],

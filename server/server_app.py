@@ -18,12 +18,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common.layout import resolve_test_dir
 from models.config import ModelConfig
 from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
-from .evaluation import GlobalEvaluator, resolve_test_dir
+from .evaluation import GlobalEvaluator
 from .settings import ServerSettings
 from .strategy import FederationExhausted, build_strategy
 

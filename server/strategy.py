@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from common import replies as site_replies
 from models.modalities import MODALITIES
 from models.runlog import MetricsLog
 
@@ -44,10 +45,6 @@ from .aggregation import SHARED, ModalityAwareStrategy, modality_weight, ownersh
 from .settings import ServerSettings
 from .validation import WEIGHT_KEY, UpdateValidator, log_rejections, reply_arrays, reply_metrics
 
-try:  # the sites' error codes (a lightweight module the server may import; absent in a server-only install)
-    from client import replies as _client_replies
-except ImportError:  # pragma: no cover
-    _client_replies = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +161,12 @@ class ExcludingGrid:
 def is_decline(msg: Message) -> bool:
     """Whether a reply says the site declines to train (privacy budget spent).
 
-    Understood signals: an error reply with a decline code of :mod:`client.replies` (``declined-budget`` 4001,
+    Understood signals: an error reply with a decline code of :mod:`common.replies` (``declined-budget`` 4001,
     ``refused-policy`` 4002), an error reply whose reason mentions the budget or declining, or a content reply
     whose metrics carry ``declined = 1``.
     """
     if msg.has_error():
-        if _client_replies is not None and _client_replies.is_decline(int(msg.error.code)):
+        if site_replies.is_decline(int(msg.error.code)):
             return True
         reason = str(msg.error.reason).lower()
         return any(marker in reason for marker in DECLINE_MARKERS)
@@ -362,9 +359,9 @@ class FedFusionStrategy(Strategy):
                     self._log(rnd, "train", site_scope(msg), numeric_metrics(metrics))
             if is_decline(msg):
                 n_declined += 1
-                if msg.has_error() and _client_replies is not None:
+                if msg.has_error():
                     # the reason's numbers (e.g. epsilon-total) keep the per-site privacy curve complete
-                    numbers = _client_replies.parse_reason(msg.error.reason)
+                    numbers = site_replies.parse_reason(msg.error.reason)
                     self._log(rnd, "train", site_scope(msg), {**numbers, "declined": 1.0})
                 if node not in self.declined:
                     self.declined.add(node)

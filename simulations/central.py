@@ -122,7 +122,7 @@ def _subsets_of(kind: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]]
 
 def split_data_root(data: Path, heldout: Path | None = None) -> tuple[list[Path], Path | None]:
     """(training site folders, held-out folder or None) of a data root or a single site folder."""
-    from client.data.site import discover_sites
+    from common.data.site import discover_sites
 
     found = discover_sites(Path(data))
     train = [s.path for s in found if not s.heldout]
@@ -143,7 +143,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
     import torch
     from torch.utils.data import DataLoader
 
-    from client.data.dataset import CaseDataset
+    from common.data.dataset import CaseDataset
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.evaluation import evaluate_subsets

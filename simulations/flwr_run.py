@@ -3,7 +3,7 @@
 ``flwr run . local`` in Flower 1.41 starts a *detached* managed SuperLink (``:local:`` connection) that keeps
 running after the run ends. This module instead owns everything it starts:
 
-1. stages the app (:func:`fedfusion.deployment.stage_app`: pyproject.toml + the app's packages only);
+1. stages the app (:func:`common.flwr_cli.stage_app`: pyproject.toml + the app's packages only);
 2. starts its own ``flower-superlink --simulation --insecure`` on a free 127.0.0.1 port, in its own session,
    with its SQLite database in ``workdir`` and runtime dependency installation off (nothing calls ``uv``);
 3. writes a private ``FLWR_HOME/config.toml`` with one connection to it (``flwr`` never touches ``~/.flwr``);
@@ -11,7 +11,7 @@ running after the run ends. This module instead owns everything it starts:
    streams the run's log into ``workdir/flwr-run.log`` (``flwr log``) and polls ``flwr ls --format json``
    until the run is finished;
 5. always stops the SuperLink with every process below it (SuperExec, ``flwr-simulation``, Ray) in ``finally``,
-   also on Ctrl-C (:class:`fedfusion.deployment.ProcessSet` follows the sessions Flower detaches into).
+   also on Ctrl-C (:class:`common.processes.ProcessSet` follows the sessions Flower detaches into).
 
 Simulation options: Flower 1.41 still reads ``options.num-supernodes`` from a connection in config.toml but warns
 that it is deprecated in favour of ``flwr run --federation-config`` (keys of ``SimulationConfig`` with ``-``:
@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedfusion import deployment as dep
+from common import flwr_cli, processes
+from common.runconfig import ConfigValue, default_run_config, fuse
 
-from .appconfig import ConfigValue, default_run_config, fuse
+from .observer import RunObserver, backend_config
 
 log = logging.getLogger("fedfusion.flwr_run")
 
@@ -81,9 +82,7 @@ def offline_env(flwr_home: Path, cpus_per_site: float | None = None) -> dict[str
 
 def federation_config(num_sites: int, cpus_per_site: float | None = None) -> str:
     """``--federation-config`` value: one virtual SuperNode per site, resources as the in-process engine uses
-    (:func:`simulations.simulate.backend_config`)."""
-    from .simulate import backend_config
-
+    (:func:`simulations.observer.backend_config`)."""
     backend = backend_config(num_sites, cpus_per_site)
     res, init = backend["client_resources"], backend["init_args"]
     parts = {
@@ -136,18 +135,18 @@ def run_with_flwr(
     run_dir = Path(str(fused["run-dir"])).resolve()
     to_send["run-dir"] = str(run_dir)
 
-    app_dir = dep.stage_app(workdir / "app")
+    app_dir = flwr_cli.stage_app(workdir / "app")
     flwr_home = workdir / "flwr-home"
-    port = dep.free_ports(1)[0]
-    dep.write_flwr_home(flwr_home, f"127.0.0.1:{port}", None, insecure=True)
+    port = processes.free_ports(1)[0]
+    flwr_cli.write_flwr_home(flwr_home, f"127.0.0.1:{port}", None, insecure=True)
     # write_flwr_home names the connection fedfusion; the simulation gets its own name so logs are unambiguous.
     cfg_path = flwr_home / "config.toml"
-    cfg_path.write_text(cfg_path.read_text().replace(f'"{dep.CONNECTION_NAME}"', f'"{CONNECTION}"')
-                        .replace(f"[superlink.{dep.CONNECTION_NAME}]", f"[superlink.{CONNECTION}]"))
-    run_config_file = dep.run_config_toml(to_send, workdir / "run-config.toml")
+    cfg_path.write_text(cfg_path.read_text().replace(f'"{flwr_cli.CONNECTION_NAME}"', f'"{CONNECTION}"')
+                        .replace(f"[superlink.{flwr_cli.CONNECTION_NAME}]", f"[superlink.{CONNECTION}]"))
+    run_config_file = flwr_cli.run_config_toml(to_send, workdir / "run-config.toml")
     env = offline_env(flwr_home, cpus_per_site)
     logs = workdir / "logs"
-    procs = dep.ProcessSet(logs, env=env, cwd=workdir)
+    procs = processes.ProcessSet(logs, env=env, cwd=workdir)
     restore = _terminate_as_interrupt()
     try:
         superlink = [
@@ -157,10 +156,10 @@ def run_with_flwr(
             "--disable-runtime-dependency-installation",
         ]
         procs.start("superlink", superlink)
-        dep.wait_port("127.0.0.1", port, 60.0)  # cheap; then one CLI round trip proves the Control API serves
+        processes.wait_port("127.0.0.1", port, 60.0)  # cheap; then one CLI round trip proves the Control API serves
         _wait_ready(procs, env, workdir, timeout=60.0)
 
-        submitted = dep.flwr_json(
+        submitted = flwr_cli.flwr_json(
             [_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_file),
              "--federation-config", federation_config(num_sites, cpus_per_site), "--format", "json"],
             env, timeout=120, cwd=workdir,
@@ -206,14 +205,14 @@ def _terminate_as_interrupt() -> Callable[[], None]:
     return undo
 
 
-def _wait_ready(procs: dep.ProcessSet, env: Mapping[str, str], workdir: Path, timeout: float) -> None:
+def _wait_ready(procs: processes.ProcessSet, env: Mapping[str, str], workdir: Path, timeout: float) -> None:
     """Wait until the SuperLink's Control API answers ``flwr ls`` (the port opens before it serves)."""
     deadline = time.monotonic() + timeout
     while True:
         if not procs.running("superlink"):
             raise FlwrRunError(f"flower-superlink exited at start:\n{procs.procs['superlink'].log_text()[-4000:]}")
         try:
-            dep.flwr_json([_bin("flwr"), "ls", CONNECTION, "--format", "json"], env, timeout=30, cwd=workdir)
+            flwr_cli.flwr_json([_bin("flwr"), "ls", CONNECTION, "--format", "json"], env, timeout=30, cwd=workdir)
             return
         except (RuntimeError, subprocess.TimeoutExpired):
             if time.monotonic() > deadline:
@@ -225,7 +224,7 @@ def _wait_ready(procs: dep.ProcessSet, env: Mapping[str, str], workdir: Path, ti
 
 
 def _wait_finished(
-    procs: dep.ProcessSet, env: Mapping[str, str], workdir: Path, run_id: int, timeout: float,
+    procs: processes.ProcessSet, env: Mapping[str, str], workdir: Path, run_id: int, timeout: float,
     poll: Callable[[], None] | None,
 ) -> str:
     """Wait until ``flwr ls --run-id`` reports the run finished; returns its status.
@@ -240,7 +239,7 @@ def _wait_finished(
     while True:
         stream_ended = not procs.running("flwr-log")
         if stream_ended or time.monotonic() >= next_ls:
-            data = dep.flwr_json(
+            data = flwr_cli.flwr_json(
                 [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, timeout=60,
                 cwd=workdir,
             )
@@ -260,7 +259,7 @@ def _wait_finished(
         time.sleep(1.0)
 
 
-def _copy_log(procs: dep.ProcessSet, dest: Path) -> None:
+def _copy_log(procs: processes.ProcessSet, dest: Path) -> None:
     """Give the log stream a moment to drain, then keep the ServerApp log next to the run's metrics."""
     m = procs.procs.get("flwr-log")
     if m is None:
@@ -283,15 +282,13 @@ def run_federation_flwr(
 ) -> Any:
     """:func:`simulations.simulate.run_federation` through ``flwr run`` (``fedfusion simulate --engine flwr``).
 
-    Same inputs and the same :class:`~simulations.simulate.SimulationResult` (wall time, peak memory of this
+    Same inputs and the same :class:`~simulations.observer.SimulationResult` (wall time, peak memory of this
     process tree, which includes the SuperLink, ``flwr-simulation`` and its Ray workers, final global metrics).
     The scratch folder (staged app, FLWR_HOME, SuperLink database, logs) is removed after a successful run and
     kept, named in the error, after a failed one.
     """
     import shutil
     import tempfile
-
-    from .simulate import RunObserver
 
     Path(str(run_config["run-dir"])).resolve().mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fedfusion-flwr-"))

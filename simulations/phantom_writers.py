@@ -12,7 +12,7 @@ Layout (docs/architecture.md)::
 DICOM files are Explicit VR Little Endian with file meta, MR/CT/US Image Storage, 16-bit pixels with
 RescaleSlope/Intercept (CT: HU = stored - 1024; MR/US: slope chosen so the quantisation error is below
 1/60000 of the series maximum, i.e. ``|read - volume| <= RescaleSlope / 2``), slice geometry from
-:func:`client.data.geometry.dicom_geometry` (so :func:`client.data.geometry.dicom_affine` gives back
+:func:`common.data.geometry.dicom_geometry` (so :func:`common.data.geometry.dicom_affine` gives back
 ``case.affine``), vendor-style SeriesDescriptions and synthetic PHI (for de-identification tests). UIDs come
 from :func:`pydicom.uid.generate_uid` with entropy from the seed, site and case: same seed, same UIDs.
 """
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from client.data.geometry import dicom_geometry, save_nifti
+from common.layout import HELDOUT_NAME, SITE_PREFIX
+from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
 
@@ -417,7 +418,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if (out / PARTIAL_MARKER).exists():
         return  # an interrupted generation: ours to redo
-    taken = [p.name for p in out.glob("*") if p.is_dir() and (p.name.startswith("site-") or p.name == "heldout")]
+    taken = [p.name for p in out.glob("*") if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name == HELDOUT_NAME)]
     if taken:
         raise FileExistsError(
             f"{out} already holds {', '.join(sorted(taken))} but no {MANIFEST}: it may be real data; "
@@ -427,7 +428,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _clear_previous(out: Path) -> None:
     for p in out.glob("*"):
-        if p.is_dir() and (p.name.startswith("site-") or p.name == "heldout"):
+        if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name == HELDOUT_NAME):
             shutil.rmtree(p)
     (out / MANIFEST).unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ Label: ``score = (z_enh + z_het - z_calc + z_oed) / 2 + N(0, 0.35^2)`` over stan
 is exact while each cue stays a noisy, partial predictor).
 
 Geometry: every volume is ``vol[k, j, i]`` of shape ``(D, H, W)`` on the case's reference grid (slices
-inferior->superior, rows anterior->posterior, columns right->left; :mod:`client.data.geometry`). The anatomy is
+inferior->superior, rows anterior->posterior, columns right->left; :mod:`common.data.geometry`). The anatomy is
 defined relative to the field of view, so any shape shows the same head; the site's field of view in mm sets the
 voxel spacing. Per-modality misregistration moves image content, never the segmentation.
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.layout import heldout_dir
 from models.config import SEG_REGIONS
 from models.modalities import MODALITIES, canonical, subset_name
 from models.atomic import atomic_write_text
@@ -725,11 +726,11 @@ def resolve_heldout_dir(config: Mapping[str, Any], data_dir: Path | None) -> tup
     config's ``test-dir``, ``<data-dir>/heldout``. Returns ``(folder or None, why not)``."""
     candidates: list[Path] = []
     if data_dir is not None:
-        candidates += [Path(data_dir) / "heldout", Path(data_dir)]
+        candidates += [heldout_dir(data_dir), Path(data_dir)]
     if str(config.get("test-dir") or "").strip():
         candidates.append(Path(str(config["test-dir"])))
     if str(config.get("data-dir") or "").strip():
-        candidates.append(Path(str(config["data-dir"])) / "heldout")
+        candidates.append(heldout_dir(str(config["data-dir"])))
     for c in candidates:
         if (c / "labels.csv").is_file():
             return c, ""
@@ -762,7 +763,7 @@ def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[Hel
         import torch
         from torch.utils.data import DataLoader
 
-        from client.data.dataset import CaseDataset
+        from common.data.dataset import CaseDataset
         from models.checkpoint import load_checkpoint
         from models.evaluation import predict
         from models.metrics import classification_metrics, roc_points

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from common.layout import HELDOUT_NAME
 from models.modalities import MODALITIES
 
 from .phantoms import VENDORS, SiteProfile
@@ -187,7 +188,7 @@ def site_profiles(
 def heldout_profile(cases: int) -> SiteProfile:
     """The server's held-out test set: every modality for every case, balanced classes, a reference scanner."""
     return SiteProfile(
-        name="heldout",
+        name=HELDOUT_NAME,
         modalities=MODALITIES,
         n_cases=cases,
         malignant_fraction=0.5,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data.geometry import dicom_geometry, save_nifti
+from common.data.geometry import dicom_geometry, save_nifti
 
 #: Header strings of the template and the ones we stamp on: none may ever reach a dataset item.
 PHI_STRINGS: tuple[str, ...] = ("CompressedSamples", "1CT1", "20040119", "JFK IMAGING", "Doe^Jane", "PID-4711",

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import torch
 
-from client import replies
+from common import replies
 from client.client_app import evaluate, train
 from client.privacy.accountant import PersistentAccountant
 from client.task import clear_cache
@@ -49,7 +49,7 @@ def test_train_changes_arrays_reports_availability_and_exact_epsilon(phantoms: P
     assert all(isinstance(v, (int, float)) for v in m.values())
 
     # availability: site-02 of the modality-skew scenario lacks some modalities; the reply says which, per case
-    from client.data import CaseDataset
+    from common.data import CaseDataset
 
     ds = CaseDataset([phantoms / "site-02"], TINY.modalities, TINY.spatial_size)
     counts = ds.modality_counts()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import site as site_module
-from client.data.dataset import CaseDataset
-from client.data.geometry import save_nifti
+from common.data import site as site_module
+from common.data.dataset import CaseDataset
+from common.data.geometry import save_nifti
 from tests.readers_helpers import PHI_STRINGS, make_seg, make_volume, simple_affine, write_site
 
 SHAPE = (6, 12, 12)
@@ -112,7 +112,7 @@ def test_in_memory_and_disk_cache(readers_nifti_site: Path, tmp_path: Path, monk
         raise AssertionError("the source was re-read despite the cache")
 
     # in-memory: iterating reads nothing
-    monkeypatch.setattr("client.data.dataset.load_case", no_reading)
+    monkeypatch.setattr("common.data.dataset.load_case", no_reading)
     items = [first[i] for i in range(len(first))]
     # on-disk: a new dataset (e.g. next process) builds from the cache only
     second = CaseDataset([readers_nifti_site], modalities=MODS, spatial_size=(4, 8, 8), cache_dir=cache_dir,
@@ -120,7 +120,7 @@ def test_in_memory_and_disk_cache(readers_nifti_site: Path, tmp_path: Path, monk
     for a, i in zip(items, range(len(second))):
         b = second[i]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["seg"], b["seg"])
-    monkeypatch.setattr("client.data.dataset.load_case", site_module.load_case)
+    monkeypatch.setattr("common.data.dataset.load_case", site_module.load_case)
     # a changed file invalidates its entry
     target = readers_nifti_site / "case-a" / "case-a_t1.nii.gz"
     save_nifti(make_volume(SHAPE, seed=99), simple_affine(), target)

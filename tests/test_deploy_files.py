@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import flwr_cli
 from fedfusion import deployment as dep
+from client.daemon import format_node_config
 from fedfusion.commands import certs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +137,7 @@ def test_dockerfile_installs_like_bare_metal_and_offline_runtime() -> None:
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     assert re.search(r"^USER\s+fedfusion", text, flags=re.M), "the image must not run as root"
     # the image ships the packages the Flower app is made of
-    for pkg in dep.APP_PACKAGES:
+    for pkg in flwr_cli.APP_PACKAGES:
         assert f"COPY {pkg} {pkg}" in text
     # entry points the compose file uses exist as console scripts of this environment
     for exe in ("fedfusion", "flower-superlink", "flower-supernode", "flwr"):
@@ -245,12 +247,12 @@ def test_flwr_connection_is_read_by_flower(tmp_path: Path, monkeypatch: pytest.M
 
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
-    dep.write_flwr_home(tmp_path / "home", "127.0.0.1:9092", ca)
+    flwr_cli.write_flwr_home(tmp_path / "home", "127.0.0.1:9092", ca)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    conn = read_superlink_connection(dep.CONNECTION_NAME)
+    conn = read_superlink_connection(flwr_cli.CONNECTION_NAME)
     assert conn.address == "127.0.0.1:9092"
     assert Path(conn.root_certificates) == ca.resolve()
-    assert read_superlink_connection(None).name == dep.CONNECTION_NAME  # made the default
+    assert read_superlink_connection(None).name == flwr_cli.CONNECTION_NAME  # made the default
 
 
 def test_staging_drops_legacy_federation_tables_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -261,7 +263,7 @@ def test_staging_drops_legacy_federation_tables_and_keeps_the_rest(tmp_path: Pat
         '[tool.flwr.federations.local]\noptions.num-supernodes = 2\n\n'
         '[tool.flwr.app.config]\nlr = 0.1\n'
     )
-    data = tomllib.loads((dep.stage_app(tmp_path / "app", project_dir=fake) / "pyproject.toml").read_text())
+    data = tomllib.loads((flwr_cli.stage_app(tmp_path / "app", project_dir=fake) / "pyproject.toml").read_text())
     assert "federations" not in data["tool"]["flwr"]
     assert data["project"] == {"name": "x"} and data["tool"]["flwr"]["app"]["config"] == {"lr": 0.1}
 
@@ -273,7 +275,7 @@ def test_staged_app_builds_a_fab_without_touching_the_checkout(tmp_path: Path) -
     from flwr.cli.build import build_fab_from_disk
 
     before = (ROOT / "pyproject.toml").read_bytes()
-    staged = dep.stage_app(tmp_path / "app")
+    staged = flwr_cli.stage_app(tmp_path / "app")
     data = tomllib.loads((staged / "pyproject.toml").read_text())
     assert "federations" not in data["tool"]["flwr"]
     original = tomllib.loads(before.decode())
@@ -289,9 +291,9 @@ def test_node_config_formatting_round_trips_through_flower() -> None:
     from flwr.common.config import parse_config_args
 
     cfg = {"data-dir": "/srv/data dir/site-01", "state-dir": "/var/lib/x", "max-epsilon": 8.0, "gpu": False}
-    assert parse_config_args([dep.format_node_config(cfg)]) == cfg
+    assert parse_config_args([format_node_config(cfg)]) == cfg
     with pytest.raises(ValueError, match="quotes"):
-        dep.format_node_config({"data-dir": 'a"b'})
+        format_node_config({"data-dir": 'a"b'})
 
 
 def test_readme_names_real_commands_and_files() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfusion import deployment as dep
+from common import processes
 from fedfusion.loopback import (
     LoopbackFederation,
     make_phantoms,
@@ -44,7 +44,7 @@ def test_unregistered_supernode_is_refused(tmp_path: Path) -> None:
         assert set(nodes) == set(fed.node_ids.values()), f"an unknown node appeared: {nodes}"
         assert nodes[fed.node_ids["site-01"]] == "online"
         all_pids = set(fed.procs.all_pids)
-    assert not dep.alive(all_pids), "processes left behind"
+    assert not processes.alive(all_pids), "processes left behind"
 
 
 def _epsilon(state_dir: Path) -> float:
@@ -109,4 +109,4 @@ def test_killed_site_round_completes_then_it_rejoins_with_its_budget(tmp_path: P
         # the restarted site continued its privacy ledger (it did not start again from zero)
         assert eps_after > eps_before > 0, (eps_before, eps_after)
         all_pids = set(fed.procs.all_pids)
-    assert not dep.alive(all_pids), "processes left behind"
+    assert not processes.alive(all_pids), "processes left behind"

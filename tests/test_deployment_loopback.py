@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfusion import deployment as dep
+from common import processes
 from fedfusion.loopback import LoopbackFederation, make_phantoms, metrics_rounds, missing_binaries, tiny_run_config
 
 pytestmark = [
@@ -63,7 +63,7 @@ def test_tls_superlink_authenticated_supernodes_and_persistent_state(tmp_path: P
         fed.start_superlink()
         assert sorted(fed.nodes()) == sorted(fed.node_ids.values())
         all_pids = set(fed.procs.all_pids)
-    assert not dep.alive(all_pids), "processes left behind"
+    assert not processes.alive(all_pids), "processes left behind"
 
 
 @pytest.fixture(scope="module")
@@ -96,5 +96,5 @@ def test_loopback_deployment_runs_two_rounds_with_report(tmp_path: Path, phantom
         for name in fed.site_names:
             assert any(fed.state_dir(name).iterdir()), f"{name} wrote no state"
         all_pids = set(fed.procs.all_pids)
-    assert not dep.alive(all_pids), "processes left behind"
+    assert not processes.alive(all_pids), "processes left behind"
     print(f"loopback deployment: 2 rounds in {time.monotonic() - start:.0f}s")

@@ -132,7 +132,7 @@ def test_process_set_stops_orphans_in_detached_sessions(tmp_path: Path) -> None:
     import sys
     import time
 
-    from fedfusion.deployment import ProcessSet, alive
+    from common.processes import ProcessSet, alive
 
     marker = f"FEDFUSION_TEST_ORPHAN={tmp_path}"
     detach = (

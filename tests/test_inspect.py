@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.data.inspect import inspect_data
+from common.data.inspect import inspect_data
 from tests.readers_helpers import make_seg, make_volume, simple_affine, write_series, write_site
 
 SHAPE = (4, 8, 8)

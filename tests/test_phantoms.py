@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from client.data.geometry import dicom_affine, load_nifti
+from common.data.geometry import dicom_affine, load_nifti
 from models.modalities import DICOM_MODALITY, MODALITIES
 from simulations.phantom_writers import (
     SERIES_DESCRIPTIONS,

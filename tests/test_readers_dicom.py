@@ -13,10 +13,10 @@ import pytest
 import pydicom
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from client.data.dicom_reader import read_dicom_case  # noqa: E402
-from client.data.geometry import Grid, dicom_affine, reorient_grid, resample_to_grid, save_nifti  # noqa: E402
-from client.data.series_mapping import IGNORE, load_series_mapping  # noqa: E402
-from client.data.site import CaseError, load_case, scan_case  # noqa: E402
+from common.data.dicom_reader import read_dicom_case  # noqa: E402
+from common.data.geometry import Grid, dicom_affine, reorient_grid, resample_to_grid, save_nifti  # noqa: E402
+from common.data.series_mapping import IGNORE, load_series_mapping  # noqa: E402
+from common.data.site import CaseError, load_case, scan_case  # noqa: E402
 from tests.readers_helpers import make_seg, make_volume, simple_affine, write_series  # noqa: E402
 
 
@@ -286,7 +286,7 @@ def test_enhanced_multiframe_with_per_frame_positions_is_a_volume(tmp_path: Path
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
-    from client.data.geometry import dicom_geometry
+    from common.data.geometry import dicom_geometry
 
     vol = make_volume((3, 8, 8), lo=0, hi=30000).astype(np.int16)
     affine = simple_affine((3.0, 1.0, 1.0))

@@ -13,9 +13,9 @@ import nibabel as nib
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform  # noqa: E402
 from nibabel.testing import data_path  # noqa: E402
 
-from client.data.geometry import CANONICAL_AXCODES, save_nifti  # noqa: E402
-from client.data.nifti_reader import find_nifti_files  # noqa: E402
-from client.data.site import load_case, scan_case  # noqa: E402
+from common.data.geometry import CANONICAL_AXCODES, save_nifti  # noqa: E402
+from common.data.nifti_reader import find_nifti_files  # noqa: E402
+from common.data.site import load_case, scan_case  # noqa: E402
 from tests.readers_helpers import make_seg, make_volume, simple_affine  # noqa: E402
 
 

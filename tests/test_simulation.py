@@ -66,7 +66,7 @@ def test_three_site_dp_simulation_with_missing_modalities(tmp_path: Path) -> Non
     import ray
 
     assert not ray.is_initialized()
-    from fedfusion.deployment import descendants
+    from common.processes import descendants
 
     leftovers = [p for p in descendants(os.getpid()) if Path(f"/proc/{p}/cmdline").exists()
                  and b"ray" in Path(f"/proc/{p}/cmdline").read_bytes()]

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
-from client import replies as client_replies
+from common import replies as client_replies
 from server.settings import ServerSettings
 from server.strategy import build_strategy
 from server.validation import UpdateValidator

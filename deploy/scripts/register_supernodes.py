@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from common import flwr_cli  # noqa: E402
 from fedfusion import deployment as dep  # noqa: E402
 
 ALREADY = "already in use"
@@ -39,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         dep.warn_insecure()
     elif args.root_certificates is None or not args.root_certificates.is_file():
         p.error("--root-certificates CA.pem is required (or --insecure on a test network)")
-    dep.write_flwr_home(flwr_home, args.superlink, args.root_certificates, insecure=args.insecure)
+    flwr_cli.write_flwr_home(flwr_home, args.superlink, args.root_certificates, insecure=args.insecure)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
 
     deadline = time.monotonic() + args.wait
     while True:  # the SuperLink may still be starting
         try:
-            dep.flwr_json(["flwr", "supernode", "ls", dep.CONNECTION_NAME, "--format", "json"], env, timeout=30)
+            flwr_cli.flwr_json(["flwr", "supernode", "ls", flwr_cli.CONNECTION_NAME, "--format", "json"], env, timeout=30)
             break
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet" until the deadline
             if time.monotonic() > deadline:
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         name = key.parent.name if key.name == "node.pub" else key.stem
         try:
-            data = dep.flwr_json(
-                ["flwr", "supernode", "register", str(key), dep.CONNECTION_NAME, "--name", name, "--format", "json"],
+            data = flwr_cli.flwr_json(
+                ["flwr", "supernode", "register", str(key), flwr_cli.CONNECTION_NAME, "--name", name, "--format", "json"],
                 env, timeout=60,
             )
             print(f"{name}: registered as node {data['node-id']}")

@@ -33,8 +33,8 @@ def command(
         import torch
         from torch.utils.data import DataLoader
 
-        from client.data.dataset import CaseDataset
-        from client.data.site import discover_sites
+        from common.data.dataset import CaseDataset
+        from common.data.site import discover_sites
         from models.checkpoint import load_checkpoint
         from models.evaluation import evaluate_subsets
         from models.network import build_model

@@ -1,5 +1,5 @@
 """``fedfusion inspect DIR``: check a site or a data root before training; the CLI only formats the report of
-:func:`client.data.inspect.inspect_data`."""
+:func:`common.data.inspect.inspect_data`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def command(
     """Report cases, modalities, label balance and every problem; exit 1 when no usable case remains."""
     from rich.console import Console
 
-    from client.data.inspect import inspect_data
+    from common.data.inspect import inspect_data
     from models.modalities import MODALITIES, canonical
 
     err = Console(stderr=True)
@@ -55,7 +55,7 @@ def _print_report(report: "object", console: "object") -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from client.data.inspect import InspectReport
+    from common.data.inspect import InspectReport
 
     assert isinstance(report, InspectReport)
     mods = report.modalities

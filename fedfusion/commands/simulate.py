@@ -53,7 +53,7 @@ def command(
     ClientApp on Flower's simulation engine, and write a report to OUT/report.md."""
     from rich.console import Console
 
-    from simulations.appconfig import parse_assignments
+    from common.runconfig import parse_assignments
     from simulations.flwr_run import FlwrRunError
     from simulations.simulate import simulate
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.layout import heldout_dir
 from models.modalities import MODALITIES, canonical, subset_name
 
 from ..mdsections import write_section
@@ -236,7 +237,7 @@ def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, 
     ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.exists():
         raise RuntimeError(f"federated run {label} left no checkpoint ({ckpt}); see {run_dir / 'flower.log'}")
-    metrics = evaluate_checkpoint(ckpt, data / "heldout", batch_size=ctx.budget.eval_batch)
+    metrics = evaluate_checkpoint(ckpt, heldout_dir(data), batch_size=ctx.budget.eval_batch)
     metrics.update(site_train_summary(run_dir))
     if extras is not None:
         metrics.update(extras(run_dir))
@@ -270,7 +271,7 @@ def run_central(ctx: Context, label: str, data: Path, *, family: str = "attentio
     from simulations.central import CentralSettings, train_central
 
     b = ctx.budget
-    heldout = heldout or (data / "heldout")
+    heldout = heldout or heldout_dir(data)
     settings = CentralSettings(
         data=data, out=ctx.work / "runs" / b.name / label, family=family, modalities=tuple(canonical(modalities)),
         epochs=b.rounds * b.local_epochs, lr=b.lr, optimizer="adam", batch_size=b.batch_size, spatial_size=b.shape,
@@ -303,7 +304,7 @@ def evaluate_checkpoint(ckpt: Path, heldout: Path, *, batch_size: int = 8, devic
     import torch
     from torch.utils.data import DataLoader
 
-    from client.data.dataset import CaseDataset
+    from common.data.dataset import CaseDataset
     from models.checkpoint import load_checkpoint
     from models.evaluation import evaluate_subsets
     from models.network import build_model
@@ -447,7 +448,7 @@ def modality_reliance(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> dict
     import torch
     from torch.utils.data import DataLoader
 
-    from client.data.dataset import CaseDataset
+    from common.data.dataset import CaseDataset
     from models.checkpoint import load_checkpoint
     from models.contribution import modality_contribution
     from models.network import build_model
@@ -478,7 +479,7 @@ def foreground_ratio(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> float
     import torch
     from torch.utils.data import DataLoader
 
-    from client.data.dataset import CaseDataset
+    from common.data.dataset import CaseDataset
     from models.checkpoint import load_checkpoint
     from models.evaluation import predict
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.layout import heldout_dir
+
 from .common import (Context, Outcome, budget_notes, fmt, foreground_ratio, markdown_table, modality_reliance,
                      phantoms, run_federated, write_result)
 
@@ -39,8 +41,8 @@ def run(ctx: Context) -> str:
     for o in fused + single:
         if "lesion-volume-ratio" not in o.metrics:  # not setdefault: that would evaluate foreground_ratio anyway
             o.metrics["lesion-volume-ratio"] = foreground_ratio(Path(o.run_dir) / "checkpoints" / "last.pt",
-                                                                data / "heldout")
-    reliance = {f: modality_reliance(Path(o.run_dir) / "checkpoints" / "last.pt", data / "heldout")
+                                                                heldout_dir(data))
+    reliance = {f: modality_reliance(Path(o.run_dir) / "checkpoints" / "last.pt", heldout_dir(data))
                 for f, o in zip(families, fused)}
     headers = ["model", "modalities", "Dice whole", "Dice core", "Dice enh.", "accuracy", "AUROC",
                "Dice whole, one modality (mean / worst)", "Dice drop when masked: largest (modality)", "lesion volume predicted / true", "train s"]

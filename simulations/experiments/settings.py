@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from common.layout import heldout_dir
+
 from .common import Context, Outcome, budget_notes, fmt, markdown_table, phantoms, run_central, run_federated, write_result
 
 NAME = "settings"
@@ -19,12 +21,12 @@ TITLE = "Experiment `settings`: local-only vs federated vs centralized pooled tr
 
 def run(ctx: Context) -> str:
     """Train every row, write the section, return its Markdown body."""
-    from client.data.site import list_cases
-    from simulations.simulate import site_dirs
+    from common.data.site import list_cases
+    from common.layout import site_dirs
 
     data = phantoms(ctx, "scanner-skew")
     sites = site_dirs(data)
-    local = [run_central(ctx, f"settings-local-{s.name}", s, heldout=data / "heldout") for s in sites]
+    local = [run_central(ctx, f"settings-local-{s.name}", s, heldout=heldout_dir(data)) for s in sites]
     fed = run_federated(ctx, "settings-federated", data, {"model-family": "attention"})
     central = run_central(ctx, "settings-central", data)
     headers = ["setting", "training cases", "Dice whole", "Dice core", "Dice enh.", "accuracy", "AUROC",

@@ -1,13 +1,13 @@
 """Site data readers: DICOM/NIfTI studies of a hospital site -> training tensors (no header data leaves).
 
-Public API (imported lazily so ``import client.data`` stays light):
+Public API (imported lazily so ``import common.data`` stays light):
 
-- :class:`client.data.dataset.CaseDataset` — torch Dataset over one or more sites (items: image, mask, seg,
+- :class:`common.data.dataset.CaseDataset` — torch Dataset over one or more sites (items: image, mask, seg,
   label, case_id).
-- :func:`client.data.site.load_case` — one case folder -> all modalities on one reference grid.
-- :func:`client.data.site.discover_sites` — a site folder or a data root -> its sites (heldout/ flagged).
-- :func:`client.data.inspect.inspect_data` — problem report of a site or data root (``fedfusion inspect``).
-- :func:`client.data.series_mapping.load_series_mapping` — SeriesDescription -> modality rules.
+- :func:`common.data.site.load_case` — one case folder -> all modalities on one reference grid.
+- :func:`common.data.site.discover_sites` — a site folder or a data root -> its sites (heldout/ flagged).
+- :func:`common.data.inspect.inspect_data` — problem report of a site or data root (``fedfusion inspect``).
+- :func:`common.data.series_mapping.load_series_mapping` — SeriesDescription -> modality rules.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Each item (docs/architecture.md, "Dataset item") is a dict with exactly these ke
 
 Nothing from DICOM headers and no path is ever put in an item.
 
-Preprocessing (once per case, then cached): read the case (:func:`client.data.site.load_case`: all modalities on
+Preprocessing (once per case, then cached): read the case (:func:`common.data.site.load_case`: all modalities on
 the reference grid, slice-first), for 2D models (``len(spatial_size) == 2``) take the axial slice ``k`` through
 the lesion's centre of mass (the middle slice when the case has no lesion), resize with MONAI ``Resize``
 (trilinear/bilinear with anti-aliasing for images, nearest for the segmentation), and z-score each PRESENT

@@ -2,9 +2,9 @@
 
 Steps: walk the folder; read every file's header (``stop_before_pixels``) to group files into series by
 SeriesInstanceUID and to catch corrupt, truncated and non-image files early; name each series' modality with a
-:class:`~client.data.series_mapping.SeriesMapping`; read the pixels of the chosen series only; sort slices by
+:class:`~common.data.series_mapping.SeriesMapping`; read the pixels of the chosen series only; sort slices by
 their position along the slice normal (ImagePositionPatient · (row × column)); apply RescaleSlope/Intercept;
-stack ``vol[k, j, i]`` with the RAS affine of :func:`client.data.geometry.dicom_affine`.
+stack ``vol[k, j, i]`` with the RAS affine of :func:`common.data.geometry.dicom_affine`.
 
 Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found
 and a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report.
@@ -484,7 +484,7 @@ def read_dicom_case(
 
     Args:
         case_dir: the case folder (DICOM files at any depth).
-        mapping: SeriesDescription mapping (see :func:`client.data.series_mapping.load_series_mapping`).
+        mapping: SeriesDescription mapping (see :func:`common.data.series_mapping.load_series_mapping`).
         modalities: modalities to read pixels for; other mapped series are listed as ``not-requested``.
         case_id: site-local case id, stamped on problems.
         load_pixels: ``False`` to group and map only (no volumes returned).

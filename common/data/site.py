@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.layout import HELDOUT_NAME, LABELS_FILE
 from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
@@ -30,8 +31,6 @@ from .series_mapping import MappingSource, load_series_mapping
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.csv"
-HELDOUT_NAME = "heldout"
 
 
 class CaseError(ValueError):
@@ -171,7 +170,7 @@ class CaseData:
         images: ``{modality: (D, H, W) float32}`` for the modalities present, all on ``grid``.
         seg: ``(D, H, W)`` uint8 labels 0..3 on ``grid``, or ``None`` when the case has no segmentation.
         grid: reference grid (the segmentation's, else the first present modality's), reoriented to
-            :data:`client.data.geometry.CANONICAL_AXCODES` so ``images[m][k]`` is an axial slice.
+            :data:`common.data.geometry.CANONICAL_AXCODES` so ``images[m][k]`` is an axial slice.
         problems: everything reported while reading.
     """
 
@@ -225,7 +224,7 @@ def load_case(
 ) -> CaseData:
     """Read one case and resample every present modality (trilinear) and the segmentation (nearest) onto the
     reference grid: the segmentation's grid when present, else the first present modality's (canonical order),
-    reoriented slice-first (see :data:`client.data.geometry.CANONICAL_AXCODES`).
+    reoriented slice-first (see :data:`common.data.geometry.CANONICAL_AXCODES`).
 
     Raises:
         CaseError: when none of ``modalities`` could be read (or, with ``require_seg``, there is no usable

@@ -1,0 +1,84 @@
+"""Where a federation's data lives on disk: the one place for the folder rules.
+
+```
+DATA/                 a data root (``fedfusion phantoms --out DATA``, or a consortium's own folders)
+  site-01/            a site: labels.csv + one folder per case (the folder name is the site-local case id)
+  site-02/ ...
+  heldout/            the server's held-out test set, same layout as a site (never a training site)
+RUN/site-state/site-01/   a simulated site's private state (privacy ledger, policy, caches)
+```
+
+In a simulation, Flower's partition ``i`` is the ``i``-th ``site-*`` folder in name order (:func:`partition_site`);
+a deployed site names its own folder in its node config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "HELDOUT_NAME",
+    "LABELS_FILE",
+    "SITE_PREFIX",
+    "SITE_STATE",
+    "heldout_dir",
+    "partition_site",
+    "resolve_test_dir",
+    "simulated_state_dir",
+    "site_dirs",
+]
+
+#: Per-site label file: ``case_id,label`` (0 benign / 1 malignant).
+LABELS_FILE = "labels.csv"
+#: Folder-name prefix of a training site inside a data root.
+SITE_PREFIX = "site-"
+#: Folder name of the server's held-out test set inside a data root.
+HELDOUT_NAME = "heldout"
+#: Folder of the simulated sites' private state inside a run directory.
+SITE_STATE = "site-state"
+
+
+def site_dirs(data_root: str | Path) -> list[Path]:
+    """The training site folders of a data root (``site-*``, sorted by name; the held-out set is not a site).
+
+    Raises:
+        FileNotFoundError: when ``data_root`` holds no site folder, saying how to make one.
+    """
+    root = Path(data_root)
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(SITE_PREFIX)) if root.is_dir() else []
+    if not sites:
+        raise FileNotFoundError(
+            f"{root} holds no {SITE_PREFIX}* folders; generate phantoms with `fedfusion phantoms --out {root}` or "
+            "point the data directory at a folder of sites"
+        )
+    return sites
+
+
+def partition_site(data_root: str | Path, partition_id: int) -> Path:
+    """The site folder of simulation partition ``partition_id`` (the ``partition_id``-th of :func:`site_dirs`).
+
+    Raises:
+        FileNotFoundError: no site folders; ValueError: fewer site folders than the partition needs.
+    """
+    sites = site_dirs(data_root)
+    if not 0 <= partition_id < len(sites):
+        raise ValueError(
+            f"simulation partition {partition_id} has no site folder ({data_root} holds {len(sites)} "
+            f"{SITE_PREFIX}* folders); make num-supernodes match the number of sites"
+        )
+    return sites[partition_id]
+
+
+def heldout_dir(data_root: str | Path) -> Path:
+    """The held-out set of a data root (it may not exist)."""
+    return Path(data_root) / HELDOUT_NAME
+
+
+def resolve_test_dir(test_dir: str | Path, data_dir: str | Path) -> Path:
+    """Run config ``test-dir`` if set, else the held-out set of ``data-dir``."""
+    return Path(test_dir) if str(test_dir).strip() else heldout_dir(data_dir)
+
+
+def simulated_state_dir(run_dir: str | Path, site_name: str) -> Path:
+    """A simulated site's private state directory inside its run directory."""
+    return Path(run_dir) / SITE_STATE / site_name
