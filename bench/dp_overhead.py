@@ -7,7 +7,7 @@ summed gradient of one batch must equal a reference computed case by case with p
 mode should be ``client.privacy.engine.DEFAULT_GRAD_SAMPLE_MODE``.
 
 The default model is the one a site trains by default: the ``model-*`` keys, ``batch-size`` of the run config in
-pyproject.toml (``--model library`` takes ``ModelConfig()`` instead). Modes: Opacus's ``hooks`` (with fedfusion's
+pyproject.toml (``--model wide`` takes the same network with channels 8,16,32). Modes: Opacus's ``hooks`` (with fedfusion's
 grouped-convolution sampler for Conv layers, :mod:`client.privacy.grad_samplers`), ``hooks-unfold`` (Opacus's
 hooks mode with its own unfold-based conv sampler, for comparison), ``functorch``, ``ew``, ``ghost``, and
 fedfusion's ``microbatch`` (one batch-1 pass per case).
@@ -87,14 +87,17 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def default_model(which: str) -> tuple[Any, int]:
-    """``(ModelConfig, batch size)`` of the run config in pyproject.toml (``run``) or the library defaults."""
-    from models.config import ModelConfig
-    from common.runconfig import default_run_config
+#: ``--model wide``: the run config's network with these encoder widths (what train-central users often pick).
+WIDE_CHANNELS = "8,16,32"
 
-    run = default_run_config()
-    batch = int(run.get("batch-size", 4))
-    return (ModelConfig.from_flat(run) if which == "run" else ModelConfig()), batch
+
+def default_model(which: str) -> tuple[Any, int]:
+    """``(ModelConfig, batch size)`` of the run config in pyproject.toml (``run``), or that config with the wider
+    channels :data:`WIDE_CHANNELS` (``wide``)."""
+    from common import runconfig
+
+    rc = runconfig.load({"model-channels": WIDE_CHANNELS} if which == "wide" else {})
+    return runconfig.model_config(rc), int(rc["batch-size"])
 
 
 class conv_sampler:
@@ -419,9 +422,9 @@ def profile(cfg: Any, batch: int, steps: int = 5) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("run", "library"), default="run",
+    ap.add_argument("--model", choices=("run", "wide"), default="run",
                     help="run: the run config's model-* keys in pyproject.toml (what sites train); "
-                         "library: ModelConfig() defaults")
+                         f"wide: the run config's network with channels {WIDE_CHANNELS}")
     ap.add_argument("--cases", type=int, default=48, help="phantom training cases (one site)")
     ap.add_argument("--batch-size", type=int, default=0,
                     help="expected (Poisson) batch size; 0 = the run config's batch-size")
@@ -455,7 +458,7 @@ def main() -> None:
         return
     dataset, site = build_data(cfg, args.cases, seed=0)
     params = sum(p.numel() for p in build_model(cfg).parameters())
-    model_desc = (f"{'run-config' if args.model == 'run' else 'ModelConfig()'} model: {cfg.family} fusion, "
+    model_desc = (f"{'run-config' if args.model == 'run' else 'wide (channels ' + WIDE_CHANNELS + ')'} model: {cfg.family} fusion, "
                   f"{len(cfg.modalities)} modalities, {cfg.spatial_dims}D {'x'.join(map(str, cfg.spatial_size))}, "
                   f"channels {','.join(map(str, cfg.channels))}, {params:,} parameters")
     print(f"{model_desc}; {len(dataset)} cases, batch {args.batch_size}, device {device}, {args.threads} threads")
@@ -532,7 +535,7 @@ def main() -> None:
             f"device {device}, {args.threads} threads, {len(dataset)} phantom cases, batch {args.batch_size}, "
             f"median of {args.repeats} interleaved epochs; modes slower than 5x timed once). {model_desc}:"
         )
-        write_docs(header + "\n\n" + table + "\n", "dp-overhead" if args.model == "run" else "dp-overhead-library")
+        write_docs(header + "\n\n" + table + "\n", "dp-overhead" if args.model == "run" else "dp-overhead-wide")
 
 
 def write_docs(section: str, name: str) -> None:

@@ -35,7 +35,9 @@ END = "<!-- paper-tables:end -->"
 
 MRI = ("t1", "t1ce", "t2", "flair")
 ALL = ("t1", "t1ce", "t2", "flair", "ct", "us")
-FAMILIES = ("input", "single", "hierarchical", "attention", "output")
+from models.fusion import FUSIONS  # noqa: E402
+
+FAMILIES = tuple(FUSIONS)  # the registry
 
 #: (row label, fusion family, modalities)
 BASELINES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -184,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = [] if args.no_baselines else list(BASELINES)
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
     plan += [(f"{f} fusion", f, ALL) for f in fams]
-    channels = tuple(int(c) for c in args.channels.split(","))
     input_size = tuple(args.input_size) if args.input_size else tuple(args.shape)
     if len(input_size) not in (2, 3):
         raise SystemExit(f"--input-size takes H W (2D) or D H W (3D), got {input_size}")
@@ -193,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for label, family, mods in plan:
         console.rule(f"{label} ({family}, {'+'.join(mods)})")
-        settings = CentralSettings(
-            data=Path(data), out=args.work / "runs" / label.replace(" ", "-"), family=family, modalities=mods,
-            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, spatial_size=input_size,
-            channels=channels, seed=args.seed, device=args.device, eval_every=0, final_subsets="full",
-            hd95="full", progress=True,
+        model_keys = {"model-family": family, "model-modalities": ",".join(mods), "model-channels": args.channels,
+                      "model-spatial-dims": len(input_size), "model-spatial-size": ",".join(map(str, input_size)),
+                      "lr": args.lr, "batch-size": args.batch_size, "seed": args.seed}
+        settings = CentralSettings.from_run_config(
+            Path(data), args.work / "runs" / label.replace(" ", "-"), model_keys, epochs=args.epochs,
+            device=args.device, eval_every=0, final_subsets="full", hd95="full", progress=True,
         )
         reused = _finished_run(settings) if args.reuse else None
         if reused is not None:

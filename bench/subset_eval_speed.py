@@ -1,7 +1,7 @@
 """Wall time of the every-modality-subset held-out evaluation (``models.evaluation.evaluate_subsets``), per family.
 
-Compares, on the same held-out cases and model (default :class:`models.config.ModelConfig` per family: 3D,
-16x32x32, channels (8, 16, 32), six modalities, 63 subsets):
+Compares, on the same held-out cases and model (the run config's model per family with ``--channels``, default
+8,16,32: 3D, 16x32x32, six modalities, 63 subsets):
 
 * ``reference``: one full network forward per subset (``shared_encoding=False``) — the evaluation before
   ``FusionNet.forward_subsets`` — with HD95 for every subset (the server's former default) and for the full set only;
@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("input", "single", "hierarchical", "attention", "output")
+from models.fusion import FUSIONS  # noqa: E402
+
+FAMILIES = tuple(FUSIONS)  # the registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="trained checkpoint (models/checkpoint.py) used for its family instead of an untrained "
                         "model; repeatable")
     p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--channels", default="8,16,32", help="encoder widths of the untrained models")
     p.add_argument("--batch-size", type=int, default=2, help="held-out cases per batch (server eval-batch-size)")
     p.add_argument("--subset-batch", default="1,8,21,63", help="comma-separated subset_batch values to time")
     p.add_argument("--threads", type=int, default=None)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.data.dataset import CaseDataset
     from models.checkpoint import load_checkpoint
-    from models.config import ModelConfig
+    from common.runconfig import default_model_config
     from models.evaluation import evaluate_subsets
     from models.network import build_model
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         state, ckpt_cfg, _ = load_checkpoint(path)
         trained[ckpt_cfg.family] = (path, (state, ckpt_cfg))
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
-        cfg = ModelConfig(family=family)
+        cfg = default_model_config(family=family, channels=tuple(int(c) for c in args.channels.split(",")))
         torch.manual_seed(0)
         model = build_model(cfg)
         source = "untrained, seed 0"

@@ -52,13 +52,13 @@ def _received_state(msg: Message) -> dict[str, Any]:
 
 
 def _decline(code: int, text: str) -> Exception:
-    from client.task import SiteDecline
+    from client.site import SiteDecline
 
     return SiteDecline(code, text)
 
 
 def _error_reply(msg: Message, exc: BaseException) -> Message:
-    from client.task import SiteDecline
+    from client.site import SiteDecline
 
     if isinstance(exc, SiteDecline):
         code, reason = exc.code, exc.reason

@@ -1,19 +1,17 @@
 """The model config: one small serialisable object that rebuilds any fedfusion network.
 
-It travels inside every checkpoint and in the run config (Flower's flat ``ConfigRecord`` via
-:meth:`ModelConfig.to_flat` / :meth:`ModelConfig.from_flat`).
+It travels inside every checkpoint (:meth:`ModelConfig.to_dict`). Its run-config form (the ``model-*`` keys of
+pyproject.toml's ``[tool.flwr.app.config]``, which hold the defaults) is read and written by
+:mod:`common.runconfig`; nothing here restates those defaults.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from .modalities import MODALITIES, canonical
-
-#: The five fusion families of the fusion review (arXiv 2404.15022).
-FUSION_FAMILIES: tuple[str, ...] = ("input", "single", "hierarchical", "attention", "output")
+from .modalities import canonical
 
 #: Segmentation labels (BraTS-like): 0 background, 1 oedema, 2 non-enhancing core, 3 enhancing rim.
 SEG_LABELS: dict[int, str] = {0: "background", 1: "oedema", 2: "core", 3: "enhancing"}
@@ -35,7 +33,7 @@ class ModelConfig:
     """Everything needed to rebuild a fusion network.
 
     Attributes:
-        family: fusion family, one of :data:`FUSION_FAMILIES`.
+        family: fusion family, a name of the registry :data:`models.fusion.FUSIONS`.
         modalities: modalities the network has inputs for, canonical order (a subset of :data:`MODALITIES`).
         spatial_dims: 2 (slices, input ``(B, M, H, W)``) or 3 (volumes, input ``(B, M, D, H, W)``).
         spatial_size: input size the data is resized to, ``(D, H, W)`` for 3D or ``(H, W)`` for 2D, voxels.
@@ -47,22 +45,22 @@ class ModelConfig:
         dropout: dropout before the classifier.
     """
 
-    family: str = "attention"
-    modalities: tuple[str, ...] = MODALITIES
-    spatial_dims: int = 3
-    spatial_size: tuple[int, ...] = (16, 32, 32)
-    channels: tuple[int, ...] = (8, 16, 32)
+    family: str
+    modalities: tuple[str, ...]
+    spatial_dims: int
+    spatial_size: tuple[int, ...]
+    channels: tuple[int, ...]
+    attention_heads: int
+    modality_dropout: float
+    dropout: float
+    # facts of the label sets, not run-config choices
     num_seg_classes: int = len(SEG_LABELS)
     num_classes: int = len(CLASS_NAMES)
-    attention_heads: int = 2
-    modality_dropout: float = 0.25
-    dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.family not in FUSION_FAMILIES:
-            raise ValueError(
-                f"unknown fusion family {self.family!r}; choose one of {', '.join(FUSION_FAMILIES)}"
-            )
+        from .fusion import check_family  # the registry lives with the fusion modules (imported lazily there)
+
+        check_family(self.family)
         object.__setattr__(self, "modalities", canonical(self.modalities))
         object.__setattr__(self, "spatial_size", tuple(int(s) for s in self.spatial_size))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -98,6 +96,10 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"model config lacks {missing}; a model config needs {sorted(required)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 
@@ -107,37 +109,6 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
-
-    def to_flat(self, prefix: str = "model-") -> dict[str, str | int | float]:
-        """Flat dict for Flower's run config / ``ConfigRecord`` (keys ``model-<field>`` with dashes;
-        sequences as comma-separated strings)."""
-        out: dict[str, str | int | float] = {}
-        for k, v in self.to_dict().items():
-            out[prefix + k.replace("_", "-")] = ",".join(str(x) for x in v) if isinstance(v, list) else v
-        return out
-
-    @classmethod
-    def from_flat(cls, flat: dict[str, Any], prefix: str = "model-") -> "ModelConfig":
-        """Inverse of :meth:`to_flat`; missing keys take the defaults, other keys are ignored."""
-        types = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for name, f in types.items():
-            key = prefix + name.replace("_", "-")
-            if key not in flat:
-                continue
-            value = flat[key]
-            if name == "modalities":
-                value = tuple(s for s in str(value).split(",") if s.strip())
-            elif name in ("spatial_size", "channels"):
-                value = tuple(int(s) for s in str(value).split(",") if s.strip())
-            elif name in ("spatial_dims", "num_seg_classes", "num_classes", "attention_heads"):
-                value = int(value)
-            elif name in ("modality_dropout", "dropout"):
-                value = float(value)
-            else:
-                value = str(value)
-            kwargs[name] = value
-        return cls(**kwargs)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         data = self.to_dict()

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .decoder import Classifier, Decoder
 from .encoders import Encoder
-from .fusion import Fusion, build_fusion
+from .fusion import build_fusion
+from .fusion.base import Fusion
 from .fusion.attention import AttentionFusion
 from .fusion.output import OutputFusion
 

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common import runconfig
 from common.layout import resolve_test_dir
 from models.config import ModelConfig
 from models.runlog import MetricsLog
@@ -56,10 +57,10 @@ def _initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
 
 def run_server(grid: Grid, context: Context) -> None:
     """The ServerApp's main: run (or resume) a federation described by ``context.run_config``."""
-    run_config: dict[str, Any] = dict(context.run_config)
+    run_config = runconfig.validate(context.run_config)
     settings = ServerSettings.from_run_config(run_config)
     settings.check_protection()  # refuse before anything is written
-    model_config = ModelConfig.from_flat(run_config)
+    model_config = runconfig.model_config(run_config)
     run_dir = RunDirectory(settings.resume or settings.run_dir)
     handler = _server_logging(run_dir.path)
     try:
@@ -100,7 +101,7 @@ def _run(
             logger.warning("fresh run in %s: its previous metrics log is cleared", run_dir.path)
             mlog.drop_rounds_after(-1)
         arrays = _initial_arrays(model_config, settings.seed)
-    resolved = {**run_config, **settings.to_dict(), **model_config.to_flat()}
+    resolved = {**run_config, **runconfig.model_entries(model_config)}
     run_dir.write_config(resolved)
 
     remaining = settings.num_server_rounds - start_round

@@ -27,12 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
-    FedAdam,
     FedAvg,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    Krum,
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
@@ -42,6 +37,7 @@ from models.modalities import MODALITIES
 from models.runlog import MetricsLog
 
 from .aggregation import SHARED, ModalityAwareStrategy, modality_weight, ownership_groups, weighted_metrics
+from . import strategies
 from .settings import ServerSettings
 from .validation import WEIGHT_KEY, UpdateValidator, log_rejections, reply_arrays, reply_metrics
 
@@ -60,7 +56,7 @@ class FederationExhausted(RuntimeError):
 # building the chain
 # ----------------------------------------------------------------------------------------------------------
 def build_base_strategy(settings: ServerSettings) -> FedAvg:
-    """The Flower strategy named by run config ``strategy``, with the sampling keys of the run config."""
+    """The Flower strategy named by run config ``strategy`` (:mod:`server.strategies`), with the sampling keys."""
     common: dict[str, Any] = dict(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
@@ -69,20 +65,7 @@ def build_base_strategy(settings: ServerSettings) -> FedAvg:
         min_available_nodes=settings.min_available_nodes,
         weighted_by_key=WEIGHT_KEY,
     )
-    name = settings.strategy
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":
-        return FedProx(**common, proximal_mu=settings.proximal_mu)
-    if name == "fedadam":
-        return FedAdam(**common, eta=settings.server_lr, eta_l=settings.lr)
-    if name == "trimmed-mean":
-        return FedTrimmedAvg(**common, beta=settings.trimmed_beta)
-    if name == "median":
-        return FedMedian(**common)
-    if name == "krum":
-        return Krum(**common, num_malicious_nodes=settings.krum_malicious)
-    raise ValueError(f"unknown strategy {name!r}")
+    return strategies.build(settings, common)
 
 
 def build_strategy(

@@ -21,11 +21,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from models.modalities import MODALITIES, canonical
+from common import runconfig
+from common.runconfig import TrainConfig
+from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +40,21 @@ BEST_METRIC = "all/dice-whole"
 class CentralSettings:
     """Settings of one centralized run (all saved to ``RUN/config.json``).
 
+    :meth:`from_run_config` takes the model, learning rate, batch size and seed from the run config, so a pooled run
+    and a federated run of the same config train the same network the same way.
+
     Attributes:
         data: data root holding ``site-*`` folders and ``heldout/`` (or a single site folder to train on).
         out: run directory.
-        family: fusion family (``models.config.FUSION_FAMILIES``).
-        modalities: model modalities (canonical order).
+        model: the network to train.
         epochs: training epochs.
-        lr: learning rate; optimizer: ``adam`` or ``sgd``.
+        lr: learning rate.
         batch_size: training batch size (cases).
-        spatial_size: ``(D, H, W)`` (or ``(H, W)`` for a 2D model) the data is resized to.
-        channels: encoder widths per level.
-        modality_dropout: training modality dropout (None: the ModelConfig default).
-        augment: random flips / intensity jitter of training cases.
         seed: seed of everything random.
+        optimizer: ``adam`` or ``sgd`` (None: :func:`models.training.make_optimizer`'s default, as at the sites).
+        augment: random flips / intensity jitter of training cases.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        heldout: held-out folder (None: ``data/heldout``).
+        heldout: held-out folder (None: the data root's held-out set).
         eval_every: evaluate every this many epochs (the last epoch always); 0 = only after the last epoch.
         eval_subsets / final_subsets: ``full`` (the full modality set only) or ``all`` (every subset).
         hd95: HD95 in evaluations (True, False or ``"full"`` = full modality set only).
@@ -63,17 +66,13 @@ class CentralSettings:
 
     data: Path
     out: Path
-    family: str = "attention"
-    modalities: tuple[str, ...] = MODALITIES
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    batch_size: int = 4
-    spatial_size: tuple[int, ...] = (16, 32, 32)
-    channels: tuple[int, ...] = (8, 16, 32)
-    modality_dropout: float | None = None
+    model: ModelConfig
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    optimizer: str | None = None
     augment: bool = False
-    seed: int = 0
     device: str = "auto"
     heldout: Path | None = None
     eval_every: int = 1
@@ -85,9 +84,26 @@ class CentralSettings:
     max_batches: int | None = None
     progress: bool = True
 
+    @classmethod
+    def from_run_config(cls, data: Path, out: Path, run_config: Mapping[str, Any] | None = None, *,
+                        epochs: int | None = None, **options: Any) -> "CentralSettings":
+        """Settings from the run config (pyproject's defaults with ``run_config`` applied): its ``model-*``, ``lr``,
+        ``batch-size`` and ``seed``; ``epochs`` defaults to ``num-server-rounds x local-epochs`` (the passes over
+        its data a site makes in the federated run). ``options`` set the other attributes.
+
+        Raises:
+            RunConfigError: a bad run config key or value, named.
+        """
+        rc = runconfig.load(run_config)
+        train = TrainConfig.from_run_config(rc)
+        return cls(data=Path(data), out=Path(out), model=runconfig.model_config(rc),
+                   epochs=int(epochs) if epochs is not None else train.num_server_rounds * train.local_epochs,
+                   lr=train.lr, batch_size=train.batch_size, seed=train.seed, **options)
+
     def to_json_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        out = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        return {**out, **runconfig.model_entries(self.model)}
 
 
 @dataclass
@@ -145,7 +161,6 @@ def train_central(settings: CentralSettings) -> CentralResult:
 
     from common.data.dataset import CaseDataset
     from models.checkpoint import save_checkpoint
-    from models.config import ModelConfig
     from models.evaluation import evaluate_subsets
     from models.losses import MultiTaskLoss
     from models.network import build_model
@@ -160,19 +175,9 @@ def train_central(settings: CentralSettings) -> CentralResult:
         raise ValueError(f"batch size must be >= 1, got {s.batch_size}")
     if s.threads:
         torch.set_num_threads(int(s.threads))
-    modalities = canonical(s.modalities)
+    model_cfg = s.model
+    modalities = model_cfg.modalities
     device = resolve_device(s.device)
-    cfg_kwargs: dict[str, Any] = dict(
-        family=s.family,
-        modalities=modalities,
-        spatial_dims=len(s.spatial_size),
-        spatial_size=tuple(s.spatial_size),
-        channels=tuple(s.channels),
-    )
-    if s.modality_dropout is not None:
-        cfg_kwargs["modality_dropout"] = float(s.modality_dropout)
-    heads = 2 if tuple(s.channels)[-1] % 2 == 0 else 1
-    model_cfg = ModelConfig(attention_heads=heads, **cfg_kwargs)
 
     train_dirs, held_dir = split_data_root(Path(s.data), s.heldout)
     if held_dir is None:
@@ -182,14 +187,13 @@ def train_central(settings: CentralSettings) -> CentralResult:
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"kind": "central", **s.to_json_dict(), "device-resolved": str(device),
-              "train-sites": [p.name for p in train_dirs], "heldout-dir": str(held_dir),
-              **model_cfg.to_flat()}
+              "train-sites": [p.name for p in train_dirs], "heldout-dir": str(held_dir)}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     torch.manual_seed(s.seed)
-    train_ds = CaseDataset(train_dirs, modalities=modalities, spatial_size=s.spatial_size, augment=s.augment,
+    train_ds = CaseDataset(train_dirs, modalities=modalities, spatial_size=model_cfg.spatial_size, augment=s.augment,
                            cache=True, seed=s.seed)
-    held_ds = CaseDataset([held_dir], modalities=modalities, spatial_size=s.spatial_size, augment=False, cache=True)
+    held_ds = CaseDataset([held_dir], modalities=modalities, spatial_size=model_cfg.spatial_size, augment=False, cache=True)
     loader_gen = torch.Generator().manual_seed(s.seed)
     train_loader = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, generator=loader_gen,
                               pin_memory=device.type == "cuda")
@@ -200,7 +204,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
 
     torch.manual_seed(s.seed)
     model = build_model(model_cfg, device)
-    optimizer = make_optimizer(model, s.lr, s.optimizer)
+    optimizer = make_optimizer(model, s.lr, *([s.optimizer] if s.optimizer else []))
     loss_fn = MultiTaskLoss()
     dropout_gen = torch.Generator().manual_seed(s.seed + 1)
     metrics_log = MetricsLog(out / "metrics.jsonl")

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from common import flwr_cli, processes
-from common.runconfig import ConfigValue, default_run_config, fuse
+from common import runconfig
+from common.runconfig import ConfigValue
 
 from .observer import RunObserver, backend_config
 
@@ -122,7 +123,7 @@ def run_with_flwr(
     Raises:
         FlwrRunError: when the SuperLink does not start, ``flwr run`` fails, or the run does not finish
             ``finished:completed`` (the message names the log files).
-        KeyError / ValueError: for an unknown run config key or a value of the wrong type.
+        RunConfigError: for an unknown run config key or a bad value.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def run_with_flwr(
     overrides["data-dir"] = str(Path(data_dir).resolve())
     overrides.setdefault("run-dir", str(workdir / "run"))
     # Type-check against the app's defaults now (same rules as `flwr run --run-config`), keep only overrides.
-    fused = fuse(default_run_config(), overrides)
+    fused = runconfig.load(overrides)
     to_send: dict[str, ConfigValue] = {k: fused[k] for k in overrides}
     run_dir = Path(str(fused["run-dir"])).resolve()
     to_send["run-dir"] = str(run_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from common.layout import simulated_state_dir, site_dirs
-from common.runconfig import PROJECT_DIR, ConfigValue, default_run_config, fuse
+from common import runconfig
+from common.runconfig import PROJECT_DIR, ConfigValue
 
 from .observer import RunObserver, SimulationResult, backend_config
 
@@ -155,21 +156,24 @@ def simulate(
         raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
     out = Path(out)
     overrides = dict(overrides or {})
-    if data is None:
+    generate = data is None
+    data = Path(out / "data" if data is None else data)
+    overrides.setdefault("data-dir", str(data.resolve()))
+    overrides["run-dir"] = str(out.resolve())
+    config = runconfig.load(overrides)  # a bad key fails here, before phantoms are written
+    if generate:
         from .phantom_writers import ensure
 
-        data = out / "data"
-        ensure(data, sites=sites, cases_per_site=cases_per_site, seed=int(overrides.get("seed") or 0),
-               scenario=scenario, shape=shape, fmt=data_format, heldout_cases=heldout_cases, progress=progress)
-    sites_found = site_dirs(Path(data))
-    overrides.setdefault("data-dir", str(Path(data).resolve()))
-    overrides["run-dir"] = str(out.resolve())
-    config = fuse(default_run_config(), overrides)
+        ensure(data, sites=sites, cases_per_site=cases_per_site, seed=int(config["seed"]), scenario=scenario,
+               shape=shape, fmt=data_format, heldout_cases=heldout_cases, progress=progress)
+    sites_found = site_dirs(data)
     # A federation smaller than the strategy's minimums would wait forever: cap them to the sites we have.
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
-        if key in config:
-            config[key] = min(int(config[key]), len(sites_found))
-    if not config.get("dp-enabled", True):
+        config[key] = min(int(config[key]), len(sites_found))
+    from server.settings import ServerSettings
+
+    ServerSettings.from_run_config(config).check_protection()  # refuse here, before any process starts
+    if not config["dp-enabled"]:
         log.warning(
             "dp-enabled=false: the %d virtual sites' policies are set to allow training WITHOUT differential "
             "privacy (simulation only; a real site decides this in its own policy)", len(sites_found)

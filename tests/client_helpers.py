@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from common.runconfig import default_model_config, model_entries
 
-from models.config import ModelConfig
 
 #: Tiny network: fast enough for 2 shared cores.
-TINY = ModelConfig(family="attention", spatial_size=(8, 16, 16), channels=(4, 8), attention_heads=2)
+TINY = default_model_config(family="attention", spatial_size=(8, 16, 16), channels=(4, 8), attention_heads=2)
 
 
 def make_phantoms(out: Path, *, sites: int = 2, cases: int = 3, scenario: str = "modality-skew", fmt: str = "dicom",
@@ -29,7 +29,7 @@ def run_config(**overrides: Any) -> dict[str, Any]:
     rc: dict[str, Any] = {
         "num-server-rounds": 3, "seed": 0, "local-epochs": 1, "lr": 0.01, "batch-size": 2, "proximal-mu": 0.0,
         "dp-enabled": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5, "dp-noise-multiplier": 1.0,
-        "dp-max-grad-norm": 1.0, **TINY.to_flat(),
+        "dp-max-grad-norm": 1.0, **model_entries(TINY),
     }
     rc.update(overrides)
     return rc

@@ -133,7 +133,7 @@ def test_full_chain_plain_vs_modality_aware(round_replies):
     glob = _global()
     results = {}
     for aggregation in ("modality-aware", "plain"):
-        settings = ServerSettings(aggregation=aggregation, min_train_nodes=2, min_available_nodes=2)
+        settings = ServerSettings.from_run_config({"aggregation": aggregation, "min-train-nodes": 2, "min-available-nodes": 2})
         chain = build_strategy(settings, MODS)
         arrays = ArrayRecord({k: Array(v) for k, v in glob.items()})
         list(chain.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))
@@ -155,10 +155,10 @@ def test_weighted_metrics_tolerates_different_keys():
 
 def test_unsupported_protection_combinations_are_refused():
     with pytest.raises(UnsupportedConfiguration, match="SecAgg"):
-        build_strategy(ServerSettings(secagg=True))
+        build_strategy(ServerSettings.from_run_config({"secagg": True}))
     with pytest.raises(UnsupportedConfiguration, match="fedadam"):
-        build_strategy(ServerSettings(client_dp="server-side", strategy="fedadam"))
-    chain = build_strategy(ServerSettings(client_dp="server-side", strategy="fedavg"))
+        build_strategy(ServerSettings.from_run_config({"client-dp": "server-side", "strategy": "fedadam"}))
+    chain = build_strategy(ServerSettings.from_run_config({"client-dp": "server-side", "strategy": "fedavg"}))
     assert "DifferentialPrivacy" in type(chain.strategy).__name__
 
 
@@ -175,13 +175,13 @@ def test_dp_wrappers_compose_with_modality_aware_aggregation(round_replies):
         return chain, chain.aggregate_train(1, fresh)[0]
 
     # server-side clipping with a clip far above the update norms and no noise = modality-aware mean
-    _, agg = run(ServerSettings(client_dp="server-side", client_dp_clip=1e6, client_dp_noise=0.0))
+    _, agg = run(ServerSettings.from_run_config({"client-dp": "server-side", "client-dp-clip": 1e6, "client-dp-noise": 0.0}))
     n = "encoders.t1.w"
     np.testing.assert_allclose(agg[n].numpy(), (10 * a[n] + 30 * b[n]) / 40, rtol=1e-5)
     # with noise: a modality no site has keeps its global values exactly (noise is not added to public values)
-    _, agg = run(ServerSettings(client_dp="server-side", client_dp_clip=1.0, client_dp_noise=1.0))
+    _, agg = run(ServerSettings.from_run_config({"client-dp": "server-side", "client-dp-clip": 1.0, "client-dp-noise": 1.0}))
     np.testing.assert_array_equal(agg["encoders.us.w"].numpy(), glob["encoders.us.w"])
     # client-side: sites that did not clip to client-dp-clip are rejected by validation
-    chain, agg = run(ServerSettings(client_dp="client-side", client_dp_clip=0.01, client_dp_noise=0.0))
+    chain, agg = run(ServerSettings.from_run_config({"client-dp": "client-side", "client-dp-clip": 0.01, "client-dp-noise": 0.0}))
     assert agg is None and set(chain.rejections[1]) == {1, 2, 3}
     assert all("clipping norm" in r for r in chain.rejections[1].values())

@@ -28,10 +28,10 @@ def central_run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory):
     from simulations.central import CentralSettings, train_central
 
     out = tmp_path_factory.mktemp("central") / "run"
-    settings = CentralSettings(
-        data=phantoms, out=out, family="input", modalities=MODS, epochs=10, lr=3e-3, batch_size=2,
-        spatial_size=(16, 32, 32), channels=(8, 16), seed=0, device="cpu", eval_every=5, hd95=False,
-        initial_eval=True, threads=1, progress=False,
+    settings = CentralSettings.from_run_config(
+        phantoms, out, {"model-family": "input", "model-modalities": ",".join(MODS), "lr": 3e-3, "batch-size": 2,
+                        "model-spatial-size": "16,32,32", "model-channels": "8,16", "seed": 0},
+        epochs=10, device="cpu", eval_every=5, hd95=False, initial_eval=True, threads=1, progress=False,
     )
     return settings, train_central(settings)
 

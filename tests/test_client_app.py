@@ -16,7 +16,7 @@ import torch
 from common import replies
 from client.client_app import evaluate, train
 from client.privacy.accountant import PersistentAccountant
-from client.task import clear_cache
+from client.runtime import clear_cache
 from models.modalities import MODALITIES
 from tests.client_helpers import TINY, context, initial_state, make_phantoms, message, run_config
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import FUSION_FAMILIES, ModelConfig
 from models.contribution import contribution_per_sample, modality_contribution
 from models.network import build_model
+from common.runconfig import default_model_config
+from models.fusion import FUSIONS
+
+FAMILIES = tuple(FUSIONS)
 
 torch.set_num_threads(1)
 
@@ -15,7 +18,7 @@ MODS = ("t1", "t2", "ct")
 
 
 def setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = ModelConfig(family=family, modalities=MODS, spatial_dims=2, spatial_size=(16, 16), channels=(4, 8))
+    cfg = default_model_config(family=family, modalities=MODS, spatial_dims=2, spatial_size=(16, 16), channels=(4, 8))
     torch.manual_seed(0)
     model = build_model(cfg)
     image = torch.randn(3, 3, 16, 16)
@@ -26,7 +29,7 @@ def setup(family: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, tor
     return model, image, mask, seg
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_missing_modality_contributes_exactly_zero(family: str) -> None:
     model, image, mask, seg = setup(family)
     model.train()

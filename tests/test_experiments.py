@@ -12,6 +12,7 @@ import pytest
 from simulations import experiments
 from simulations.experiments.common import BUDGETS, budget_of, markdown_table, section_name, site_train_summary
 from simulations.mdsections import markers, read_section, write_section
+from common.runconfig import default_model_config
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -147,14 +148,13 @@ def test_evaluate_checkpoint_reports_full_and_single_modality_rows(tmp_path: Pat
 
     torch.set_num_threads(1)
     from models.checkpoint import save_checkpoint
-    from models.config import ModelConfig
     from models.network import build_model
     from simulations.experiments.common import evaluate_checkpoint
     from simulations.phantom_writers import generate
 
     generate(tmp_path / "data", sites=1, cases_per_site=1, seed=0, scenario="iid", shape=(8, 16, 16), fmt="nifti",
              heldout_cases=2)
-    cfg = ModelConfig(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
+    cfg = default_model_config(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
                       channels=(4, 8), attention_heads=2)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "last.pt", build_model(cfg).state_dict(), cfg, round=1)

@@ -10,10 +10,14 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from models import FusionNet, build_model
-from models.config import FUSION_FAMILIES, ModelConfig
+from models.config import ModelConfig
 from models.modalities import owner_modality
 from models.network import apply_modality_dropout
 from models.summary import count_parameters, estimate_flops, parameters_by_owner
+from common.runconfig import default_model_config
+from models.fusion import FUSIONS
+
+FAMILIES = tuple(FUSIONS)
 
 torch.set_num_threads(1)
 
@@ -26,7 +30,7 @@ SUBSETS = {
 
 
 def tiny(family: str, dims: int = 3, modalities: tuple[str, ...] = SUBSETS["subset"]) -> ModelConfig:
-    return ModelConfig(
+    return default_model_config(
         family=family,
         modalities=modalities,
         spatial_dims=dims,
@@ -51,7 +55,7 @@ def batch(cfg: ModelConfig, b: int = 3, seed: int = 0) -> tuple[torch.Tensor, to
     return image, mask
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("subset", list(SUBSETS))
 def test_builds_runs_and_validates(family: str, dims: int, subset: str) -> None:
@@ -79,7 +83,7 @@ def test_builds_runs_and_validates(family: str, dims: int, subset: str) -> None:
         assert attn is None
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dims", [2, 3])
 def test_missing_modality_pixels_have_no_effect(family: str, dims: int) -> None:
     cfg = tiny(family, dims)
@@ -103,7 +107,7 @@ def test_missing_modality_pixels_have_no_effect(family: str, dims: int) -> None:
     assert not torch.allclose(seg1[1], seg3[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_mask_batch_equals_per_sample_runs(family: str) -> None:
     cfg = tiny(family, 2)
     torch.manual_seed(2)
@@ -117,7 +121,7 @@ def test_mixed_mask_batch_equals_per_sample_runs(family: str) -> None:
         assert torch.allclose(cls_i, cls[i : i + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_ownership(family: str) -> None:
     cfg = tiny(family, 2, SUBSETS["all"])
     model = build_model(cfg)
@@ -139,7 +143,7 @@ def test_parameter_ownership(family: str) -> None:
     assert sum(owners.values()) == count_parameters(model)
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_opacus_per_sample_gradients(family: str) -> None:
     cfg = tiny(family, 2).replace(dropout=0.0)
     torch.manual_seed(3)
@@ -165,7 +169,7 @@ def test_opacus_per_sample_gradients(family: str) -> None:
         assert close(p.grad_sample[0], q.grad, scale), name
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_layer_is_on_opacus_fast_path(family: str) -> None:
     """Each module holding parameters has a hook grad sampler (no silent functorch fallback, e.g. PReLU or
     ConvTranspose)."""
@@ -176,7 +180,7 @@ def test_every_layer_is_on_opacus_fast_path(family: str) -> None:
     assert slow == set()
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_site_modalities_skip_absent_branches(family: str) -> None:
     cfg = tiny(family, 2).replace(dropout=0.0)
     torch.manual_seed(4)
@@ -210,7 +214,7 @@ def test_site_modalities_skip_absent_branches(family: str) -> None:
 
 
 def test_unimodal_baseline_is_the_same_network() -> None:
-    for family in FUSION_FAMILIES:
+    for family in FAMILIES:
         cfg = tiny(family, 2, ("t1ce",))
         model = build_model(cfg)
         seg, cls = model(torch.randn(2, 1, *cfg.spatial_size), torch.ones(2, 1))

@@ -19,8 +19,11 @@ from client.privacy.engine import (
     sample_rate_of,
     steps_per_epoch,
 )
-from client.privacy.policy import DPRequest, PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
+from client.privacy.policy import PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
+from common.runconfig import DPConfig
 from tests.client_helpers import TINY
+
+dp_request = DPConfig.from_run_config  # a run's dp-* keys over pyproject's defaults
 
 
 def test_accountant_composes_persists_and_matches_opacus(tmp_path: Path) -> None:
@@ -66,21 +69,21 @@ def test_policy_precedence_node_config_over_file_over_defaults(tmp_path: Path) -
 @pytest.mark.parametrize(
     "request_, phrase",
     [
-        (DPRequest(noise_multiplier=0.2), "min-noise-multiplier"),
-        (DPRequest(max_grad_norm=5.0), "max-grad-norm"),
-        (DPRequest(target_epsilon=50.0), "max-epsilon"),
-        (DPRequest(delta=1e-3), "max-delta"),
-        (DPRequest(enabled=False), "WITHOUT differential privacy"),
+        (dp_request({"dp-noise-multiplier": 0.2}), "min-noise-multiplier"),
+        (dp_request({"dp-max-grad-norm": 5.0}), "max-grad-norm"),
+        (dp_request({"dp-target-epsilon": 50.0}), "max-epsilon"),
+        (dp_request({"dp-delta": 1e-3}), "max-delta"),
+        (dp_request({"dp-enabled": False}), "WITHOUT differential privacy"),
     ],
 )
-def test_policy_refuses_weaker_privacy(request_: DPRequest, phrase: str) -> None:
+def test_policy_refuses_weaker_privacy(request_: DPConfig, phrase: str) -> None:
     with pytest.raises(PolicyRefusal, match=phrase):
         SitePolicy().check(request_)
 
 
 def test_policy_accepts_stronger_privacy_and_allowed_dp_off() -> None:
-    SitePolicy().check(DPRequest(noise_multiplier=3.0, max_grad_norm=0.5, delta=1e-6))
-    SitePolicy(allow_no_dp=True).check(DPRequest(enabled=False))
+    SitePolicy().check(dp_request({"dp-noise-multiplier": 3.0, "dp-max-grad-norm": 0.5, "dp-delta": 1e-6}))
+    SitePolicy(allow_no_dp=True).check(dp_request({"dp-enabled": False}))
 
 
 def test_derived_noise_meets_the_target_over_the_planned_steps() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
 from models.modalities import MODALITIES, subset_name, subsets
 from models.runlog import MetricsLog
 from simulations.report import MONOTONICITY_TOLERANCE, build_report, leave_one_out, monotonicity_share
 from tests.server_stubs import write_heldout
+from common.runconfig import default_model_config, model_entries
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("site-01", "site-02", "site-03")
@@ -66,12 +66,12 @@ def make_run(run_dir: Path, *, seed: int = 0) -> dict[int, dict[str, float]]:
     server-eval metrics per round as written."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig(family="attention", spatial_size=(8, 16, 16), channels=(4, 8))
+    cfg = default_model_config(family="attention", spatial_size=(8, 16, 16), channels=(4, 8))
     config = {
         "num-server-rounds": len(ROUNDS) - 1, "seed": seed, "local-epochs": 1, "lr": 0.01, "batch-size": 4,
         "proximal-mu": 0.0, "dp-enabled": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
         "dp-noise-multiplier": 0.0, "dp-max-grad-norm": 1.0, "strategy": "fedavg", "aggregation": "modality-aware",
-        "data-dir": str(run_dir / "no-such-data"), "test-dir": "", "run-dir": str(run_dir), **cfg.to_flat(),
+        "data-dir": str(run_dir / "no-such-data"), "test-dir": "", "run-dir": str(run_dir), **model_entries(cfg),
     }
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -342,7 +342,7 @@ def test_report_with_data_draws_roc_and_checkpoint_contribution(synthetic_run, t
     src, _ = synthetic_run
     run = tmp_path / "run"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("figures", "report.md"))
-    cfg = ModelConfig(family="attention", spatial_size=(8, 16, 16), channels=(4, 8))
+    cfg = default_model_config(family="attention", spatial_size=(8, 16, 16), channels=(4, 8))
     data = tmp_path / "data"
     write_heldout(data / "heldout", cfg.modalities, n_cases=6, shape=cfg.spatial_size, seed=1)
     text = build_report(run, data_dir=data, device="cpu").read_text()

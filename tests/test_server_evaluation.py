@@ -19,8 +19,9 @@ from models.network import build_model
 from models.runlog import iter_metrics
 from server.server_app import run_server
 from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+from common.runconfig import default_model_config, model_entries
 
-TINY = ModelConfig(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
+TINY = default_model_config(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
                    channels=(4, 8))
 SITES = {21: ({"t1": 3, "ct": 3}, 3.0, 0.2), 22: ({"t1": 1}, 1.0, 0.6)}  # cases, eval cases, local dice
 
@@ -47,7 +48,7 @@ def stub_site(node_id: int, msg: Message) -> Message:
 def _run(run_dir: Path, test_dir: Path, rounds: int, eval_every: int) -> None:
     torch.set_num_threads(1)
     config = {
-        **TINY.to_flat(), "num-server-rounds": rounds, "eval-every": eval_every, "run-dir": str(run_dir),
+        **model_entries(TINY), "num-server-rounds": rounds, "eval-every": eval_every, "run-dir": str(run_dir),
         "test-dir": str(test_dir), "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
         "device": "cpu",
     }

@@ -21,12 +21,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from models.checkpoint import load_checkpoint
-from models.config import ModelConfig
 from models.runlog import iter_metrics
 from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+from common.runconfig import default_model_config, model_entries
 
 PROJECT = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
+TINY = default_model_config(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
                    channels=(4, 8))
 SITES = {11: {"t1": 6, "ct": 6}, 12: {"t1": 4}, 13: {"ct": 5}}
 TRAIN_SECONDS = 0.15  # a stub site's "training" time: long enough to kill the server mid-round
@@ -55,7 +55,7 @@ def stub_site(node_id: int, msg: Message) -> Message:
 
 def run_config(run_dir: Path, heldout: Path, resume: str = "") -> dict:
     return {
-        **TINY.to_flat(),
+        **model_entries(TINY),
         "num-server-rounds": 4, "strategy": "fedadam", "aggregation": "modality-aware",
         "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 3,
         "eval-every": 2, "best-metric": "dice-whole", "run-dir": str(run_dir), "test-dir": str(heldout),

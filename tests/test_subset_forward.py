@@ -8,12 +8,15 @@ import math
 import pytest
 import torch
 
-from models.config import FUSION_FAMILIES, ModelConfig
 from models.evaluation import evaluate_subsets
 from models.modalities import subsets
 from models.network import build_model
 from server.evaluation import GlobalEvaluator
 from server.settings import ServerSettings
+from common.runconfig import default_model_config
+from models.fusion import FUSIONS
+
+FAMILIES = tuple(FUSIONS)
 
 MODS = ("t1", "t1ce", "flair", "ct", "us")
 
@@ -22,12 +25,12 @@ def _keeps(modalities: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([[1.0 if m in s else 0.0 for m in modalities] for s in subsets(modalities)])
 
 
-@pytest.mark.parametrize("family", FUSION_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spatial", [(8, 16, 16), (16, 16)], ids=["3d", "2d"])
 def test_forward_subsets_matches_forward_with_the_subset_mask(family: str, spatial: tuple[int, ...]) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig(family=family, modalities=MODS, spatial_dims=len(spatial), spatial_size=spatial,
+    cfg = default_model_config(family=family, modalities=MODS, spatial_dims=len(spatial), spatial_size=spatial,
                       channels=(4, 8))
     model = build_model(cfg).eval()
     image = torch.randn(3, len(MODS), *spatial)
@@ -49,7 +52,7 @@ def test_forward_subsets_matches_forward_with_the_subset_mask(family: str, spati
 def test_forward_subsets_respects_site_modalities_and_rejects_empty_subsets() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig(family="output", modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8))
+    cfg = default_model_config(family="output", modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8))
     model = build_model(cfg).eval()
     model.set_site_modalities(("t1", "flair", "us"))
     image = torch.randn(2, len(MODS), 8, 16, 16)
@@ -83,7 +86,7 @@ def test_evaluate_subsets_shared_path_gives_the_reference_report(family: str) ->
     torch.set_num_threads(1)
     torch.manual_seed(0)
     mods = ("t1", "t1ce", "ct")
-    cfg = ModelConfig(family=family, modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    cfg = default_model_config(family=family, modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
     model = build_model(cfg)
     batches = _batches(mods, cfg.spatial_size)
     fast = evaluate_subsets(model, batches, "cpu", hd95="full", subset_batch=3).to_flat()
@@ -103,7 +106,7 @@ def test_server_eval_hd95_setting() -> None:
 
     torch.set_num_threads(1)
     mods = ("t1", "ct")
-    cfg = ModelConfig(family="single", modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    cfg = default_model_config(family="single", modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
     items = [{"image": b["image"][j], "mask": b["mask"][j], "seg": b["seg"][j], "label": b["label"][j]}
              for b in _batches(mods, cfg.spatial_size) for j in range(2)]
     state = build_model(cfg).state_dict()

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.config import ModelConfig
 from models.evaluation import evaluate_subsets, monotonicity, predict
 from models.losses import MultiTaskLoss
 from models.modalities import subset_name, subsets
 from models.training import ProximalTerm, make_optimizer, resolve_device, train_epoch
+from common.runconfig import default_model_config
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ class TinyNet(nn.Module):
 
     def __init__(self, m: int = len(MODS), c_seg: int = 4) -> None:
         super().__init__()
-        self.config = ModelConfig(family="input", modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8))
+        self.config = default_model_config(family="input", modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8))
         self.seg = nn.Conv3d(m, c_seg, 1)
         self.cls = nn.Linear(m, 2)
         self.seen: list[tuple[Tensor, Tensor]] = []

@@ -32,7 +32,7 @@ def _update(glob: dict[str, np.ndarray], seed: int, scale: float = 1.0) -> dict[
 
 
 def _chain():
-    chain = build_strategy(ServerSettings(min_train_nodes=2, min_available_nodes=2), MODS)
+    chain = build_strategy(ServerSettings.from_run_config({"min-train-nodes": 2, "min-available-nodes": 2}), MODS)
     return chain
 
 

@@ -1,11 +1,10 @@
 """Site-side differential privacy: persistent accountant, site policy, Opacus wiring."""
 
 from .accountant import ACCOUNTANT_FILE, PersistentAccountant, epsilon_of
-from .policy import DPRequest, PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
+from .policy import PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
 
 __all__ = [
     "ACCOUNTANT_FILE",
-    "DPRequest",
     "PersistentAccountant",
     "PolicyRefusal",
     "SitePolicy",

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from common.runconfig import DPConfig, as_kind
 from models.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -41,35 +42,6 @@ POLICY_JSON = "privacy-policy.json"
 
 class PolicyRefusal(ValueError):
     """A run asked for weaker privacy than the site's policy allows (the message says what and how to fix)."""
-
-
-@dataclass(frozen=True)
-class DPRequest:
-    """What a run's config asks for (keys ``dp-*`` of the run config).
-
-    Attributes:
-        enabled: train with DP-SGD.
-        noise_multiplier: Gaussian noise std / clipping norm; 0 = derive from ``target_epsilon``.
-        target_epsilon: epsilon the run plans to spend over all its rounds (used when deriving the noise).
-        delta: delta epsilon is computed at.
-        max_grad_norm: per-case clipping norm (L2).
-    """
-
-    enabled: bool = True
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-
-    @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> "DPRequest":
-        return cls(
-            enabled=_as_bool(cfg.get("dp-enabled", True), "dp-enabled"),
-            noise_multiplier=float(cfg.get("dp-noise-multiplier", 0.0)),
-            target_epsilon=float(cfg.get("dp-target-epsilon", 8.0)),
-            delta=float(cfg.get("dp-delta", 1e-5)),
-            max_grad_norm=float(cfg.get("dp-max-grad-norm", 1.0)),
-        )
 
 
 @dataclass(frozen=True)
@@ -107,7 +79,7 @@ class SitePolicy:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     # -- checks --------------------------------------------------------------------------------------
-    def check(self, req: DPRequest) -> None:
+    def check(self, req: DPConfig) -> None:
         """Refuse a run config asking for weaker privacy than this policy.
 
         Raises:
@@ -188,26 +160,18 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-def _as_bool(v: Any, name: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return v.strip().lower() in ("true", "1", "yes", "on")
-    raise ValueError(f"{name} must be true or false, got {v!r}")
-
-
 def _parse(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(SitePolicy):
         for key in (_key(f.name), f.name):
             if key in data:
                 v = data[key]
+                kind = bool if f.type in (bool, "bool") else float
                 try:
-                    out[f.name] = _as_bool(v, key) if f.type in (bool, "bool") else float(v)
+                    out[f.name] = as_kind(v, kind)
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{source}: bad value for {key}: {exc}") from exc
+                    wanted = "true or false" if kind is bool else "a number"
+                    raise ValueError(f"{source}: bad value for {key}: {v!r} is not {wanted}") from exc
                 break
     return out
 

@@ -9,11 +9,12 @@ from typing import Annotated
 
 import typer
 
+from fedfusion.commands.help import BUDGETS_HELP, EXPERIMENTS_HELP
+
 
 def command(
-    name: Annotated[str, typer.Argument(help="Experiment: fusion, missing, privacy or settings.")],
-    budget: Annotated[str, typer.Option("--budget", "-b", help="tiny (smoke, ~1-2 min), small (default, minutes) "
-                                        "or full (bigger, slower).")] = "small",
+    name: Annotated[str, typer.Argument(help=EXPERIMENTS_HELP)],
+    budget: Annotated[str, typer.Option("--budget", "-b", help=BUDGETS_HELP)] = "small",
     out: Annotated[Path, typer.Option("--out", help="Work folder for phantoms and run directories.")] = Path(
         "runs/experiments"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, initialisation and site training.")] = 0,

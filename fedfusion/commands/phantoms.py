@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fedfusion.commands.help import SCENARIOS_HELP
+
 
 def command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write site-* folders, heldout/ and phantoms.json.")],
@@ -14,7 +16,7 @@ def command(
     cases_per_site: Annotated[int, typer.Option(help="Cases (patients) per site; 'realistic' varies it +-30%.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same pixels, labels and UIDs.")] = 0,
     scenario: Annotated[
-        str, typer.Option(help="iid, modality-skew, label-skew, scanner-skew or realistic.")
+        str, typer.Option(help=SCENARIOS_HELP)
     ] = "realistic",
     shape: Annotated[
         tuple[int, int, int], typer.Option(help="Reference grid D H W (slices, rows, columns).")

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedfusion.commands.help import FAMILIES_HELP, SCENARIOS_HELP, STRATEGIES_HELP
+
 
 def command(
     out: Annotated[Path, typer.Option("--out", help="Run directory (config, metrics, checkpoints, report).")] = Path(
@@ -17,19 +19,19 @@ def command(
     ] = None,
     sites: Annotated[int, typer.Option(help="Phantom sites to generate (when --data is not given).")] = 3,
     cases_per_site: Annotated[int, typer.Option(help="Phantom cases per site (varies per site).")] = 24,
-    scenario: Annotated[str, typer.Option(help="Phantom scenario: iid, modality-skew, label-skew, realistic.")] = (
+    scenario: Annotated[str, typer.Option(help=SCENARIOS_HELP)] = (
         "realistic"
     ),
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds (run config num-server-rounds).")] = None,
     fusion: Annotated[
-        Optional[str], typer.Option(help="Fusion family: input, single, hierarchical, attention, output.")
+        Optional[str], typer.Option(help=FAMILIES_HELP)
     ] = None,
     modalities: Annotated[Optional[str], typer.Option(help="Comma-separated modalities of the model.")] = None,
     dp_epsilon: Annotated[
         Optional[float], typer.Option(help="Target epsilon per site over the run ('inf' disables DP).")
     ] = None,
     strategy: Annotated[
-        Optional[str], typer.Option(help="fedavg, fedprox, fedadam, trimmed-mean, median, krum.")
+        Optional[str], typer.Option(help=STRATEGIES_HELP)
     ] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="modality-aware or plain.")] = None,
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,

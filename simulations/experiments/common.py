@@ -272,11 +272,12 @@ def run_central(ctx: Context, label: str, data: Path, *, family: str = "attentio
 
     b = ctx.budget
     heldout = heldout or heldout_dir(data)
-    settings = CentralSettings(
-        data=data, out=ctx.work / "runs" / b.name / label, family=family, modalities=tuple(canonical(modalities)),
-        epochs=b.rounds * b.local_epochs, lr=b.lr, optimizer="adam", batch_size=b.batch_size, spatial_size=b.shape,
-        channels=tuple(int(c) for c in b.channels.split(",")), modality_dropout=modality_dropout, seed=ctx.seed,
-        heldout=heldout, eval_every=0, eval_subsets="full", final_subsets="full", hd95=False, progress=ctx.progress,
+    model_keys = {"model-family": family, "model-modalities": ",".join(canonical(modalities)),
+                  "model-modality-dropout": modality_dropout}
+    settings = CentralSettings.from_run_config(
+        data, ctx.work / "runs" / b.name / label, {**base_overrides(ctx), **model_keys},
+        epochs=b.rounds * b.local_epochs, optimizer="adam", heldout=heldout, eval_every=0, eval_subsets="full",
+        final_subsets="full", hd95=False, progress=ctx.progress,
     )
     run_dir = Path(settings.out)
     key = _key({"kind": "central", **settings.to_json_dict()})

@@ -12,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.layout import heldout_dir
+from models.fusion import FUSIONS
 
 from .common import (Context, Outcome, budget_notes, fmt, foreground_ratio, markdown_table, modality_reliance,
                      phantoms, run_federated, write_result)
 
 NAME = "fusion"
 TITLE = "Experiment `fusion`: fusion families vs single-modality baselines (federated)"
-FAMILIES = ("input", "single", "hierarchical", "attention", "output")
+FAMILIES = tuple(FUSIONS)  # the registry
 
 #: Budget -> (fusion families, single-modality baselines).
 GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -1,0 +1,144 @@
+"""A site's DP session for one run: the noise it trains with, the budget check before a round, the charge after.
+
+What the run asks (:class:`common.runconfig.DPConfig`) meets what the site allows (:class:`SitePolicy`) and what
+it has spent (:class:`PersistentAccountant`, in the site's state directory) here, and nowhere else:
+
+1. :meth:`DPSession.plan` fixes the noise multiplier: the run's, or the smallest that keeps the planned rounds ×
+   epochs within ``dp-target-epsilon`` (derived once and remembered on disk: a deployed ClientApp process lives
+   for one message), never below the site's ``min-noise-multiplier``;
+2. :meth:`DPSession.check_budget` refuses a round that would take the site past ``max-epsilon``;
+3. :meth:`DPSession.charge` records the round's steps in the ledger and returns the reply's privacy numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.runconfig import DPConfig
+from models.atomic import atomic_write_text
+
+from .accountant import PersistentAccountant
+from .engine import derive_noise_multiplier, sample_rate_of, steps_per_epoch
+from .policy import SitePolicy
+
+log = logging.getLogger("fedfusion.site")
+
+__all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS"]
+
+#: Derived noise multipliers of past plans, in the site's state directory (a cache, not state).
+NOISE_CACHE = "noise-cache.json"
+
+
+class BudgetExhausted(RuntimeError):
+    """The next round would take the site past its ceiling; the numbers say by how much."""
+
+    def __init__(self, spent: float, after: float, ceiling: float, delta: float) -> None:
+        self.spent, self.after, self.ceiling, self.delta = spent, after, ceiling, delta
+        super().__init__(
+            f"epsilon spent {spent:.3f} (delta {delta:g}); this round would bring it to {after:.3f}, above the "
+            f"site's max-epsilon {ceiling:.3f}"
+        )
+
+
+@dataclass(frozen=True)
+class DPSession:
+    """The DP side of one site's run (see the module docstring).
+
+    Attributes:
+        state_dir: the site's state directory (ledger, noise cache).
+        request: what the run config asks (``dp-*``).
+        policy: the site's policy (already checked against ``request``).
+        sample_rate: Poisson sampling rate per step, ``1 / steps_per_epoch``.
+        steps_per_round: DP-SGD steps of one round (local epochs × steps per epoch).
+        noise_multiplier: noise std / clipping norm the site trains with.
+    """
+
+    state_dir: Path
+    request: DPConfig
+    policy: SitePolicy
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+
+    @classmethod
+    def plan(cls, state_dir: Path, request: DPConfig, policy: SitePolicy, *, num_cases: int, batch_size: int,
+             local_epochs: int, num_rounds: int, site_name: str = "site") -> "DPSession":
+        """Fix the noise for a run of ``num_rounds`` rounds over ``num_cases`` cases (see the module docstring).
+
+        Raises:
+            ValueError: the target epsilon cannot be reached over the planned steps (the message says what to change).
+        """
+        spe = steps_per_epoch(num_cases, batch_size)
+        q = sample_rate_of(num_cases, batch_size)
+        sigma = request.noise_multiplier
+        if sigma <= 0:
+            steps = num_rounds * local_epochs * spe
+            sigma = _derived_noise(Path(state_dir), request, q, steps)
+            log.info("site %s: noise multiplier %.4f derived for epsilon=%g, delta=%g over %d rounds x %d epochs "
+                     "(%d steps, q=%.4f)", site_name, sigma, request.target_epsilon, request.delta, num_rounds,
+                     local_epochs, steps, q)
+        if sigma < policy.min_noise_multiplier:
+            # more noise only strengthens privacy, so the site may raise it unasked
+            log.info("site %s: raising noise multiplier %.4f to the site floor %.4f", site_name, sigma,
+                     policy.min_noise_multiplier)
+            sigma = policy.min_noise_multiplier
+        return cls(Path(state_dir), request, policy, q, local_epochs * spe, float(sigma))
+
+    def check_budget(self) -> PersistentAccountant:
+        """The site's ledger, when one more round fits under ``max-epsilon``.
+
+        Raises:
+            BudgetExhausted: the round would exceed the ceiling.
+            ValueError: the ledger exists but is unreadable (the site must not silently reset its budget).
+        """
+        ledger = PersistentAccountant.load(self.state_dir)
+        after = ledger.prospective_epsilon(self.noise_multiplier, self.sample_rate, self.steps_per_round,
+                                           self.request.delta)
+        if after > self.policy.max_epsilon:
+            raise BudgetExhausted(ledger.epsilon(self.request.delta), after, self.policy.max_epsilon,
+                                  self.request.delta)
+        return ledger
+
+    def charge(self, ledger: PersistentAccountant) -> dict[str, float]:
+        """Record one round in ``ledger`` (saved atomically) and return the reply's privacy numbers.
+
+        The charge is the planned steps: Opacus's Poisson loader has exactly that many steps, and the training loop
+        takes a noise-only step for an empty batch, so planned = applied.
+        """
+        delta = self.request.delta
+        before = ledger.epsilon(delta)
+        ledger.record(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
+        total = ledger.epsilon(delta)
+        return {
+            "dp-enabled": 1.0, "epsilon-total": total, "epsilon-round": total - before, "delta": delta,
+            "noise-multiplier": self.noise_multiplier, "max-grad-norm": self.request.max_grad_norm,
+        }
+
+
+#: The reply's privacy numbers of a round trained without DP.
+NO_DP_METRICS: dict[str, float] = {"dp-enabled": 0.0, "epsilon-total": 0.0, "epsilon-round": 0.0, "delta": 0.0,
+                                   "noise-multiplier": 0.0, "max-grad-norm": 0.0}
+
+
+def _derived_noise(state_dir: Path, request: DPConfig, sample_rate: float, steps: int) -> float:
+    # the binary search costs seconds; deployed ClientApp processes live for one message, so remember results
+    cache_file = state_dir / NOISE_CACHE
+    key = f"rdp|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
+    try:
+        cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)):
+        return float(cached[key])
+    sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
+                                    sample_rate=sample_rate, steps=steps)
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = sigma
+    try:
+        atomic_write_text(cache_file, json.dumps(cached, indent=1))
+    except OSError as exc:  # a cache, not state: never fail a round for it
+        log.warning("could not write %s: %s", cache_file, exc)
+    return sigma

@@ -1,0 +1,226 @@
+"""What a site process builds once and keeps: its dataset, its network, and the training parts of a run.
+
+Everything expensive (reading and resampling the site's studies, building the network, Opacus's ``make_private``,
+deriving the noise multiplier) happens once per site process and is cached here, keyed by what it depends on (site
+folder, series map, model config, training and DP settings); the training parts are built by the first train
+message only. In simulation a site process serves every round; a deployed SuperNode starts a fresh ClientApp
+process per message, so there the on-disk caches in the site's state directory (preprocessed cases, derived noise
+multipliers) carry the savings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from common import replies, runconfig
+from common.runconfig import DPConfig, RunConfigError, TrainConfig
+from models.config import ModelConfig
+from models.modalities import MODALITIES
+
+from .privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, CasesOnly, PrivateParts, make_private
+from .privacy.policy import PolicyRefusal, SitePolicy
+from .privacy.session import DPSession
+from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device
+
+log = logging.getLogger("fedfusion.site")
+
+__all__ = ["SiteRuntime", "clear_cache", "get_runtime", "training_parts"]
+
+_LOCK = threading.RLock()
+_DATASETS: dict[tuple[Any, ...], Any] = {}
+_RUNTIMES: dict[tuple[Any, ...], "SiteRuntime"] = {}
+
+
+def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
+    """The site's :class:`common.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
+
+    Unreadable cases are skipped and logged by the reader (kind and site-local path; the log stays on site).
+    """
+    key = (str(settings.site_dir), str(settings.series_map), cfg.modalities, cfg.spatial_size)
+    with _LOCK:
+        if key in _DATASETS:
+            return _DATASETS[key]
+        from common.data import CaseDataset
+
+        # The on-disk cache of preprocessed arrays (inside the site's private state directory) makes later
+        # processes skip DICOM decoding and resampling.
+        kwargs: dict[str, Any] = dict(
+            site_dirs=[settings.site_dir], modalities=cfg.modalities, spatial_size=cfg.spatial_size,
+            augment=False, cache=True, cache_dir=settings.state_dir / "preprocessed",
+        )
+        if settings.series_map is not None:
+            kwargs["series_mapping"] = settings.series_map
+        t0 = time.perf_counter()
+        try:
+            ds = CaseDataset(**kwargs)
+        except (ValueError, OSError) as exc:
+            # The message names local paths: it stays in the site log; the server gets a generic reason.
+            log.error("site %s: no usable data: %s", settings.site_name, exc)
+            raise SiteDecline(
+                replies.NO_USABLE_DATA,
+                "the site has no usable case for this run's modalities (the site log and `fedfusion inspect` say why)",
+            ) from exc
+        log.info("site %s: %d usable cases loaded in %.1f s", settings.site_name, len(ds), time.perf_counter() - t0)
+        _DATASETS[key] = ds
+        return ds
+
+
+def modality_counts(dataset: Any) -> dict[str, int]:
+    """Cases carrying each modality of :data:`MODALITIES` (0 for modalities the run does not use)."""
+    counts: dict[str, int] = {m: 0 for m in MODALITIES}
+    for m, n in dataset.modality_counts().items():
+        if m in counts:
+            counts[m] = int(n)
+    return counts
+
+
+@dataclass
+class SiteRuntime:
+    """One site's cached state for one (model config, training settings, DP settings) combination.
+
+    ``dp`` (DP runs) and ``parts`` (the module, loader, optimizer and loss to train with: Opacus's DP-SGD parts, or
+    the plain ones when the run has DP off with the site's consent) are built by the first train message: a deployed
+    ClientApp process lives for one message, and an evaluate message needs neither.
+    """
+
+    settings: SiteSettings
+    model_cfg: ModelConfig
+    train: TrainConfig
+    dp_request: DPConfig
+    device: torch.device
+    dataset: Any
+    model: torch.nn.Module
+    loss_fn: Any
+    counts: dict[str, int] = field(default_factory=dict)
+    dp: DPSession | None = None
+    private: PrivateParts | None = None
+    parts: tuple[Any, DataLoader, Any, Any] | None = None
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.dataset)
+
+    def site_seed(self, server_round: int) -> int:
+        """A per-site, per-round seed from the run seed (sites must not draw the same noise)."""
+        return (self.train.seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.settings.site_name.encode())) % (
+            2**31 - 1
+        )
+
+
+def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[SiteRuntime, SitePolicy]:
+    """The cached runtime for this site and run config, built on first use; plus the site's current policy.
+
+    The policy is re-read every call (cheap) so an operator tightening ``privacy-policy.toml`` takes effect at the
+    next round; the request is checked against it before anything is built.
+
+    Raises:
+        SiteDecline: refused policy, no usable data, bad run config.
+    """
+    try:
+        rc = runconfig.validate(run_config)
+        cfg = runconfig.model_config(rc)
+        ts = TrainConfig.from_run_config(rc)
+        dp = DPConfig.from_run_config(rc)
+    except RunConfigError as exc:
+        raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
+    settings = resolve_site(node_config, rc)
+    try:
+        policy = SitePolicy.resolve(dict(settings.node_config), settings.state_dir)
+    except ValueError as exc:
+        raise SiteDecline(replies.BAD_REQUEST, f"privacy settings unreadable: {exc}") from exc
+    try:
+        policy.check(dp)
+    except PolicyRefusal as exc:
+        log.error("site %s REFUSES this run: %s", settings.site_name, exc)
+        raise SiteDecline(replies.REFUSED_POLICY, str(exc)) from exc
+    key = (settings, cfg.to_json(), ts, dp, policy.secure_mode, policy.min_noise_multiplier)
+    with _LOCK:
+        rt = _RUNTIMES.get(key)
+        if rt is not None:
+            return rt, policy
+        if settings.num_threads > 0:
+            torch.set_num_threads(settings.num_threads)
+        device = resolve_torch_device(settings.device)
+        dataset = load_site_dataset(settings, cfg)
+        if len(dataset) == 0:
+            raise SiteDecline(
+                replies.NO_USABLE_DATA,
+                "the site has no usable case for this run's modalities (see the site log for skipped cases)",
+            )
+        from models.losses import MultiTaskLoss
+        from models.network import build_model
+
+        torch.manual_seed(ts.seed)  # the initial weights are replaced by the server's, but keep builds repeatable
+        model = build_model(cfg).to(device)
+        rt = SiteRuntime(settings=settings, model_cfg=cfg, train=ts, dp_request=dp, device=device, dataset=dataset,
+                         model=model, loss_fn=MultiTaskLoss())
+        rt.counts = modality_counts(dataset)
+        # Modalities this site never has cannot train their encoders here (the server keeps those encoders from the
+        # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.
+        model.set_site_modalities([m for m in cfg.modalities if rt.counts.get(m, 0) > 0])
+        _RUNTIMES[key] = rt
+        return rt, policy
+
+
+def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, Any]:
+    """``(module, loader, optimizer, loss)`` to train with (built once per runtime, on the first train message).
+
+    Raises:
+        SiteDecline(BAD_REQUEST): the run's privacy target cannot be planned for this site.
+    """
+    with _LOCK:
+        if rt.parts is None:
+            from models.training import make_optimizer
+
+            loader = DataLoader(CasesOnly(rt.dataset), batch_size=min(rt.train.batch_size, rt.num_cases),
+                                shuffle=True, drop_last=False)
+            optimizer = make_optimizer(rt.model, lr=rt.train.lr)
+            if rt.dp_request.enabled:
+                try:
+                    rt.dp = DPSession.plan(
+                        rt.settings.state_dir, rt.dp_request, policy, num_cases=rt.num_cases,
+                        batch_size=rt.train.batch_size, local_epochs=rt.train.local_epochs,
+                        num_rounds=rt.train.num_server_rounds, site_name=rt.settings.site_name,
+                    )
+                except ValueError as exc:
+                    raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
+                rt.model.train()  # Opacus validates training mode; an evaluate message may have left it in eval
+                rt.private = make_private(
+                    rt.model, optimizer, loader, rt.loss_fn,
+                    noise_multiplier=rt.dp.noise_multiplier, max_grad_norm=rt.dp_request.max_grad_norm,
+                    grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, secure_mode=policy.secure_mode, seed=rt.train.seed,
+                )
+                if not policy.secure_mode:
+                    log.info(
+                        "site %s: Opacus secure_mode is OFF (seeded noise, fine for experiments); set "
+                        "secure-mode=true in the node config for production", rt.settings.site_name,
+                    )
+                p = rt.private
+                # the ledger charges the session's plan: it must be what Opacus's Poisson loader does
+                assert (p.sample_rate, p.steps_per_epoch * rt.train.local_epochs) == (
+                    rt.dp.sample_rate, rt.dp.steps_per_round), "DP plan and Opacus loader disagree"
+                rt.parts = (p.module, p.loader, p.optimizer, p.loss_fn)
+            else:
+                log.warning(
+                    "site %s: TRAINING WITHOUT DIFFERENTIAL PRIVACY (run config dp-enabled=false, allowed by this "
+                    "site's policy allow-no-dp=true). Updates leave the site with no formal privacy guarantee.",
+                    rt.settings.site_name,
+                )
+                rt.parts = (rt.model, loader, optimizer, rt.loss_fn)
+        return rt.parts
+
+
+def clear_cache() -> None:
+    """Forget every cached dataset and runtime (tests; a daemon never needs it)."""
+    with _LOCK:
+        _RUNTIMES.clear()
+        _DATASETS.clear()

@@ -1,0 +1,122 @@
+"""Who this site is and where its data and state live, from the node config; and how it says "no".
+
+Where a site's settings come from:
+
+* node config (deployment: ``flower-supernode --node-config`` or ``fedfusion site``): ``data-dir`` (the site
+  folder), ``state-dir``, ``series-map``, ``device`` (auto|cpu|cuda), ``num-threads`` and the privacy policy keys
+  (see :mod:`client.privacy.policy`).
+* simulation: node config has only ``partition-id``/``num-partitions``; the partition's folder and state directory
+  follow :mod:`common.layout` (``<data-dir>/site-*`` in name order, ``<run-dir>/site-state/<site>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import replies
+from common.layout import partition_site, simulated_state_dir
+
+log = logging.getLogger("fedfusion.site")
+
+__all__ = ["SiteDecline", "SiteSettings", "resolve_site", "resolve_torch_device"]
+
+
+class SiteDecline(Exception):
+    """The site will not do what was asked; becomes an error reply with ``code`` (see :mod:`common.replies`)."""
+
+    def __init__(self, code: int, text: str, **numbers: float) -> None:
+        self.code = code
+        self.reason = replies.make_reason(code, text, **numbers)
+        super().__init__(self.reason)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where one site's data and state live and how it computes.
+
+    Attributes:
+        site_dir: the site folder (case folders + labels.csv).
+        state_dir: the site's persistent state (privacy ledger, policy file, caches).
+        series_map: optional SeriesDescription → modality rules file.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        num_threads: torch CPU threads (0 = leave as is).
+        node_config: the raw node config (policy keys are read from it).
+    """
+
+    site_dir: Path
+    state_dir: Path
+    series_map: Path | None
+    device: str
+    num_threads: int
+    node_config: tuple[tuple[str, Any], ...]
+
+    @property
+    def site_name(self) -> str:
+        return self.site_dir.name
+
+    @property
+    def site_index(self) -> float:
+        """The site's number for the server's logs: node config ``site-index``, else the NN of a ``site-NN`` folder,
+        else NaN (the server then names the site by its node id). A site number, never anything about patients."""
+        given = dict(self.node_config).get("site-index")
+        if given is not None:
+            return float(given)
+        m = re.fullmatch(r"site-(\d+)", self.site_name)
+        return float(m.group(1)) if m else float("nan")
+
+
+def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSettings:
+    """Site settings from the node config (deployment) or from the partition id (simulation).
+
+    Raises:
+        SiteDecline(NO_USABLE_DATA): when the site folder cannot be found, saying what to set.
+    """
+    nc = dict(node_config)
+    data_dir = str(nc.get("data-dir", "") or "")
+    if data_dir:
+        site_dir = Path(data_dir).expanduser().resolve()
+        default_state = site_dir.parent / f"{site_dir.name}-state"
+    elif "partition-id" in nc:
+        try:
+            site_dir = partition_site(Path(str(run_config["data-dir"])).expanduser().resolve(), int(nc["partition-id"]))
+        except (OSError, ValueError) as exc:
+            log.error("simulated site: %s", exc)  # names local paths: stays in the site log
+            raise SiteDecline(
+                replies.NO_USABLE_DATA,
+                f"simulation partition {nc['partition-id']} has no site folder in the run config's data-dir; make "
+                "num-supernodes match the number of site folders",
+            ) from exc
+        default_state = simulated_state_dir(Path(str(run_config["run-dir"])).expanduser().resolve(), site_dir.name)
+    else:
+        raise SiteDecline(
+            replies.NO_USABLE_DATA,
+            "this SuperNode has no data-dir in its node config; start it with "
+            "--node-config \"data-dir='/path/to/site' state-dir='/path/to/state'\"",
+        )
+    state_dir = Path(str(nc.get("state-dir", "") or default_state)).expanduser().resolve()
+    smap = str(nc.get("series-map", "") or "")
+    return SiteSettings(
+        site_dir=site_dir,
+        state_dir=state_dir,
+        series_map=Path(smap).expanduser().resolve() if smap else None,
+        device=str(nc.get("device", "auto") or "auto"),
+        num_threads=int(nc.get("num-threads", 0) or 0),
+        node_config=tuple(sorted((str(k), v) for k, v in nc.items())),
+    )
+
+
+def resolve_torch_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present else CPU; an unknown name or ``cuda`` without a GPU is a clear decline."""
+    from models.training import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise SiteDecline(replies.BAD_REQUEST, f"node config device: {exc}") from exc
