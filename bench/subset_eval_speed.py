@@ -53,10 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from torch.utils.data import DataLoader
 
-    from common.data.dataset import CaseDataset
-    from models.checkpoint import load_checkpoint
+    from common.evaluation import heldout_loader, load_heldout, load_model
     from common.runconfig import default_model_config
     from models.evaluation import evaluate_subsets
     from models.network import build_model
@@ -66,21 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
     trained = {}
     for path in args.checkpoint:
-        state, ckpt_cfg, _ = load_checkpoint(path)
-        trained[ckpt_cfg.family] = (path, (state, ckpt_cfg))
+        ckpt_model, ckpt_cfg, _ = load_model(path, "cpu")
+        trained[ckpt_cfg.family] = (path, ckpt_model, ckpt_cfg)
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
-        cfg = default_model_config(family=family, channels=tuple(int(c) for c in args.channels.split(",")))
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        source = "untrained, seed 0"
         if family in trained:
-            path, (state, cfg) = trained[family]
-            model = build_model(cfg)
-            model.load_state_dict(state)
+            path, model, cfg = trained[family]
             source = str(path)
-        ds = CaseDataset([args.heldout], cfg.modalities, cfg.spatial_size, augment=False, cache=True)
+        else:
+            cfg = default_model_config(family=family, channels=tuple(int(c) for c in args.channels.split(",")))
+            torch.manual_seed(0)
+            model = build_model(cfg)
+            source = "untrained, seed 0"
+        ds = load_heldout(cfg, args.heldout)
         cases = [ds[i] for i in range(len(ds))]  # load + resample once (the server caches its dataset too)
-        loader = DataLoader(cases, batch_size=args.batch_size, shuffle=False)
+        loader = heldout_loader(cases, args.batch_size)
 
         def timed(**kw: object) -> tuple[float, float, dict[str, float]]:
             t0, c0 = time.perf_counter(), time.process_time()

@@ -4,6 +4,7 @@ Above :mod:`models` and below :mod:`client`, :mod:`server` and :mod:`simulations
 
 - :mod:`common.layout` — where a federation's data lives on disk (site folders, the held-out set);
 - :mod:`common.data` — readers (DICOM, NIfTI), the case dataset and the site inspection;
+- :mod:`common.evaluation` — a model or checkpoint on a held-out set (every held-out evaluator goes through it);
 - :mod:`common.runconfig` — the one run-config schema (``[tool.flwr.app.config]`` in pyproject.toml);
 - :mod:`common.replies` — how a site says "no" (error codes the server reads);
 - :mod:`common.processes`, :mod:`common.flwr_cli` — process trees and the ``flwr`` CLI, for the simulation

@@ -15,14 +15,22 @@ network zeroes its channel) and the drop is measured against the full-input run:
 A modality that is the only one present in a sample cannot be masked (the network needs one modality): for that
 sample "without m" is the uninformed prediction -- uniform class probabilities ``1 / num_classes`` and an all
 background segmentation. Where ``m`` is missing, every per-sample contribution is exactly 0.
+
+:func:`mean_contribution` averages :func:`modality_contribution` over a whole loader (a held-out set).
 """
 
 from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .training import unpack_batch
 
 
 def _whole_dice(pred: Tensor, ref: Tensor) -> Tensor:
@@ -140,3 +148,35 @@ def modality_contribution(
         result[m] = {k: float(v[present[:, i]].mean()) for k, v in per[m].items()}
         result[m]["cases"] = float(n)
     return result
+
+
+def mean_contribution(
+    model: nn.Module, loader: Iterable[Any], device: torch.device | str
+) -> dict[str, dict[str, float]]:
+    """:func:`modality_contribution` over every batch of ``loader``: each measure's mean over all the cases where
+    the modality is present (batch means weighted by their ``cases``).
+
+    Args:
+        model: a FusionNet already on ``device``.
+        loader: batches with image, mask, seg and label (:func:`models.training.unpack_batch`); ``seg`` and
+            ``label`` are the references of ``dice_drop`` and ``class_drop``.
+        device: where the batches are moved to.
+
+    Returns:
+        ``{modality: {measure: mean}}`` in config order, for the modalities present in at least one case; a
+        non-finite batch value is left out of its measure's sum (the mean stays over all the modality's cases).
+    """
+    cfg = _config(model)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    cases: dict[str, float] = defaultdict(float)
+    for batch in loader:
+        image, mask, seg, label = unpack_batch(batch)
+        raw = modality_contribution(model, image.to(device), mask.to(device), seg.to(device),
+                                    label.reshape(-1).to(device))
+        for m, per in raw.items():
+            n = float(per.get("cases", 0.0))
+            cases[m] += n
+            for k, v in per.items():
+                if k != "cases" and v is not None and math.isfinite(v):
+                    sums[m][k] += v * n  # a batch mean over its present cases, weighted back to a sum
+    return {m: {k: v / cases[m] for k, v in sums[m].items()} for m in cfg.modalities if cases.get(m)}

@@ -1,10 +1,11 @@
 """Global evaluation of the global model on the server's held-out set, and aggregation of site metrics.
 
 * :class:`GlobalEvaluator` evaluates a state dict on the held-out set (``test-dir``, default
-  ``<data-dir>/heldout``) for every non-empty modality subset (``models.evaluation.evaluate_subsets``: encoders
-  once per batch, fusion + decoder per subset): segmentation Dice/IoU/precision per region (HD95 for the full
-  modality set only unless ``eval-hd95`` says otherwise), classification accuracy/recall/specificity/F1/AUROC, per
-  subset plus ``all``, ``mean`` and ``worst``. Its flat metrics go to the metrics log with phase ``server-eval``.
+  ``<data-dir>/heldout``) for every non-empty modality subset, through :mod:`common.evaluation` like every other
+  held-out evaluator (``models.evaluation.evaluate_subsets``: encoders once per batch, fusion + decoder per
+  subset): segmentation Dice/IoU/precision per region (HD95 for the full modality set only unless ``eval-hd95``
+  says otherwise), classification accuracy/recall/specificity/F1/AUROC, per subset plus ``all``, ``mean`` and
+  ``worst``. Its flat metrics go to the metrics log with phase ``server-eval``.
 * :func:`server.aggregation.weighted_metrics` (re-exported here) averages the sites' metrics weighted by
   ``num-examples``.
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from common.layout import HELDOUT_NAME, LABELS_FILE
 from models.config import ModelConfig
 
 from .aggregation import weighted_metrics
@@ -91,20 +93,14 @@ class GlobalEvaluator:
             if not self.test_dir.is_dir():
                 self._disabled_reason = (
                     f"held-out test set {self.test_dir} does not exist; set run config `test-dir` to a site-layout "
-                    "folder (case folders + labels.csv) or generate phantoms (their heldout/ folder)"
+                    f"folder (case folders + {LABELS_FILE}) or generate phantoms (their {HELDOUT_NAME}/ folder)"
                 )
                 logger.warning("global evaluation disabled: %s", self._disabled_reason)
                 return False
             try:
-                from common.data.dataset import CaseDataset
+                from common.evaluation import load_heldout
 
-                self._dataset = CaseDataset(
-                    [self.test_dir],
-                    self.model_config.modalities,
-                    self.model_config.spatial_size,
-                    augment=False,
-                    cache=True,
-                )
+                self._dataset = load_heldout(self.model_config, self.test_dir)
             except Exception as exc:  # noqa: BLE001 - a bad test set must not stop the federation
                 self._disabled_reason = f"cannot read held-out test set {self.test_dir}: {exc}"
                 logger.warning("global evaluation disabled: %s", self._disabled_reason)
@@ -124,9 +120,7 @@ class GlobalEvaluator:
         """
         if not self._load():
             return None
-        from torch.utils.data import DataLoader
-
-        from models.evaluation import evaluate_subsets
+        from common.evaluation import evaluate_model
         from models.network import build_model
 
         try:
@@ -136,8 +130,8 @@ class GlobalEvaluator:
             model = self._model
             model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
             model.to(device)
-            loader = DataLoader(self._dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
-            report = evaluate_subsets(model, loader, device, subsets=self.subsets, hd95=self.hd95)
+            report = evaluate_model(model, self._dataset, subsets=self.subsets, hd95=self.hd95,
+                                    batch_size=self.batch_size, device=device)
         except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
             logger.exception("global evaluation failed: %s", exc)
             return None

@@ -2,7 +2,7 @@
 
 All ``site-*`` folders of a data root are pooled into one dataset (never ``heldout/``); the network trains with the
 same loop as a site (:func:`models.training.train_epoch`) and is evaluated on ``heldout/`` with
-:func:`models.evaluation.evaluate_subsets`. The run directory follows docs/architecture.md: ``config.json``,
+:func:`common.evaluation.evaluate_model`. The run directory follows docs/architecture.md: ``config.json``,
 ``metrics.jsonl`` (round = epoch; phase ``central-train`` / ``central-eval``, scope ``global``; round 0 is the
 untrained model when ``initial_eval``), ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (best
 ``all/dice-whole``).
@@ -128,14 +128,6 @@ class CentralResult:
     seconds: float = 0.0
 
 
-def _subsets_of(kind: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]] | None:
-    if kind == "all":
-        return None
-    if kind == "full":
-        return [modalities]
-    raise ValueError(f"subsets must be 'all' or 'full', got {kind!r}")
-
-
 def split_data_root(data: Path, heldout: Path | None = None) -> tuple[list[Path], Path | None]:
     """(training site folders, held-out folder or None) of a data root or a single site folder."""
     from common.data.site import discover_sites
@@ -160,8 +152,8 @@ def train_central(settings: CentralSettings) -> CentralResult:
     from torch.utils.data import DataLoader
 
     from common.data.dataset import CaseDataset
+    from common.evaluation import evaluate_model, load_heldout
     from models.checkpoint import save_checkpoint
-    from models.evaluation import evaluate_subsets
     from models.losses import MultiTaskLoss
     from models.network import build_model
     from models.runlog import MetricsLog
@@ -193,14 +185,10 @@ def train_central(settings: CentralSettings) -> CentralResult:
     torch.manual_seed(s.seed)
     train_ds = CaseDataset(train_dirs, modalities=modalities, spatial_size=model_cfg.spatial_size, augment=s.augment,
                            cache=True, seed=s.seed)
-    held_ds = CaseDataset([held_dir], modalities=modalities, spatial_size=model_cfg.spatial_size, augment=False, cache=True)
+    held_ds = load_heldout(model_cfg, held_dir)
     loader_gen = torch.Generator().manual_seed(s.seed)
     train_loader = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, generator=loader_gen,
                               pin_memory=device.type == "cuda")
-    # Own generator: iterating a DataLoader draws a base seed from its generator (else torch's global RNG), and
-    # evaluations must not shift the global RNG that training's dropout uses (determinism with/without evals).
-    held_loader = DataLoader(held_ds, batch_size=max(s.batch_size, 4), shuffle=False,
-                             generator=torch.Generator().manual_seed(s.seed))
 
     torch.manual_seed(s.seed)
     model = build_model(model_cfg, device)
@@ -213,7 +201,9 @@ def train_central(settings: CentralSettings) -> CentralResult:
              [p.name for p in train_dirs], len(held_ds), model_cfg.family, device)
 
     def evaluate(subsets_kind: str) -> Any:
-        return evaluate_subsets(model, held_loader, device, _subsets_of(subsets_kind, modalities), hd95=s.hd95)
+        # heldout_loader leaves torch's global RNG alone: training's dropout draws the same with or without evals
+        return evaluate_model(model, held_ds, subsets=subsets_kind, hd95=s.hd95, batch_size=max(s.batch_size, 4),
+                              device=device)
 
     progress = _progress(s.progress)
     with progress:

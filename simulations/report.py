@@ -8,7 +8,7 @@ Inputs (``docs/architecture.md`` "Run directory"):
   (``num-examples``, ``train-loss``, ``cases-<m>``, ``has-<m>``, ``epsilon-total``, ``epsilon-round``, ``delta``),
   ``site-eval`` (global or per site);
 - ``RUN/checkpoints/best.pt`` (else ``last.pt``) and the held-out set, only for what needs predictions
-  (checkpoint-based modality contribution, the ROC curve).
+  (checkpoint-based modality contribution, the ROC curve): :mod:`simulations.heldout_analysis` computes those.
 
 Sections, as the multimodal paper shows them: global Dice per round (its Fig. 2), the per-modality-subset table,
 its Table I / Table II layout, each modality's contribution (its Fig. 3; leave-one-out from the logged per-subset
@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.layout import heldout_dir
+from common.layout import HELDOUT_NAME
 from models.config import SEG_REGIONS
 from models.modalities import MODALITIES, canonical, subset_name
 from models.atomic import atomic_write_text
 from models.runlog import iter_metrics
 
 from . import figures
+from .heldout_analysis import HeldoutResult, analyse_heldout
 
 log = logging.getLogger("fedfusion.report")
 
@@ -45,7 +46,6 @@ __all__ = [
     "load_run",
     "leave_one_out",
     "monotonicity_share",
-    "resolve_heldout_dir",
 ]
 
 #: Regions shown in tables and figures, most clinically used first.
@@ -289,7 +289,7 @@ def _fig_link(path: Path, run_dir: Path, alt: str) -> str:
 class _Ctx:
     run: Run
     fig_dir: Path
-    heldout: "HeldoutResult | None"
+    heldout: HeldoutResult | None
     heldout_reason: str
     figures: list[Path] = field(default_factory=list)
 
@@ -328,7 +328,8 @@ def _config_summary(run: Run) -> list[str]:
         f"- strategy: {g('strategy')}, aggregation: {g('aggregation')}, proximal mu {g('proximal-mu')}; "
         f"local epochs {g('local-epochs')}, lr {g('lr')}, batch size {g('batch-size')}, seed {g('seed')}",
         f"- differential privacy (patient level): {dp_text}",
-        f"- data: {g('data-dir')}; held-out set: {g('test-dir') if c.get('test-dir') else '<data-dir>/heldout'}",
+        f"- data: {g('data-dir')}; held-out set: "
+        f"{g('test-dir') if c.get('test-dir') else f'<data-dir>/{HELDOUT_NAME}'}",
         "",
     ]
     return lines
@@ -683,159 +684,6 @@ def _sites_section(ctx: _Ctx) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# held-out predictions from the checkpoint (optional: only when the data is reachable)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class HeldoutResult:
-    """What the checkpoint did on the held-out set."""
-
-    checkpoint_name: str
-    heldout_dir: Path
-    num_cases: int
-    checkpoint_round: int | None = None
-
-    @property
-    def source(self) -> str:
-        """Markdown naming the checkpoint and its round, e.g. ```checkpoints/best.pt` (round 3)``."""
-        tail = f" (round {self.checkpoint_round})" if self.checkpoint_round is not None else ""
-        return f"`{self.checkpoint_name}`{tail}"
-    positives: int = 0
-    #: ROC as ``(threshold, sensitivity, specificity)`` points (``models.metrics.roc_points``); empty = not computed
-    roc: list[tuple[float, float, float]] = field(default_factory=list)
-    auroc: float | None = None
-    #: threshold on P(malignant) -> ``models.metrics.classification_metrics`` at that threshold
-    operating_points: dict[float, dict[str, float]] = field(default_factory=dict)
-    roc_reason: str = ""
-    contribution: dict[str, dict[str, float]] = field(default_factory=dict)  # modality -> measure -> value
-    contribution_reason: str = ""
-
-
-#: display names of ``models.contribution.modality_contribution``'s measures
-CONTRIBUTION_MEASURES: dict[str, str] = {
-    "dice_drop": "Dice drop (whole)",
-    "class_drop": "P(true class) drop",
-    "attention_share": "attention share",
-    "fusion_weight": "late-fusion weight",
-}
-#: decision thresholds of the operating-point table
-THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def resolve_heldout_dir(config: Mapping[str, Any], data_dir: Path | None) -> tuple[Path | None, str]:
-    """The held-out folder: the first holding labels.csv of ``data_dir/heldout``, ``data_dir`` (when given), the run
-    config's ``test-dir``, ``<data-dir>/heldout``. Returns ``(folder or None, why not)``."""
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates += [heldout_dir(data_dir), Path(data_dir)]
-    if str(config.get("test-dir") or "").strip():
-        candidates.append(Path(str(config["test-dir"])))
-    if str(config.get("data-dir") or "").strip():
-        candidates.append(heldout_dir(str(config["data-dir"])))
-    for c in candidates:
-        if (c / "labels.csv").is_file():
-            return c, ""
-    if not candidates:
-        return None, "no data: pass `fedfusion report RUN --data DIR` (the run config names no data-dir/test-dir)"
-    return None, (
-        f"held-out set not found (looked for labels.csv in {', '.join(str(c) for c in candidates)}); "
-        "pass `--data DIR` with the data root or the held-out folder"
-    )
-
-
-def _pick_checkpoint(run_dir: Path) -> Path | None:
-    for name in ("best.pt", "last.pt"):
-        p = run_dir / "checkpoints" / name
-        if p.is_file():
-            return p
-    return None
-
-
-def _heldout_analysis(run: Run, data_dir: Path | None, device: str) -> tuple[HeldoutResult | None, str]:
-    """Predictions (ROC) and modality contributions of the best (else last) checkpoint on the held-out set;
-    ``(None, reason)`` when any ingredient is missing. Never raises: the report must still be written."""
-    ckpt = _pick_checkpoint(run.run_dir)
-    if ckpt is None:
-        return None, "no checkpoint in checkpoints/ (best.pt or last.pt)"
-    heldout, why = resolve_heldout_dir(run.config, data_dir)
-    if heldout is None:
-        return None, why
-    try:
-        import torch
-        from torch.utils.data import DataLoader
-
-        from common.data.dataset import CaseDataset
-        from models.checkpoint import load_checkpoint
-        from models.evaluation import predict
-        from models.metrics import classification_metrics, roc_points
-        from models.network import build_model
-        from models.training import resolve_device
-    except ImportError as exc:
-        return None, f"this checkout cannot rebuild the model or read the data ({exc})"
-    try:
-        state, cfg, extra = load_checkpoint(ckpt)
-        dev = resolve_device(device)
-        model = build_model(cfg)
-        model.load_state_dict(state)
-        model.to(dev).eval()
-        # cache=True: the contribution pass re-reads the same cases
-        dataset = CaseDataset([heldout], cfg.modalities, cfg.spatial_size, augment=False, cache=True)
-    except Exception as exc:  # noqa: BLE001 - the report must still be written
-        log.warning("report: checkpoint %s on %s unusable: %s", ckpt, heldout, exc)
-        return None, f"cannot use {ckpt.name} on {heldout}: {exc}"
-    ckpt_round = extra.get("round") if isinstance(extra, Mapping) else None
-    result = HeldoutResult(checkpoint_name=f"checkpoints/{ckpt.name}", heldout_dir=heldout, num_cases=len(dataset),
-                           checkpoint_round=None if ckpt_round is None else int(ckpt_round))
-    loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=0)
-    # 1. ROC / operating points from the malignant probability of every case with all its modalities
-    try:
-        pred = predict(model, loader, dev)
-        used = pred.used.bool()
-        probs, labels = pred.probs[used], pred.labels[used]
-        result.num_cases = int(used.sum())
-        result.positives = int((labels == 1).sum())
-        result.roc = [tuple(map(float, p)) for p in roc_points(probs, labels)]  # type: ignore[misc]
-        result.auroc = classification_metrics(probs, labels)["auroc"]
-        result.operating_points = {t: classification_metrics(probs, labels, threshold=t) for t in THRESHOLDS}
-        if result.positives in (0, result.num_cases):
-            result.roc_reason = "the held-out set has one class only"
-    except Exception as exc:  # noqa: BLE001 - report what failed, keep the rest of the report
-        log.warning("report: prediction on the held-out set failed: %s", exc)
-        result.roc, result.roc_reason = [], f"prediction on {heldout} failed: {exc}"
-    # 2. modality contribution (occlusion by masking; attention share where the family has attention)
-    try:
-        from models.contribution import modality_contribution
-    except ImportError as exc:
-        result.contribution_reason = f"models.contribution is not usable in this checkout ({exc})"
-        return result, ""
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    cases: dict[str, float] = defaultdict(float)
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                raw = modality_contribution(
-                    model, batch["image"].to(dev), batch["mask"].to(dev), batch["seg"].to(dev),
-                    batch["label"].reshape(-1).to(dev),
-                )
-                for m, per in raw.items():
-                    n = float(per.get("cases", 0.0))
-                    cases[m] += n
-                    for k, v in per.items():
-                        if k != "cases" and v is not None and math.isfinite(v):
-                            sums[m][k] += v * n  # batch means over present cases -> mean over all such cases
-    except Exception as exc:  # noqa: BLE001
-        log.warning("report: modality contribution failed: %s", exc)
-        result.contribution_reason = f"modality contribution on {heldout} failed: {exc}"
-        return result, ""
-    result.contribution = {
-        m: {CONTRIBUTION_MEASURES.get(k, k): v / cases[m] for k, v in sums[m].items()}
-        for m in cfg.modalities if cases.get(m)
-    }
-    if not result.contribution:
-        result.contribution_reason = "no held-out case has any of the model's modalities"
-    return result, ""
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
 SECTIONS: tuple[tuple[str, Callable[[_Ctx], list[str]]], ...] = (
@@ -865,7 +713,7 @@ def build_report(run_dir: Path, data_dir: Path | None = None, device: str = "aut
     run = load_run(Path(run_dir))
     fig_dir = run.run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    held, reason = _heldout_analysis(run, Path(data_dir) if data_dir is not None else None, device)
+    held, reason = analyse_heldout(run.run_dir, run.config, Path(data_dir) if data_dir is not None else None, device)
     ctx = _Ctx(run=run, fig_dir=fig_dir, heldout=held, heldout_reason=reason)
     lines: list[str] = []
     for name, section in SECTIONS:

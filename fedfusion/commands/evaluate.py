@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 
+from common.layout import HELDOUT_NAME
+
 
 def command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A fedfusion checkpoint (.pt).")],
-    data: Annotated[Path, typer.Option("--data", help="Data root (its heldout/ is used) or a site folder.")],
+    data: Annotated[Path, typer.Option("--data", help=f"Data root (its {HELDOUT_NAME}/ is used) or a site folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table.")] = False,
     subsets: Annotated[str, typer.Option(help="all (every non-empty modality subset) or full.")] = "all",
     hd95: Annotated[bool, typer.Option(help="Compute HD95 (slower) for every evaluated subset.")] = True,
@@ -30,17 +32,9 @@ def command(
         console.print(f"[red]fedfusion evaluate: --subsets must be all or full, got {subsets!r}[/red]")
         raise typer.Exit(2)
     try:
-        import torch
-        from torch.utils.data import DataLoader
-
-        from common.data.dataset import CaseDataset
         from common.data.site import discover_sites
-        from models.checkpoint import load_checkpoint
-        from models.evaluation import evaluate_subsets
-        from models.network import build_model
-        from models.training import resolve_device
+        from common.evaluation import evaluate_checkpoint
 
-        state, cfg, extra = load_checkpoint(checkpoint)
         found = discover_sites(Path(data))
         held = [s.path for s in found if s.heldout]
         if held:
@@ -48,23 +42,18 @@ def command(
         elif len(found) == 1:
             target = found[0].path
         else:
-            raise ValueError(f"{data} is a data root without heldout/; give the held-out folder (or one site) "
+            raise ValueError(f"{data} is a data root without {HELDOUT_NAME}/; give the held-out folder (or one site) "
                              "itself as --data")
-        dev = resolve_device(device)
-        model = build_model(cfg, dev)
-        model.load_state_dict(state)
-        ds = CaseDataset([target], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-        wanted = [cfg.modalities] if subsets == "full" else None
-        with torch.inference_mode():
-            report = evaluate_subsets(model, loader, dev, wanted, hd95=hd95)
+        result = evaluate_checkpoint(checkpoint, target, subsets=subsets, hd95=hd95, batch_size=batch_size,
+                                     device=device)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[red]fedfusion evaluate: {exc}[/red]")
         raise typer.Exit(2) from exc
+    report, cfg = result.report, result.config
     if as_json:
-        payload = {"checkpoint": str(checkpoint), "data": str(target), "cases": len(ds),
-                   "model_config": cfg.to_dict(), "round": extra.get("round"), **report.to_dict()}
+        payload = {"checkpoint": str(checkpoint), "data": str(target), "cases": result.cases,
+                   "model_config": cfg.to_dict(), "round": result.extra.get("round"), **report.to_dict()}
         typer.echo(json.dumps(payload, indent=2))
         return
-    console.print(report.to_table(title=f"{checkpoint} on {target} ({len(ds)} cases, {cfg.family} fusion)"))
-    console.print(f"evaluated {len(report.subsets)} subsets in {report.seconds:.1f} s on {dev}")
+    console.print(report.to_table(title=f"{checkpoint} on {target} ({result.cases} cases, {cfg.family} fusion)"))
+    console.print(f"evaluated {len(report.subsets)} subsets in {report.seconds:.1f} s on {result.device}")

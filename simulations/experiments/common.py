@@ -302,38 +302,24 @@ KEPT = ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "auroc", "f1", 
 
 def evaluate_checkpoint(ckpt: Path, heldout: Path, *, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
     """Held-out metrics of a checkpoint: all model modalities, and each single modality (see :class:`Outcome`)."""
-    import torch
-    from torch.utils.data import DataLoader
+    from common.evaluation import evaluate_checkpoint as evaluate
 
-    from common.data.dataset import CaseDataset
-    from models.checkpoint import load_checkpoint
-    from models.evaluation import evaluate_subsets
-    from models.network import build_model
-    from models.training import resolve_device
-
-    state, cfg, _meta = load_checkpoint(ckpt)
-    dev = resolve_device(device)
-    model = build_model(cfg).to(dev)
-    model.load_state_dict(state)
-    model.eval()
-    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
-                     cache=True)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
-    singles = [(m,) for m in cfg.modalities] if len(cfg.modalities) > 1 else []
-    report = evaluate_subsets(model, loader, dev, [tuple(cfg.modalities), *singles], hd95=False)
+    result = evaluate(ckpt, heldout, subsets="full+singles", hd95=False, batch_size=batch_size, device=device)
+    mods = result.config.modalities
+    rows = result.report.rows
     out: dict[str, float] = {}
     for k in KEPT:
-        out[f"all/{k}"] = float(report.rows[subset_name(cfg.modalities)].get(k, math.nan))
+        out[f"all/{k}"] = float(rows[subset_name(mods)].get(k, math.nan))
     dice_singles = []
-    for (m,) in singles:
-        row = report.rows[subset_name((m,))]
+    for m in mods if len(mods) > 1 else ():
+        row = rows[subset_name((m,))]
         for k in ("dice-whole", "accuracy"):
             out[f"{m}/{k}"] = float(row.get(k, math.nan))
         dice_singles.append(out[f"{m}/dice-whole"])
     if dice_singles:
         out["single-mean/dice-whole"] = float(sum(dice_singles) / len(dice_singles))
         out["single-worst/dice-whole"] = float(min(dice_singles))
-    out["held-out-cases"] = float(len(ds))
+    out["held-out-cases"] = float(result.cases)
     return out
 
 
@@ -444,54 +430,30 @@ def budget_notes(outcomes: Sequence[Outcome]) -> list[str]:
 
 def modality_reliance(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> dict[str, float]:
     """Whole-tumour Dice drop on the held-out set when each modality is masked out of the full input
-    (:func:`models.contribution.modality_contribution`, ``dice_drop`` against the true segmentation; mean over
-    cases, batch by batch weighted by cases). Empty for one-modality models."""
+    (:func:`models.contribution.mean_contribution`, ``dice_drop`` against the true segmentation; mean over
+    cases). Empty for one-modality models."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from common.data.dataset import CaseDataset
-    from models.checkpoint import load_checkpoint
-    from models.contribution import modality_contribution
-    from models.network import build_model
+    from common.evaluation import heldout_loader, load_heldout, load_model
+    from models.contribution import mean_contribution
 
-    state, cfg, _ = load_checkpoint(ckpt)
+    model, cfg, _ = load_model(ckpt, "cpu")
     if len(cfg.modalities) < 2:
         return {}
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    model.eval()
-    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
-                     cache=True)
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    loader = heldout_loader(load_heldout(cfg, heldout), batch_size)
     with torch.inference_mode():
-        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
-            out = modality_contribution(model, batch["image"], batch["mask"], seg=batch["seg"], label=batch["label"])
-            for m, vals in out.items():
-                sums[m] = sums.get(m, 0.0) + vals["dice_drop"] * vals["cases"]
-                counts[m] = counts.get(m, 0.0) + vals["cases"]
-    return {m: sums[m] / counts[m] for m in sums if counts[m]}
+        means = mean_contribution(model, loader, "cpu")
+    return {m: per["dice_drop"] for m, per in means.items()}
 
 
 def foreground_ratio(ckpt: Path, heldout: Path, *, batch_size: int = 8) -> float:
     """Predicted over true lesion volume (voxels with any label > 0) on the held-out set with all the model's
     modalities: 0 = the network predicts no lesion at all (the all-background solution cross-entropy favours
     early at a few % foreground), 1 = the right amount (not necessarily in the right place)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from common.data.dataset import CaseDataset
-    from models.checkpoint import load_checkpoint
+    from common.evaluation import heldout_loader, load_heldout, load_model
     from models.evaluation import predict
 
-    state, cfg, _ = load_checkpoint(ckpt)
-    from models.network import build_model
-
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    model.eval()
-    ds = CaseDataset([Path(heldout)], modalities=cfg.modalities, spatial_size=cfg.spatial_size, augment=False,
-                     cache=True)
-    pred = predict(model, DataLoader(ds, batch_size=batch_size, shuffle=False), torch.device("cpu"))
+    model, cfg, _ = load_model(ckpt, "cpu")
+    pred = predict(model, heldout_loader(load_heldout(cfg, heldout), batch_size), "cpu")
     true = float((pred.seg_true > 0).sum())
     return float((pred.seg_pred > 0).sum()) / true if true else math.nan
