@@ -47,7 +47,8 @@ def _register() -> None:
             if exc.name == qualified:  # command not built yet in this checkout
                 continue
             raise
-        app.command(name=name, help=help_text)(mod.command)
+        # a command module may derive a longer help from its registry (``HELP``); typer shows no argument help
+        app.command(name=name, help=getattr(mod, "HELP", help_text))(mod.command)
 
 
 _register()

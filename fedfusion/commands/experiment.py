@@ -11,6 +11,8 @@ import typer
 
 from fedfusion.commands.help import BUDGETS_HELP, EXPERIMENTS_HELP
 
+HELP = "Run a named experiment and write its table to docs/results.md. NAME: " + EXPERIMENTS_HELP
+
 
 def command(
     name: Annotated[str, typer.Argument(help=EXPERIMENTS_HELP)],
