@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from models.atomic import atomic_write
 
@@ -71,21 +72,21 @@ def global_dice_figure(
     fig = _figure(10.0, 4.2)
     ax1, ax2 = fig.subplots(1, 2)
     styles = {k: "--" for k in dice if k.startswith(("mean", "worst"))}
-    if not _plot_lines(ax1, dice, styles):
-        ax1.text(0.5, 0.5, "no server evaluation recorded", ha="center", va="center", transform=ax1.transAxes)
-    ax1.set(title="Global Dice per round (held-out set)", xlabel="round", ylabel="Dice", ylim=(0.0, 1.0))
-    _integer_rounds(ax1)
-    ax1.grid(alpha=0.3)
-    if ax1.get_legend_handles_labels()[0]:
-        ax1.legend(fontsize=7, loc="lower right")
-    if not _plot_lines(ax2, classification):
-        ax2.text(0.5, 0.5, "no classification metrics", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set(title="Global classifier per round", xlabel="round", ylabel="score", ylim=(0.0, 1.0))
-    _integer_rounds(ax2)
-    ax2.grid(alpha=0.3)
-    if ax2.get_legend_handles_labels()[0]:
-        ax2.legend(fontsize=7, loc="lower right")
+    _round_panel(ax1, dice, styles, "no server evaluation recorded", "Global Dice per round (held-out set)", "Dice")
+    _round_panel(ax2, classification, {}, "no classification metrics", "Global classifier per round", "score")
     return _save(fig, path)
+
+
+def _round_panel(ax: Any, series: Mapping[str, Series], styles: Mapping[str, str], empty: str,
+                 title: str, ylabel: str) -> None:
+    """One per-round line panel on a [0, 1] scale, saying ``empty`` when there is nothing to draw."""
+    if not _plot_lines(ax, series, styles):
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    ax.set(title=title, xlabel="round", ylabel=ylabel, ylim=(0.0, 1.0))
+    _integer_rounds(ax)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
 
 
 def contribution_figure(
