@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "each site's first message builds its runtime (reads its cases, builds the model and the Opacus engine), "
         "trains, and replies; then every site evaluates the new global model, the server aggregates the replies "
         "and evaluates on the held-out set (all 63 modality subsets). A worker keeps the runtime of every site it "
-        "served (client/task.py caches them per site), so memory grows with the sites per worker; the peak covers "
+        "served (client/runtime.py caches them per site), so memory grows with the sites per worker; the peak covers "
         "the driver, the server and both workers.",
     ]
     text = "\n".join(lines)

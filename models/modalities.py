@@ -55,7 +55,7 @@ def subset_name(subset: Sequence[str]) -> str:
 def owner_modality(param_name: str) -> str | None:
     """The modality that owns a parameter, read from its name alone, or ``None`` if it is shared.
 
-    Contract (see shared/DESIGN.md): a parameter belongs to modality ``m`` iff one component of its dotted
+    Contract (docs/architecture.md, "Parameter ownership"): a parameter belongs to modality ``m`` iff one component of its dotted
     name equals ``m`` (e.g. ``encoders.t1ce.blocks.0.conv.weight``). Shared parts (fusion core, decoder,
     classifier) never use a modality name as a module name. Opacus's ``_module.`` prefix is ignored.
     """
