@@ -510,6 +510,20 @@ def test_symlinks_out_of_the_site_folder_are_not_followed(tmp_path: Path) -> Non
     assert {p.path for p in report.all_problems() if p.kind == "unsafe-path"} == {str(p) for p in links}
 
 
+def test_labels_file_linked_out_of_the_site_folder_is_not_read(tmp_path: Path) -> None:
+    """labels.csv -> /etc/passwd: reading it would put the file's first line into the inspection report."""
+    from common.data.site import read_labels
+
+    site = tmp_path / "site-01"
+    site.mkdir()
+    (site / "labels.csv").symlink_to("/etc/passwd")
+    labels, problems = read_labels(site)
+    assert labels == {}
+    (problem,) = problems
+    assert problem.kind == "unsafe-path" and "outside the site folder" in problem.reason
+    assert "root:" not in problem.reason
+
+
 def test_symlink_inside_the_site_folder_is_still_read(tmp_path: Path) -> None:
     site = tmp_path / "site-01"
     shared = _ct_small(site / "case-2" / "ct.dcm")
