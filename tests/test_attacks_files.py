@@ -84,6 +84,12 @@ def _problems(problems: list[Any], kind: str) -> list[Any]:
     return [p for p in problems if p.kind == kind]
 
 
+def _assert_only_problem(problems: list[Any], kind: str, path: Path, words: str) -> None:
+    """Exactly one problem of ``kind``; it names ``path`` and its reason contains ``words``."""
+    (problem,) = _problems(problems, kind)
+    assert problem.path == str(path) and words in problem.reason, problem
+
+
 def _ct_small(path: Path, **values: Any) -> Path:
     """pydicom's CT_small.dcm (a real 128 x 128 CT slice) with ``values`` set, written to ``path``."""
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -173,8 +179,7 @@ def test_inspect_names_the_bad_file_instead_of_an_unexpected_error_for_the_case(
     (case_report,) = report.sites[0].cases
     assert case_report.usable and case_report.modalities == ["t2", "flair"]
     assert not any("unexpected error" in p.reason for p in report.all_problems())
-    (problem,) = _problems(case_report.problems, "bad-header-value")
-    assert problem.path == str(victim) and "NumberOfFrames" in problem.reason
+    _assert_only_problem(case_report.problems, "bad-header-value", victim, "NumberOfFrames")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -316,8 +321,7 @@ def test_nifti_header_claiming_absurd_voxels_is_refused_unread(tmp_path: Path, n
         scan = scan_case(case, ["t1", "t2"])
     assert peak[0] < 16 * MIB
     assert list(scan.volumes) == ["t2"]
-    (problem,) = _problems(scan.problems, "limit-exceeded")
-    assert problem.path == str(victim) and "voxels" in problem.reason
+    _assert_only_problem(scan.problems, "limit-exceeded", victim, "voxels")
 
 
 def test_gzip_nifti_bigger_than_the_byte_limit_is_refused_from_its_header(tmp_path: Path) -> None:
@@ -336,8 +340,7 @@ def test_gzip_nifti_bigger_than_the_byte_limit_is_refused_from_its_header(tmp_pa
     with peak_memory() as peak:
         scan = scan_case(case, ["t1"], limits=ReaderLimits(max_file_bytes=MIB))
     assert peak[0] < 4 * MIB and not scan.volumes
-    (problem,) = _problems(scan.problems, "limit-exceeded")
-    assert problem.path == str(victim) and "bytes" in problem.reason
+    _assert_only_problem(scan.problems, "limit-exceeded", victim, "bytes")
 
 
 def test_gzip_bomb_in_a_nifti_extension_is_stopped_while_inflating(tmp_path: Path) -> None:
@@ -357,8 +360,7 @@ def test_gzip_bomb_in_a_nifti_extension_is_stopped_while_inflating(tmp_path: Pat
         scan = scan_case(case, ["t1", "t2"], limits=ReaderLimits(max_file_bytes=MIB))
     assert peak[0] < 4 * MIB
     assert list(scan.volumes) == ["t2"]
-    (problem,) = _problems(scan.problems, "limit-exceeded")
-    assert problem.path == str(victim) and "decompressed" in problem.reason
+    _assert_only_problem(scan.problems, "limit-exceeded", victim, "decompressed")
 
 
 def test_deflated_dicom_bomb_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
@@ -375,8 +377,7 @@ def test_deflated_dicom_bomb_is_refused_before_it_is_inflated(tmp_path: Path) ->
     with peak_memory() as peak:
         scan = scan_case(case, ["ct"], limits=ReaderLimits(max_file_bytes=MIB))
     assert peak[0] < 4 * MIB and not scan.volumes
-    (problem,) = _problems(scan.problems, "limit-exceeded")
-    assert problem.path == str(victim) and "inflates" in problem.reason
+    _assert_only_problem(scan.problems, "limit-exceeded", victim, "inflates")
 
 
 def test_deflated_dicom_within_the_limits_is_read(tmp_path: Path) -> None:
@@ -415,8 +416,7 @@ def test_dicom_claiming_billions_of_voxels_is_refused_before_decoding(tmp_path: 
         data = load_case(case, ["t1", "ct"])
     assert peak[0] < 32 * MIB
     assert list(data.images) == ["t1"]
-    (problem,) = _problems(data.problems, "limit-exceeded")
-    assert problem.path == str(victim) and "voxels" in problem.reason
+    _assert_only_problem(data.problems, "limit-exceeded", victim, "voxels")
 
 
 def test_slice_positions_spanning_an_absurd_extent_allocate_nothing(tmp_path: Path) -> None:
@@ -544,8 +544,7 @@ def test_fifo_in_a_case_folder_is_reported_not_opened(tmp_path: Path) -> None:
     os.mkfifo(case / "s" / "IM9999.dcm")
     data = load_case(case, ["flair"])
     assert data.images["flair"].shape == SHAPE
-    (problem,) = _problems(data.problems, "unsafe-path")
-    assert problem.path == str(case / "s" / "IM9999.dcm") and "not a regular file" in problem.reason
+    _assert_only_problem(data.problems, "unsafe-path", case / "s" / "IM9999.dcm", "not a regular file")
 
 
 def test_case_folder_with_more_files_than_the_limit_is_reported_not_walked(
