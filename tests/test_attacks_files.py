@@ -182,6 +182,27 @@ def test_inspect_names_the_bad_file_instead_of_an_unexpected_error_for_the_case(
     _assert_only_problem(case_report.problems, "bad-header-value", victim, "NumberOfFrames")
 
 
+def test_a_file_that_trips_an_unforeseen_reader_error_costs_only_its_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stands in for a crafted file that hits a bug in stacking: the other series of the case still load."""
+    import common.data.dicom_reader as dicom_reader
+
+    case = tmp_path / "case-1"
+    _flair, t2, _files = _two_series_case(case)
+    real = dicom_reader.stack_planes
+
+    def stack(planes: Any, where: str, *args: Any) -> Any:
+        if where.endswith("flair"):
+            raise RuntimeError("reader bug")
+        return real(planes, where, *args)
+
+    monkeypatch.setattr(dicom_reader, "stack_planes", stack)
+    data = load_case(case, ["t2", "flair"])
+    assert list(data.images) == ["t2"]
+    _assert_only_problem(data.problems, "unreadable-file", case / "flair", "reader bug")
+
+
 # ------------------------------------------------------------------------------------------------------
 # 2. a checkpoint carrying pickled code is refused, never run
 # ------------------------------------------------------------------------------------------------------

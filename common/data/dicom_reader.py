@@ -694,6 +694,12 @@ def read_dicom_case(
                 problems.extend(exc.problems)
                 summaries.append(_summary(series, "failed"))
                 continue  # fall back to the next series of the same modality
+            except Exception as exc:  # a series this reader did not foresee costs this series only
+                problems.append(Problem(str(case_dir / series.folder), "unreadable-file",
+                                        f"unexpected error building the series ({exc!r}); series skipped", ERROR,
+                                        case_id))
+                summaries.append(_summary(series, "failed"))
+                continue
             problems.extend(series_problems)
             volumes[modality] = (vol, affine)
             chosen = series
