@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -127,6 +128,20 @@ def find_optimizer(strategy: Strategy) -> FedOpt | None:
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
+def _moments_to_tensors(moments: Mapping[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """FedOpt's numpy moments (``{name: array}``) as CPU tensors (a copy), for a weights-only checkpoint."""
+    if not moments:
+        return None
+    return {str(k): torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
+
+
+def _moments_from_saved(saved: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """Moments as :func:`_moments_to_tensors` stored them, back to the numpy arrays FedOpt computes with."""
+    if not saved:
+        return None
+    return {k: v.numpy().copy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in saved.items()}
+
+
 class ExcludingGrid:
     """A view of a Grid without some node ids (declined sites): strategies sample from ``get_node_ids()``."""
 
@@ -232,17 +247,21 @@ class FedFusionStrategy(Strategy):
 
     # -- state for checkpoints ---------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        """Everything to continue as if never stopped: declined sites, validator history, optimiser moments."""
+        """Everything to continue as if never stopped: declined sites, validator history, optimiser moments.
+
+        Only tensors, numbers, strings and lists/dicts of them, so the checkpoint loads with
+        ``torch.load(weights_only=True)`` (the optimiser's numpy moments are stored as tensors).
+        """
         state: dict[str, Any] = {
-            "declined": sorted(self.declined),
+            "declined": [int(n) for n in sorted(self.declined)],
             "validator": self.validator.state_dict(),
         }
         opt = find_optimizer(self.strategy)
         if opt is not None:
             state["optimizer"] = {
                 "class": type(opt).__name__,
-                "m_t": {k: np.asarray(v) for k, v in opt.m_t.items()} if opt.m_t else None,
-                "v_t": {k: np.asarray(v) for k, v in opt.v_t.items()} if opt.v_t else None,
+                "m_t": _moments_to_tensors(opt.m_t),
+                "v_t": _moments_to_tensors(opt.v_t),
             }
         return state
 
@@ -258,8 +277,8 @@ class FedFusionStrategy(Strategy):
                     "afresh", saved.get("class"), type(opt).__name__,
                 )
                 return
-            opt.m_t = {k: np.asarray(v) for k, v in saved["m_t"].items()} if saved.get("m_t") else None
-            opt.v_t = {k: np.asarray(v) for k, v in saved["v_t"].items()} if saved.get("v_t") else None
+            opt.m_t = _moments_from_saved(saved.get("m_t"))
+            opt.v_t = _moments_from_saved(saved.get("v_t"))
 
     # -- sampling ----------------------------------------------------------------------------------
     def _eligible_grid(self, grid: Grid, minimum: int, what: str) -> ExcludingGrid | None:

@@ -8,6 +8,7 @@ Public API (imported lazily so ``import common.data`` stays light):
 - :func:`common.data.site.discover_sites` — a site folder or a data root -> its sites (heldout/ flagged).
 - :func:`common.data.inspect.inspect_data` — problem report of a site or data root (``fedfusion inspect``).
 - :func:`common.data.series_mapping.load_series_mapping` — SeriesDescription -> modality rules.
+- :class:`common.data.limits.ReaderLimits` — what one file, series and case folder may cost the readers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _EXPORTS = {
     "load_series_mapping": "series_mapping",
     "SeriesMapping": "series_mapping",
     "Problem": "problems",
+    "ReaderLimits": "limits",
+    "DEFAULT_LIMITS": "limits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,6 +36,8 @@ from torch.utils.data import Dataset
 from models.atomic import atomic_write
 from models.modalities import MODALITIES, canonical
 
+from .case_files import list_case_files
+from .limits import DEFAULT_LIMITS, ReaderLimits
 from .problems import ERROR, Problem
 from .series_mapping import MappingSource, load_series_mapping
 from .site import CaseError, discover_sites, list_cases, load_case, read_labels
@@ -121,6 +123,8 @@ class CaseDataset(Dataset):
         require_seg: skip cases without a usable segmentation (default). With ``False`` such cases get an
             all-background segmentation.
         seed: seed of the augmentation random state.
+        limits: what one file, series and case folder may cost the readers (see :mod:`common.data.limits`); the
+            site's own choice, never taken from a run config.
 
     Unusable cases (unreadable, no requested modality, missing label or segmentation) are skipped with a log
     line and listed in :attr:`problems`; iteration never raises for them (they are found at construction).
@@ -140,6 +144,7 @@ class CaseDataset(Dataset):
         cache_dir: Path | str | None = None,
         require_seg: bool = True,
         seed: int = 0,
+        limits: ReaderLimits = DEFAULT_LIMITS,
     ) -> None:
         if isinstance(site_dirs, (str, os.PathLike)):
             site_dirs = [Path(site_dirs)]
@@ -150,6 +155,7 @@ class CaseDataset(Dataset):
         self.augment = augment
         self.cache = cache
         self.require_seg = require_seg
+        self.limits = limits
         self.mapping = load_series_mapping(series_mapping)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.problems: list[Problem] = []
@@ -214,11 +220,15 @@ class CaseDataset(Dataset):
         self.problems.extend(problems)
 
     def _cache_key(self, case_dir: Path) -> str:
+        """Hash of the case's readable files (names, sizes, mtimes) and the settings; raises CaseError when the
+        folder is over the file limit (the same bounded listing the readers use)."""
+        listing = list_case_files(case_dir, self.limits, case_id=case_dir.name)
+        if any(p.kind == "limit-exceeded" for p in listing.problems):
+            raise CaseError(f"{case_dir}: too many files", listing.problems)
         files = []
-        for root, _dirs, names in os.walk(case_dir):
-            for name in names:
-                st = os.stat(os.path.join(root, name))
-                files.append((os.path.relpath(os.path.join(root, name), case_dir), st.st_size, st.st_mtime_ns))
+        for path in listing.files:
+            st = path.stat()
+            files.append((os.path.relpath(path, case_dir), st.st_size, st.st_mtime_ns))
         blob = json.dumps({
             "version": CACHE_VERSION,
             "case": str(case_dir.resolve()),
@@ -241,7 +251,7 @@ class CaseDataset(Dataset):
                         return {k: data[k] for k in ("image", "mask", "seg")}
                 except Exception as exc:  # a damaged cache file is rebuilt, not fatal
                     log.info("rebuilding damaged cache entry %s (%s)", path, exc)
-        case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg)
+        case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg, limits=self.limits)
         if report:
             self._report(case.problems)
         arrays = preprocess_case(case.images, case.seg, self.modalities, self.spatial_size)

@@ -6,6 +6,11 @@ SeriesInstanceUID and to catch corrupt, truncated and non-image files early; nam
 their position along the slice normal (ImagePositionPatient · (row × column)); apply RescaleSlope/Intercept;
 stack ``vol[k, j, i]`` with the RAS affine of :func:`common.data.geometry.dicom_affine`.
 
+Every file is untrusted: whatever is wrong with one file (corrupt, truncated, a header value that cannot be parsed,
+over a :class:`~common.data.limits.ReaderLimits` bound) becomes a :class:`~common.data.problems.Problem` naming that
+file (and the element), and the other files of the case are still read. Sizes are checked from the headers before
+anything is inflated, decoded or allocated.
+
 Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found
 and a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report.
 """
@@ -17,12 +22,17 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from models.modalities import MODALITIES
 
+from .bounded_io import raw_deflate_size
+from .case_files import list_case_files
+from .dicom_values import BadHeaderValue, header_float, header_floats, header_int, header_orientation, header_value
 from .geometry import dicom_affine
+from .limits import DEFAULT_LIMITS, LimitExceeded, ReaderLimits, check_file_size, check_voxels
 from .problems import ERROR, WARNING, Problem
 from .series_mapping import IGNORE, SeriesMapping
 
@@ -67,6 +77,7 @@ class _FileHeader:
     description: str
     instance: int
     frames: int
+    voxels: int
 
 
 @dataclass
@@ -120,14 +131,8 @@ class _Plane:
 # ------------------------------------------------------------------------------------------------------
 # walking and grouping
 # ------------------------------------------------------------------------------------------------------
-def _candidate_files(case_dir: Path) -> Iterable[Path]:
-    for root, dirs, files in os.walk(case_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            low = name.lower()
-            if name.startswith(".") or low.endswith(NON_DICOM_SUFFIXES):
-                continue
-            yield Path(root) / name
+def _candidate_files(files: Iterable[Path]) -> list[Path]:
+    return [p for p in files if not p.name.startswith(".") and not p.name.lower().endswith(NON_DICOM_SUFFIXES)]
 
 
 def _should_be_dicom(path: Path) -> bool:
@@ -135,41 +140,120 @@ def _should_be_dicom(path: Path) -> bool:
     return low.endswith(DICOM_SUFFIXES) or "." not in low or low == "dicomdir"
 
 
-def _float_list(value: object) -> list[float] | None:
-    try:
-        out = [float(v) for v in value]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return out or None
+def _is_deflated(fp: BinaryIO) -> bool:
+    """Whether the Part-10 file in ``fp`` (at its start) has the Deflated transfer syntax; leaves ``fp`` just after
+    its file meta group, where the deflated body starts.
+
+    Raises:
+        InvalidDicomError: when there is no DICOM preamble (as ``dcmread`` would).
+    """
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    read_preamble(fp, False)
+    start = fp.tell()
+    # The same two-step read of the file meta group that dcmread does (explicit VR, else implicit VR).
+    for implicit in (False, True):
+        fp.seek(start)
+        try:
+            meta = read_dataset(fp, is_implicit_VR=implicit, is_little_endian=True,
+                                stop_when=lambda tag, vr, length: tag >> 16 != 2)
+            return str(meta.get("TransferSyntaxUID", "") or "") == DeflatedExplicitVRLittleEndian
+        except NotImplementedError:
+            continue
+    return False
 
 
-def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Problem | None]:
-    """Read one file's header; return ``(header, None)`` for an image slice or ``(None, problem)``.
+def _read_dataset(path: Path, limits: ReaderLimits, pixels: bool) -> tuple[Any, int | None]:
+    """Read ``path`` within the byte limit: file size first, and for the Deflated transfer syntax the inflated size
+    (measured in small pieces, before pydicom inflates the body in one piece).
 
-    Non-DICOM files with an unrelated extension give ``(None, None)`` (ignored silently).
+    Returns:
+        ``(dataset, pixel_bytes)``: ``pixel_bytes`` = bytes left for the pixel data (``None`` when the file has
+        none). With ``pixels=False`` the pixel data is not read (except for deflated files, whose body is read
+        whole anyway; it is bounded by then).
+
+    Raises:
+        LimitExceeded, InvalidDicomError, or any pydicom/IO error for corrupt files.
     """
     import pydicom
+
+    size = path.stat().st_size
+    check_file_size(size, str(path), limits)
+    with open(path, "rb") as fp:
+        deflated = _is_deflated(fp)
+        if deflated:
+            raw_deflate_size(fp, limits.max_file_bytes, str(path))
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=not (pixels or deflated))
+        position = fp.tell()  # pydicom leaves a plain file at the pixel data tag when it stops before it
+    if deflated or pixels:
+        return ds, (len(ds.PixelData) if "PixelData" in ds else None)
+    # The remaining bytes hold the pixel data after an 8-12 byte element header.
+    return ds, (max(size - position - 8, 0) if position < size else None)
+
+
+def _is_encapsulated(transfer_syntax: Any) -> bool:
+    try:
+        return bool(transfer_syntax.is_compressed)
+    except ValueError as exc:  # pydicom: "UID is not a transfer syntax"
+        raise BadHeaderValue("TransferSyntaxUID", str(transfer_syntax), "a known transfer syntax") from exc
+
+
+def _check_pixel_count(ds: Any, path: Path, limits: ReaderLimits) -> tuple[int, int, int]:
+    """``(rows, columns, frames)`` of an image file, checked against the voxel and byte limits (header values only,
+    so nothing is decoded or allocated for a file claiming billions of voxels)."""
+    rows = header_int(ds, "Rows", 0, minimum=1)
+    cols = header_int(ds, "Columns", 0, minimum=1)
+    frames = header_int(ds, "NumberOfFrames", 1, minimum=1)
+    spp = header_int(ds, "SamplesPerPixel", 1, minimum=1)
+    bits = header_int(ds, "BitsAllocated", 16, minimum=1)
+    check_voxels((frames, rows, cols), spp * max(bits, 8) // 8, f"{path} (NumberOfFrames x Rows x Columns)", limits)
+    return rows, cols, frames
+
+
+def read_header(
+    path: Path, case_id: str = "", limits: ReaderLimits = DEFAULT_LIMITS
+) -> tuple[_FileHeader | None, Problem | None]:
+    """Read one file's header; return ``(header, None)`` for an image slice or ``(None, problem)``.
+
+    Never raises: whatever goes wrong with this file (unreadable, over a limit, a header value that cannot be
+    parsed) is this file's problem only. Non-DICOM files with an unrelated extension give ``(None, None)`` (ignored
+    silently). An unusable InstanceNumber gives ``(header, warning)``: the file is used, ordered by position.
+    """
     from pydicom.errors import InvalidDicomError
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            pos = fp.tell()  # pydicom leaves the file at the pixel data tag when it stops before it
+        ds, pixel_bytes = _read_dataset(path, limits, pixels=False)
+    except LimitExceeded as exc:
+        return None, Problem(str(path), "limit-exceeded", f"{exc}; file skipped", ERROR, case_id)
     except InvalidDicomError as exc:
         if _should_be_dicom(path):
             return None, Problem(str(path), "unreadable-file", f"not a DICOM file ({exc})", ERROR, case_id)
         return None, None
     except Exception as exc:  # corrupt header: any pydicom/IO error
         return None, Problem(str(path), "unreadable-file", f"corrupt DICOM header ({exc})", ERROR, case_id)
+    try:
+        return _parse_header(ds, path, pixel_bytes, case_id, limits)
+    except BadHeaderValue as exc:
+        return None, Problem(str(path), "bad-header-value", f"{exc}; file skipped", ERROR, case_id)
+    except LimitExceeded as exc:
+        return None, Problem(str(path), "limit-exceeded", f"{exc}; file skipped", ERROR, case_id)
+    except Exception as exc:  # a header this reader did not foresee costs this file only
+        return None, Problem(str(path), "unreadable-file", f"unexpected error in the header ({exc!r}); file skipped",
+                             ERROR, case_id)
 
+
+def _parse_header(
+    ds: Any, path: Path, pixel_bytes: int | None, case_id: str, limits: ReaderLimits
+) -> tuple[_FileHeader | None, Problem | None]:
     meta = getattr(ds, "file_meta", None)
-    sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
-    modality_tag = str(ds.get("Modality", "") or "").upper()
+    sop_class = str(header_value(meta, "MediaStorageSOPClassUID") or header_value(ds, "SOPClassUID") or "")
+    modality_tag = str(header_value(ds, "Modality") or "").upper()
     if sop_class == _DICOMDIR_SOP_CLASS:
         return None, Problem(str(path), "non-image-dicom", "a DICOMDIR (directory index), no pixel data", ERROR, case_id)
-    has_pixels = pos < size
-    rows, cols = ds.get("Rows"), ds.get("Columns")
+    has_pixels = pixel_bytes is not None
+    rows, cols = header_value(ds, "Rows"), header_value(ds, "Columns")
     if modality_tag in NON_IMAGE_MODALITIES and modality_tag != "SEG":
         return None, Problem(
             str(path), "non-image-dicom", f"Modality {modality_tag} object without an image; skipped", ERROR, case_id
@@ -189,42 +273,60 @@ def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Prob
         return None, Problem(
             str(path), "non-image-dicom", f"no PixelData (Modality {modality_tag or '?'}); skipped", ERROR, case_id
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    ts = getattr(meta, "TransferSyntaxUID", None)
-    if ts is not None and not ts.is_compressed:
-        # Uncompressed pixel data: the remaining bytes must hold every pixel (after an 8-12 byte element header).
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-        expected = int(rows) * int(cols) * spp * frames * bits // 8
-        if size - pos - 8 < expected:
+    rows_n, cols_n, frames = _check_pixel_count(ds, path, limits)
+    ts = header_value(meta, "TransferSyntaxUID")
+    if ts is not None and not _is_encapsulated(ts):
+        # Uncompressed pixel data: the file must hold every pixel.
+        spp = header_int(ds, "SamplesPerPixel", 1, minimum=1)
+        bits = header_int(ds, "BitsAllocated", 16, minimum=1)
+        expected = rows_n * cols_n * spp * frames * bits // 8
+        if pixel_bytes is not None and pixel_bytes < expected:
             return None, Problem(
                 str(path), "truncated-file",
-                f"pixel data truncated ({max(size - pos - 8, 0)} of {expected} bytes present)", ERROR, case_id,
+                f"pixel data truncated ({pixel_bytes} of {expected} bytes present)", ERROR, case_id,
             )
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    series_uid = str(header_value(ds, "SeriesInstanceUID") or "")
     if not series_uid:
         return None, Problem(str(path), "unreadable-file", "no SeriesInstanceUID; cannot group the file", ERROR, case_id)
-    description = str(ds.get("SeriesDescription", "") or "").strip() or str(ds.get("ProtocolName", "") or "").strip()
+    description, element = str(header_value(ds, "SeriesDescription") or "").strip(), "SeriesDescription"
+    if not description:
+        description, element = str(header_value(ds, "ProtocolName") or "").strip(), "ProtocolName"
+    if len(description) > limits.max_description_chars:
+        # Checked before any regular expression sees it: matching cost grows with the square of the length.
+        raise LimitExceeded(f"{element} is {len(description)} characters long, over the limit of "
+                            f"{limits.max_description_chars} (ReaderLimits.max_description_chars; DICOM allows 64)")
+    warning = None
     try:
-        instance = int(ds.get("InstanceNumber", 0) or 0)
-    except (TypeError, ValueError):
+        instance = header_int(ds, "InstanceNumber", 0)
+    except BadHeaderValue as exc:
         instance = 0
+        warning = Problem(str(path), "bad-header-value",
+                          f"{exc}; file used, ordered by ImagePositionPatient", WARNING, case_id)
     header = _FileHeader(
         path=path,
         series_uid=series_uid,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or path.name),
+        sop_uid=str(header_value(ds, "SOPInstanceUID") or path.name),
         modality_tag=modality_tag,
         description=description,
         instance=instance,
         frames=frames,
+        voxels=rows_n * cols_n * frames,
     )
-    return header, None
+    return header, warning
 
 
 def scan_dicom(
-    case_dir: Path, mapping: SeriesMapping, case_id: str = ""
+    case_dir: Path,
+    mapping: SeriesMapping,
+    case_id: str = "",
+    limits: ReaderLimits = DEFAULT_LIMITS,
+    files: Sequence[Path] | None = None,
 ) -> tuple[list[DicomSeries], list[Problem]]:
     """Group a case folder's DICOM files into series and map each series to a modality (headers only).
+
+    Args:
+        files: the case's files as :func:`common.data.case_files.list_case_files` gives them (its problems are then
+            the caller's to report); ``None`` lists the folder here.
 
     Returns:
         ``(series, problems)``: series in folder order; problems for every file that was skipped.
@@ -232,9 +334,13 @@ def scan_dicom(
     case_dir = Path(case_dir)
     by_uid: dict[str, DicomSeries] = {}
     problems: list[Problem] = []
+    if files is None:
+        listing = list_case_files(case_dir, limits, case_id=case_id)
+        problems.extend(listing.problems)
+        files = listing.files
     seen_sop: set[str] = set()
-    for path in _candidate_files(case_dir):
-        header, problem = read_header(path, case_id)
+    for path in _candidate_files(files):
+        header, problem = read_header(path, case_id, limits)
         if problem is not None:
             problems.append(problem)
         if header is None:
@@ -273,48 +379,75 @@ def _to_gray(arr: np.ndarray, photometric: str) -> np.ndarray:
 
 
 def _rescale(item: object, fallback: tuple[float, float] = (1.0, 0.0)) -> tuple[float, float]:
-    get = getattr(item, "get", None)
-    if get is None:
-        return fallback
-    slope, intercept = get("RescaleSlope"), get("RescaleIntercept")
+    slope, intercept = header_float(item, "RescaleSlope"), header_float(item, "RescaleIntercept")
     return (
-        float(slope) if slope not in (None, "") else fallback[0],
-        float(intercept) if intercept not in (None, "") else fallback[1],
+        slope if slope is not None else fallback[0],
+        intercept if intercept is not None else fallback[1],
     )
 
 
 def _first(seq_owner: object, name: str) -> object | None:
-    seq = getattr(seq_owner, name, None) if seq_owner is not None else None
+    seq = header_value(seq_owner, name)
     return seq[0] if seq else None
 
 
-def _read_planes(header: _FileHeader, case_id: str) -> list[_Plane]:
-    """Read one file's pixels as planes; raises :class:`SeriesError` for unreadable/unsupported files."""
-    import pydicom
+def _slice_spacing(item: object) -> float | None:
+    return header_float(item, "SpacingBetweenSlices") or header_float(item, "SliceThickness")
 
+
+def _read_planes(header: _FileHeader, case_id: str, limits: ReaderLimits = DEFAULT_LIMITS) -> list[_Plane]:
+    """Read one file's pixels as planes.
+
+    Raises:
+        SeriesError: for this file only, whatever is wrong with it (unreadable, unsupported, over a limit, a header
+            value that cannot be parsed), so the caller drops the one slice and goes on.
+    """
+    path = str(header.path)
+    try:
+        return _decode_planes(header, case_id, limits)
+    except SeriesError:
+        raise
+    except BadHeaderValue as exc:
+        raise SeriesError(Problem(path, "bad-header-value", f"{exc}; slice skipped", ERROR, case_id)) from exc
+    except LimitExceeded as exc:
+        raise SeriesError(Problem(path, "limit-exceeded", f"{exc}; slice skipped", ERROR, case_id)) from exc
+    except Exception as exc:  # a file this reader did not foresee costs this slice only
+        raise SeriesError(Problem(path, "unreadable-file", f"unexpected error reading the file ({exc!r}); slice "
+                                  "skipped", ERROR, case_id)) from exc
+
+
+def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> list[_Plane]:
     path = header.path
     try:
-        ds = pydicom.dcmread(path)
+        ds, _pixel_bytes = _read_dataset(path, limits, pixels=True)
+    except LimitExceeded:
+        raise
+    except Exception as exc:
+        raise SeriesError(Problem(str(path), "unreadable-file", f"cannot read the file ({exc})", ERROR,
+                                  case_id)) from exc
+    # Checked again on the file as read now (it may have changed since the header scan), before decoding.
+    _check_pixel_count(ds, path, limits)
+    try:
         pixels = ds.pixel_array
     except Exception as exc:
         kind = "truncated-file" if "less than expected" in str(exc) or "truncat" in str(exc).lower() else "unreadable-file"
         raise SeriesError(Problem(str(path), kind, f"cannot decode pixel data ({exc})", ERROR, case_id)) from exc
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    position = _float_list(ds.get("ImagePositionPatient"))
-    orientation = _float_list(ds.get("ImageOrientationPatient"))
-    spacing = _float_list(ds.get("PixelSpacing")) or _float_list(ds.get("ImagerPixelSpacing"))
-    thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
-    thickness_f = float(thickness) if thickness not in (None, "") else None
+    photometric = str(header_value(ds, "PhotometricInterpretation") or "MONOCHROME2")
+    frames = header_int(ds, "NumberOfFrames", 1, minimum=1)
+    position = header_floats(ds, "ImagePositionPatient", 3)
+    orientation = header_orientation(ds)
+    spacing = header_floats(ds, "PixelSpacing", 2, positive=True) or header_floats(
+        ds, "ImagerPixelSpacing", 2, positive=True)
+    thickness_f = _slice_spacing(ds)
     if frames <= 1:
         slope, intercept = _rescale(ds)
         arr = _to_gray(np.asarray(pixels), photometric) * slope + intercept
         return [
             _Plane(
                 arr.astype(np.float32),
-                np.asarray(position) if position and len(position) == 3 else None,
-                np.asarray(orientation) if orientation and len(orientation) == 6 else None,
-                (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else None,
+                np.asarray(position) if position else None,
+                np.asarray(orientation) if orientation else None,
+                (spacing[0], spacing[1]) if spacing else None,
                 thickness_f,
                 header.instance,
                 str(path),
@@ -328,7 +461,7 @@ def _read_planes(header: _FileHeader, case_id: str) -> list[_Plane]:
         raise SeriesError(Problem(str(path), "unsupported-series", f"unexpected multiframe shape {pixels.shape}",
                                   ERROR, case_id))
     shared = _first(ds, "SharedFunctionalGroupsSequence")
-    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    per_frame = header_value(ds, "PerFrameFunctionalGroupsSequence")
     planes: list[_Plane] = []
     for f, arr in enumerate(frame_arrays):
         group = per_frame[f] if per_frame is not None and f < len(per_frame) else None
@@ -336,10 +469,10 @@ def _read_planes(header: _FileHeader, case_id: str) -> list[_Plane]:
         ori_item = _first(group, "PlaneOrientationSequence") or _first(shared, "PlaneOrientationSequence")
         meas_item = _first(group, "PixelMeasuresSequence") or _first(shared, "PixelMeasuresSequence")
         pvt_item = _first(group, "PixelValueTransformationSequence") or _first(shared, "PixelValueTransformationSequence")
-        f_pos = _float_list(getattr(pos_item, "ImagePositionPatient", None)) if pos_item is not None else None
-        f_ori = _float_list(getattr(ori_item, "ImageOrientationPatient", None)) if ori_item is not None else orientation
-        f_sp = _float_list(getattr(meas_item, "PixelSpacing", None)) if meas_item is not None else spacing
-        f_th = getattr(meas_item, "SpacingBetweenSlices", None) or getattr(meas_item, "SliceThickness", None)
+        f_pos = header_floats(pos_item, "ImagePositionPatient", 3) if pos_item is not None else None
+        f_ori = header_orientation(ori_item) if ori_item is not None else orientation
+        f_sp = header_floats(meas_item, "PixelSpacing", 2, positive=True) if meas_item is not None else spacing
+        f_th = _slice_spacing(meas_item) if meas_item is not None else None
         if f_pos is None:
             if position and orientation and thickness_f:
                 # Classic 3D multiframe (e.g. NM): frames are parallel slices spaced along the normal.
@@ -355,21 +488,25 @@ def _read_planes(header: _FileHeader, case_id: str) -> list[_Plane]:
         planes.append(_Plane(
             (_to_gray(np.asarray(arr), photometric) * slope + intercept).astype(np.float32),
             np.asarray(f_pos),
-            np.asarray(f_ori) if f_ori and len(f_ori) == 6 else None,
-            (f_sp[0], f_sp[1]) if f_sp and len(f_sp) == 2 else None,
-            float(f_th) if f_th not in (None, "") else thickness_f,
+            np.asarray(f_ori) if f_ori else None,
+            (f_sp[0], f_sp[1]) if f_sp else None,
+            f_th if f_th is not None else thickness_f,
             f,
             f"{path}#frame{f}",
         ))
     return planes
 
 
-def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+def stack_planes(
+    planes: Sequence[_Plane], where: str, case_id: str = "", limits: ReaderLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     """Stack 2D planes into ``vol[k, j, i]`` ``(D, H, W)`` float32 with its RAS affine (4x4, mm).
 
     Slices are ordered by position along the slice normal. Gaps of up to :data:`MAX_MISSING_FRACTION` of the
     slices are filled by linear interpolation between neighbours (reported as a warning); larger gaps, mixed
-    orientation/spacing/size or duplicated positions raise :class:`SeriesError`.
+    orientation/spacing/size or duplicated positions raise :class:`SeriesError`. The depth the positions imply
+    is checked (missing fraction, ``limits.max_voxels``) before the volume is allocated, so positions spread over
+    an absurd extent cost nothing.
     """
     problems: list[Problem] = []
     shapes = {p.array.shape for p in planes}
@@ -402,6 +539,9 @@ def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tup
     ordered = sorted(planes, key=lambda p: float(p.position @ normal))  # type: ignore[operator]
     s = np.asarray([float(p.position @ normal) for p in ordered])  # type: ignore[operator]
     diffs = np.diff(s)
+    if not np.all(np.isfinite(diffs)):
+        raise SeriesError(Problem(where, "inconsistent-geometry", "slice positions too far apart to compute with",
+                                  ERROR, case_id))
     if np.any(diffs < 1e-3 * max(thickness, 1e-3)):
         raise SeriesError(Problem(where, "inconsistent-geometry",
                                   "several slices share one position (multiple echoes, phases or time points in one "
@@ -412,7 +552,20 @@ def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tup
         raise SeriesError(Problem(where, "inconsistent-geometry",
                                   f"slice spacing varies within the series ({np.round(diffs, 3).tolist()} mm)",
                                   ERROR, case_id))
-    index = np.concatenate([[0], np.cumsum(np.round(ratio).astype(int))])
+    steps = np.round(ratio)
+    depth_claimed = float(np.sum(steps)) + 1.0  # as a float: an absurd extent must not overflow an integer
+    height, width = ordered[0].array.shape
+    missing_claimed = depth_claimed - len(ordered)
+    if missing_claimed > MAX_MISSING_FRACTION * depth_claimed:
+        raise SeriesError(Problem(where, "missing-slices",
+                                  f"{missing_claimed:.0f} of {depth_claimed:.0f} slices missing (gaps in slice "
+                                  "positions); series skipped", ERROR, case_id))
+    if depth_claimed * height * width > limits.max_voxels:
+        raise SeriesError(Problem(where, "limit-exceeded",
+                                  f"slice positions span {depth_claimed:.0f} slices of {height} x {width}, over the "
+                                  f"limit of {limits.max_voxels} voxels (ReaderLimits.max_voxels); series skipped",
+                                  ERROR, case_id))
+    index = np.concatenate([[0], np.cumsum(steps.astype(np.int64))])
     depth = int(index[-1]) + 1
     first, last = ordered[0].position, ordered[-1].position
     step_vec = (last - first) / (depth - 1)  # type: ignore[operator]
@@ -420,14 +573,10 @@ def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tup
     if residual > 0.1 * step:
         raise SeriesError(Problem(where, "inconsistent-geometry",
                                   f"slice positions do not lie on one line (off by {residual:.2f} mm)", ERROR, case_id))
-    vol = np.zeros((depth, *ordered[0].array.shape), dtype=np.float32)
+    vol = np.zeros((depth, height, width), dtype=np.float32)
     vol[index] = np.stack([p.array for p in ordered])
     missing = depth - len(ordered)
     if missing:
-        if missing > MAX_MISSING_FRACTION * depth:
-            raise SeriesError(Problem(where, "missing-slices",
-                                      f"{missing} of {depth} slices missing (gaps in slice positions); series skipped",
-                                      ERROR, case_id))
         present = set(int(k) for k in index)
         for k in range(depth):
             if k in present:
@@ -443,16 +592,24 @@ def stack_planes(planes: Sequence[_Plane], where: str, case_id: str = "") -> tup
     return vol, dicom_affine(first, orientation, spacing, step_vec), problems
 
 
-def read_series(series: DicomSeries, case_dir: Path, case_id: str = "") -> tuple[np.ndarray, np.ndarray, list[Problem]]:
+def read_series(
+    series: DicomSeries, case_dir: Path, case_id: str = "", limits: ReaderLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     """Read one series' pixels into ``(vol (D, H, W) float32, RAS affine 4x4, problems)``.
 
     Unreadable slices are dropped and reported (the gap is then handled by :func:`stack_planes`).
 
     Raises:
-        SeriesError: when no volume can be built.
+        SeriesError: when no volume can be built (or the series' headers claim more than ``limits.max_voxels``).
     """
     where = str(Path(case_dir) / series.folder)
     problems: list[Problem] = []
+    voxels = sum(h.voxels for h in series.files)
+    if voxels > limits.max_voxels:
+        raise SeriesError(Problem(where, "limit-exceeded",
+                                  f"{len(series.files)} files of {voxels} voxels in all, over the limit of "
+                                  f"{limits.max_voxels} per series (ReaderLimits.max_voxels); series skipped",
+                                  ERROR, case_id))
     multiframe = [h for h in series.files if h.frames > 1]
     if multiframe and len(series.files) > 1:
         raise SeriesError(Problem(where, "unsupported-series",
@@ -460,14 +617,14 @@ def read_series(series: DicomSeries, case_dir: Path, case_id: str = "") -> tuple
     planes: list[_Plane] = []
     for header in series.files:
         try:
-            planes.extend(_read_planes(header, case_id))
+            planes.extend(_read_planes(header, case_id, limits))
         except SeriesError as exc:
             problems.append(exc.problem)
     if not planes:
         raise SeriesError(Problem(where, "unsupported-series" if multiframe else "unreadable-file",
                                   "no readable slice in the series; series skipped", ERROR, case_id), problems)
     try:
-        vol, affine, stack_problems = stack_planes(planes, where, case_id)
+        vol, affine, stack_problems = stack_planes(planes, where, case_id, limits)
     except SeriesError as exc:
         raise SeriesError(exc.problem, problems) from None
     return vol, affine, problems + stack_problems
@@ -479,6 +636,8 @@ def read_dicom_case(
     modalities: Sequence[str] = MODALITIES,
     case_id: str = "",
     load_pixels: bool = True,
+    limits: ReaderLimits = DEFAULT_LIMITS,
+    files: Sequence[Path] | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem]]:
     """Read a case folder's DICOM series of the requested modalities on their native grids.
 
@@ -488,13 +647,15 @@ def read_dicom_case(
         modalities: modalities to read pixels for; other mapped series are listed as ``not-requested``.
         case_id: site-local case id, stamped on problems.
         load_pixels: ``False`` to group and map only (no volumes returned).
+        limits: what one file, series and the case folder may cost (see :mod:`common.data.limits`).
+        files: the case's files from :func:`common.data.case_files.list_case_files` (``None``: listed here).
 
     Returns:
         ``(volumes, series, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``.
         When several series map to one modality the one with the most frames is used, the others reported.
     """
     case_dir = Path(case_dir)
-    all_series, problems = scan_dicom(case_dir, mapping, case_id)
+    all_series, problems = scan_dicom(case_dir, mapping, case_id, limits, files)
     summaries: list[SeriesSummary] = []
     volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     by_modality: dict[str, list[DicomSeries]] = {}
@@ -528,11 +689,17 @@ def read_dicom_case(
                 summaries.append(_summary(series, "used"))
                 continue
             try:
-                vol, affine, series_problems = read_series(series, case_dir, case_id)
+                vol, affine, series_problems = read_series(series, case_dir, case_id, limits)
             except SeriesError as exc:
                 problems.extend(exc.problems)
                 summaries.append(_summary(series, "failed"))
                 continue  # fall back to the next series of the same modality
+            except Exception as exc:  # a series this reader did not foresee costs this series only
+                problems.append(Problem(str(case_dir / series.folder), "unreadable-file",
+                                        f"unexpected error building the series ({exc!r}); series skipped", ERROR,
+                                        case_id))
+                summaries.append(_summary(series, "failed"))
+                continue
             problems.extend(series_problems)
             volumes[modality] = (vol, affine)
             chosen = series

@@ -10,12 +10,18 @@ Convention used everywhere in fedfusion:
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 from scipy import ndimage
+
+from .bounded_io import BoundedReader
+from .limits import DEFAULT_LIMITS, LimitExceeded, ReaderLimits, check_file_size, check_voxels
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -110,24 +116,67 @@ def save_nifti(vol: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]
     nib.save(img, os.fspath(path))
 
 
-def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI image as ``(array, RAS affine)``; a trailing singleton 4th axis is dropped.
-
-    Raises:
-        ValueError: naming the file when it is not a readable 3D image.
-    """
+def _nifti_class(stream: BinaryIO, where: str) -> Any:
+    """The nibabel image class of a single-file NIfTI stream, from its ``sizeof_hdr`` (348: NIfTI-1, 540: NIfTI-2)."""
     import nibabel as nib
 
+    first = stream.read(4)
+    stream.seek(0)
+    if len(first) == 4:
+        for order in ("<", ">"):
+            size = struct.unpack(f"{order}i", first)[0]
+            if size == 348:
+                return nib.Nifti1Image
+            if size == 540:
+                return nib.Nifti2Image
+    raise ValueError(f"{where}: not a NIfTI-1 or NIfTI-2 file (header size field {first!r})")
+
+
+def check_affine(affine: np.ndarray, where: str) -> np.ndarray:
+    """``affine`` as a float 4x4 array, or ValueError naming ``where`` when it is not finite and invertible (a zero
+    voxel size or a NaN would make resampling fail later, for the whole case)."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"{where}: the voxel-to-world affine is not a finite 4x4 matrix; fix the qform/sform")
+    if abs(float(np.linalg.det(affine[:3, :3]))) < 1e-9:
+        raise ValueError(f"{where}: the voxel-to-world affine is singular (a voxel size of zero?); fix pixdim or the "
+                         "qform/sform")
+    return affine
+
+
+def load_nifti(path: str | os.PathLike[str], limits: ReaderLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI image as ``(array, RAS affine)``; a trailing singleton 4th axis is dropped.
+
+    Nothing is trusted before it is checked: the file size, then (through a :class:`BoundedReader`, which also caps
+    what a ``.gz`` file may inflate to, header extensions included) the header's dimensions and data type against
+    ``limits``, and only then the array is read.
+
+    Raises:
+        LimitExceeded: (a ValueError) naming the file and the limit it is over.
+        ValueError: naming the file when it is not a readable 3D image.
+    """
+    where = os.fspath(path)
     try:
-        img = nib.load(os.fspath(path))
-        data = np.asarray(img.dataobj)
+        check_file_size(os.stat(where).st_size, where, limits)
+        raw = gzip.open(where, "rb") if where.lower().endswith(".gz") else open(where, "rb")
+        with BoundedReader(raw, limits.max_file_bytes, where) as stream:
+            image_class = _nifti_class(stream, where)
+            img = image_class.from_file_map(image_class.make_file_map({"image": stream}), mmap=False)
+            shape = tuple(int(n) for n in img.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) != 3:
+                raise ValueError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
+            check_voxels(shape, img.get_data_dtype().itemsize, where, limits)
+            data = np.asarray(img.dataobj).reshape(shape)
+            affine = check_affine(img.affine, where)
+    except LimitExceeded:
+        raise
+    except ValueError as exc:
+        raise ValueError(str(exc) if where in str(exc) else f"{where}: not a readable NIfTI image ({exc})") from exc
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable NIfTI image ({exc})") from exc
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D image, got shape {data.shape}")
-    return data, np.asarray(img.affine, dtype=float)
+        raise ValueError(f"{where}: not a readable NIfTI image ({exc})") from exc
+    return data, affine
 
 
 #: Axis directions of fedfusion's canonical grid for ``vol[k, j, i]``: slices inferior->superior, rows

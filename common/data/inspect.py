@@ -17,6 +17,7 @@ from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
 from .dicom_reader import SeriesSummary
+from .limits import DEFAULT_LIMITS, ReaderLimits
 from .problems import ERROR, Problem
 from .series_mapping import MappingSource, load_series_mapping
 from .site import discover_sites, list_cases, read_labels, scan_case
@@ -139,10 +140,11 @@ def inspect_case(
     series_mapping: MappingSource = None,
     require_seg: bool = True,
     read_pixels: bool = True,
+    limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> CaseReport:
     """Inspect one case folder (``read_pixels=False``: headers only, faster, misses pixel-level problems)."""
     case_dir = Path(case_dir)
-    scan = scan_case(case_dir, modalities, series_mapping, load_pixels=read_pixels)
+    scan = scan_case(case_dir, modalities, series_mapping, load_pixels=read_pixels, limits=limits)
     problems = list(scan.problems)
     present = list(scan.volumes) if read_pixels else list(scan.found)
     if not present:
@@ -166,6 +168,7 @@ def inspect_data(
     require_seg: bool = True,
     read_pixels: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> InspectReport:
     """Inspect a site folder or a data root (site-* folders and heldout/).
 
@@ -176,6 +179,7 @@ def inspect_data(
         require_seg: a case without a segmentation is not usable (as in :class:`CaseDataset`).
         read_pixels: decode pixels too (finds truncated files and slice gaps); ``False`` reads headers only.
         progress: called with ``(site name, case id)`` before each case.
+        limits: what one file, series and case folder may cost the readers (see :mod:`common.data.limits`).
 
     Returns:
         The report; never raises for bad data (an invalid series mapping still raises ValueError).
@@ -207,7 +211,7 @@ def inspect_data(
                 progress(site.name, case_dir.name)
             try:
                 case_report = inspect_case(case_dir, labels.get(case_dir.name), mods, mapping, require_seg,
-                                           read_pixels)
+                                           read_pixels, limits)
             except Exception as exc:  # a reader bug must not hide the rest of the report
                 case_report = CaseReport(case_dir.name, [], labels.get(case_dir.name), False, False, [], [
                     Problem(str(case_dir), "unreadable-file", f"unexpected error: {exc!r}", ERROR, case_dir.name)])

@@ -18,7 +18,9 @@ import numpy as np
 from models.config import SEG_LABELS
 from models.modalities import MODALITIES
 
+from .case_files import list_case_files
 from .geometry import load_nifti
+from .limits import DEFAULT_LIMITS, LimitExceeded, ReaderLimits
 from .problems import ERROR, WARNING, Problem
 
 #: File tag -> fedfusion modality (or ``seg``).
@@ -48,11 +50,19 @@ def is_nifti(path: Path) -> bool:
     return low.endswith(".nii") or low.endswith(".nii.gz")
 
 
-def find_nifti_files(case_dir: Path) -> list[NiftiFile]:
-    """NIfTI files directly in ``case_dir`` with the modality/seg each name maps to."""
+def find_nifti_files(case_dir: Path, files: Sequence[Path] | None = None) -> list[NiftiFile]:
+    """NIfTI files directly in ``case_dir`` with the modality/seg each name maps to.
+
+    Args:
+        files: the case's top-level files from :meth:`common.data.case_files.CaseFiles.top_level`; ``None`` lists
+            the folder here (links out of the site and non-regular files are left out; :func:`read_nifti_case`
+            reports them).
+    """
+    if files is None:
+        files = list_case_files(Path(case_dir)).top_level()
     out = []
-    for path in sorted(Path(case_dir).iterdir()):
-        if not path.is_file() or path.name.startswith(".") or not is_nifti(path):
+    for path in sorted(files):
+        if path.name.startswith(".") or not is_nifti(path):
             continue
         match = _NAME.match(path.name)
         tag = NIFTI_TAGS.get(match.group("tag").lower()) if match else None
@@ -60,13 +70,14 @@ def find_nifti_files(case_dir: Path) -> list[NiftiFile]:
     return out
 
 
-def read_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_seg(path: Path, limits: ReaderLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
     """Read a segmentation as ``(labels (D, H, W) uint8, RAS affine)``.
 
     Raises:
+        LimitExceeded: (a ValueError) when the file is over ``limits``.
         ValueError: (message naming the file) when unreadable, not integer-valued, or with labels outside 0..3.
     """
-    data, affine = load_nifti(path)
+    data, affine = load_nifti(path, limits)
     values = np.unique(data)
     if not np.all(np.equal(np.round(values), values)):
         raise ValueError(f"{path}: segmentation is not integer-valued")
@@ -81,10 +92,22 @@ def read_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_nifti_case(
-    case_dir: Path, modalities: Sequence[str] = MODALITIES, case_id: str = "", load_pixels: bool = True
+    case_dir: Path,
+    modalities: Sequence[str] = MODALITIES,
+    case_id: str = "",
+    load_pixels: bool = True,
+    limits: ReaderLimits = DEFAULT_LIMITS,
+    files: Sequence[Path] | None = None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray] | None, list[NiftiFile],
            list[Problem]]:
     """Read a case folder's NIfTI images and segmentation on their native grids.
+
+    Each file is read on its own: one unreadable, hostile or oversized file (see :mod:`common.data.limits`) is a
+    problem for that file only.
+
+    Args:
+        files: the case's top-level files from :meth:`common.data.case_files.CaseFiles.top_level` (their listing
+            problems are then the caller's to report); ``None`` lists the folder here.
 
     Returns:
         ``(volumes, seg, files, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)`` for the
@@ -94,9 +117,13 @@ def read_nifti_case(
     volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     seg: tuple[np.ndarray, np.ndarray] | None = None
     problems: list[Problem] = []
-    files = find_nifti_files(case_dir)
+    if files is None:
+        listing = list_case_files(Path(case_dir), limits, case_id=case_id)
+        problems.extend(listing.problems)
+        files = listing.top_level()
+    nifti_files = find_nifti_files(case_dir, files)
     seen: set[str] = set()
-    for f in files:
+    for f in nifti_files:
         if f.tag is None:
             problems.append(Problem(str(f.path), "unknown-file",
                                     "NIfTI name does not end in _<modality>.nii[.gz] "
@@ -111,11 +138,19 @@ def read_nifti_case(
             continue
         try:
             if f.tag == "seg":
-                seg = read_seg(f.path)
+                seg = read_seg(f.path, limits)
             else:
-                data, affine = load_nifti(f.path)
+                data, affine = load_nifti(f.path, limits)
                 volumes[f.tag] = (np.asarray(data, dtype=np.float32), affine)
+        except LimitExceeded as exc:
+            # A segmentation keeps its kind (bad-seg) so the case is not also reported as having none.
+            kind = "bad-seg" if f.tag == "seg" else "limit-exceeded"
+            problems.append(Problem(str(f.path), kind, f"{exc}; file skipped", ERROR, case_id))
         except ValueError as exc:
             kind = "bad-seg" if f.tag == "seg" else "unreadable-file"
             problems.append(Problem(str(f.path), kind, str(exc), ERROR, case_id))
-    return volumes, seg, files, problems
+        except Exception as exc:  # e.g. a data type that is not a number: this file's problem only
+            kind = "bad-seg" if f.tag == "seg" else "unreadable-file"
+            problems.append(Problem(str(f.path), kind, f"{f.path}: cannot be used as an image ({exc!r})", ERROR,
+                                    case_id))
+    return volumes, seg, nifti_files, problems

@@ -20,11 +20,14 @@ PROBLEM_KINDS: dict[str, str] = {
     "duplicate-series": "more than one series for the same modality",
     "missing-label": "case not in labels.csv (or label invalid)",
     "missing-seg": "case has no <case>_seg.nii[.gz]",
-    "bad-seg": "segmentation unreadable or with labels outside 0..3",
+    "bad-seg": "segmentation unreadable, over a reader limit, or with labels outside 0..3",
     "bad-labels-file": "labels.csv missing or malformed",
     "no-images": "case has no usable image of the requested modalities",
     "label-without-case": "labels.csv names a case folder that does not exist",
     "unknown-file": "NIfTI file whose name maps to no modality",
+    "bad-header-value": "a DICOM header element holds a value that cannot be parsed (the problem names it)",
+    "limit-exceeded": "file, series or case folder over a reader limit (common.data.limits.ReaderLimits)",
+    "unsafe-path": "symbolic link out of the site folder, folder link, or not a regular file; not read",
 }
 
 ERROR = "error"  # the file/series/case was skipped

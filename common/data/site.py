@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,10 @@ from common.layout import HELDOUT_NAME, LABELS_FILE
 from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
+from .case_files import is_inside, list_case_files
 from .dicom_reader import SeriesSummary, read_dicom_case
 from .geometry import Grid, reorient_grid, resample_to_grid
+from .limits import DEFAULT_LIMITS, ReaderLimits
 from .nifti_reader import read_nifti_case
 from .problems import ERROR, WARNING, Problem
 from .series_mapping import MappingSource, load_series_mapping
@@ -112,6 +115,10 @@ def read_labels(site_dir: Path) -> tuple[dict[str, int], list[Problem]]:
     if not path.is_file():
         return labels, [Problem(str(path), "bad-labels-file",
                                 f"no {LABELS_FILE}; write one with a header line 'case_id,label'", ERROR)]
+    target = os.path.realpath(path)
+    if not is_inside(target, os.path.realpath(site_dir)):
+        return labels, [Problem(str(path), "unsafe-path",
+                                f"{LABELS_FILE} is a link to {target}, outside the site folder; not read", ERROR)]
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -186,21 +193,29 @@ def scan_case(
     modalities: Sequence[str] = MODALITIES,
     series_mapping: MappingSource = None,
     load_pixels: bool = True,
+    limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> CaseScan:
-    """Read a case folder (DICOM and/or NIfTI) without resampling; never raises for bad data."""
+    """Read a case folder (DICOM and/or NIfTI) without resampling; never raises for bad data.
+
+    The folder is listed once (bounded, no links out of the site folder: :func:`list_case_files`) and every file
+    is checked against ``limits`` before it is read.
+    """
     case_dir = Path(case_dir)
     case_id = case_dir.name
     mods = canonical(modalities)
     mapping = load_series_mapping(series_mapping)
     scan = CaseScan(case_id)
     try:
-        nifti_vols, seg, nifti_files, nifti_problems = read_nifti_case(case_dir, mods, case_id, load_pixels)
-        dicom_vols, summaries, dicom_problems = read_dicom_case(case_dir, mapping, mods, case_id, load_pixels)
+        listing = list_case_files(case_dir, limits, case_id=case_id)
+        nifti_vols, seg, nifti_files, nifti_problems = read_nifti_case(case_dir, mods, case_id, load_pixels, limits,
+                                                                       listing.top_level())
+        dicom_vols, summaries, dicom_problems = read_dicom_case(case_dir, mapping, mods, case_id, load_pixels, limits,
+                                                                listing.files)
     except OSError as exc:  # folder vanished or unreadable
         scan.problems.append(Problem(str(case_dir), "unreadable-file", f"cannot read case folder: {exc}", ERROR,
                                      case_id))
         return scan
-    scan.problems = [*nifti_problems, *dicom_problems]
+    scan.problems = [*listing.problems, *nifti_problems, *dicom_problems]
     scan.series = [*summaries, *(SeriesSummary(f.path.name, "", "NIfTI", f.tag, 1, "used" if f.tag else "unknown")
                                  for f in nifti_files)]
     scan.found = [m for m in mods if any(s.modality == m and s.status in ("used", "failed") for s in scan.series)]
@@ -221,16 +236,19 @@ def load_case(
     modalities: Sequence[str] = MODALITIES,
     series_mapping: MappingSource = None,
     require_seg: bool = False,
+    limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> CaseData:
     """Read one case and resample every present modality (trilinear) and the segmentation (nearest) onto the
     reference grid: the segmentation's grid when present, else the first present modality's (canonical order),
     reoriented slice-first (see :data:`common.data.geometry.CANONICAL_AXCODES`).
 
+    ``limits`` bounds what each file, series and the case folder may cost (see :mod:`common.data.limits`).
+
     Raises:
         CaseError: when none of ``modalities`` could be read (or, with ``require_seg``, there is no usable
             segmentation); its ``problems`` say why.
     """
-    scan = scan_case(case_dir, modalities, series_mapping)
+    scan = scan_case(case_dir, modalities, series_mapping, limits=limits)
     problems = list(scan.problems)
     if not scan.volumes:
         problems.append(Problem(str(case_dir), "no-images",

@@ -17,7 +17,7 @@ Rebuild it:
       import torch
       from models.config import ModelConfig
       from models.network import build_model
-      payload = torch.load("{out}", map_location="cpu")
+      payload = torch.load("{out}", map_location="cpu", weights_only=True)
       model = build_model(ModelConfig.from_dict(payload["model_config"]))
       model.load_state_dict(payload["state_dict"])
   outside fedfusion: payload = torch.load("{out}", weights_only=True) needs only PyTorch; re-create the
