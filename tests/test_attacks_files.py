@@ -29,7 +29,7 @@ from common.data.inspect import inspect_data
 from common.data.limits import ReaderLimits
 from common.data.site import CaseError, load_case, scan_case
 from models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from models.config import ModelConfig
+from common.runconfig import default_model_config
 from tests.readers_helpers import make_seg, make_volume, simple_affine, write_series
 
 MIB = 1 << 20
@@ -220,7 +220,7 @@ def _hostile_checkpoint(path: Path, marker: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "model_config": ModelConfig().to_dict(),
+        "model_config": default_model_config().to_dict(),
         "state_dict": {},
         "extra": {"round": 3, "strategy_state": _RunsCode(f"open({str(marker)!r}, 'w').write('pwned')")},
     }
@@ -275,12 +275,12 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path, e
 
 def test_checkpoints_fedfusion_writes_hold_only_weights_only_types(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
-    save_checkpoint(path, {"w": torch.ones(2)}, ModelConfig(), round=1, metrics={"dice": np.float64(0.5)},
+    save_checkpoint(path, {"w": torch.ones(2)}, default_model_config(), round=1, metrics={"dice": np.float64(0.5)},
                     history=[np.float32(1.5)])
     payload = torch.load(path, weights_only=True)
     assert payload["extra"]["metrics"]["dice"] == 0.5 and type(payload["extra"]["metrics"]["dice"]) is float
     with pytest.raises(TypeError, match=r"\['m_t'\]"):
-        save_checkpoint(tmp_path / "d.pt", {}, ModelConfig(), m_t=np.zeros(3))
+        save_checkpoint(tmp_path / "d.pt", {}, default_model_config(), m_t=np.zeros(3))
 
 
 def test_fedadam_moments_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
@@ -303,7 +303,7 @@ def test_fedadam_moments_round_trip_through_a_weights_only_checkpoint(tmp_path: 
     before.declined = {7, 3}
     before.validator.history = [1.5, 2.5]
     run = RunDirectory(tmp_path / "run")
-    run.save_round(1, {"w": torch.zeros(2)}, ModelConfig(), strategy_state=before.get_state(), run_config={},
+    run.save_round(1, {"w": torch.zeros(2)}, default_model_config(), strategy_state=before.get_state(), run_config={},
                    best=None)
     torch.load(run.last, weights_only=True)  # loads without allowing any global
 
