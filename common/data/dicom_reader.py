@@ -6,12 +6,17 @@ SeriesInstanceUID and to catch corrupt, truncated and non-image files early; nam
 their position along the slice normal (ImagePositionPatient · (row × column)); apply RescaleSlope/Intercept;
 stack ``vol[k, j, i]`` with the RAS affine of :func:`common.data.geometry.dicom_affine`.
 
-Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found
-and a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report.
+Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found,
+a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report, and the case's
+*patient keys*: each file's PatientID, keyed-hashed (:func:`patient_key`, HMAC-SHA256 with the caller's salt) right
+where the header is read, so the site can group a patient's studies (its privacy unit) without the ID itself ever
+leaving this module.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -67,6 +72,19 @@ class _FileHeader:
     description: str
     instance: int
     frames: int
+    patient: str = ""  # keyed hash of PatientID (:func:`patient_key`), "" when the file has none
+
+
+def patient_key(patient_id: str, salt: bytes) -> str:
+    """A site-local pseudonym of a patient identifier: HMAC-SHA256 of ``patient_id`` under ``salt`` (hex, 32 chars).
+
+    The salt is the site's secret (its state directory): without it the key cannot be linked back to the ID by
+    hashing candidate IDs. ``""`` for an empty identifier (the caller then treats the study as its own patient).
+    """
+    text = patient_id.strip()
+    if not text:
+        return ""
+    return hmac.new(salt, b"fedfusion-patient\0" + text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass
@@ -143,10 +161,13 @@ def _float_list(value: object) -> list[float] | None:
     return out or None
 
 
-def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Problem | None]:
+def read_header(
+    path: Path, case_id: str = "", patient_salt: bytes = b""
+) -> tuple[_FileHeader | None, Problem | None]:
     """Read one file's header; return ``(header, None)`` for an image slice or ``(None, problem)``.
 
-    Non-DICOM files with an unrelated extension give ``(None, None)`` (ignored silently).
+    Non-DICOM files with an unrelated extension give ``(None, None)`` (ignored silently). The header's PatientID
+    is kept only as :func:`patient_key` under ``patient_salt``.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -156,6 +177,8 @@ def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Prob
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             pos = fp.tell()  # pydicom leaves the file at the pixel data tag when it stops before it
+        # inside the guard: a malformed PatientID element is a corrupt header like any other
+        patient = patient_key(str(ds.get("PatientID", "") or ""), patient_salt)
     except InvalidDicomError as exc:
         if _should_be_dicom(path):
             return None, Problem(str(path), "unreadable-file", f"not a DICOM file ({exc})", ERROR, case_id)
@@ -217,14 +240,17 @@ def read_header(path: Path, case_id: str = "") -> tuple[_FileHeader | None, Prob
         description=description,
         instance=instance,
         frames=frames,
+        patient=patient,
     )
     return header, None
 
 
 def scan_dicom(
-    case_dir: Path, mapping: SeriesMapping, case_id: str = ""
+    case_dir: Path, mapping: SeriesMapping, case_id: str = "", patient_salt: bytes = b""
 ) -> tuple[list[DicomSeries], list[Problem]]:
     """Group a case folder's DICOM files into series and map each series to a modality (headers only).
+
+    ``patient_salt`` keys the files' PatientIDs (:func:`patient_key`).
 
     Returns:
         ``(series, problems)``: series in folder order; problems for every file that was skipped.
@@ -234,7 +260,7 @@ def scan_dicom(
     problems: list[Problem] = []
     seen_sop: set[str] = set()
     for path in _candidate_files(case_dir):
-        header, problem = read_header(path, case_id)
+        header, problem = read_header(path, case_id, patient_salt)
         if problem is not None:
             problems.append(problem)
         if header is None:
@@ -479,7 +505,8 @@ def read_dicom_case(
     modalities: Sequence[str] = MODALITIES,
     case_id: str = "",
     load_pixels: bool = True,
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem]]:
+    patient_salt: bytes = b"",
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem], frozenset[str]]:
     """Read a case folder's DICOM series of the requested modalities on their native grids.
 
     Args:
@@ -488,13 +515,21 @@ def read_dicom_case(
         modalities: modalities to read pixels for; other mapped series are listed as ``not-requested``.
         case_id: site-local case id, stamped on problems.
         load_pixels: ``False`` to group and map only (no volumes returned).
+        patient_salt: the site's secret that keys PatientIDs (:func:`patient_key`).
 
     Returns:
-        ``(volumes, series, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``.
-        When several series map to one modality the one with the most frames is used, the others reported.
+        ``(volumes, series, problems, patients)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``;
+        ``patients``: the keyed PatientIDs of every image file of the case (several when a folder mixes
+        patients; empty when no file has one). When several series map to one modality the one with the most
+        frames is used, the others reported.
     """
     case_dir = Path(case_dir)
-    all_series, problems = scan_dicom(case_dir, mapping, case_id)
+    all_series, problems = scan_dicom(case_dir, mapping, case_id, patient_salt)
+    patients = frozenset(h.patient for s in all_series for h in s.files if h.patient)
+    if len(patients) > 1:
+        problems.append(Problem(str(case_dir), "mixed-patients",
+                                f"the case folder holds images of {len(patients)} different PatientIDs; they are "
+                                "treated as one patient for privacy", WARNING, case_id))
     summaries: list[SeriesSummary] = []
     volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     by_modality: dict[str, list[DicomSeries]] = {}
@@ -539,7 +574,7 @@ def read_dicom_case(
             summaries.append(_summary(series, "used"))
     for p in problems:
         log.debug("%s", p)
-    return volumes, summaries, problems
+    return volumes, summaries, problems, patients
 
 
 def _summary(series: DicomSeries, status: str) -> SeriesSummary:

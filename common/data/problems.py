@@ -25,6 +25,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "no-images": "case has no usable image of the requested modalities",
     "label-without-case": "labels.csv names a case folder that does not exist",
     "unknown-file": "NIfTI file whose name maps to no modality",
+    "mixed-patients": "a case folder holding images of several PatientIDs (treated as one patient for privacy)",
 }
 
 ERROR = "error"  # the file/series/case was skipped
