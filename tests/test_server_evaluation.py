@@ -18,19 +18,18 @@ from models.modalities import subset_name, subsets
 from models.network import build_model
 from models.runlog import iter_metrics
 from server.server_app import run_server
-from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+from tests.server_stubs import LocalGrid, eval_metrics, site_metrics, write_heldout
 from common.runconfig import default_model_config, model_entries
 
 TINY = default_model_config(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
                    channels=(4, 8))
-SITES = {21: ({"t1": 3, "ct": 3}, 3.0, 0.2), 22: ({"t1": 1}, 1.0, 0.6)}  # cases, eval cases, local dice
+SITES = {21: ({"t1": 3, "ct": 3}, 3, 0.2), 22: ({"t1": 1}, 1, 0.6)}  # cases, held-out patients, their dice
 
 
 def stub_site(node_id: int, msg: Message) -> Message:
     cases, n_eval, dice = SITES[node_id]
     if msg.metadata.message_type.startswith("evaluate"):
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n_eval, "dice-whole": dice})}),
-                       reply_to=msg)
+        return Message(content=RecordDict({"metrics": MetricRecord(eval_metrics(n_eval, dice))}), reply_to=msg)
     rnd = int(msg.content["config"]["server-round"])
     rng = np.random.default_rng(node_id * 100 + rnd)
     arrays = {
@@ -79,7 +78,8 @@ def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> N
     printed = capsys.readouterr().out
     assert "global model, round 2" in printed and "global model, round 3" in printed
 
-    # site metrics: aggregated local evaluation weighted by num-examples, per-site train metrics with epsilon
+    # site metrics: global metrics from the summed statistics (a mean over all held-out patients), per-site train
+    # metrics with epsilon
     site_eval = [r for r in records if r["phase"] == "site-eval" and r["scope"] == "global"
                  and r["metric"] == "dice-whole"]
     assert len(site_eval) == 3
