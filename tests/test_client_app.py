@@ -209,3 +209,29 @@ def test_nothing_identifying_leaves_the_site(phantoms: Path, tmp_path: Path) -> 
     for r in captured:
         if not r.has_error() and "metrics" in r.content:
             assert all(isinstance(v, (int, float)) for v in r.content["metrics"].values())
+
+
+def test_validation_split_is_by_patient_sized_and_salted() -> None:
+    from client.holdout import split_site, validation_size
+
+    assert [validation_size(n) for n in (1, 9, 10, 12, 50, 2000)] == [0, 0, 2, 2, 10, 100]
+
+    class Site:  # the two CaseDataset methods the split reads: 30 patients, every third with two studies
+        def patient_groups(self) -> list[list[int]]:
+            out, i = [], 0
+            for p in range(30):
+                k = 2 if p % 3 == 0 else 1
+                out.append(list(range(i, i + k)))
+                i += k
+            return out
+
+        def group_key(self, group: list[int]) -> str:
+            return f"patient-{group[0]}"
+
+    split = split_site(Site(), b"s" * 32)
+    assert len(split.validation_groups) == 6 and len(split.train_groups) == 24
+    assert not set(split.train) & set(split.validation)
+    assert sorted(split.train + split.validation) == list(range(40))  # every study on exactly one side
+    assert split_site(Site(), b"s" * 32) == split  # deterministic for one salt
+    assert split_site(Site(), b"t" * 32) != split  # and the salt decides which patients
+    assert [len(g) for g in split.train_positions()] == [len(g) for g in split.train_groups]
