@@ -1,4 +1,4 @@
-"""Who this site is and where its data and state live, from the node config; and how it says "no".
+"""Who this site is and where its data and state live, from the node config; its secret salt; and how it says "no".
 
 Where a site's settings come from:
 

@@ -28,6 +28,7 @@ from common import evalstats, replies
 from models.modalities import MODALITIES
 
 from .evaluations import EvaluationBook, model_digest
+from .holdout import MIN_PATIENTS_FOR_VALIDATION
 from .privacy.engine import CasesOnly, load_plain_state_dict
 from .privacy.policy import SitePolicy
 from .privacy.release import gaussian_release
@@ -153,8 +154,6 @@ def evaluate_round(
         raise SiteDecline(replies.REFUSED_EVALUATION, "this site's policy does not allow evaluation "
                           "(allow-evaluation = false)")
     if not rt.split.validation_groups:
-        from .holdout import MIN_PATIENTS_FOR_VALIDATION
-
         raise SiteDecline(replies.REFUSED_EVALUATION,
                           "the site has too few patients to hold any out for evaluation; it trains on all of them",
                           min_patients=MIN_PATIENTS_FOR_VALIDATION)
