@@ -1,14 +1,16 @@
 """fedfusion's Flower ClientApp (Message API): ``train`` and ``evaluate`` handlers.
 
 Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names)
-and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples``, ``site-index``, ``train-loss``,
-``train-seconds``, ``cases-<modality>`` and ``has-<modality>`` for every modality of
-:data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``, ``epsilon-round``, ``delta``,
-``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples``, ``site-index`` plus the local
-segmentation/classification metrics of :mod:`models.metrics`.
+and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
+site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modality>`` (rounded alike) and
+``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``,
+``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples`` (held-out
+cases, rounded), ``site-index``, ``eval-noise-multiplier``, ``epsilon-total``, ``epsilon-round``, ``delta`` and the
+Gaussian-noised statistics of :mod:`common.evalstats` (``stat-*``) over the site's held-out patients.
 
 When the site does not train (privacy budget exhausted, run config weaker than the site's policy, no usable
-case, arrays that do not fit the run's model) it answers with an *error* reply whose code is one of
+case, arrays that do not fit the run's model) or does not evaluate (see :func:`client.task.evaluate_round`) it
+answers with an *error* reply whose code is one of
 :mod:`common.replies` and whose reason is a short plain-text message with numbers only. Flower's strategies drop
 error replies before aggregation, so a declining site never disturbs a round.
 
@@ -82,17 +84,31 @@ def train(msg: Message, context: Context) -> Message:
         content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
+        _remember_decline(context, exc)
         return _error_reply(msg, exc)
+
+
+def _remember_decline(context: Context, exc: BaseException) -> None:
+    """A site that declines training in a run (budget, policy) answers no evaluation in that run either."""
+    from client.site import SiteDecline
+
+    if isinstance(exc, SiteDecline) and replies.is_decline(exc.code):
+        from client.task import note_training_declined
+
+        try:
+            note_training_declined(context.node_config, context.run_config, str(context.run_id))
+        except Exception:  # noqa: BLE001 - the decline reply must still go out (an unwritable state dir fails evaluation too)
+            log.exception("could not record the training decline in the site's state")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on local cases; reply with numeric metrics only."""
+    """Evaluate the received global model on held-out patients; reply with DP-noised statistics only."""
     try:
         from client.task import evaluate_round
 
         state = _received_state(msg)
-        metrics = evaluate_round(context.node_config, context.run_config, state)
+        metrics = evaluate_round(context.node_config, context.run_config, state, _round_of(msg), str(context.run_id))
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
         return _error_reply(msg, exc)

@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from common import replies, runconfig
 from common.runconfig import DPConfig, RunConfigError, TrainConfig
 from models.config import ModelConfig
 from models.modalities import MODALITIES
 
+from .holdout import SiteSplit, split_site
 from .privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, CasesOnly, PrivateParts, make_private
 from .privacy.policy import PolicyRefusal, SitePolicy
 from .privacy.session import DPSession
-from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device
+from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device, site_salt
 
 log = logging.getLogger("fedfusion.site")
 
@@ -44,8 +45,10 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
     """The site's :class:`common.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
 
     Unreadable cases are skipped and logged by the reader (kind and site-local path; the log stays on site).
+    Patient identifiers are keyed with the site's salt (:func:`client.site.site_salt`).
     """
-    key = (str(settings.site_dir), str(settings.series_map), cfg.modalities, cfg.spatial_size)
+    key = (str(settings.site_dir), str(settings.state_dir), str(settings.series_map), cfg.modalities,
+           cfg.spatial_size)
     with _LOCK:
         if key in _DATASETS:
             return _DATASETS[key]
@@ -56,6 +59,7 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
         kwargs: dict[str, Any] = dict(
             site_dirs=[settings.site_dir], modalities=cfg.modalities, spatial_size=cfg.spatial_size,
             augment=False, cache=True, cache_dir=settings.state_dir / "preprocessed",
+            patient_salt=site_salt(settings.state_dir),
         )
         if settings.series_map is not None:
             kwargs["series_mapping"] = settings.series_map
@@ -74,10 +78,11 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
         return ds
 
 
-def modality_counts(dataset: Any) -> dict[str, int]:
-    """Cases carrying each modality of :data:`MODALITIES` (0 for modalities the run does not use)."""
+def modality_counts(dataset: Any, indices: list[int] | None = None) -> dict[str, int]:
+    """Cases (of ``indices``, default all) carrying each modality of :data:`MODALITIES` (0 for modalities the run
+    does not use)."""
     counts: dict[str, int] = {m: 0 for m in MODALITIES}
-    for m, n in dataset.modality_counts().items():
+    for m, n in dataset.modality_counts(indices).items():
         if m in counts:
             counts[m] = int(n)
     return counts
@@ -87,6 +92,8 @@ def modality_counts(dataset: Any) -> dict[str, int]:
 class SiteRuntime:
     """One site's cached state for one (model config, training settings, DP settings) combination.
 
+    ``split`` divides the dataset's patients into training and held-out validation (:mod:`client.holdout`):
+    training, its counts and its DP plan see only the training patients, evaluation only the held-out ones.
     ``dp`` (DP runs) and ``parts`` (the module, loader, optimizer and loss to train with: Opacus's DP-SGD parts, or
     the plain ones when the run has DP off with the site's consent) are built by the first train message: a deployed
     ClientApp process lives for one message, and an evaluate message needs neither.
@@ -100,6 +107,7 @@ class SiteRuntime:
     dataset: Any
     model: torch.nn.Module
     loss_fn: Any
+    split: SiteSplit
     counts: dict[str, int] = field(default_factory=dict)
     dp: DPSession | None = None
     private: PrivateParts | None = None
@@ -107,7 +115,18 @@ class SiteRuntime:
 
     @property
     def num_cases(self) -> int:
-        return len(self.dataset)
+        """Training cases (studies)."""
+        return len(self.split.train)
+
+    @property
+    def num_patients(self) -> int:
+        """Training patients: the privacy units DP-SGD samples."""
+        return len(self.split.train_groups)
+
+    @property
+    def num_validation_cases(self) -> int:
+        """Held-out cases (studies)."""
+        return len(self.split.validation)
 
     def site_seed(self, server_round: int) -> int:
         """A per-site, per-round seed from the run seed (sites must not draw the same noise)."""
@@ -161,9 +180,13 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
 
         torch.manual_seed(ts.seed)  # the initial weights are replaced by the server's, but keep builds repeatable
         model = build_model(cfg).to(device)
+        split = split_site(dataset, site_salt(settings.state_dir))
+        log.info("site %s: %d patients (%d cases) train, %d patients (%d cases) held out for evaluation",
+                 settings.site_name, len(split.train_groups), len(split.train), len(split.validation_groups),
+                 len(split.validation))
         rt = SiteRuntime(settings=settings, model_cfg=cfg, train=ts, dp_request=dp, device=device, dataset=dataset,
-                         model=model, loss_fn=MultiTaskLoss())
-        rt.counts = modality_counts(dataset)
+                         model=model, loss_fn=MultiTaskLoss(), split=split)
+        rt.counts = modality_counts(dataset, split.train)
         # Modalities this site never has cannot train their encoders here (the server keeps those encoders from the
         # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.
         model.set_site_modalities([m for m in cfg.modalities if rt.counts.get(m, 0) > 0])
@@ -181,13 +204,15 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
         if rt.parts is None:
             from models.training import make_optimizer
 
-            loader = DataLoader(CasesOnly(rt.dataset), batch_size=min(rt.train.batch_size, rt.num_cases),
+            train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
+            loader = DataLoader(train_cases, batch_size=min(rt.train.batch_size, rt.num_cases),
                                 shuffle=True, drop_last=False)
             optimizer = make_optimizer(rt.model, lr=rt.train.lr)
             if rt.dp_request.enabled:
                 try:
+                    # the privacy unit is the patient: the plan's sampling rate is per patient
                     rt.dp = DPSession.plan(
-                        rt.settings.state_dir, rt.dp_request, policy, num_cases=rt.num_cases,
+                        rt.settings.state_dir, rt.dp_request, policy, num_cases=rt.num_patients,
                         batch_size=rt.train.batch_size, local_epochs=rt.train.local_epochs,
                         num_rounds=rt.train.num_server_rounds, site_name=rt.settings.site_name,
                     )
@@ -198,6 +223,7 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
                     rt.model, optimizer, loader, rt.loss_fn,
                     noise_multiplier=rt.dp.noise_multiplier, max_grad_norm=rt.dp_request.max_grad_norm,
                     grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, secure_mode=policy.secure_mode, seed=rt.train.seed,
+                    groups=rt.split.train_positions(),
                 )
                 if not policy.secure_mode:
                     log.info(

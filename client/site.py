@@ -1,4 +1,4 @@
-"""Who this site is and where its data and state live, from the node config; and how it says "no".
+"""Who this site is and where its data and state live, from the node config; its secret salt; and how it says "no".
 
 Where a site's settings come from:
 
@@ -12,7 +12,10 @@ Where a site's settings come from:
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,10 @@ from common.layout import partition_site, simulated_state_dir
 
 log = logging.getLogger("fedfusion.site")
 
-__all__ = ["SiteDecline", "SiteSettings", "resolve_site", "resolve_torch_device"]
+__all__ = ["SALT_FILE", "SiteDecline", "SiteSettings", "resolve_site", "resolve_torch_device", "site_salt"]
+
+#: The site's secret salt (hex), in its state directory: keys patient identifiers and the validation split.
+SALT_FILE = "site-salt"
 
 
 class SiteDecline(Exception):
@@ -120,3 +126,42 @@ def resolve_torch_device(name: str) -> torch.device:
         return resolve_device(name)
     except ValueError as exc:
         raise SiteDecline(replies.BAD_REQUEST, f"node config device: {exc}") from exc
+
+
+def site_salt(state_dir: Path) -> bytes:
+    """The site's secret salt, created once (32 random bytes, file mode 0600) and the same in every later process.
+
+    It keys patient identifiers (:func:`common.data.dicom_reader.patient_key`) and the validation split
+    (:mod:`client.holdout`), so neither can be recomputed by anyone who lacks the site's state directory. Creation
+    is create-if-absent (a hard link of a finished temporary file): two processes starting at once agree on one salt.
+
+    Raises:
+        ValueError: the salt file exists but is not what this function writes (the site must not silently change
+            its salt: patient grouping and the validation split would change with it).
+    """
+    path = Path(state_dir) / SALT_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{SALT_FILE}.", dir=path.parent)  # 0600 from creation
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race: use its salt
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        salt = bytes.fromhex(text)
+    except ValueError:
+        salt = b""
+    if len(salt) != 32:
+        raise ValueError(
+            f"the site salt {path} is damaged (expected 64 hex digits); restore it from backup. Deleting it makes "
+            "a new salt: the validation split changes, so cases evaluated before may then be trained on."
+        )
+    return salt

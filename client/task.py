@@ -1,8 +1,15 @@
 """The site's task, as in Flower's example apps: model and data (cached, :mod:`client.runtime`), train, evaluate.
 
-A round loads the received weights, trains or evaluates, and — under DP — is checked against and charged to the
-site's privacy ledger (:mod:`client.privacy.session`). Where the site's folder, state and policy come from is
-:mod:`client.site`; what the run asks is the run config (:mod:`common.runconfig`).
+A round loads the received weights, trains or evaluates, and is checked against and charged to the site's privacy
+ledger (:mod:`client.privacy.session`). Where the site's folder, state and policy come from is :mod:`client.site`;
+what the run asks is the run config (:mod:`common.runconfig`).
+
+What a reply reveals beyond DP (docs/site.md, "What leaves the site"):
+
+* train replies carry case counts rounded up to the policy's ``count-granularity`` (:func:`bucketed`), the same
+  every round; no training loss (an exact mean loss over the site's cases is not DP);
+* evaluate replies carry only Gaussian-noised sufficient statistics over held-out patients
+  (:mod:`common.evalstats`), charged to the ledger, at most once per model and round (:mod:`client.evaluations`).
 """
 
 from __future__ import annotations
@@ -13,20 +20,32 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from common import replies
+from common import evalstats, replies
 from models.modalities import MODALITIES
 
+from .evaluations import EvaluationBook, model_digest
+from .holdout import MIN_PATIENTS_FOR_VALIDATION
 from .privacy.engine import CasesOnly, load_plain_state_dict
-from .privacy.session import NO_DP_METRICS, BudgetExhausted
+from .privacy.policy import SitePolicy
+from .privacy.release import gaussian_release
+from .privacy.session import NO_DP_METRICS, BudgetExhausted, charge_release, release_budget
 from .runtime import SiteRuntime, clear_cache, get_runtime, training_parts
-from .site import SiteDecline
+from .site import SiteDecline, resolve_site
 
 log = logging.getLogger("fedfusion.site")
 
-__all__ = ["SiteDecline", "clear_cache", "evaluate_round", "train_round"]
+__all__ = ["SiteDecline", "bucketed", "clear_cache", "evaluate_round", "note_training_declined", "train_round"]
+
+
+def bucketed(count: int, granularity: int) -> float:
+    """``count`` rounded *up* to a multiple of ``granularity`` (0 stays 0: whether a site has any case of a
+    modality is sent as is, the server's modality-aware aggregation needs it)."""
+    g = max(1, int(granularity))
+    return float(0 if count <= 0 else g * math.ceil(count / g))
 
 
 def _load(rt: SiteRuntime, state: Mapping[str, torch.Tensor]) -> None:
@@ -82,56 +101,104 @@ def train_round(
     seconds = time.perf_counter() - t0
 
     finite = [x for x in losses if math.isfinite(x)]
+    loss = float(sum(finite) / len(finite)) if finite else math.nan  # the site log's, never the reply's
+    granularity = int(policy.count_granularity)
     metrics: dict[str, float] = {
-        "num-examples": float(rt.num_cases), "site-index": rt.settings.site_index,
-        "train-loss": float(sum(finite) / len(finite)) if finite else 0.0,
+        "num-examples": bucketed(rt.num_cases, granularity), "site-index": rt.settings.site_index,
         # Wall seconds of the local epochs alone (no loading, no transport): bench/round_overhead.py compares the
         # federation's round time against the sum of these.
         "train-seconds": float(seconds),
     }
     for m in MODALITIES:
-        metrics[f"cases-{m}"] = float(rt.counts.get(m, 0))
+        metrics[f"cases-{m}"] = bucketed(rt.counts.get(m, 0), granularity)
         metrics[f"has-{m}"] = 1.0 if rt.counts.get(m, 0) > 0 else 0.0
     if rt.dp is not None and ledger is not None:
         metrics.update(rt.dp.charge(ledger))
-        log.info("site %s round %d: %d cases, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at delta %g",
-                 rt.settings.site_name, server_round, rt.num_cases, metrics["train-loss"], seconds,
+        log.info("site %s round %d: %d cases of %d patients, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at "
+                 "delta %g", rt.settings.site_name, server_round, rt.num_cases, rt.num_patients, loss, seconds,
                  metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, rt.dp.request.delta)
     else:
         metrics.update(NO_DP_METRICS)
         log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
-                    rt.settings.site_name, server_round, metrics["train-loss"], seconds)
+                    rt.settings.site_name, server_round, loss, seconds)
     state_out = {k: v.detach().cpu().clone() for k, v in rt.model.state_dict().items()}
     return state_out, metrics
 
 
+def note_training_declined(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: str) -> None:
+    """Remember in the site's state that it declined training in ``run_id``: it then answers no evaluation in it."""
+    try:
+        settings = resolve_site(node_config, run_config)
+    except SiteDecline:
+        return  # no site folder: there is no state to protect either
+    EvaluationBook.load(settings.state_dir).note_training_declined(run_id)
+
+
 def evaluate_round(
-    node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+    server_round: int = 0, run_id: str = "",
 ) -> dict[str, float]:
-    """Evaluate received weights on the site's cases (each with the modalities it has). Numbers only.
+    """Evaluate received weights on the site's held-out patients; reply with DP-noised sufficient statistics.
 
-    Evaluation does not spend privacy budget but its metrics are not DP-protected either (see docs/site.md).
+    The exact statistics (:func:`common.evalstats.site_sums`) get Gaussian noise of std ``eval-noise-multiplier``
+    times their sensitivity per patient (:data:`common.evalstats.SENSITIVITY`), and the release is charged to the
+    site's ledger as ``(eval-noise-multiplier, 1.0, 1)``.
+
+    Raises:
+        SiteDecline: REFUSED_EVALUATION (policy forbids evaluation, no held-out patients, model or round already
+            evaluated, training declined in this run), DECLINED_BUDGET (the release would pass ``max-epsilon``),
+            BAD_REQUEST (arrays that do not fit the model).
     """
-    rt, _policy = get_runtime(node_config, run_config)
-    _load(rt, state)
-    rt.model.eval()
-    out: dict[str, float] = {"num-examples": float(rt.num_cases), "site-index": rt.settings.site_index}
-    for k, v in _local_metrics(rt).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[str(k)] = float(v)
+    rt, policy = get_runtime(node_config, run_config)
+    if not policy.allow_evaluation:
+        raise SiteDecline(replies.REFUSED_EVALUATION, "this site's policy does not allow evaluation "
+                          "(allow-evaluation = false)")
+    if not rt.split.validation_groups:
+        raise SiteDecline(replies.REFUSED_EVALUATION,
+                          "the site has too few patients to hold any out for evaluation; it trains on all of them",
+                          min_patients=MIN_PATIENTS_FOR_VALIDATION)
+    delta = _release_delta(rt, policy)
+    z = float(policy.eval_noise_multiplier)
+    try:
+        ledger = release_budget(rt.settings.state_dir, policy, z, delta)
+    except BudgetExhausted as exc:
+        raise SiteDecline(
+            replies.DECLINED_BUDGET, "privacy budget exhausted: an evaluation would exceed the site's max-epsilon",
+            epsilon_total=exc.spent, epsilon_next=exc.after, max_epsilon=exc.ceiling, delta=exc.delta,
+        ) from exc
+    _load(rt, state)  # a misfit is a bad request, refused before the slot is taken
+    EvaluationBook.load(rt.settings.state_dir).claim(run_id, server_round, model_digest(state))
+    exact = _validation_statistics(rt)
+    noisy = gaussian_release(exact, noise_multiplier=z, sensitivity=evalstats.SENSITIVITY)
+    privacy = charge_release(ledger, z, delta)
+    log.info("site %s round %d: evaluated on %d held-out patients (%d cases); released with noise multiplier %g, "
+             "epsilon %.3f (+%.3f) of max %.3f", rt.settings.site_name, server_round, len(rt.split.validation_groups),
+             rt.num_validation_cases, z, privacy["epsilon-total"], privacy["epsilon-round"], policy.max_epsilon)
+    out: dict[str, float] = {
+        "num-examples": bucketed(rt.num_validation_cases, int(policy.count_granularity)),
+        "site-index": rt.settings.site_index, "eval-noise-multiplier": z, **privacy,
+    }
+    out.update({k: float(v) for k, v in zip(evalstats.STATISTIC_KEYS, noisy)})
     return out
 
 
-def _local_metrics(rt: SiteRuntime) -> dict[str, float]:
-    """Segmentation (Dice, IoU, precision per region; no HD95, for speed) and classification metrics of the model on
-    all local cases, each with the modalities it has. Keys are :mod:`models.metrics` names; always the same keys
-    (NaN where a metric is undefined, e.g. AUROC with one class) so replies stay consistent across sites."""
+def _release_delta(rt: SiteRuntime, policy: SitePolicy) -> float:
+    """The delta the ledger is read at: the run's (checked against the site's max-delta), else the site's."""
+    asked = rt.dp_request.delta
+    return float(asked) if 0 < asked <= policy.max_delta else float(policy.max_delta)
+
+
+def _validation_statistics(rt: SiteRuntime) -> np.ndarray:
+    """Exact statistic vector (:func:`common.evalstats.site_sums`) of the model on the held-out patients' cases,
+    each with the modalities it has."""
     from models.evaluation import predict
-    from models.metrics import classification_metrics, mean_over_cases, segmentation_metrics
+    from models.metrics import REGIONS, segmentation_metrics
 
-    loader = DataLoader(CasesOnly(rt.dataset), batch_size=max(1, min(rt.train.batch_size, rt.num_cases)), shuffle=False)
+    held = Subset(rt.dataset, rt.split.validation)
+    loader = DataLoader(CasesOnly(held), batch_size=max(1, min(rt.train.batch_size, len(held))), shuffle=False)
     pred = predict(rt.model, loader, rt.device)
-    used = pred.used
-    out = mean_over_cases(segmentation_metrics(pred.seg_pred[used], pred.seg_true[used], hd95=False))
-    out.update(classification_metrics(pred.probs[used], pred.labels[used]))
-    return out
+    if not bool(pred.used.all()):  # every case of the dataset has a run modality; a gap here is a bug
+        raise RuntimeError("a held-out case could not be evaluated (no modality of the run)")
+    seg = segmentation_metrics(pred.seg_pred, pred.seg_true, hd95=False)
+    dice = torch.stack([seg[f"dice-{r}"] for r in REGIONS], dim=1).numpy()
+    return evalstats.site_sums(dice, pred.probs.numpy(), pred.labels.numpy(), rt.split.validation_positions())

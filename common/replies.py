@@ -21,6 +21,10 @@ NO_USABLE_DATA = 4003
 BAD_REQUEST = 4004
 #: Anything else that went wrong on the site (logged there in full; the reason names only the exception type).
 SITE_FAILURE = 4005
+#: The site will not evaluate this request: its policy forbids evaluation, it holds out no validation patients
+#: (too few patients), it already evaluated this model or round, or it declined training in this run. Not a
+#: training decline: the server keeps sampling the site for training.
+REFUSED_EVALUATION = 4006
 
 CODES: dict[int, str] = {
     DECLINED_BUDGET: "declined-budget",
@@ -28,6 +32,7 @@ CODES: dict[int, str] = {
     NO_USABLE_DATA: "no-usable-data",
     BAD_REQUEST: "bad-request",
     SITE_FAILURE: "site-failure",
+    REFUSED_EVALUATION: "refused-evaluation",
 }
 
 _PAIR = re.compile(r"([a-z][a-z0-9-]*)=(-?[0-9.eE+-]+|inf|nan)")

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from common import evalstats
 from common import replies as site_replies
 from models.modalities import MODALITIES
 from models.runlog import MetricsLog
@@ -444,27 +445,36 @@ class FedFusionStrategy(Strategy):
 
     # -- evaluation --------------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted mean (by ``num-examples``) of the sites' local evaluation metrics; logged per site and
-        aggregated (phase ``site-eval``)."""
+        """Global metrics from the sum of the sites' DP-noised evaluation statistics (:mod:`common.evalstats`).
+
+        Each site sends noisy sufficient statistics over its held-out patients, never its own metrics; the sums
+        over sites give the global metrics (``cases``, ``dice-<region>``, ``accuracy``, ``recall``,
+        ``specificity``, ``f1``, ``auroc``, ROC points), logged with ``sites`` as phase ``site-eval``, scope
+        ``global``. Per site, the metrics of its own (noisy) statistics and its privacy numbers are logged too.
+        Replies without the statistics (errors, refusals, sites of older versions) are logged and left out.
+        """
         rnd = self.global_round(server_round)
-        records: list[dict[str, float]] = []
+        vectors: list[np.ndarray] = []
         for msg in replies:
             if msg.has_error():
                 logger.info("round %d: evaluation error from node %d: %s", rnd, msg.metadata.src_node_id,
                             msg.error.reason)
                 continue
             metrics = reply_metrics(msg)
-            if metrics is None:
+            stats = None if metrics is None else evalstats.read_statistics(metrics)
+            if stats is None:
+                logger.warning("round %d: node %d sent no DP evaluation statistics; its evaluation is ignored",
+                               rnd, msg.metadata.src_node_id)
                 continue
-            values = numeric_metrics(metrics)
-            if not values.get(WEIGHT_KEY, 0) > 0:
-                continue
-            self._log(rnd, "site-eval", site_scope(msg), values)
-            records.append(values)
-        if not records:
+            values = numeric_metrics(metrics or {})
+            privacy = {k: values[k] for k in ("epsilon-total", "epsilon-round", "eval-noise-multiplier") if k in values}
+            site = {k: v for k, v in evalstats.metrics_from_sums(stats).items() if "@" not in k}
+            self._log(rnd, "site-eval", site_scope(msg), {**site, **privacy})
+            vectors.append(stats)
+        if not vectors:
             return None
-        agg = weighted_metrics(records)
-        agg["sites"] = float(len(records))
+        agg = evalstats.metrics_from_sums(evalstats.sum_statistics(vectors))
+        agg["sites"] = float(len(vectors))
         self._log(rnd, "site-eval", "global", agg)
         return MetricRecord(agg)
 

@@ -39,6 +39,18 @@ def site_metrics(num_examples: float, cases: Mapping[str, float]) -> dict[str, f
     return out
 
 
+def eval_metrics(patients: int, dice: float, **extra: float) -> dict[str, float]:
+    """Evaluate-reply metrics as fedfusion's ClientApp sends them, without the noise: the statistics
+    (:mod:`common.evalstats`) of ``patients`` held-out patients (one study each, benign, probability 0.3) whose Dice
+    is ``dice`` in every region; plus ``extra`` metrics."""
+    from common.evalstats import STATISTIC_KEYS, site_sums
+    from models.metrics import REGIONS
+
+    sums = site_sums(np.full((patients, len(REGIONS)), dice), np.full(patients, 0.3), np.zeros(patients, dtype=int),
+                     [[i] for i in range(patients)])
+    return {**{k: float(v) for k, v in zip(STATISTIC_KEYS, sums)}, **extra}
+
+
 def set_task_identity() -> None:
     """Flower's Message constructor needs a task identity in the ServerApp process."""
     TaskIdentity.run_id = 1

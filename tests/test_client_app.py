@@ -48,16 +48,17 @@ def test_train_changes_arrays_reports_availability_and_exact_epsilon(phantoms: P
     m = dict(reply.content["metrics"])
     assert all(isinstance(v, (int, float)) for v in m.values())
 
-    # availability: site-02 of the modality-skew scenario lacks some modalities; the reply says which, per case
+    # availability: site-02 of the modality-skew scenario lacks some modalities; the reply says which, with case
+    # counts rounded up to the policy's count-granularity (10 by default; 3 cases: too few to hold any out)
     from common.data import CaseDataset
 
     ds = CaseDataset([phantoms / "site-02"], TINY.modalities, TINY.spatial_size)
     counts = ds.modality_counts()
     assert any(n == 0 for n in counts.values()) and any(n > 0 for n in counts.values())
     for mod in MODALITIES:
-        assert m[f"cases-{mod}"] == counts.get(mod, 0)
+        assert m[f"cases-{mod}"] == (10.0 if counts.get(mod, 0) else 0.0)
         assert m[f"has-{mod}"] == (1.0 if counts.get(mod, 0) else 0.0)
-    assert m["num-examples"] == len(ds)
+    assert m["num-examples"] == 10.0 and "train-loss" not in m
 
     # the reported epsilon is exactly what a fresh Opacus accountant computes from the saved history
     from opacus.accountants import RDPAccountant
@@ -71,9 +72,12 @@ def test_train_changes_arrays_reports_availability_and_exact_epsilon(phantoms: P
 
 
 def test_a_site_whose_first_message_is_evaluate_then_trains(phantoms: Path, tmp_path: Path) -> None:
-    """In simulation a worker may evaluate a site before it ever trained it: training must still work after."""
+    """In simulation a worker may evaluate a site before it ever trained it: training must still work after (here
+    the 3-patient site refuses to evaluate: too few patients to hold any out)."""
     ctx = context(_node(phantoms, tmp_path), run_config())
-    assert not evaluate(message("evaluate", initial_state()), ctx).has_error()
+    first = evaluate(message("evaluate", initial_state()), ctx)
+    assert first.has_error() and first.error.code == replies.REFUSED_EVALUATION
+    assert "too few patients" in first.error.reason
     reply = train(message("train", initial_state()), ctx)
     assert not reply.has_error(), reply.error
     assert dict(reply.content["metrics"])["epsilon-total"] > 0
@@ -205,3 +209,29 @@ def test_nothing_identifying_leaves_the_site(phantoms: Path, tmp_path: Path) -> 
     for r in captured:
         if not r.has_error() and "metrics" in r.content:
             assert all(isinstance(v, (int, float)) for v in r.content["metrics"].values())
+
+
+def test_validation_split_is_by_patient_sized_and_salted() -> None:
+    from client.holdout import split_site, validation_size
+
+    assert [validation_size(n) for n in (1, 9, 10, 12, 50, 2000)] == [0, 0, 2, 2, 10, 100]
+
+    class Site:  # the two CaseDataset methods the split reads: 30 patients, every third with two studies
+        def patient_groups(self) -> list[list[int]]:
+            out, i = [], 0
+            for p in range(30):
+                k = 2 if p % 3 == 0 else 1
+                out.append(list(range(i, i + k)))
+                i += k
+            return out
+
+        def group_key(self, group: list[int]) -> str:
+            return f"patient-{group[0]}"
+
+    split = split_site(Site(), b"s" * 32)
+    assert len(split.validation_groups) == 6 and len(split.train_groups) == 24
+    assert not set(split.train) & set(split.validation)
+    assert sorted(split.train + split.validation) == list(range(40))  # every study on exactly one side
+    assert split_site(Site(), b"s" * 32) == split  # deterministic for one salt
+    assert split_site(Site(), b"t" * 32) != split  # and the salt decides which patients
+    assert [len(g) for g in split.train_positions()] == [len(g) for g in split.train_groups]

@@ -132,7 +132,7 @@ def test_site_train_summary_reads_last_round_privacy(tmp_path: Path) -> None:
     recs = []
     for rnd, eps in ((1, 2.0), (2, 4.0)):
         for site, extra in (("site-1", 0.0), ("site-2", 0.5)):
-            for metric, value in (("train-loss", 1.0 / rnd), ("epsilon-total", eps + extra),
+            for metric, value in (("num-examples", 10.0), ("epsilon-total", eps + extra),
                                   ("noise-multiplier", 1.5), ("train-seconds", 2.0)):
                 recs.append({"round": rnd, "phase": "train", "scope": site, "metric": metric, "value": value})
     recs.append({"round": 2, "phase": "train", "scope": "site-3", "metric": "declined", "value": 1.0})

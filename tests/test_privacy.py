@@ -161,3 +161,68 @@ def test_make_private_keeps_plain_names_and_clips() -> None:
     total = torch.sqrt(sum((p.summed_grad.float() ** 2).sum() for p in model.parameters() if p.requires_grad))
     assert float(total) <= 0.5 * batch["image"].shape[0] + 1e-4
     assert parts.steps_taken == 1
+
+
+def test_policy_evaluation_and_count_keys_are_checked(tmp_path: Path) -> None:
+    p = SitePolicy.resolve({"eval-noise-multiplier": 8, "count-granularity": "5", "allow-evaluation": "false"}, None)
+    assert (p.eval_noise_multiplier, p.count_granularity, p.allow_evaluation) == (8.0, 5.0, False)
+    with pytest.raises(ValueError, match="allow-evaluation = false"):
+        SitePolicy(eval_noise_multiplier=0.0)
+    with pytest.raises(ValueError, match="count-granularity"):
+        SitePolicy(count_granularity=2.5)
+
+
+def test_patient_sampler_with_one_study_per_patient_draws_what_opacus_draws() -> None:
+    """Phantom sites (one study per patient) train on exactly the batches Opacus's own Poisson sampler draws."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from client.privacy.patient_sampling import PatientPoissonSampler
+
+    ours = PatientPoissonSampler([[i] for i in range(7)], sample_rate=0.25, steps=4,
+                                 generator=torch.Generator().manual_seed(3))
+    theirs = UniformWithReplacementSampler(num_samples=7, sample_rate=0.25, generator=torch.Generator().manual_seed(3),
+                                           steps=4)
+    assert list(ours) == list(theirs)
+    grouped = PatientPoissonSampler([[0, 2], [1], [3, 4, 5]], sample_rate=1.0, steps=1)
+    assert next(iter(grouped)) == [0, 2, 1, 3, 4, 5] and grouped.owner.tolist() == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="disjoint"):
+        PatientPoissonSampler([[0, 1], [1]], sample_rate=0.5, steps=1)
+
+
+def test_grad_samples_are_summed_per_patient() -> None:
+    from client.privacy.patient_sampling import sum_grad_samples_by_patient
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad_sample = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 5.0]])
+    sum_grad_samples_by_patient([p], torch.tensor([0, 1, 0]))
+    assert p.grad_sample.tolist() == [[1.0, 5.0], [2.0, 1.0]]
+    p.grad_sample = torch.zeros((0, 2))  # a noise-only step: nothing to sum
+    sum_grad_samples_by_patient([p], torch.zeros(0, dtype=torch.long))
+    assert p.grad_sample.shape == (0, 2)
+    p.grad_sample = torch.ones((2, 2))
+    with pytest.raises(RuntimeError, match="in step with training"):
+        sum_grad_samples_by_patient([p], torch.tensor([0, 0, 1]))
+
+
+def test_make_private_over_patients_plans_per_patient_and_refuses_modes_without_per_study_gradients() -> None:
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    image, mask, seg, label = _batch()
+    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
+    loader = DataLoader(CasesOnly(items), batch_size=1)
+    model = build_model(TINY)
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, MultiTaskLoss(),
+                         noise_multiplier=1.0, max_grad_norm=0.5, seed=0, groups=[[0, 2], [1]])
+    # 2 patients at batch 1: 2 steps per epoch, q = 1/2 per patient (3 studies alone would give 3 steps, q = 1/3)
+    assert (parts.steps_per_epoch, parts.sample_rate) == (2, 0.5)
+    assert parts.optimizer.expected_batch_size == 1
+    model = build_model(TINY)
+    with pytest.raises(ValueError, match="per-study gradients"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, MultiTaskLoss(),
+                     noise_multiplier=1.0, max_grad_norm=0.5, grad_sample_mode="ghost", groups=[[0, 2], [1]])
+    with pytest.raises(ValueError, match="exactly once"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, MultiTaskLoss(),
+                     noise_multiplier=1.0, max_grad_norm=0.5, groups=[[0], [1]])

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from typer.testing import CliRunner
@@ -18,19 +19,18 @@ from models.modalities import subset_name, subsets
 from models.network import build_model
 from models.runlog import iter_metrics
 from server.server_app import run_server
-from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+from tests.server_stubs import LocalGrid, eval_metrics, site_metrics, write_heldout
 from common.runconfig import default_model_config, model_entries
 
 TINY = default_model_config(family="attention", modalities=("t1", "ct"), spatial_dims=3, spatial_size=(8, 16, 16),
                    channels=(4, 8))
-SITES = {21: ({"t1": 3, "ct": 3}, 3.0, 0.2), 22: ({"t1": 1}, 1.0, 0.6)}  # cases, eval cases, local dice
+SITES = {21: ({"t1": 3, "ct": 3}, 3, 0.2), 22: ({"t1": 1}, 1, 0.6)}  # cases, held-out patients, their dice
 
 
 def stub_site(node_id: int, msg: Message) -> Message:
     cases, n_eval, dice = SITES[node_id]
     if msg.metadata.message_type.startswith("evaluate"):
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n_eval, "dice-whole": dice})}),
-                       reply_to=msg)
+        return Message(content=RecordDict({"metrics": MetricRecord(eval_metrics(n_eval, dice))}), reply_to=msg)
     rnd = int(msg.content["config"]["server-round"])
     rng = np.random.default_rng(node_id * 100 + rnd)
     arrays = {
@@ -79,7 +79,8 @@ def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> N
     printed = capsys.readouterr().out
     assert "global model, round 2" in printed and "global model, round 3" in printed
 
-    # site metrics: aggregated local evaluation weighted by num-examples, per-site train metrics with epsilon
+    # site metrics: global metrics from the summed statistics (a mean over all held-out patients), per-site train
+    # metrics with epsilon
     site_eval = [r for r in records if r["phase"] == "site-eval" and r["scope"] == "global"
                  and r["metric"] == "dice-whole"]
     assert len(site_eval) == 3
@@ -113,3 +114,27 @@ def test_missing_test_set_disables_global_evaluation_but_not_the_run(tmp_path: P
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert extra["round"] == 1
     assert not (run_dir / "checkpoints" / "best.pt").exists()
+
+
+def test_metrics_from_noise_free_sums_equal_the_exact_metrics() -> None:
+    """The server's formulas: on exact statistics of one study per patient they give the held-out evaluator's
+    numbers (AUROC exactly when no malignant and benign case share a histogram bin)."""
+    from common.evalstats import STATISTIC_KEYS, metrics_from_sums, site_sums, sum_statistics
+    from models.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    probs = np.concatenate([rng.uniform(0.0, 0.6, 20), rng.uniform(0.65, 1.0, 15)])
+    probs[:5] = 0.7  # some benign cases scored high: not perfectly separable at 0.5
+    labels = np.concatenate([np.zeros(20, dtype=int), np.ones(15, dtype=int)])
+    dice = rng.random((35, 4))
+    # two sites: cases 0..16 and 17..34, one study per patient
+    sums = sum_statistics([site_sums(dice[:17], probs[:17], labels[:17], [[i] for i in range(17)]),
+                           site_sums(dice[17:], probs[17:], labels[17:], [[i] for i in range(18)])])
+    assert sums.shape == (len(STATISTIC_KEYS),)
+    got = metrics_from_sums(sums)
+    exact = classification_metrics(torch.from_numpy(probs), torch.from_numpy(labels))
+    for key in ("accuracy", "recall", "specificity", "f1"):
+        assert got[key] == pytest.approx(exact[key]), key
+    assert got["dice-whole"] == pytest.approx(dice[:, 3].mean()) and got["cases"] == pytest.approx(35)
+    assert abs(got["auroc"] - exact["auroc"]) <= 0.05  # binned: ties only within a bin of width 0.1
+    assert got["sensitivity@0.0"] == 1.0 and got["specificity@1.0"] == 1.0

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from models.checkpoint import load_checkpoint
 from models.runlog import iter_metrics
-from tests.server_stubs import LocalGrid, site_metrics, write_heldout
+from tests.server_stubs import LocalGrid, eval_metrics, site_metrics, write_heldout
 from common.runconfig import default_model_config, model_entries
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,7 @@ def stub_site(node_id: int, msg: Message) -> Message:
     cfg = msg.content["config"]
     rnd = int(cfg["server-round"])
     if msg.metadata.message_type.startswith("evaluate"):
-        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 3.0, "dice-whole": 0.1 * rnd})}),
-                       reply_to=msg)
+        return Message(content=RecordDict({"metrics": MetricRecord(eval_metrics(3, 0.1 * rnd))}), reply_to=msg)
     time.sleep(TRAIN_SECONDS)
     rng = np.random.default_rng(1000 * node_id + rnd)
     arrays = {}

@@ -74,7 +74,8 @@ class PersistentAccountant:
         delta: the delta of the last recorded round (informational: the RDP history is delta-free, epsilon is
             computed at whatever delta is asked, see :meth:`epsilon`).
         history: Opacus RDP history, ``[(noise_multiplier, sample_rate, steps), ...]``.
-        rounds: rounds trained so far (informational).
+        rounds: rounds trained so far (informational; Gaussian releases such as evaluations are in the history
+            but not counted here).
     """
 
     path: Path
@@ -129,13 +130,15 @@ class PersistentAccountant:
         """Epsilon the site *would* have spent after one more round of ``steps`` steps (the ledger is unchanged)."""
         return epsilon_of(_merge(self.history, (float(noise_multiplier), float(sample_rate), int(steps))), delta)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
-        """Charge one round of ``steps`` DP-SGD steps and save the ledger."""
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, *,
+               training: bool = True) -> None:
+        """Charge one round of ``steps`` DP-SGD steps (``training=False``: one release of another mechanism, e.g. a
+        Gaussian release as ``(z, 1.0, 1)``) and save the ledger."""
         if steps <= 0:
             return
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise ValueError(f"noise multiplier must be positive to account for it, got {noise_multiplier}")
         self.delta = float(delta)
         self.history = _merge(self.history, (float(noise_multiplier), float(sample_rate), int(steps)))
-        self.rounds += 1
+        self.rounds += 1 if training else 0
         self.save()

@@ -1,8 +1,11 @@
 """Making a site's model, optimizer and data loader private with Opacus (patient-level DP-SGD).
 
-The privacy unit is one case (one patient study): the loader yields one case per dataset item, Opacus replaces it
-with Poisson sampling (each case joins each step independently with probability ``q = 1 / steps_per_epoch``), clips
-every case's gradient to ``max_grad_norm`` and adds Gaussian noise of std ``noise_multiplier * max_grad_norm``.
+The privacy unit is the patient. Given the patients' study groups (``groups``), every step draws each patient
+independently with probability ``q = 1 / steps_per_epoch`` (``steps_per_epoch = ceil(patients / batch)``), clips
+each patient's summed study gradients to ``max_grad_norm`` and adds Gaussian noise of std
+``noise_multiplier * max_grad_norm`` (:mod:`client.privacy.patient_sampling`). Without ``groups`` every item is its
+own unit, which is Opacus's own sample-level DP-SGD (tests, benches, and sites with one study per patient draw
+exactly the same batches either way).
 
 Parameter names: Opacus wraps the network in a ``GradSampleModule`` whose ``state_dict`` keys gain a ``_module.``
 prefix. fedfusion keeps a reference to the *plain* network (the wrapper shares its parameters), and every array
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,8 +196,10 @@ def make_private(
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     secure_mode: bool = False,
     seed: int | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> PrivateParts:
-    """Wrap ``model``/``optimizer``/``loader`` for DP-SGD with Opacus (one item of ``loader.dataset`` = one case).
+    """Wrap ``model``/``optimizer``/``loader`` for DP-SGD with Opacus (privacy unit: a patient of ``groups``, else
+    one item of ``loader.dataset``).
 
     Args:
         model: plain network, trained in place (its parameters are shared with the returned wrapper).
@@ -209,9 +214,13 @@ def make_private(
         secure_mode: cryptographically secure noise (production; needs ``torchcsprng``). Off: seeded noise.
         seed: seeds the noise generator when not in secure mode (Poisson sampling uses torch's global RNG: seed
             it per round with ``torch.manual_seed``).
+        groups: indices of ``loader.dataset`` per patient (disjoint, covering it): Poisson sampling over patients
+            (``ceil(len(groups) / loader.batch_size)`` steps per epoch) and one clip per patient. Needs per-study
+            gradients (``hooks``, ``functorch``, ``microbatch``).
 
     Raises:
-        ValueError: incompatible layers, bad mode, or secure mode requested without ``torchcsprng``.
+        ValueError: incompatible layers, bad mode, groups with a mode that has no per-study gradients, or secure
+            mode requested without ``torchcsprng``.
     """
     from opacus import PrivacyEngine
 
@@ -219,6 +228,11 @@ def make_private(
         raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES}")
     if not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    if groups is not None and grad_sample_mode in ("ghost", "ew"):
+        raise ValueError(
+            f"grad_sample_mode {grad_sample_mode!r} keeps no per-study gradients to sum by patient; use hooks, "
+            "functorch or microbatch for patient-level DP-SGD"
+        )
     problems = incompatible_layers(model)
     if problems:
         raise ValueError("the network has layers Opacus cannot train privately: " + "; ".join(problems))
@@ -262,6 +276,15 @@ def make_private(
         else:
             module, dp_opt, dp_loader = engine.make_private(**kwargs)
             criterion = loss_fn
+    if groups is not None:
+        from .patient_sampling import clip_per_patient, patient_loader
+
+        covered = sorted(int(i) for g in groups for i in g)
+        if covered != list(range(len(loader.dataset))):  # type: ignore[arg-type]
+            raise ValueError("patient groups must cover every item of the loader's dataset exactly once")
+        spe = steps_per_epoch(len(groups), int(loader.batch_size or 1))
+        dp_loader = patient_loader(loader.dataset, groups, 1.0 / spe, spe, generator=engine.secure_rng)
+        clip_per_patient(dp_opt, dp_loader.batch_sampler, expected_patients=int(len(groups) * (1.0 / spe)))
     seed_empty_batch_template(dp_loader)
     spe = len(dp_loader)
     parts = PrivateParts(

@@ -13,6 +13,12 @@ key                      default     meaning
 ``allow-no-dp``          false       whether a run may train without DP at all (logged as a WARNING)
 ``secure-mode``          false       Opacus ``secure_mode`` (cryptographically secure noise; needs torchcsprng).
                                      Off for tests/experiments; turn it on in production.
+``allow-evaluation``     true        whether the site answers evaluate messages at all (each answer is a
+                                     Gaussian-noised release charged to the ledger, see
+                                     :mod:`client.privacy.release`)
+``eval-noise-multiplier``  5.0       Gaussian noise std / L2 sensitivity of an evaluation release (> 0)
+``count-granularity``    10          case counts in train replies are rounded up to a multiple of this
+                                     (1 = exact counts)
 =======================  ==========  ==========================================================================
 
 Sources, highest precedence first: the node config (``--node-config "max-epsilon=4.0 ..."``), then a policy file
@@ -54,9 +60,13 @@ class SitePolicy:
     max_grad_norm: float = 1.0
     allow_no_dp: bool = False
     secure_mode: bool = False
+    allow_evaluation: bool = True
+    eval_noise_multiplier: float = 5.0
+    count_granularity: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_epsilon", "max_delta", "min_noise_multiplier", "max_grad_norm"):
+        for name in ("max_epsilon", "max_delta", "min_noise_multiplier", "max_grad_norm", "eval_noise_multiplier",
+                     "count_granularity"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"site privacy policy: {_key(name)} must be a finite number >= 0, got {v!r}")
@@ -64,6 +74,15 @@ class SitePolicy:
             raise ValueError(f"site privacy policy: max-delta must be in (0, 1), got {self.max_delta}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"site privacy policy: max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.eval_noise_multiplier <= 0:
+            raise ValueError(
+                f"site privacy policy: eval-noise-multiplier must be > 0, got {self.eval_noise_multiplier} (to "
+                "stop answering evaluations set allow-evaluation = false)"
+            )
+        if self.count_granularity < 1 or self.count_granularity != int(self.count_granularity):
+            raise ValueError(
+                f"site privacy policy: count-granularity must be a whole number >= 1, got {self.count_granularity}"
+            )
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod

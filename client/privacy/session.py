@@ -8,6 +8,10 @@ it has spent (:class:`PersistentAccountant`, in the site's state directory) here
    for one message), never below the site's ``min-noise-multiplier``;
 2. :meth:`DPSession.check_budget` refuses a round that would take the site past ``max-epsilon``;
 3. :meth:`DPSession.charge` records the round's steps in the ledger and returns the reply's privacy numbers.
+
+Releases outside DP-SGD (the evaluation statistics, :mod:`client.privacy.release`) go to the same ledger as a
+Gaussian-mechanism entry ``(noise multiplier, 1.0, 1)``: :func:`release_budget` checks one more fits under
+``max-epsilon``, :func:`charge_release` records it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .policy import SitePolicy
 
 log = logging.getLogger("fedfusion.site")
 
-__all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS"]
+__all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS", "charge_release", "release_budget"]
 
 #: Derived noise multipliers of past plans, in the site's state directory (a cache, not state).
 NOISE_CACHE = "noise-cache.json"
@@ -116,6 +120,33 @@ class DPSession:
             "dp-enabled": 1.0, "epsilon-total": total, "epsilon-round": total - before, "delta": delta,
             "noise-multiplier": self.noise_multiplier, "max-grad-norm": self.request.max_grad_norm,
         }
+
+
+def release_budget(state_dir: Path, policy: SitePolicy, noise_multiplier: float, delta: float) -> PersistentAccountant:
+    """The site's ledger, when one Gaussian release at ``noise_multiplier`` still fits under ``max-epsilon``.
+
+    Raises:
+        BudgetExhausted: the release would exceed the ceiling.
+        ValueError: the ledger exists but is unreadable.
+    """
+    from .release import GAUSSIAN_RELEASE_RATE
+
+    ledger = PersistentAccountant.load(state_dir)
+    after = ledger.prospective_epsilon(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta)
+    if after > policy.max_epsilon:
+        raise BudgetExhausted(ledger.epsilon(delta), after, policy.max_epsilon, delta)
+    return ledger
+
+
+def charge_release(ledger: PersistentAccountant, noise_multiplier: float, delta: float) -> dict[str, float]:
+    """Record one Gaussian release in ``ledger`` (saved atomically; not counted as a training round) and return the
+    reply's privacy numbers (``epsilon-total``, ``epsilon-round``: this release's share, ``delta``)."""
+    from .release import GAUSSIAN_RELEASE_RATE
+
+    before = ledger.epsilon(delta)
+    ledger.record(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta, training=False)
+    total = ledger.epsilon(delta)
+    return {"epsilon-total": total, "epsilon-round": total - before, "delta": delta}
 
 
 #: The reply's privacy numbers of a round trained without DP.

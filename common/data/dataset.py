@@ -10,6 +10,11 @@ Each item (docs/architecture.md, "Dataset item") is a dict with exactly these ke
 
 Nothing from DICOM headers and no path is ever put in an item.
 
+Patients: several case folders (studies) may belong to one patient. :meth:`CaseDataset.patient_groups` groups the
+cases by patient (keyed DICOM PatientIDs and the optional ``patient_id`` column of ``labels.csv``, both hashed
+with the ``patient_salt`` as they are read; see :mod:`common.data.site`) so a DP site can make the patient, not the
+study, its privacy unit. The keys stay in the dataset object (and the site's on-disk cache), never in an item.
+
 Preprocessing (once per case, then cached): read the case (:func:`common.data.site.load_case`: all modalities on
 the reference grid, slice-first), for 2D models (``len(spatial_size) == 2``) take the axial slice ``k`` through
 the lesion's centre of mass (the middle slice when the case has no lesion), resize with MONAI ``Resize``
@@ -40,12 +45,12 @@ from .case_files import list_case_files
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .problems import ERROR, Problem
 from .series_mapping import MappingSource, load_series_mapping
-from .site import CaseError, discover_sites, list_cases, load_case, read_labels
+from .site import CaseError, discover_sites, list_cases, load_case, read_labels, read_patient_ids
 
 log = logging.getLogger(__name__)
 
-#: Bump when preprocessing changes so stale on-disk cache entries are not reused.
-CACHE_VERSION = 1
+#: Bump when preprocessing changes so stale on-disk cache entries are not reused (2: patient keys stored).
+CACHE_VERSION = 2
 
 
 def _lesion_slice(seg: np.ndarray | None, depth: int) -> int:
@@ -125,6 +130,8 @@ class CaseDataset(Dataset):
         seed: seed of the augmentation random state.
         limits: what one file, series and case folder may cost the readers (see :mod:`common.data.limits`); the
             site's own choice, never taken from a run config.
+        patient_salt: the secret that keys patient identifiers (a site passes its own, see
+            :func:`common.data.dicom_reader.patient_key`); it only changes the keys, not the grouping.
 
     Unusable cases (unreadable, no requested modality, missing label or segmentation) are skipped with a log
     line and listed in :attr:`problems`; iteration never raises for them (they are found at construction).
@@ -145,6 +152,7 @@ class CaseDataset(Dataset):
         require_seg: bool = True,
         seed: int = 0,
         limits: ReaderLimits = DEFAULT_LIMITS,
+        patient_salt: bytes = b"",
     ) -> None:
         if isinstance(site_dirs, (str, os.PathLike)):
             site_dirs = [Path(site_dirs)]
@@ -158,12 +166,14 @@ class CaseDataset(Dataset):
         self.limits = limits
         self.mapping = load_series_mapping(series_mapping)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.patient_salt = bytes(patient_salt)
         self.problems: list[Problem] = []
         #: (site name, case id) of every usable case, in item order (not part of items)
         self.cases: list[tuple[str, str]] = []
         self._case_dirs: list[Path] = []
         self._labels: list[int] = []
         self._masks: list[np.ndarray] = []
+        self._patients: list[frozenset[str]] = []  # keyed patient identifiers of each case (may be empty)
         self._items: list[dict[str, np.ndarray] | None] = []
 
         sites = []
@@ -188,6 +198,7 @@ class CaseDataset(Dataset):
     def _add_site(self, site_name: str, site_dir: Path) -> None:
         labels, label_problems = read_labels(site_dir)
         self._report(label_problems)
+        listed_patients = read_patient_ids(site_dir, self.patient_salt)
         for case_dir in list_cases(site_dir):
             case_id = case_dir.name
             if case_id not in labels:
@@ -209,6 +220,10 @@ class CaseDataset(Dataset):
             self._case_dirs.append(case_dir)
             self._labels.append(labels[case_id])
             self._masks.append(arrays["mask"])
+            keys = {str(k) for k in arrays["patients"].tolist()}
+            if case_id in listed_patients:
+                keys.add(listed_patients[case_id])
+            self._patients.append(frozenset(keys))
             self._items.append(arrays if self.cache else None)
 
     def _report(self, problems: Sequence[Problem]) -> None:
@@ -237,24 +252,29 @@ class CaseDataset(Dataset):
             "spatial_size": self.spatial_size,
             "mapping": self.mapping.fingerprint(),
             "require_seg": self.require_seg,
+            # the stored patient keys depend on the salt (its digest only: the salt itself is a secret)
+            "salt": hashlib.sha256(b"fedfusion-salt\0" + self.patient_salt).hexdigest()[:16],
         })
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _load_arrays(self, case_dir: Path, report: bool = True) -> dict[str, np.ndarray]:
-        """Preprocessed arrays of one case, from the disk cache when valid. Raises CaseError if unusable."""
+        """Preprocessed arrays of one case (``image``, ``mask``, ``seg`` and the keyed patient identifiers
+        ``patients``, a 1-D string array), from the disk cache when valid. Raises CaseError if unusable."""
         path = None
         if self.cache_dir is not None:
             path = self.cache_dir / f"{self._cache_key(case_dir)}.npz"
             if path.is_file():
                 try:
                     with np.load(path) as data:
-                        return {k: data[k] for k in ("image", "mask", "seg")}
+                        return {k: data[k] for k in ("image", "mask", "seg", "patients")}
                 except Exception as exc:  # a damaged cache file is rebuilt, not fatal
                     log.info("rebuilding damaged cache entry %s (%s)", path, exc)
-        case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg, limits=self.limits)
+        case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg, limits=self.limits,
+                         patient_salt=self.patient_salt)
         if report:
             self._report(case.problems)
         arrays = preprocess_case(case.images, case.seg, self.modalities, self.spatial_size)
+        arrays["patients"] = np.asarray(sorted(case.patients), dtype=np.str_).reshape(-1)
         if path is not None:  # atomic: a concurrent reader never sees half a file
             atomic_write(path, lambda fh: np.savez(fh, **arrays))
         return arrays
@@ -297,8 +317,46 @@ class CaseDataset(Dataset):
         }
 
     # -- summaries ------------------------------------------------------------------------------
-    def modality_counts(self) -> dict[str, int]:
-        """How many usable cases carry each modality (every modality of ``self.modalities`` is a key)."""
-        masks = np.stack(self._masks)
+    def patient_groups(self) -> list[list[int]]:
+        """Item indices grouped by patient, in order of each patient's first case.
+
+        Cases sharing a patient key are one patient, transitively (a case folder that mixes two PatientIDs joins
+        both patients' studies into one group: over-grouping only makes the privacy unit larger). A case without
+        any key is a patient of its own (one study per patient, the phantoms' case).
+        """
+        parent = list(range(len(self.cases)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        first_with: dict[str, int] = {}
+        for i, keys in enumerate(self._patients):
+            for key in sorted(keys):
+                j = first_with.setdefault(key, i)
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        groups: dict[int, list[int]] = {}
+        for i in range(len(self.cases)):
+            groups.setdefault(root(i), []).append(i)
+        return [groups[r] for r in sorted(groups)]
+
+    def group_key(self, group: Sequence[int]) -> str:
+        """A stable key of the patient owning the cases ``group`` (one of :meth:`patient_groups`): its smallest
+        keyed identifier, else its first case's ``site/case_id``. Site-local; never put in an item."""
+        keys = sorted(k for i in group for k in self._patients[i])
+        if keys:
+            return keys[0]
+        site, case_id = self.cases[min(group)]
+        return f"{site}/{case_id}"
+
+    def modality_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
+        """How many usable cases (of ``indices``, default all) carry each modality (every modality of
+        ``self.modalities`` is a key)."""
+        chosen = range(len(self._masks)) if indices is None else indices
+        masks = np.stack([self._masks[i] for i in chosen]) if len(chosen) else np.zeros((0, len(self.modalities)))
         return {m: int(masks[:, c].sum()) for c, m in enumerate(self.modalities)}
 

@@ -11,12 +11,17 @@ over a :class:`~common.data.limits.ReaderLimits` bound) becomes a :class:`~commo
 file (and the element), and the other files of the case are still read. Sizes are checked from the headers before
 anything is inflated, decoded or allocated.
 
-Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found
-and a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report.
+Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found,
+a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report, and the case's
+*patient keys*: each file's PatientID, keyed-hashed (:func:`patient_key`, HMAC-SHA256 with the caller's salt) right
+where the header is read, so the site can group a patient's studies (its privacy unit) without the ID itself ever
+leaving this module.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -78,6 +83,19 @@ class _FileHeader:
     instance: int
     frames: int
     voxels: int
+    patient: str = ""  # keyed hash of PatientID (:func:`patient_key`), "" when the file has none
+
+
+def patient_key(patient_id: str, salt: bytes) -> str:
+    """A site-local pseudonym of a patient identifier: HMAC-SHA256 of ``patient_id`` under ``salt`` (hex, 32 chars).
+
+    The salt is the site's secret (its state directory): without it the key cannot be linked back to the ID by
+    hashing candidate IDs. ``""`` for an empty identifier (the caller then treats the study as its own patient).
+    """
+    text = patient_id.strip()
+    if not text:
+        return ""
+    return hmac.new(salt, b"fedfusion-patient\0" + text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass
@@ -213,7 +231,7 @@ def _check_pixel_count(ds: Any, path: Path, limits: ReaderLimits) -> tuple[int, 
 
 
 def read_header(
-    path: Path, case_id: str = "", limits: ReaderLimits = DEFAULT_LIMITS
+    path: Path, case_id: str = "", limits: ReaderLimits = DEFAULT_LIMITS, patient_salt: bytes = b""
 ) -> tuple[_FileHeader | None, Problem | None]:
     """Read one file's header; return ``(header, None)`` for an image slice or ``(None, problem)``.
 
@@ -234,7 +252,7 @@ def read_header(
     except Exception as exc:  # corrupt header: any pydicom/IO error
         return None, Problem(str(path), "unreadable-file", f"corrupt DICOM header ({exc})", ERROR, case_id)
     try:
-        return _parse_header(ds, path, pixel_bytes, case_id, limits)
+        return _parse_header(ds, path, pixel_bytes, case_id, limits, patient_salt)
     except BadHeaderValue as exc:
         return None, Problem(str(path), "bad-header-value", f"{exc}; file skipped", ERROR, case_id)
     except LimitExceeded as exc:
@@ -245,7 +263,7 @@ def read_header(
 
 
 def _parse_header(
-    ds: Any, path: Path, pixel_bytes: int | None, case_id: str, limits: ReaderLimits
+    ds: Any, path: Path, pixel_bytes: int | None, case_id: str, limits: ReaderLimits, patient_salt: bytes = b""
 ) -> tuple[_FileHeader | None, Problem | None]:
     meta = getattr(ds, "file_meta", None)
     sop_class = str(header_value(meta, "MediaStorageSOPClassUID") or header_value(ds, "SOPClassUID") or "")
@@ -302,6 +320,7 @@ def _parse_header(
         instance = 0
         warning = Problem(str(path), "bad-header-value",
                           f"{exc}; file used, ordered by ImagePositionPatient", WARNING, case_id)
+    patient = patient_key(str(header_value(ds, "PatientID") or ""), patient_salt)
     header = _FileHeader(
         path=path,
         series_uid=series_uid,
@@ -311,6 +330,7 @@ def _parse_header(
         instance=instance,
         frames=frames,
         voxels=rows_n * cols_n * frames,
+        patient=patient,
     )
     return header, warning
 
@@ -321,12 +341,14 @@ def scan_dicom(
     case_id: str = "",
     limits: ReaderLimits = DEFAULT_LIMITS,
     files: Sequence[Path] | None = None,
+    patient_salt: bytes = b"",
 ) -> tuple[list[DicomSeries], list[Problem]]:
     """Group a case folder's DICOM files into series and map each series to a modality (headers only).
 
     Args:
         files: the case's files as :func:`common.data.case_files.list_case_files` gives them (its problems are then
             the caller's to report); ``None`` lists the folder here.
+        patient_salt: keys the files' PatientIDs (:func:`patient_key`).
 
     Returns:
         ``(series, problems)``: series in folder order; problems for every file that was skipped.
@@ -340,7 +362,7 @@ def scan_dicom(
         files = listing.files
     seen_sop: set[str] = set()
     for path in _candidate_files(files):
-        header, problem = read_header(path, case_id, limits)
+        header, problem = read_header(path, case_id, limits, patient_salt)
         if problem is not None:
             problems.append(problem)
         if header is None:
@@ -638,7 +660,8 @@ def read_dicom_case(
     load_pixels: bool = True,
     limits: ReaderLimits = DEFAULT_LIMITS,
     files: Sequence[Path] | None = None,
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem]]:
+    patient_salt: bytes = b"",
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem], frozenset[str]]:
     """Read a case folder's DICOM series of the requested modalities on their native grids.
 
     Args:
@@ -649,13 +672,21 @@ def read_dicom_case(
         load_pixels: ``False`` to group and map only (no volumes returned).
         limits: what one file, series and the case folder may cost (see :mod:`common.data.limits`).
         files: the case's files from :func:`common.data.case_files.list_case_files` (``None``: listed here).
+        patient_salt: the site's secret that keys PatientIDs (:func:`patient_key`).
 
     Returns:
-        ``(volumes, series, problems)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``.
-        When several series map to one modality the one with the most frames is used, the others reported.
+        ``(volumes, series, problems, patients)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``;
+        ``patients``: the keyed PatientIDs of every image file of the case (several when a folder mixes
+        patients; empty when no file has one). When several series map to one modality the one with the most
+        frames is used, the others reported.
     """
     case_dir = Path(case_dir)
-    all_series, problems = scan_dicom(case_dir, mapping, case_id, limits, files)
+    all_series, problems = scan_dicom(case_dir, mapping, case_id, limits, files, patient_salt)
+    patients = frozenset(h.patient for s in all_series for h in s.files if h.patient)
+    if len(patients) > 1:
+        problems.append(Problem(str(case_dir), "mixed-patients",
+                                f"the case folder holds images of {len(patients)} different PatientIDs; they are "
+                                "treated as one patient for privacy", WARNING, case_id))
     summaries: list[SeriesSummary] = []
     volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     by_modality: dict[str, list[DicomSeries]] = {}
@@ -706,7 +737,7 @@ def read_dicom_case(
             summaries.append(_summary(series, "used"))
     for p in problems:
         log.debug("%s", p)
-    return volumes, summaries, problems
+    return volumes, summaries, problems, patients
 
 
 def _summary(series: DicomSeries, status: str) -> SeriesSummary:

@@ -28,6 +28,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "bad-header-value": "a DICOM header element holds a value that cannot be parsed (the problem names it)",
     "limit-exceeded": "file, series or case folder over a reader limit (common.data.limits.ReaderLimits)",
     "unsafe-path": "symbolic link out of the site folder, folder link, or not a regular file; not read",
+    "mixed-patients": "a case folder holding images of several PatientIDs (treated as one patient for privacy)",
 }
 
 ERROR = "error"  # the file/series/case was skipped

@@ -3,10 +3,14 @@
 ```
 DATA/                 a data root: site-* folders and heldout/
   site-01/            a site: labels.csv + one folder per case (folder name = site-local case id)
-    labels.csv        case_id,label  (0 benign / 1 malignant)
+    labels.csv        case_id,label[,patient_id]  (0 benign / 1 malignant; patient_id optional, see below)
     case-0001/        DICOM files at any depth and/or BraTS NIfTI files, <case>_seg.nii.gz
   heldout/            the server's held-out set, same layout as a site
 ```
+
+A patient may have several studies (case folders). The site groups them by patient, its privacy unit: DICOM
+studies by their PatientID (keyed-hashed in :mod:`common.data.dicom_reader`), NIfTI studies by the optional
+``patient_id`` column of ``labels.csv`` (:func:`read_patient_ids`); a study with neither is its own patient.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
 from .case_files import is_inside, list_case_files
-from .dicom_reader import SeriesSummary, read_dicom_case
+from .dicom_reader import SeriesSummary, patient_key, read_dicom_case
 from .geometry import Grid, reorient_grid, resample_to_grid
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .nifti_reader import read_nifti_case
@@ -149,6 +153,34 @@ def read_labels(site_dir: Path) -> tuple[dict[str, int], list[Problem]]:
     return labels, problems
 
 
+#: Optional ``labels.csv`` column naming each study's patient (NIfTI sites: they have no DICOM PatientID).
+PATIENT_COLUMN = "patient_id"
+
+
+def read_patient_ids(site_dir: Path, salt: bytes = b"") -> dict[str, str]:
+    """``{case_id: patient key}`` from the optional ``patient_id`` column of ``labels.csv``.
+
+    Values are keyed-hashed with ``salt`` (:func:`common.data.dicom_reader.patient_key`) as soon as they are read,
+    like DICOM PatientIDs. Cases with an empty cell, and every case when the column (or the file) is missing, are
+    left out; problems with the file itself are reported by :func:`read_labels`.
+    """
+    path = Path(site_dir) / LABELS_FILE
+    out: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if PATIENT_COLUMN not in [f.strip().lower() for f in (reader.fieldnames or [])]:
+                return out
+            for row in reader:
+                row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                key = patient_key(row.get(PATIENT_COLUMN, ""), salt)
+                if row.get("case_id") and key:
+                    out[row["case_id"]] = key
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------
 # one case
 # ------------------------------------------------------------------------------------------------------
@@ -166,6 +198,7 @@ class CaseScan:
     series: list[SeriesSummary] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     found: list[str] = field(default_factory=list)  # modalities with a series/file, read or not
+    patients: frozenset[str] = frozenset()  # keyed DICOM PatientIDs of the case's images
 
 
 @dataclass
@@ -179,6 +212,7 @@ class CaseData:
         grid: reference grid (the segmentation's, else the first present modality's), reoriented to
             :data:`common.data.geometry.CANONICAL_AXCODES` so ``images[m][k]`` is an axial slice.
         problems: everything reported while reading.
+        patients: keyed DICOM PatientIDs of the case's images (empty for NIfTI or without PatientID).
     """
 
     case_id: str
@@ -186,6 +220,7 @@ class CaseData:
     seg: np.ndarray | None
     grid: Grid
     problems: list[Problem]
+    patients: frozenset[str] = frozenset()
 
 
 def scan_case(
@@ -194,11 +229,13 @@ def scan_case(
     series_mapping: MappingSource = None,
     load_pixels: bool = True,
     limits: ReaderLimits = DEFAULT_LIMITS,
+    patient_salt: bytes = b"",
 ) -> CaseScan:
     """Read a case folder (DICOM and/or NIfTI) without resampling; never raises for bad data.
 
     The folder is listed once (bounded, no links out of the site folder: :func:`list_case_files`) and every file
-    is checked against ``limits`` before it is read.
+    is checked against ``limits`` before it is read. ``patient_salt`` keys the DICOM PatientIDs
+    (:func:`common.data.dicom_reader.patient_key`).
     """
     case_dir = Path(case_dir)
     case_id = case_dir.name
@@ -209,13 +246,14 @@ def scan_case(
         listing = list_case_files(case_dir, limits, case_id=case_id)
         nifti_vols, seg, nifti_files, nifti_problems = read_nifti_case(case_dir, mods, case_id, load_pixels, limits,
                                                                        listing.top_level())
-        dicom_vols, summaries, dicom_problems = read_dicom_case(case_dir, mapping, mods, case_id, load_pixels, limits,
-                                                                listing.files)
+        dicom_vols, summaries, dicom_problems, patients = read_dicom_case(
+            case_dir, mapping, mods, case_id, load_pixels, limits, listing.files, patient_salt)
     except OSError as exc:  # folder vanished or unreadable
         scan.problems.append(Problem(str(case_dir), "unreadable-file", f"cannot read case folder: {exc}", ERROR,
                                      case_id))
         return scan
     scan.problems = [*listing.problems, *nifti_problems, *dicom_problems]
+    scan.patients = patients
     scan.series = [*summaries, *(SeriesSummary(f.path.name, "", "NIfTI", f.tag, 1, "used" if f.tag else "unknown")
                                  for f in nifti_files)]
     scan.found = [m for m in mods if any(s.modality == m and s.status in ("used", "failed") for s in scan.series)]
@@ -237,18 +275,20 @@ def load_case(
     series_mapping: MappingSource = None,
     require_seg: bool = False,
     limits: ReaderLimits = DEFAULT_LIMITS,
+    patient_salt: bytes = b"",
 ) -> CaseData:
     """Read one case and resample every present modality (trilinear) and the segmentation (nearest) onto the
     reference grid: the segmentation's grid when present, else the first present modality's (canonical order),
     reoriented slice-first (see :data:`common.data.geometry.CANONICAL_AXCODES`).
 
     ``limits`` bounds what each file, series and the case folder may cost (see :mod:`common.data.limits`).
+    ``patient_salt`` keys the DICOM PatientIDs (:func:`common.data.dicom_reader.patient_key`).
 
     Raises:
         CaseError: when none of ``modalities`` could be read (or, with ``require_seg``, there is no usable
             segmentation); its ``problems`` say why.
     """
-    scan = scan_case(case_dir, modalities, series_mapping, limits=limits)
+    scan = scan_case(case_dir, modalities, series_mapping, limits=limits, patient_salt=patient_salt)
     problems = list(scan.problems)
     if not scan.volumes:
         problems.append(Problem(str(case_dir), "no-images",
@@ -268,4 +308,4 @@ def load_case(
     grid = reorient_grid(Grid((int(ref_shape[0]), int(ref_shape[1]), int(ref_shape[2])), ref_affine))
     images = {m: resample_to_grid(vol, affine, grid, order=1) for m, (vol, affine) in scan.volumes.items()}
     seg = resample_to_grid(scan.seg[0], scan.seg[1], grid, order=0) if scan.seg is not None else None
-    return CaseData(scan.case_id, images, seg, grid, problems)
+    return CaseData(scan.case_id, images, seg, grid, problems, scan.patients)

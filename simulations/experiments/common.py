@@ -350,12 +350,15 @@ def site_train_summary(run_dir: Path) -> dict[str, float]:
         if rec["round"] > last_round:
             last_round, last = rec["round"], {}
         last.setdefault(rec["scope"], {})[rec["metric"]] = float(rec["value"])
-    trained = [m for m in last.values() if m.get("declined", 0.0) == 0.0 and "train-loss" in m]
+    # a site that trained sent num-examples; a declining site's record holds only its reason's numbers
+    trained = [m for m in last.values() if m.get("declined", 0.0) == 0.0 and "num-examples" in m]
     out = {"sites-trained-last-round": float(len(trained)), "last-round": float(last_round)}
     if trained:
         out["epsilon-spent"] = max(m.get("epsilon-total", 0.0) for m in trained)
         out["noise-multiplier"] = max(m.get("noise-multiplier", 0.0) for m in trained)
-        out["train-loss-last"] = sum(m["train-loss"] for m in trained) / len(trained)
+        losses = [m["train-loss"] for m in trained if "train-loss" in m]  # sites no longer send it (docs/site.md)
+        if losses:
+            out["train-loss-last"] = sum(losses) / len(losses)
     if train_seconds:
         out["site-train-seconds"] = train_seconds
     return out
