@@ -177,6 +177,8 @@ _KEYS: tuple[Key, ...] = (
     Key("krum-malicious", int, "server", "krum: assumed number of malicious sites", _at_least(0)),
     Key("update-norm-factor", float, "server", "reject updates whose norm exceeds this x the round's median",
         _at_least(1, strict=True)),
+    Key("claim-factor", float, "server", "reject a site whose first claimed num-examples exceeds this x the median "
+        "claim (later claims may not exceed the first)", _at_least(1, strict=True)),
     # global evaluation
     Key("eval-every", int, "eval", "held-out evaluation every N rounds (0 = after the last only)", _at_least(0)),
     Key("best-metric", str, "eval", "metric that picks checkpoints/best.pt", _non_empty),
