@@ -88,8 +88,9 @@ class UpdateValidator:
     """Checks replies against the current global arrays; keeps the accepted-norm history across rounds.
 
     Args:
-        norm_factor: ``k`` of the outlier test (reject norms ``> k x`` reference). Must be > 1.
-        min_replies_for_median: replies needed to use the round's own median as reference.
+        norm_factor: ``k`` of the outlier tests (reject norms ``> k x`` the reference and ``> k x`` the global
+            model's norm). Must be > 1.
+        min_replies_for_median: replies needed to prefer the round's own low median over earlier rounds' norms.
         max_update_norm: if set, reject updates whose norm exceeds it (client-side clipping check).
         clip_tolerance: relative slack on ``max_update_norm`` for float round-off.
     """

@@ -125,9 +125,11 @@ def test_pinned_claims_refuse_a_jump_and_survive_a_resume(tmp_path: Path) -> Non
     _configure(resumed, glob2, rnd=2)
     updates = {n: _update(glob2, 10 + n) for n in (*HONEST, ATTACKER)}
     fewer = site_metrics(CASES - 1, {"t1": CASES - 1, "ct": CASES - 1})
-    replies = [reply(n, updates[n], _honest_metrics()) for n in HONEST[:3]] + [reply(HONEST[3], updates[HONEST[3]], fewer)]
+    replies = [reply(n, updates[n], _honest_metrics()) for n in HONEST[:3]]
+    replies.append(reply(HONEST[3], updates[HONEST[3]], fewer))
     grown = site_metrics(70.0, {"t1": 70.0, "ct": 70.0})
-    arrays2, metrics2 = resumed.aggregate_train(2, replies + [reply(ATTACKER, _flipped(glob2, updates[ATTACKER]), grown)])
+    replies.append(reply(ATTACKER, _flipped(glob2, updates[ATTACKER]), grown))
+    arrays2, metrics2 = resumed.aggregate_train(2, replies)
     assert set(resumed.rejections[2]) == {ATTACKER}
     assert "pinned since round 1" in resumed.rejections[2][ATTACKER]
     assert arrays2 is not None and metrics2["num-examples"] == 4 * CASES - 1
