@@ -62,12 +62,12 @@ def round_walls(flower_log: Path) -> dict[int, float]:
 
 
 def site_train_seconds(metrics: Path) -> dict[int, list[float]]:
-    """Per round, every site's ``train-seconds`` (phase ``train``, scope ``site-*``) from ``RUN/metrics.jsonl``."""
-    from models.runlog import iter_metrics
+    """Per round, every site's ``train-seconds`` (phase ``train``, a site scope) from ``RUN/metrics.jsonl``."""
+    from models.runlog import is_site_scope, iter_metrics
 
     out: dict[int, list[float]] = defaultdict(list)
     for rec in iter_metrics(metrics):
-        if (rec["phase"] == "train" and str(rec["scope"]).startswith("site-") and rec["metric"] == "train-seconds"
+        if (rec["phase"] == "train" and is_site_scope(rec["scope"]) and rec["metric"] == "train-seconds"
                 and rec["value"] is not None):
             out[int(rec["round"])].append(float(rec["value"]))
     return dict(out)

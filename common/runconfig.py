@@ -175,8 +175,11 @@ _KEYS: tuple[Key, ...] = (
     Key("server-lr", float, "server", "fedadam: server learning rate (eta)", _at_least(0, strict=True)),
     Key("trimmed-beta", float, "server", "trimmed-mean: fraction cut at each end", _within(0, 0.5, high_open=True)),
     Key("krum-malicious", int, "server", "krum: assumed number of malicious sites", _at_least(0)),
-    Key("update-norm-factor", float, "server", "reject updates whose norm exceeds this x the round's median",
+    Key("update-norm-factor", float, "server", "reject updates whose norm exceeds this x the round's (low) median "
+        "or this x the global model's norm",
         _at_least(1, strict=True)),
+    Key("claim-factor", float, "server", "reject a site whose first claimed num-examples exceeds this x the median "
+        "claim (later claims may not exceed the first)", _at_least(1, strict=True)),
     # global evaluation
     Key("eval-every", int, "eval", "held-out evaluation every N rounds (0 = after the last only)", _at_least(0)),
     Key("best-metric", str, "eval", "metric that picks checkpoints/best.pt", _non_empty),

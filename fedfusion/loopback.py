@@ -358,12 +358,14 @@ def metrics_rounds(run_dir: Path) -> set[int]:
 
 
 def train_scopes(run_dir: Path, server_round: int) -> set[str]:
-    """Site scopes (e.g. ``site-01``) with train metrics logged in ``server_round`` (the sites aggregated)."""
-    from models.runlog import iter_metrics
+    """Site scopes with train metrics logged in ``server_round`` (the sites that replied). A site's scope is the
+    name it was registered with (``flwr supernode register --name site-01``, as :meth:`LoopbackFederation.register`
+    does), else ``node-<id>``; see :mod:`server.scopes`."""
+    from models.runlog import is_site_scope, iter_metrics
 
     return {
         str(r.get("scope")) for r in iter_metrics(Path(run_dir) / "metrics.jsonl")
-        if r.get("round") == server_round and r.get("phase") == "train" and r.get("scope") != "global"
+        if r.get("round") == server_round and r.get("phase") == "train" and is_site_scope(r.get("scope"))
     }
 
 

@@ -1,8 +1,10 @@
 """The run directory's metrics log: JSON lines of ``{round, phase, scope, metric, value}``.
 
-``scope`` is ``"global"`` for the server's view or a site id; ``phase`` is e.g. ``train``, ``evaluate``,
-``server-eval``, ``privacy``. Every writer (centralized training, the ServerApp, simulations) uses this one
-class so readers (report, tests) see one format.
+``scope`` is ``"global"`` (:data:`GLOBAL_SCOPE`) for the server's view, else a site: the ServerApp names a site by
+what the SuperLink knows of its node (its registered name, else ``node-<node id>``; :mod:`server.scopes`), never
+by anything the site sends. ``phase`` is e.g. ``train``, ``validation``, ``site-eval``, ``server-eval``. Every
+writer (centralized training, the ServerApp, simulations) uses this one class, and readers tell site scopes with
+:func:`is_site_scope`, so they see one format.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+
+
+#: The scope of the server's own (aggregated, global-model) records.
+GLOBAL_SCOPE = "global"
+
+
+def is_site_scope(scope: object) -> bool:
+    """Whether a log record's ``scope`` names one site (anything but :data:`GLOBAL_SCOPE`)."""
+    return bool(scope) and str(scope) != GLOBAL_SCOPE
 
 
 class MetricsLog:

@@ -276,10 +276,6 @@ class ModalityAwareStrategy(Strategy):
         return stepped
 
 
-#: Metrics that identify a reply rather than measure anything: never averaged.
-IDENTITY_KEYS: frozenset[str] = frozenset({"site-index"})
-
-
 def weighted_metrics(records: Sequence[Mapping[str, object]], weight_key: str = WEIGHT_KEY) -> dict[str, float]:
     """Weighted mean of each numeric scalar metric over the records that carry it (weights: ``weight_key``).
 
@@ -299,7 +295,7 @@ def weighted_metrics(records: Sequence[Mapping[str, object]], weight_key: str = 
             continue
         total += w
         for key, value in rec.items():
-            if key == weight_key or key in IDENTITY_KEYS or isinstance(value, (list, bool)):
+            if key == weight_key or isinstance(value, (list, bool)):
                 continue
             if not isinstance(value, (int, float)):
                 continue

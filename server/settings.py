@@ -46,6 +46,7 @@ class ServerSettings:
     trimmed_beta: float
     krum_malicious: int
     update_norm_factor: float
+    claim_factor: float
     client_dp: str
     client_dp_noise: float
     client_dp_clip: float

@@ -2,8 +2,8 @@
 
 The strategy the ServerApp runs is a chain of wrappers, outermost first::
 
-    FedFusionStrategy            round offset (resume), declined-site exclusion, update validation,
-      │                          reply sanitising, per-site metrics log, dtype restore
+    FedFusionStrategy            round offset (resume), declined-site exclusion, claimed-weight bounds,
+      │                          update validation, reply sanitising, per-site metrics log, dtype restore
       ├─ DifferentialPrivacy{ServerSide,ClientSide}FixedClipping   (Flower; only with client-dp)
       │    └─ ModalityAwareStrategy                                 (only with aggregation = modality-aware)
       │         └─ FedAvg | FedProx | FedAdam | FedTrimmedAvg | FedMedian | Krum   (Flower; `strategy`)
@@ -17,7 +17,6 @@ before it reaches the inner strategies, the clients' ``server-round`` config and
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,13 +34,16 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from common import evalstats
 from common import replies as site_replies
+from common.reply_metrics import DECLINE_METRICS, EVALUATE_METRICS, TRAIN_METRICS, known_numbers
 from models.modalities import MODALITIES
-from models.runlog import MetricsLog
+from models.runlog import GLOBAL_SCOPE, MetricsLog
 
 from .aggregation import SHARED, ModalityAwareStrategy, modality_weight, ownership_groups, weighted_metrics
 from . import strategies
+from .claims import ClaimGuard
+from .scopes import SiteScopes
 from .settings import ServerSettings
-from .validation import WEIGHT_KEY, UpdateValidator, log_rejections, reply_arrays, reply_metrics
+from .validation import WEIGHT_KEY, Rejection, UpdateValidator, log_rejections, reply_arrays, reply_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ def build_strategy(
         inner,
         base,
         validator=validator,
+        claims=ClaimGuard(settings.claim_factor, modalities),
         modalities=modalities,
         modality_aware=settings.aggregation == "modality-aware",
         metrics_log=metrics_log,
@@ -178,25 +181,9 @@ def is_decline(msg: Message) -> bool:
     return isinstance(value, (int, float)) and float(value) >= 0.5
 
 
-def site_scope(msg: Message) -> str:
-    """Metrics-log scope of a reply's site: ``site-<NN>`` from a numeric ``site-index`` metric, else
-    ``site-<node id>``."""
-    if not msg.has_error():
-        metrics = reply_metrics(msg)
-        if metrics is not None:
-            idx = metrics.get("site-index")
-            if isinstance(idx, (int, float)) and not isinstance(idx, bool) and math.isfinite(float(idx)):
-                return f"site-{int(idx):02d}"
-    return f"site-{int(msg.metadata.src_node_id)}"
-
-
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The scalar numeric entries of a MetricRecord (lists dropped)."""
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+def node_of(msg: Message) -> int:
+    """The sending node of a reply, as the SuperLink recorded it (never anything from the reply's content)."""
+    return int(msg.metadata.src_node_id)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +196,7 @@ class FedFusionStrategy(Strategy):
         inner: the chain below (DP wrapper, modality-aware layer, Flower strategy).
         base: the Flower strategy at the bottom (its sampling settings are read here).
         validator: update validator (keeps its norm history across rounds).
+        claims: bounds on claimed weights (keeps each node's pinned claims across rounds); default: factor 10.
         modalities: the model's modalities.
         modality_aware: whether ``inner`` aggregates modality-aware (then groups with no eligible site keep the
             global values even after DP noise).
@@ -222,6 +210,7 @@ class FedFusionStrategy(Strategy):
         base: FedAvg,
         *,
         validator: UpdateValidator,
+        claims: ClaimGuard | None = None,
         modalities: Sequence[str] = MODALITIES,
         modality_aware: bool = True,
         metrics_log: MetricsLog | None = None,
@@ -231,6 +220,8 @@ class FedFusionStrategy(Strategy):
         self.base = base
         self.validator = validator
         self.modalities = tuple(modalities)
+        self.claims = claims if claims is not None else ClaimGuard(modalities=self.modalities)
+        self.scopes = SiteScopes()
         self.modality_aware = modality_aware
         self.metrics_log = metrics_log
         self.round_offset = int(round_offset)
@@ -248,7 +239,8 @@ class FedFusionStrategy(Strategy):
 
     # -- state for checkpoints ---------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        """Everything to continue as if never stopped: declined sites, validator history, optimiser moments.
+        """Everything to continue as if never stopped: declined sites, validator history, pinned claims, optimiser
+        moments.
 
         Only tensors, numbers, strings and lists/dicts of them, so the checkpoint loads with
         ``torch.load(weights_only=True)`` (the optimiser's numpy moments are stored as tensors).
@@ -256,6 +248,7 @@ class FedFusionStrategy(Strategy):
         state: dict[str, Any] = {
             "declined": [int(n) for n in sorted(self.declined)],
             "validator": self.validator.state_dict(),
+            "claims": self.claims.state_dict(),
         }
         opt = find_optimizer(self.strategy)
         if opt is not None:
@@ -269,6 +262,7 @@ class FedFusionStrategy(Strategy):
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.declined = {int(n) for n in state.get("declined", [])}
         self.validator.load_state_dict(state.get("validator", {}))
+        self.claims.load_state_dict(state.get("claims", {}))
         opt = find_optimizer(self.strategy)
         saved = state.get("optimizer")
         if opt is not None and saved:
@@ -301,6 +295,7 @@ class FedFusionStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
         self.current = {k: v.numpy() for k, v in arrays.items()}
+        self.scopes.refresh(grid)
         minimum = max(self.base.min_available_nodes, self.base.min_train_nodes)
         view = self._eligible_grid(grid, minimum, "train")
         if view is None:
@@ -311,6 +306,7 @@ class FedFusionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
+        self.scopes.refresh(grid)
         minimum = max(self.base.min_available_nodes, self.base.min_evaluate_nodes)
         view = self._eligible_grid(grid, minimum, "evaluate")
         if view is None:
@@ -342,10 +338,21 @@ class FedFusionStrategy(Strategy):
         if self.metrics_log is not None and metrics:
             self.metrics_log.write(rnd, phase, scope, metrics)
 
+    def _known(self, rnd: int, node: int, metrics: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, float]:
+        """The whitelisted numbers of a site's metrics (:mod:`common.reply_metrics`); the rest is dropped, once
+        logged by count (names shortened: they are the site's strings)."""
+        kept, dropped = known_numbers(metrics, allowed)
+        if dropped:
+            shown = ", ".join(repr(name[:40]) for name in dropped[:5])
+            logger.warning("round %d: node %d sent %d unknown or non-numeric metric(s) (%s%s); they are ignored",
+                           rnd, node, len(dropped), shown, ", ..." if len(dropped) > 5 else "")
+        return kept
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop declines, validate, aggregate the accepted replies with the inner chain, log everything.
+        """Drop declines, bound claimed weights, validate, aggregate the accepted replies with the inner chain, log
+        the whitelisted numbers.
 
         Returns ``(None, metrics)`` (global model unchanged) when fewer than ``min-train-nodes`` updates are
         accepted or the aggregate is not finite.
@@ -355,37 +362,44 @@ class FedFusionStrategy(Strategy):
         to_validate: list[Message] = []
         n_declined = 0
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = node_of(msg)
+            scope = self.scopes.scope(node)
             if not msg.has_error():
                 metrics = reply_metrics(msg)
                 if metrics is not None:
-                    self._log(rnd, "train", site_scope(msg), numeric_metrics(metrics))
+                    self._log(rnd, "train", scope, self._known(rnd, node, metrics, TRAIN_METRICS))
             if is_decline(msg):
                 n_declined += 1
                 if msg.has_error():
                     # the reason's numbers (e.g. epsilon-total) keep the per-site privacy curve complete
-                    numbers = site_replies.parse_reason(msg.error.reason)
-                    self._log(rnd, "train", site_scope(msg), {**numbers, "declined": 1.0})
+                    numbers, _ = known_numbers(site_replies.parse_reason(msg.error.reason), DECLINE_METRICS)
+                    self._log(rnd, "train", scope, {**numbers, "declined": 1.0})
                 if node not in self.declined:
                     self.declined.add(node)
                     reason = msg.error.reason if msg.has_error() else "declined = 1"
                     logger.warning(
                         "round %d: node %d (%s) declined to train (privacy budget spent: %s); "
-                        "it is dropped from future sampling", rnd, node, site_scope(msg), reason,
+                        "it is dropped from future sampling", rnd, node, scope, reason,
                     )
                 continue
             to_validate.append(msg)
 
-        result = self.validator.validate(to_validate, self.current)
+        # claims first: a reply lying about its weight is out before its norm can shape the round's reference
+        claimed = {node_of(m): metrics for m in to_validate
+                   if not m.has_error() and (metrics := reply_metrics(m)) is not None}
+        overclaims = self.claims.check("train", rnd, claimed)
+        result = self.validator.validate([m for m in to_validate if node_of(m) not in overclaims], self.current)
+        result.rejected[:0] = [Rejection(node, reason) for node, reason in overclaims.items()]
+        self.claims.pin("train", rnd, {node_of(m): claimed[node_of(m)] for m in result.accepted})
         log_rejections(rnd, result.rejected)
         self.rejections[rnd] = {r.node_id: r.reason for r in result.rejected}
         for msg in to_validate:
-            node = int(msg.metadata.src_node_id)
+            node = node_of(msg)
             norm = result.norms.get(node)
             info = {"accepted": 0.0 if node in self.rejections[rnd] else 1.0}
             if norm is not None:
                 info["update-norm"] = norm
-            self._log(rnd, "validation", site_scope(msg), info)
+            self._log(rnd, "validation", self.scopes.scope(node), info)
 
         accepted = result.accepted
         summary = {
@@ -393,14 +407,14 @@ class FedFusionStrategy(Strategy):
             "sites-rejected": float(len(result.rejected)),
             "sites-declined": float(n_declined),
         }
-        accepted_metrics = [numeric_metrics(reply_metrics(m) or {}) for m in accepted]
+        accepted_metrics = [known_numbers(reply_metrics(m) or {}, TRAIN_METRICS)[0] for m in accepted]
         site_metrics = weighted_metrics(accepted_metrics)
         for m in self.modalities:  # counts are summed, not averaged: cases and sites carrying each modality
             if any(f"cases-{m}" in rec for rec in accepted_metrics):
                 site_metrics[f"cases-{m}"] = sum(rec.get(f"cases-{m}", 0.0) for rec in accepted_metrics)
                 site_metrics[f"has-{m}"] = float(sum(modality_weight(rec, m) > 0 for rec in accepted_metrics))
         metrics_out = {**site_metrics, **summary}
-        self._log(rnd, "train", "global", metrics_out)
+        self._log(rnd, "train", GLOBAL_SCOPE, metrics_out)
         if len(accepted) < max(1, self.base.min_train_nodes):
             logger.warning(
                 "round %d: only %d accepted update(s), fewer than min-train-nodes = %d: the global model is kept",
@@ -451,34 +465,48 @@ class FedFusionStrategy(Strategy):
         over sites give the global metrics (``cases``, ``dice-<region>``, ``accuracy``, ``recall``,
         ``specificity``, ``f1``, ``auroc``, ROC points), logged with ``sites`` as phase ``site-eval``, scope
         ``global``. Per site, the metrics of its own (noisy) statistics and its privacy numbers are logged too.
-        Replies without the statistics (errors, refusals, sites of older versions) are logged and left out.
+        Only whitelisted numbers are read (:mod:`common.reply_metrics`), and ``num-examples`` is bounded like a
+        train claim (pinned per node, at most ``claim-factor x`` the median); a reply that claims too much, or has
+        no statistics (errors, refusals, older sites), is logged and left out.
         """
         rnd = self.global_round(server_round)
-        vectors: list[np.ndarray] = []
+        usable: dict[int, MetricRecord] = {}
         for msg in replies:
+            node = node_of(msg)
             if msg.has_error():
-                logger.info("round %d: evaluation error from node %d: %s", rnd, msg.metadata.src_node_id,
-                            msg.error.reason)
+                logger.info("round %d: evaluation error from node %d: %s", rnd, node, msg.error.reason)
                 continue
             metrics = reply_metrics(msg)
-            stats = None if metrics is None else evalstats.read_statistics(metrics)
+            if metrics is None:
+                logger.warning("round %d: evaluation reply from node %d ignored: expected exactly one MetricRecord, "
+                               "got %d", rnd, node, len(msg.content.metric_records))
+                continue
+            usable[node] = metrics
+        overclaims = self.claims.check("evaluate", rnd, usable)
+        for node, reason in overclaims.items():
+            logger.warning("round %d: evaluation reply from node %d ignored: %s", rnd, node, reason)
+        accepted = {node: metrics for node, metrics in usable.items() if node not in overclaims}
+        self.claims.pin("evaluate", rnd, accepted)
+        vectors: list[np.ndarray] = []
+        for node, metrics in accepted.items():
+            values = self._known(rnd, node, metrics, EVALUATE_METRICS)
+            stats = evalstats.read_statistics(values)
             if stats is None:
                 logger.warning("round %d: node %d sent no DP evaluation statistics; its evaluation is ignored",
-                               rnd, msg.metadata.src_node_id)
+                               rnd, node)
                 continue
-            values = numeric_metrics(metrics or {})
             privacy = {k: values[k] for k in ("epsilon-total", "epsilon-round", "eval-noise-multiplier") if k in values}
             site = {k: v for k, v in evalstats.metrics_from_sums(stats).items() if "@" not in k}
-            self._log(rnd, "site-eval", site_scope(msg), {**site, **privacy})
+            self._log(rnd, "site-eval", self.scopes.scope(node), {**site, **privacy})
             vectors.append(stats)
         if not vectors:
             return None
         agg = evalstats.metrics_from_sums(evalstats.sum_statistics(vectors))
         agg["sites"] = float(len(vectors))
-        self._log(rnd, "site-eval", "global", agg)
+        self._log(rnd, "site-eval", GLOBAL_SCOPE, agg)
         return MetricRecord(agg)
 
     def summary(self) -> None:
-        logger.info("fedfusion strategy: %r (round offset %d, update norm factor %g)", self.strategy,
-                    self.round_offset, self.validator.norm_factor)
+        logger.info("fedfusion strategy: %r (round offset %d, update norm factor %g, claim factor %g)",
+                    self.strategy, self.round_offset, self.validator.norm_factor, self.claims.factor)
         self.strategy.summary()

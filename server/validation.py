@@ -7,13 +7,19 @@ A reply is rejected (logged with its node id and the reason, and left out of the
 * an array's shape or dtype differs from the global array of the same name;
 * an array holds NaN or Inf;
 * the L2 norm of its update ``||w_site - w_global||`` (over all parameters, float64) is far beyond the round's
-  typical update norm: ``> norm_factor x median`` of this round's update norms when at least
-  ``min_replies_for_median`` structurally valid replies arrived, else ``> norm_factor x`` the median accepted
-  norm of previous rounds (no norm check in a first round with too few replies: there is nothing to compare);
+  typical update norm: ``> norm_factor x reference``, where the reference is the *low median* of this round's
+  update norms when at least ``min_replies_for_median`` structurally valid replies arrived, else the median
+  accepted norm of previous rounds, else (a first round with two replies) the smaller of the two norms;
+* its update norm exceeds ``norm_factor x ||w_global||``: an absolute bound that needs no other reply (a first
+  round with a single reply), as no honest round of local training moves the model by many times its own size;
 * with client-side clipping (``max_update_norm``), its update norm exceeds the clipping norm: the site did not
   clip (e.g. its ClientApp lacks Flower's ``fixedclipping_mod``).
 
-The median is robust: one huge update cannot raise the reference it is judged by (with >= 3 replies).
+The low median (the smaller middle value; :func:`server.claims.low_median`) is robust: one huge update cannot
+raise the reference it is judged by, even among two replies, where the plain median (the mean of the two) would
+let a x1000 update pass at about 2x "the median". With two replies and no history the server cannot tell a huge
+update from a tiny one; it keeps the smaller, so a site can at worst make one first round learn little, never
+steer the model.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-logger = logging.getLogger(__name__)
+from common.reply_metrics import WEIGHT_KEY
 
-WEIGHT_KEY = "num-examples"
+from .claims import low_median, weight_problem
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,9 @@ class UpdateValidator:
     """Checks replies against the current global arrays; keeps the accepted-norm history across rounds.
 
     Args:
-        norm_factor: ``k`` of the outlier test (reject norms ``> k x`` reference). Must be > 1.
-        min_replies_for_median: replies needed to use the round's own median as reference.
+        norm_factor: ``k`` of the outlier tests (reject norms ``> k x`` the reference and ``> k x`` the global
+            model's norm). Must be > 1.
+        min_replies_for_median: replies needed to prefer the round's own low median over earlier rounds' norms.
         max_update_norm: if set, reject updates whose norm exceeds it (client-side clipping check).
         clip_tolerance: relative slack on ``max_update_norm`` for float round-off.
     """
@@ -121,9 +130,9 @@ class UpdateValidator:
         metrics = reply_metrics(msg)
         if metrics is None:
             return f"expected exactly one MetricRecord, got {len(msg.content.metric_records)}"
-        weight = metrics.get(WEIGHT_KEY)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-            return f"metric {WEIGHT_KEY!r} must be a positive finite number, got {weight!r}"
+        problem = weight_problem(metrics.get(WEIGHT_KEY))
+        if problem is not None:
+            return problem
         keys = set(arrays.keys())
         expected = set(global_arrays.keys())
         if keys != expected:
@@ -158,6 +167,20 @@ class UpdateValidator:
             total += float(np.dot(diff.ravel(), diff.ravel()))
         return math.sqrt(total)
 
+    def reference(self, norms: Sequence[float]) -> float | None:
+        """The typical update norm this round's ``norms`` are judged by (``None``: nothing to compare with).
+
+        The round's own low median with at least ``min_replies_for_median`` norms; else the median accepted norm
+        of earlier rounds; else, with two norms in a first round, the smaller one.
+        """
+        if len(norms) >= self.min_replies_for_median:
+            return low_median(norms)
+        if self.history:
+            return float(np.median(self.history))
+        if len(norms) >= 2:
+            return low_median(norms)
+        return None
+
     def validate(self, replies: Sequence[Message], global_arrays: Mapping[str, np.ndarray]) -> ValidationResult:
         """Split ``replies`` into accepted and rejected ones (see the module docstring for the rules).
 
@@ -183,12 +206,8 @@ class UpdateValidator:
             result.norms[node] = norm
             candidates.append((msg, norm))
 
-        norms = [n for _, n in candidates]
-        reference: float | None = None
-        if len(norms) >= self.min_replies_for_median:
-            reference = float(np.median(norms))
-        elif self.history:
-            reference = float(np.median(self.history))
+        reference = self.reference([n for _, n in candidates])
+        global_norm = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in global64.values()))
 
         accepted_norms: list[float] = []
         for msg, norm in candidates:
@@ -199,6 +218,15 @@ class UpdateValidator:
                         node,
                         f"update norm {norm:.4g} exceeds the client-side clipping norm {self.max_update_norm:.4g}: "
                         "the site did not clip (add flwr.clientapp.mod.fixedclipping_mod to its ClientApp)",
+                    )
+                )
+                continue
+            if global_norm > 0 and norm > self.norm_factor * global_norm:
+                result.rejected.append(
+                    Rejection(
+                        node,
+                        f"update norm {norm:.4g} is {norm / global_norm:.1f}x the global model's own norm "
+                        f"{global_norm:.4g} (limit {self.norm_factor:g}x)",
                     )
                 )
                 continue

@@ -18,7 +18,7 @@ from typing import Any
 
 from common.processes import tree_rss_mb
 from common.runconfig import ConfigValue
-from models.runlog import iter_metrics
+from models.runlog import is_site_scope, iter_metrics
 
 __all__ = ["RunObserver", "SimulationResult", "backend_config", "final_global_metrics"]
 
@@ -104,7 +104,7 @@ def _progress_watcher(metrics_path: Path, rounds: int, num_sites: int, stop: thr
             per_round_sites: dict[int, set[str]] = {}
             for rec in iter_metrics(metrics_path):
                 phase = rec["phase"]
-                if rec["phase"] == "train" and str(rec["scope"]).startswith("site"):
+                if rec["phase"] == "train" and is_site_scope(rec["scope"]):
                     per_round_sites.setdefault(rec["round"], set()).add(rec["scope"])
                 if rec["phase"] == "server-eval" and rec["metric"] == "all/dice-whole":
                     last_round, dice = rec["round"], rec["value"]

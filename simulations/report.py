@@ -4,9 +4,10 @@ Inputs (``docs/architecture.md`` "Run directory"):
 
 - ``RUN/config.json``: the resolved run config (``model-*`` keys, DP, strategy, data paths);
 - ``RUN/metrics.jsonl``: ``{round, phase, scope, metric, value}`` lines (:mod:`models.runlog`). Read phases:
-  ``server-eval``/``global`` (``<subset>/<metric>`` keys of ``models.evaluation``), ``train``/``site-*``
-  (``num-examples``, ``train-loss``, ``cases-<m>``, ``has-<m>``, ``epsilon-total``, ``epsilon-round``, ``delta``),
-  ``site-eval`` (global or per site);
+  ``server-eval``/``global`` (``<subset>/<metric>`` keys of ``models.evaluation``), ``train`` per site (every
+  scope but ``global``: the site's registered name or ``node-<id>``, :mod:`server.scopes`; ``num-examples``,
+  ``train-loss``, ``cases-<m>``, ``has-<m>``, ``epsilon-total``, ``epsilon-round``, ``delta``), ``validation`` per
+  site, ``site-eval`` (global or per site);
 - ``RUN/checkpoints/best.pt`` (else ``last.pt``) and the held-out set, only for what needs predictions
   (checkpoint-based modality contribution, the ROC curve): :mod:`simulations.heldout_analysis` computes those.
 
@@ -33,7 +34,7 @@ from common.layout import HELDOUT_NAME
 from models.config import SEG_REGIONS
 from models.modalities import MODALITIES, canonical, subset_name
 from models.atomic import atomic_write_text
-from models.runlog import iter_metrics
+from models.runlog import is_site_scope, iter_metrics
 
 from . import figures
 from .heldout_analysis import HeldoutResult, analyse_heldout
@@ -144,9 +145,9 @@ class Run:
 
     def sites(self) -> list[str]:
         """Site ids seen in the log (training first, else site evaluation)."""
-        found = [s for s in self.records.scopes("train") if s != "global"]
+        found = [s for s in self.records.scopes("train") if is_site_scope(s)]
         if not found:
-            found = [s for s in self.records.scopes("site-eval") if s != "global"]
+            found = [s for s in self.records.scopes("site-eval") if is_site_scope(s)]
         return found
 
 
@@ -594,7 +595,7 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
     run = ctx.run
     lines = ["## Privacy spent per site per round", ""]
     dp = run.config.get("dp-enabled")
-    sites = [s for s in run.records.scopes("train") if s != "global"]
+    sites = [s for s in run.records.scopes("train") if is_site_scope(s)]
     series = {s: run.records.series("train", s, "epsilon-total") for s in sites}
     series = {s: v for s, v in series.items() if v}
     site_dp = [v for s in sites for _, v in run.records.series("train", s, "dp-enabled") if v is not None]
@@ -636,7 +637,7 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
 def _sites_section(ctx: _Ctx) -> list[str]:
     run = ctx.run
     lines = ["## Sites", ""]
-    sites = [s for s in run.records.scopes("train") if s != "global"]
+    sites = [s for s in run.records.scopes("train") if is_site_scope(s)]
     if not sites:
         lines += [f"Site training: {NOT_RECORDED}.", ""]
     else:

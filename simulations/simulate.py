@@ -2,7 +2,9 @@
 
 ``simulate`` generates phantom sites when no data is given, fuses the run config (pyproject defaults +
 overrides), runs the apps over one virtual SuperNode per site, shows progress from the run's metrics log, and
-writes the report. The apps are loaded by their pyproject component names, exactly as ``flwr run`` loads them.
+writes the report. The apps are loaded by their pyproject component names, exactly as ``flwr run`` loads them;
+the in-process engine can load another ClientApp (``client_app``, ``"module:attribute"`` importable from the
+project directory, e.g. a test's attacking sites).
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def run_federation(
     *,
     cpus_per_site: float | None = None,
     progress: bool = True,
+    client_app: str = CLIENT_APP,
 ) -> SimulationResult:
-    """Run the ServerApp and ClientApp over ``num_sites`` virtual SuperNodes with ``run_config``.
+    """Run the ServerApp and a ClientApp over ``num_sites`` virtual SuperNodes with ``run_config``.
 
-    The run directory is ``run_config["run-dir"]``; Flower's own log goes to ``<run-dir>/flower.log``.
+    ``client_app`` is the ClientApp's ``"module:attribute"`` (default: fedfusion's own); Ray workers import it by
+    that path from the project directory. The run directory is ``run_config["run-dir"]``; Flower's own log goes to
+    ``<run-dir>/flower.log``.
     """
     # Flower's public run_simulation() cannot pass a run config to the apps; its internal runner (the one
     # `flower-simulation` uses) can. flwr is pinned to <1.50 in pyproject.toml for this reason.
@@ -103,7 +108,7 @@ def run_federation(
                 num_supernodes=num_sites,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 server_app_attr=SERVER_APP,
-                client_app_attr=CLIENT_APP,
+                client_app_attr=client_app,
                 backend_name="ray",
                 backend_config=backend_config(num_sites, cpus_per_site),
                 app_dir=str(PROJECT_DIR),
@@ -146,14 +151,19 @@ def simulate(
     progress: bool = True,
     report: bool = True,
     engine: str = "inprocess",
+    client_app: str = CLIENT_APP,
 ) -> SimulationResult:
     """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``.
 
     ``engine``: ``inprocess`` runs Flower's simulation engine in this process; ``flwr`` submits the same run
-    config with ``flwr run`` to a private local SuperLink (:mod:`simulations.flwr_run`).
+    config with ``flwr run`` to a private local SuperLink (:mod:`simulations.flwr_run`). ``client_app``: the
+    ClientApp ``"module:attribute"`` the in-process engine runs (the ``flwr`` engine runs pyproject's).
     """
     if engine not in ("inprocess", "flwr"):
         raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
+    if engine == "flwr" and client_app != CLIENT_APP:
+        raise ValueError(f"client_app {client_app!r} needs engine='inprocess': `flwr run` runs the ClientApp that "
+                         f"pyproject.toml names ({CLIENT_APP})")
     out = Path(out)
     overrides = dict(overrides or {})
     generate = data is None
@@ -184,7 +194,8 @@ def simulate(
 
         result = run_federation_flwr(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
     else:
-        result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
+        result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress,
+                                client_app=client_app)
     if report:
         from .report import build_report
 

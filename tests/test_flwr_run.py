@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from models.runlog import iter_metrics
+from models.runlog import is_site_scope, iter_metrics
 
 SITES = 2
 CASES = 3
@@ -73,7 +73,7 @@ def test_flwr_run_finishes_offline_and_leaves_no_process(phantoms: Path, tmp_pat
     rounds = {r["round"] for r in iter_metrics(run_dir / "metrics.jsonl") if r["phase"] == "server-eval"}
     assert {1, 2} <= rounds
     trained = {r["scope"] for r in iter_metrics(run_dir / "metrics.jsonl")
-               if r["phase"] == "train" and str(r["scope"]).startswith("site-")}
+               if r["phase"] == "train" and is_site_scope(r["scope"])}
     assert len(trained) == SITES
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     # No legacy [tool.flwr.federations] table that `flwr run` would migrate (rewriting pyproject.toml).

@@ -47,7 +47,8 @@ def stub_site(node_id: int, msg: Message) -> Message:
             a = (a + 1e-3 * rng.standard_normal(a.shape)).astype(a.dtype)
         arrays[k] = torch.from_numpy(np.ascontiguousarray(a))
     metrics = site_metrics(sum(SITES[node_id].values()), SITES[node_id])
-    metrics.update({"seen-round": float(rnd), "epsilon-total": 0.5 * rnd, "epsilon-round": 0.5, "delta": 1e-5})
+    # train-loss carries the round the site saw (the server logs only known metric names)
+    metrics.update({"train-loss": float(rnd), "epsilon-total": 0.5 * rnd, "epsilon-round": 0.5, "delta": 1e-5})
     return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -116,6 +117,10 @@ def test_killed_server_resumes_without_lost_or_doubled_rounds(tmp_path: Path) ->
     state, _, extra = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert extra["round"] == 4
     assert extra["strategy_state"]["optimizer"]["class"] == "FedAdam"
+    # every site's claims stay pinned from its first round across the restart
+    pins = extra["strategy_state"]["claims"]["train"]
+    assert {int(n): (p["round"], p["num-examples"]) for n, p in pins.items()} == {
+        n: (1.0, float(sum(c.values()))) for n, c in SITES.items()}
     records = list(iter_metrics(run_dir / "metrics.jsonl"))
     # each (round, phase, scope, metric) exactly once, and every round 1..4 present
     dup = [k for k, n in Counter((r["round"], r["phase"], r["scope"], r["metric"]) for r in records).items() if n > 1]
@@ -127,8 +132,8 @@ def test_killed_server_resumes_without_lost_or_doubled_rounds(tmp_path: Path) ->
         assert rounds == expected, (phase, rounds)
     # the sites saw the true round numbers after the restart (offset handled), each site each round once
     seen = sorted((r["scope"], r["round"], r["value"]) for r in records
-                  if r["metric"] == "seen-round" and r["scope"] != "global")
-    assert seen == sorted((f"site-{n}", rnd, float(rnd)) for n in SITES for rnd in range(1, 5))
+                  if r["phase"] == "train" and r["metric"] == "train-loss" and r["scope"] != "global")
+    assert seen == sorted((f"node-{n}", rnd, float(rnd)) for n in SITES for rnd in range(1, 5))
 
     # as if never stopped: an uninterrupted run ends at the same global model
     straight = tmp_path / "straight"

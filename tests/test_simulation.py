@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models.runlog import iter_metrics
+from models.runlog import is_site_scope, iter_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_three_site_dp_simulation_with_missing_modalities(tmp_path: Path) -> Non
     eps: dict[str, dict[int, float]] = defaultdict(dict)
     has: dict[str, dict[str, float]] = defaultdict(dict)
     for r in records:
-        if r["phase"] == "train" and r["scope"].startswith("site-"):
+        if r["phase"] == "train" and is_site_scope(r["scope"]):
             if r["metric"] == "epsilon-total":
                 eps[r["scope"]][r["round"]] = r["value"]
             if r["metric"].startswith("has-"):

@@ -337,13 +337,13 @@ def failed_site_replies(run_dir: Path) -> int:
 def site_train_summary(run_dir: Path) -> dict[str, float]:
     """From a federated run's metrics log: the last round's highest epsilon spent by a site, its noise multiplier,
     the sites that trained in the last round, and the sites' summed local training seconds over all rounds."""
-    from models.runlog import iter_metrics
+    from models.runlog import is_site_scope, iter_metrics
 
     last: dict[str, dict[str, float]] = {}
     last_round = 0
     train_seconds = 0.0
     for rec in iter_metrics(Path(run_dir) / "metrics.jsonl"):
-        if rec["phase"] != "train" or not str(rec["scope"]).startswith("site-") or rec["value"] is None:
+        if rec["phase"] != "train" or not is_site_scope(rec["scope"]) or rec["value"] is None:
             continue
         if rec["metric"] == "train-seconds":
             train_seconds += float(rec["value"])
