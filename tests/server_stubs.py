@@ -31,7 +31,7 @@ def reply(node_id: int, arrays: Mapping[str, np.ndarray] | None, metrics: Mappin
 
 def site_metrics(num_examples: float, cases: Mapping[str, float]) -> dict[str, float]:
     """Train metrics as fedfusion's ClientApp sends them (``cases-``/``has-`` for every modality)."""
-    out = {"num-examples": float(num_examples), "train-loss": 1.0}
+    out = {"num-examples": float(num_examples), "train-seconds": 1.0}
     for m in MODALITIES:
         c = float(cases.get(m, 0.0))
         out[f"cases-{m}"] = c
@@ -42,13 +42,15 @@ def site_metrics(num_examples: float, cases: Mapping[str, float]) -> dict[str, f
 def eval_metrics(patients: int, dice: float, **extra: float) -> dict[str, float]:
     """Evaluate-reply metrics as fedfusion's ClientApp sends them, without the noise: the statistics
     (:mod:`common.evalstats`) of ``patients`` held-out patients (one study each, benign, probability 0.3) whose Dice
-    is ``dice`` in every region; plus ``extra`` metrics."""
+    is ``dice`` in every region, the case count rounded up to the sites' default granularity of 10; plus ``extra``
+    metrics."""
     from common.evalstats import STATISTIC_KEYS, site_sums
     from models.metrics import REGIONS
 
     sums = site_sums(np.full((patients, len(REGIONS)), dice), np.full(patients, 0.3), np.zeros(patients, dtype=int),
                      [[i] for i in range(patients)])
-    return {**{k: float(v) for k, v in zip(STATISTIC_KEYS, sums)}, **extra}
+    return {"num-examples": float(-(-patients // 10) * 10), **{k: float(v) for k, v in zip(STATISTIC_KEYS, sums)},
+            **extra}
 
 
 def set_task_identity() -> None:

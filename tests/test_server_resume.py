@@ -47,8 +47,8 @@ def stub_site(node_id: int, msg: Message) -> Message:
             a = (a + 1e-3 * rng.standard_normal(a.shape)).astype(a.dtype)
         arrays[k] = torch.from_numpy(np.ascontiguousarray(a))
     metrics = site_metrics(sum(SITES[node_id].values()), SITES[node_id])
-    # train-loss carries the round the site saw (the server logs only known metric names)
-    metrics.update({"train-loss": float(rnd), "epsilon-total": 0.5 * rnd, "epsilon-round": 0.5, "delta": 1e-5})
+    # train-seconds carries the round the site saw (the server logs only known metric names)
+    metrics.update({"train-seconds": float(rnd), "epsilon-total": 0.5 * rnd, "epsilon-round": 0.5, "delta": 1e-5})
     return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -132,7 +132,7 @@ def test_killed_server_resumes_without_lost_or_doubled_rounds(tmp_path: Path) ->
         assert rounds == expected, (phase, rounds)
     # the sites saw the true round numbers after the restart (offset handled), each site each round once
     seen = sorted((r["scope"], r["round"], r["value"]) for r in records
-                  if r["phase"] == "train" and r["metric"] == "train-loss" and r["scope"] != "global")
+                  if r["phase"] == "train" and r["metric"] == "train-seconds" and r["scope"] != "global")
     assert seen == sorted((f"node-{n}", rnd, float(rnd)) for n in SITES for rnd in range(1, 5))
 
     # as if never stopped: an uninterrupted run ends at the same global model
