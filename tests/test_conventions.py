@@ -251,3 +251,13 @@ def test_recognise_and_region_names() -> None:
     assert region_of_name("Peritumoral edema") == OEDEMA
     assert region_of_name("Whole tumor") is None and region_of_name("Tumor core") is None
     assert region_of_name("Segment 1", code=("SCT", "79654002")) == OEDEMA
+
+
+def test_site_settings_linked_out_of_the_site_are_not_read(tmp_path: Path) -> None:
+    site = tmp_path / "site-01"
+    _write_case(site / "case-1", "case-1", "_", BRATS21_TAGS, _source_labels([0, 1], 0))
+    outside = tmp_path / "elsewhere.toml"
+    outside.write_text('convention = "brats2021"\n')
+    (site / "fedfusion-site.toml").symlink_to(outside)
+    (problem,) = scan_case(site / "case-1").problems
+    assert problem.kind == "bad-site-settings" and "not a file inside the site folder" in problem.reason

@@ -445,10 +445,7 @@ def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> l
         kind = "truncated-file" if "less than expected" in str(exc) or "truncat" in str(exc).lower() else "unreadable-file"
         raise SeriesError(Problem(str(path), kind, f"cannot decode pixel data ({exc})", ERROR, case_id)) from exc
     photometric = str(header_value(ds, "PhotometricInterpretation") or "MONOCHROME2")
-    position = header_floats(ds, "ImagePositionPatient", 3)
-    orientation = header_orientation(ds)
-    spacing = header_floats(ds, "PixelSpacing", 2, positive=True) or header_floats(
-        ds, "ImagerPixelSpacing", 2, positive=True)
+    position, orientation, spacing = _plane_geometry(ds)
     slope, intercept = _rescale(ds)
     arr = _to_gray(np.asarray(pixels), photometric) * slope + intercept
     return [
@@ -462,6 +459,13 @@ def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> l
             str(path),
         )
     ]
+
+
+def _plane_geometry(ds: Any) -> tuple[list[float] | None, list[float] | None, list[float] | None]:
+    """Top-level ``(ImagePositionPatient, ImageOrientationPatient, PixelSpacing or ImagerPixelSpacing)``."""
+    spacing = header_floats(ds, "PixelSpacing", 2, positive=True) or header_floats(
+        ds, "ImagerPixelSpacing", 2, positive=True)
+    return header_floats(ds, "ImagePositionPatient", 3), header_orientation(ds), spacing
 
 
 def _is_multiframe(ds: Any) -> bool:
@@ -481,10 +485,7 @@ def _multiframe_planes(ds: Any, header: _FileHeader, case_id: str) -> list[_Plan
     path = header.path
     photometric = str(header_value(ds, "PhotometricInterpretation") or "MONOCHROME2")
     frames = header_int(ds, "NumberOfFrames", 1, minimum=1)
-    position = header_floats(ds, "ImagePositionPatient", 3)
-    orientation = header_orientation(ds)
-    spacing = header_floats(ds, "PixelSpacing", 2, positive=True) or header_floats(
-        ds, "ImagerPixelSpacing", 2, positive=True)
+    position, orientation, spacing = _plane_geometry(ds)
     thickness_f = _slice_spacing(ds)
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = header_value(ds, "PerFrameFunctionalGroupsSequence")
@@ -784,14 +785,17 @@ def _read_case_seg(
     """Read the case's SEG objects into ``out.seg`` (the first usable one; later ones are reported duplicates),
     each on the grid of the series it references (read here when it was not read for its modality)."""
     for series in (s for s in all_series if s.modality == SEG_TARGET):
+        status = "failed"
         for header in series.files:
             if out.seg is not None:
                 out.problems.append(Problem(str(header.path), "duplicate-series",
                                             "another DICOM SEG is already the case's segmentation; ignored", WARNING,
                                             case_id))
+                status = "used" if status == "used" else "duplicate"
                 continue
             try:
                 out.seg = _read_seg_file(header, all_series, grids, case_dir, case_id, limits, out.problems)
+                status = "used"
             except SegError as exc:
                 out.problems.append(Problem(str(header.path), exc.kind, str(exc), ERROR, case_id))
             except (BadHeaderValue, LimitExceeded) as exc:
@@ -799,7 +803,7 @@ def _read_case_seg(
             except Exception as exc:  # a SEG this reader did not foresee costs this file only
                 out.problems.append(Problem(str(header.path), "bad-seg", f"cannot read the SEG ({exc!r}); not used",
                                             ERROR, case_id))
-        out.series.append(_summary(series, "used" if out.seg is not None else "failed"))
+        out.series.append(_summary(series, status))
 
 
 def _read_seg_file(
