@@ -141,10 +141,13 @@ def test_seg_over_the_reader_limits_is_refused_before_decoding(tmp_path: Path) -
 # ------------------------------------------------------------------------------------------------------
 # enhanced (multi-frame) objects
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("modality", "converter"), [
-    ("MR", "LegacyConvertedEnhancedMRImage"), ("CT", "LegacyConvertedEnhancedCTImage")])
+@pytest.mark.parametrize(("modality", "converter", "sop_class"), [
+    ("MR", "LegacyConvertedEnhancedMRImage", None), ("CT", "LegacyConvertedEnhancedCTImage", None),
+    # the same objects labelled Enhanced MR / Enhanced CT Image Storage: the reader goes by the functional groups
+    ("MR", "LegacyConvertedEnhancedMRImage", "1.2.840.10008.5.1.4.1.1.4.1"),
+    ("CT", "LegacyConvertedEnhancedCTImage", "1.2.840.10008.5.1.4.1.1.2.1")])
 def test_enhanced_object_equals_the_single_frame_series_it_came_from(
-    tmp_path: Path, modality: str, converter: str
+    tmp_path: Path, modality: str, converter: str, sop_class: str | None
 ) -> None:
     vol = make_volume(SHAPE, lo=-500.0, hi=1500.0)
     slopes = [0.01 * (k + 1) for k in range(SHAPE[0])]  # a different rescale per slice -> per-frame functional groups
@@ -153,6 +156,8 @@ def test_enhanced_object_equals_the_single_frame_series_it_came_from(
                                              sop_instance_uid=hd.UID(), instance_number=1)
     per_frame = enhanced.PerFrameFunctionalGroupsSequence
     assert len(per_frame) == SHAPE[0] and "PixelValueTransformationSequence" in per_frame[0]
+    if sop_class is not None:
+        enhanced.SOPClassUID = enhanced.file_meta.MediaStorageSOPClassUID = sop_class
     (tmp_path / "enhanced").mkdir()
     enhanced.save_as(tmp_path / "enhanced" / "enhanced.dcm")
 
