@@ -20,6 +20,7 @@ __all__ = [
     "HELDOUT_NAME",
     "LABELS_FILE",
     "SITE_PREFIX",
+    "SITE_SETTINGS_FILE",
     "SITE_STATE",
     "heldout_dir",
     "partition_site",
@@ -30,6 +31,8 @@ __all__ = [
 
 #: Per-site label file: ``case_id,label`` (0 benign / 1 malignant).
 LABELS_FILE = "labels.csv"
+#: Optional per-site settings, in the site folder (e.g. ``convention = "brats2021"``; see common/data/site_settings.py).
+SITE_SETTINGS_FILE = "fedfusion-site.toml"
 #: Folder-name prefix of a training site inside a data root.
 SITE_PREFIX = "site-"
 #: Folder name of the server's held-out test set inside a data root.

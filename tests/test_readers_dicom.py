@@ -229,10 +229,10 @@ def test_user_mapping_applies_to_a_real_study(tmp_path: Path) -> None:
     case = tmp_path / "case-1"
     vol = make_volume((3, 8, 8))
     write_series(case / "s", vol, simple_affine(), "SITE_PROTO_7")
-    _, summaries, problems, _ = read_dicom_case(case, load_series_mapping(), ["t1"], "case-1")
-    assert summaries[0].status == "unknown" and "unknown-series" in _kinds(problems)
-    volumes, summaries, problems, _ = read_dicom_case(case, load_series_mapping({"t1": "proto_7"}), ["t1"], "case-1")
-    assert summaries[0].status == "used" and "t1" in volumes
+    found = read_dicom_case(case, load_series_mapping(), ["t1"], "case-1")
+    assert found.series[0].status == "unknown" and "unknown-series" in _kinds(found.problems)
+    found = read_dicom_case(case, load_series_mapping({"t1": "proto_7"}), ["t1"], "case-1")
+    assert found.series[0].status == "used" and "t1" in found.volumes
 
 
 def test_reorient_grid_moves_whole_voxels() -> None:

@@ -12,6 +12,10 @@ A case folder is untrusted input. Walking it:
 
 Order is that of ``os.walk`` top-down with sorted names (a folder's files, then its sub-folders), so the DICOM
 reader groups series in a stable order.
+
+A case is a folder, except in the Medical Segmentation Decathlon layout (``SITE/imagesTr/BRATS_001.nii.gz`` with
+``SITE/labelsTr/BRATS_001.nii.gz`` and ``SITE/dataset.json``), where a case is its image file under ``imagesTr/``:
+its files are that image, its label file and the site's ``dataset.json``, under the same rules.
 """
 
 from __future__ import annotations
@@ -43,6 +47,31 @@ class CaseFiles:
         return [p for p in self.files if p.parent == self.case_dir]
 
 
+#: Decathlon layout: image folder, label folder and description file of a site.
+MSD_IMAGES, MSD_LABELS, MSD_DATASET_JSON = "imagesTr", "labelsTr", "dataset.json"
+
+
+def is_msd_case(case: Path) -> bool:
+    """Whether ``case`` is a Decathlon case (an image file directly under an ``imagesTr`` folder)."""
+    case = Path(case)
+    return case.parent.name == MSD_IMAGES and case.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def site_of_case(case: Path) -> Path:
+    """The site folder a case (folder, or Decathlon image file) belongs to."""
+    case = Path(case)
+    return case.parent.parent if is_msd_case(case) else case.parent
+
+
+def case_id_of(case: Path) -> str:
+    """The site-local case id: the folder name, or a Decathlon image's name without ``.nii[.gz]``."""
+    case = Path(case)
+    if is_msd_case(case):
+        name = case.name
+        return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    return case.name
+
+
 def is_inside(target: str, root: str) -> bool:
     """Whether the resolved path ``target`` is ``root`` or below it (both resolved with ``os.path.realpath``)."""
     return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
@@ -63,7 +92,9 @@ def list_case_files(
         OSError: when ``case_dir`` itself cannot be listed.
     """
     case_dir = Path(case_dir)
-    root = os.path.realpath(site_dir if site_dir is not None else case_dir.parent)
+    root = os.path.realpath(site_dir if site_dir is not None else site_of_case(case_dir))
+    if is_msd_case(case_dir):
+        return _msd_case_files(case_dir, root, case_id)
     real_case = os.path.realpath(case_dir)
     if not is_inside(real_case, root):
         return CaseFiles(case_dir, (), (Problem(
@@ -97,21 +128,11 @@ def list_case_files(
                 continue
             path = Path(entry.path)
             if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if not is_inside(target, root):
-                    problems.append(Problem(str(path), "unsafe-path",
-                                            f"symbolic link to {target}, outside the site folder {root}; not followed",
-                                            ERROR, case_id))
-                elif os.path.isdir(target):
-                    problems.append(Problem(str(path), "unsafe-path",
-                                            "symbolic link to a folder; folder links are never followed (they can "
-                                            "loop); copy the files or link each file", WARNING, case_id))
-                elif os.path.isfile(target):
+                problem = _link_problem(path, root, case_id)
+                if problem is None:
                     files.append(path)
                 else:
-                    problems.append(Problem(str(path), "unsafe-path",
-                                            "symbolic link to nothing readable (dangling, or not a regular file); "
-                                            "skipped", ERROR, case_id))
+                    problems.append(problem)
             elif entry.is_dir(follow_symlinks=False):
                 subfolders.append(entry.path)
             elif entry.is_file(follow_symlinks=False):
@@ -121,3 +142,39 @@ def list_case_files(
                                         "not a regular file (FIFO, socket or device); not opened", ERROR, case_id))
         stack.extend(reversed(subfolders))
     return CaseFiles(case_dir, tuple(files), tuple(problems))
+
+
+def _link_problem(path: Path, root: str, case_id: str) -> Problem | None:
+    """Why the symbolic link ``path`` is not read, or ``None`` when it leads to a regular file inside ``root``."""
+    target = os.path.realpath(path)
+    if not is_inside(target, root):
+        return Problem(str(path), "unsafe-path", f"symbolic link to {target}, outside the site folder {root}; not "
+                       "followed", ERROR, case_id)
+    if os.path.isdir(target):
+        return Problem(str(path), "unsafe-path", "symbolic link to a folder; folder links are never followed (they "
+                       "can loop); copy the files or link each file", WARNING, case_id)
+    if not os.path.isfile(target):
+        return Problem(str(path), "unsafe-path", "symbolic link to nothing readable (dangling, or not a regular "
+                       "file); skipped", ERROR, case_id)
+    return None
+
+
+def _msd_case_files(image: Path, root: str, case_id: str) -> CaseFiles:
+    """A Decathlon case's files: its image, its label (when present) and the site's dataset.json (when present)."""
+    site = image.parent.parent
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for path in (image, site / MSD_LABELS / image.name, site / MSD_DATASET_JSON):
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink():
+            problem = _link_problem(path, root, case_id)
+        elif path.is_file():
+            problem = None
+        else:
+            problem = Problem(str(path), "unsafe-path", "not a regular file; not opened", ERROR, case_id)
+        if problem is None:
+            files.append(path)
+        else:
+            problems.append(problem)
+    return CaseFiles(image, tuple(files), tuple(problems))

@@ -41,16 +41,18 @@ from torch.utils.data import Dataset
 from models.atomic import atomic_write
 from models.modalities import MODALITIES, canonical
 
-from .case_files import list_case_files
+from .case_files import case_id_of, list_case_files, site_of_case
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .problems import ERROR, Problem
 from .series_mapping import MappingSource, load_series_mapping
 from .site import CaseError, discover_sites, list_cases, load_case, read_labels, read_patient_ids
+from .site_settings import site_settings_fingerprint
 
 log = logging.getLogger(__name__)
 
-#: Bump when preprocessing changes so stale on-disk cache entries are not reused (2: patient keys stored).
-CACHE_VERSION = 2
+#: Bump when preprocessing changes so stale on-disk cache entries are not reused (3: patient keys stored, and label
+#: conventions, so BraTS 2023 files cached with fedfusion's label meaning are rebuilt).
+CACHE_VERSION = 3
 
 
 def _lesion_slice(seg: np.ndarray | None, depth: int) -> int:
@@ -200,7 +202,7 @@ class CaseDataset(Dataset):
         self._report(label_problems)
         listed_patients = read_patient_ids(site_dir, self.patient_salt)
         for case_dir in list_cases(site_dir):
-            case_id = case_dir.name
+            case_id = case_id_of(case_dir)
             if case_id not in labels:
                 self._report([Problem(str(case_dir), "missing-label", "case not in labels.csv; skipped", ERROR,
                                       case_id)])
@@ -237,7 +239,7 @@ class CaseDataset(Dataset):
     def _cache_key(self, case_dir: Path) -> str:
         """Hash of the case's readable files (names, sizes, mtimes) and the settings; raises CaseError when the
         folder is over the file limit (the same bounded listing the readers use)."""
-        listing = list_case_files(case_dir, self.limits, case_id=case_dir.name)
+        listing = list_case_files(case_dir, self.limits, case_id=case_id_of(case_dir))
         if any(p.kind == "limit-exceeded" for p in listing.problems):
             raise CaseError(f"{case_dir}: too many files", listing.problems)
         files = []
@@ -254,6 +256,7 @@ class CaseDataset(Dataset):
             "require_seg": self.require_seg,
             # the stored patient keys depend on the salt (its digest only: the salt itself is a secret)
             "salt": hashlib.sha256(b"fedfusion-salt\0" + self.patient_salt).hexdigest()[:16],
+            "site-settings": site_settings_fingerprint(site_of_case(case_dir)),  # the stated label convention
         })
         return hashlib.sha256(blob.encode()).hexdigest()
 

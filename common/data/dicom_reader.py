@@ -11,6 +11,12 @@ over a :class:`~common.data.limits.ReaderLimits` bound) becomes a :class:`~commo
 file (and the element), and the other files of the case are still read. Sizes are checked from the headers before
 anything is inflated, decoded or allocated.
 
+Enhanced (multi-frame) objects — Enhanced MR/CT and their Legacy Converted forms, dispatched by their functional
+groups — are read frame by frame, each frame with its own plane position, orientation, pixel spacing and rescale
+(PerFrameFunctionalGroupsSequence, else SharedFunctionalGroupsSequence). A DICOM Segmentation object (SEG) in the
+case folder is the case's segmentation, placed on the grid of the series it references (:mod:`common.data.dicom_seg`).
+Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg with libjpeg/openjpeg/rle, pyjpegls).
+
 Header strings (names, IDs, dates, UIDs) never leave this module: callers get arrays, affines, the problems found,
 a :class:`SeriesSummary` (folder, description, modality) for the site's own inspection report, and the case's
 *patient keys*: each file's PatientID, keyed-hashed (:func:`patient_key`, HMAC-SHA256 with the caller's salt) right
@@ -35,6 +41,7 @@ from models.modalities import MODALITIES
 
 from .bounded_io import raw_deflate_size
 from .case_files import list_case_files
+from .dicom_seg import SegError, is_seg, referenced_uids, seg_labels_on_grid
 from .dicom_values import BadHeaderValue, header_float, header_floats, header_int, header_orientation, header_value
 from .geometry import dicom_affine
 from .limits import DEFAULT_LIMITS, LimitExceeded, ReaderLimits, check_file_size, check_voxels
@@ -48,10 +55,12 @@ NON_DICOM_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".csv", ".json", ".tom
 #: Endings (lower case) of files that should be DICOM: failing to read them is reported.
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".ima", ".dic")
 #: Modality tag values of objects without an image (reported as non-image DICOM).
-NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "AU", "ECG", "SEG"}
+NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "AU", "ECG"}
 #: Modality tag values of image objects (a missing PixelData then means a truncated file).
 IMAGE_MODALITIES = {"MR", "CT", "US", "PT", "NM", "CR", "DX", "MG", "XA", "RF", "OT", "SC", "RTDOSE"}
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: ``DicomSeries.modality`` of a series of segmentation objects.
+SEG_TARGET = "seg"
 
 #: Largest fraction of missing slices of a series that is filled by interpolation (else the series is dropped).
 MAX_MISSING_FRACTION = 0.25
@@ -84,6 +93,7 @@ class _FileHeader:
     frames: int
     voxels: int
     patient: str = ""  # keyed hash of PatientID (:func:`patient_key`), "" when the file has none
+    sop_class: str = ""
 
 
 def patient_key(patient_id: str, salt: bytes) -> str:
@@ -106,7 +116,8 @@ class DicomSeries:
         folder: folder of its first file, relative to the case folder.
         modality_tag: DICOM ``Modality``.
         description: SeriesDescription (or ProtocolName).
-        modality: mapped fedfusion modality, :data:`IGNORE`, or ``None`` (unknown).
+        modality: mapped fedfusion modality, :data:`IGNORE`, :data:`SEG_TARGET` (segmentation objects) or
+            ``None`` (unknown).
         files: the series' files, in InstanceNumber order.
     """
 
@@ -272,14 +283,9 @@ def _parse_header(
         return None, Problem(str(path), "non-image-dicom", "a DICOMDIR (directory index), no pixel data", ERROR, case_id)
     has_pixels = pixel_bytes is not None
     rows, cols = header_value(ds, "Rows"), header_value(ds, "Columns")
-    if modality_tag in NON_IMAGE_MODALITIES and modality_tag != "SEG":
+    if modality_tag in NON_IMAGE_MODALITIES:
         return None, Problem(
             str(path), "non-image-dicom", f"Modality {modality_tag} object without an image; skipped", ERROR, case_id
-        )
-    if modality_tag == "SEG":
-        return None, Problem(
-            str(path), "non-image-dicom",
-            "DICOM SEG objects are not read; give the segmentation as <case>_seg.nii.gz", ERROR, case_id,
         )
     if not has_pixels or rows is None or cols is None:
         image_like = modality_tag in IMAGE_MODALITIES or rows is not None
@@ -331,6 +337,7 @@ def _parse_header(
         frames=frames,
         voxels=rows_n * cols_n * frames,
         patient=patient,
+        sop_class=sop_class,
     )
     return header, warning
 
@@ -379,7 +386,8 @@ def scan_dicom(
                 folder=folder,
                 modality_tag=header.modality_tag,
                 description=header.description,
-                modality=mapping.identify(header.modality_tag, header.description),
+                modality=(SEG_TARGET if is_seg(header.sop_class, header.modality_tag)
+                          else mapping.identify(header.modality_tag, header.description)),
             )
             by_uid[header.series_uid] = series
         series.files.append(header)
@@ -450,42 +458,67 @@ def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> l
     # Checked again on the file as read now (it may have changed since the header scan), before decoding.
     _check_pixel_count(ds, path, limits)
     try:
+        if _is_multiframe(ds):
+            return _multiframe_planes(ds, header, case_id)
         pixels = ds.pixel_array
+    except (SeriesError, BadHeaderValue):
+        raise
     except Exception as exc:
         kind = "truncated-file" if "less than expected" in str(exc) or "truncat" in str(exc).lower() else "unreadable-file"
         raise SeriesError(Problem(str(path), kind, f"cannot decode pixel data ({exc})", ERROR, case_id)) from exc
     photometric = str(header_value(ds, "PhotometricInterpretation") or "MONOCHROME2")
-    frames = header_int(ds, "NumberOfFrames", 1, minimum=1)
-    position = header_floats(ds, "ImagePositionPatient", 3)
-    orientation = header_orientation(ds)
+    position, orientation, spacing = _plane_geometry(ds)
+    slope, intercept = _rescale(ds)
+    arr = _to_gray(np.asarray(pixels), photometric) * slope + intercept
+    return [
+        _Plane(
+            arr.astype(np.float32),
+            np.asarray(position) if position else None,
+            np.asarray(orientation) if orientation else None,
+            (spacing[0], spacing[1]) if spacing else None,
+            _slice_spacing(ds),
+            header.instance,
+            str(path),
+        )
+    ]
+
+
+def _plane_geometry(ds: Any) -> tuple[list[float] | None, list[float] | None, list[float] | None]:
+    """Top-level ``(ImagePositionPatient, ImageOrientationPatient, PixelSpacing or ImagerPixelSpacing)``."""
     spacing = header_floats(ds, "PixelSpacing", 2, positive=True) or header_floats(
         ds, "ImagerPixelSpacing", 2, positive=True)
+    return header_floats(ds, "ImagePositionPatient", 3), header_orientation(ds), spacing
+
+
+def _is_multiframe(ds: Any) -> bool:
+    """Multi-frame objects, and every enhanced object (Enhanced MR/CT, Legacy Converted Enhanced), whose geometry
+    lives in functional groups even when it has a single frame."""
+    return header_int(ds, "NumberOfFrames", 1, minimum=1) > 1 or header_value(
+        ds, "PerFrameFunctionalGroupsSequence") is not None or header_value(
+        ds, "SharedFunctionalGroupsSequence") is not None
+
+
+def _multiframe_planes(ds: Any, header: _FileHeader, case_id: str) -> list[_Plane]:
+    """The frames of a multi-frame object as planes, decoded one frame at a time, each with its own geometry and
+    rescale: per-frame functional group, else the shared one, else the top-level attributes (classic multiframe,
+    e.g. NM, whose frames are parallel slices spaced along the normal)."""
+    from pydicom.pixels import iter_pixels
+
+    path = header.path
+    photometric = str(header_value(ds, "PhotometricInterpretation") or "MONOCHROME2")
+    frames = header_int(ds, "NumberOfFrames", 1, minimum=1)
+    position, orientation, spacing = _plane_geometry(ds)
     thickness_f = _slice_spacing(ds)
-    if frames <= 1:
-        slope, intercept = _rescale(ds)
-        arr = _to_gray(np.asarray(pixels), photometric) * slope + intercept
-        return [
-            _Plane(
-                arr.astype(np.float32),
-                np.asarray(position) if position else None,
-                np.asarray(orientation) if orientation else None,
-                (spacing[0], spacing[1]) if spacing else None,
-                thickness_f,
-                header.instance,
-                str(path),
-            )
-        ]
-    # Multiframe: enhanced objects carry per-frame plane positions in functional groups; that is a volume.
-    pixels = np.asarray(pixels)
-    if pixels.ndim == 4 and pixels.shape[-1] in (3, 4) or pixels.ndim == 3:
-        frame_arrays = [pixels[f] for f in range(pixels.shape[0])]
-    else:
-        raise SeriesError(Problem(str(path), "unsupported-series", f"unexpected multiframe shape {pixels.shape}",
-                                  ERROR, case_id))
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = header_value(ds, "PerFrameFunctionalGroupsSequence")
     planes: list[_Plane] = []
-    for f, arr in enumerate(frame_arrays):
+    for f, arr in enumerate(iter_pixels(ds)):
+        if f >= frames:
+            break
+        arr = np.asarray(arr)
+        if not (arr.ndim == 2 or arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+            raise SeriesError(Problem(str(path), "unsupported-series", f"unexpected frame shape {arr.shape}", ERROR,
+                                      case_id))
         group = per_frame[f] if per_frame is not None and f < len(per_frame) else None
         pos_item = _first(group, "PlanePositionSequence") or _first(shared, "PlanePositionSequence")
         ori_item = _first(group, "PlaneOrientationSequence") or _first(shared, "PlaneOrientationSequence")
@@ -497,9 +530,10 @@ def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> l
         f_th = _slice_spacing(meas_item) if meas_item is not None else None
         if f_pos is None:
             if position and orientation and thickness_f:
-                # Classic 3D multiframe (e.g. NM): frames are parallel slices spaced along the normal.
                 normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:6]))
                 f_pos = list(np.asarray(position) + f * thickness_f * normal)
+            elif frames == 1 and position is None:
+                f_pos = None  # a single frame without a position: stacked like a single-frame file
             else:
                 raise SeriesError(Problem(
                     str(path), "unsupported-series",
@@ -508,12 +542,12 @@ def _decode_planes(header: _FileHeader, case_id: str, limits: ReaderLimits) -> l
                 ))
         slope, intercept = _rescale(pvt_item, _rescale(ds))
         planes.append(_Plane(
-            (_to_gray(np.asarray(arr), photometric) * slope + intercept).astype(np.float32),
-            np.asarray(f_pos),
+            (_to_gray(arr, photometric) * slope + intercept).astype(np.float32),
+            np.asarray(f_pos) if f_pos is not None else None,
             np.asarray(f_ori) if f_ori else None,
             (f_sp[0], f_sp[1]) if f_sp else None,
             f_th if f_th is not None else thickness_f,
-            f,
+            header.instance if frames == 1 else f,
             f"{path}#frame{f}",
         ))
     return planes
@@ -652,6 +686,26 @@ def read_series(
     return vol, affine, problems + stack_problems
 
 
+@dataclass
+class DicomCase:
+    """What :func:`read_dicom_case` found, on native grids.
+
+    Attributes:
+        volumes: ``{modality: (vol (D, H, W) float32, RAS affine)}``.
+        seg: ``(labels (D, H, W) uint8 in fedfusion's sub-regions, RAS affine)`` from a DICOM SEG, on the grid of
+            the series it references; ``None`` without a usable SEG.
+        series: every series found, as the inspection report shows it.
+        problems: everything reported.
+        patients: the keyed PatientIDs of the case's image files (:func:`patient_key`).
+    """
+
+    volumes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    seg: tuple[np.ndarray, np.ndarray] | None = None
+    series: list[SeriesSummary] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    patients: frozenset[str] = frozenset()
+
+
 def read_dicom_case(
     case_dir: Path,
     mapping: SeriesMapping,
@@ -661,24 +715,25 @@ def read_dicom_case(
     limits: ReaderLimits = DEFAULT_LIMITS,
     files: Sequence[Path] | None = None,
     patient_salt: bytes = b"",
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[SeriesSummary], list[Problem], frozenset[str]]:
-    """Read a case folder's DICOM series of the requested modalities on their native grids.
+) -> DicomCase:
+    """Read a case folder's DICOM series of the requested modalities, and its DICOM SEG, on their native grids.
 
     Args:
         case_dir: the case folder (DICOM files at any depth).
         mapping: SeriesDescription mapping (see :func:`common.data.series_mapping.load_series_mapping`).
         modalities: modalities to read pixels for; other mapped series are listed as ``not-requested``.
         case_id: site-local case id, stamped on problems.
-        load_pixels: ``False`` to group and map only (no volumes returned).
+        load_pixels: ``False`` to group and map only (no volumes returned; a SEG is still read, with the grid of
+            the series it references, as NIfTI segmentations are).
         limits: what one file, series and the case folder may cost (see :mod:`common.data.limits`).
         files: the case's files from :func:`common.data.case_files.list_case_files` (``None``: listed here).
         patient_salt: the site's secret that keys PatientIDs (:func:`patient_key`).
 
     Returns:
-        ``(volumes, series, problems, patients)``: ``volumes[modality] = (vol (D, H, W) float32, RAS affine)``;
-        ``patients``: the keyed PatientIDs of every image file of the case (several when a folder mixes
-        patients; empty when no file has one). When several series map to one modality the one with the most
-        frames is used, the others reported.
+        A :class:`DicomCase`. When several series map to one modality the one with the most frames is used, the
+        others reported; likewise the first SEG (in folder order) that can be used. ``patients``: the keyed
+        PatientIDs of every image file of the case (several when a folder mixes patients; empty when no file has
+        one).
     """
     case_dir = Path(case_dir)
     all_series, problems = scan_dicom(case_dir, mapping, case_id, limits, files, patient_salt)
@@ -687,21 +742,23 @@ def read_dicom_case(
         problems.append(Problem(str(case_dir), "mixed-patients",
                                 f"the case folder holds images of {len(patients)} different PatientIDs; they are "
                                 "treated as one patient for privacy", WARNING, case_id))
-    summaries: list[SeriesSummary] = []
-    volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out = DicomCase(problems=problems, patients=patients)
+    grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}  # series UID -> (shape, affine) of series read
     by_modality: dict[str, list[DicomSeries]] = {}
     for series in all_series:
+        if series.modality == SEG_TARGET:
+            continue
         if series.modality is None:
             problems.append(Problem(
                 str(case_dir / series.folder), "unknown-series",
                 f"series '{series.description or '(no description)'}' (Modality {series.modality_tag or '?'}, "
                 f"{len(series.files)} files) matches no modality; add a pattern with --series-map", ERROR, case_id,
             ))
-            summaries.append(_summary(series, "unknown"))
+            out.series.append(_summary(series, "unknown"))
         elif series.modality == IGNORE:
-            summaries.append(_summary(series, "ignored"))
+            out.series.append(_summary(series, "ignored"))
         elif series.modality not in modalities:
-            summaries.append(_summary(series, "not-requested"))
+            out.series.append(_summary(series, "not-requested"))
         else:
             by_modality.setdefault(series.modality, []).append(series)
     for modality, candidates in by_modality.items():
@@ -713,31 +770,102 @@ def read_dicom_case(
                     str(case_dir / series.folder), "duplicate-series",
                     f"another series was used for {modality}; '{series.description}' ignored", WARNING, case_id,
                 ))
-                summaries.append(_summary(series, "duplicate"))
+                out.series.append(_summary(series, "duplicate"))
                 continue
             if not load_pixels:
                 chosen = series
-                summaries.append(_summary(series, "used"))
+                out.series.append(_summary(series, "used"))
                 continue
-            try:
-                vol, affine, series_problems = read_series(series, case_dir, case_id, limits)
-            except SeriesError as exc:
-                problems.extend(exc.problems)
-                summaries.append(_summary(series, "failed"))
+            volume = _read_series_guarded(series, case_dir, case_id, limits, problems)
+            if volume is None:
+                out.series.append(_summary(series, "failed"))
                 continue  # fall back to the next series of the same modality
-            except Exception as exc:  # a series this reader did not foresee costs this series only
-                problems.append(Problem(str(case_dir / series.folder), "unreadable-file",
-                                        f"unexpected error building the series ({exc!r}); series skipped", ERROR,
-                                        case_id))
-                summaries.append(_summary(series, "failed"))
-                continue
-            problems.extend(series_problems)
-            volumes[modality] = (vol, affine)
+            out.volumes[modality] = volume
+            grids[series.files[0].series_uid] = (volume[0].shape, volume[1])
             chosen = series
-            summaries.append(_summary(series, "used"))
+            out.series.append(_summary(series, "used"))
+    _read_case_seg(out, all_series, grids, case_dir, case_id, limits)
     for p in problems:
         log.debug("%s", p)
-    return volumes, summaries, problems, patients
+    return out
+
+
+def _read_series_guarded(
+    series: DicomSeries, case_dir: Path, case_id: str, limits: ReaderLimits, problems: list[Problem]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`read_series`, with every failure (expected or not) reported in ``problems`` and ``None`` returned."""
+    try:
+        vol, affine, series_problems = read_series(series, case_dir, case_id, limits)
+    except SeriesError as exc:
+        problems.extend(exc.problems)
+        return None
+    except Exception as exc:  # a series this reader did not foresee costs this series only
+        problems.append(Problem(str(case_dir / series.folder), "unreadable-file",
+                                f"unexpected error building the series ({exc!r}); series skipped", ERROR, case_id))
+        return None
+    problems.extend(series_problems)
+    return vol, affine
+
+
+def _read_case_seg(
+    out: DicomCase,
+    all_series: Sequence[DicomSeries],
+    grids: dict[str, tuple[tuple[int, ...], np.ndarray]],
+    case_dir: Path,
+    case_id: str,
+    limits: ReaderLimits,
+) -> None:
+    """Read the case's SEG objects into ``out.seg`` (the first usable one; later ones are reported duplicates),
+    each on the grid of the series it references (read here when it was not read for its modality)."""
+    for series in (s for s in all_series if s.modality == SEG_TARGET):
+        status = "failed"
+        for header in series.files:
+            if out.seg is not None:
+                out.problems.append(Problem(str(header.path), "duplicate-series",
+                                            "another DICOM SEG is already the case's segmentation; ignored", WARNING,
+                                            case_id))
+                status = "used" if status == "used" else "duplicate"
+                continue
+            try:
+                out.seg = _read_seg_file(header, all_series, grids, case_dir, case_id, limits, out.problems)
+                status = "used"
+            except SegError as exc:
+                out.problems.append(Problem(str(header.path), exc.kind, str(exc), ERROR, case_id))
+            except (BadHeaderValue, LimitExceeded) as exc:
+                out.problems.append(Problem(str(header.path), "bad-seg", f"{exc}; SEG not used", ERROR, case_id))
+            except Exception as exc:  # a SEG this reader did not foresee costs this file only
+                out.problems.append(Problem(str(header.path), "bad-seg", f"cannot read the SEG ({exc!r}); not used",
+                                            ERROR, case_id))
+        out.series.append(_summary(series, status))
+
+
+def _read_seg_file(
+    header: _FileHeader,
+    all_series: Sequence[DicomSeries],
+    grids: dict[str, tuple[tuple[int, ...], np.ndarray]],
+    case_dir: Path,
+    case_id: str,
+    limits: ReaderLimits,
+    problems: list[Problem],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One SEG file as ``(labels, affine)`` on its referenced series' grid (SegError when it cannot be used)."""
+    ds, _pixel_bytes = _read_dataset(header.path, limits, pixels=True)
+    _check_pixel_count(ds, header.path, limits)  # frames x rows x columns, before anything is decoded
+    series_uids, instance_uids = referenced_uids(ds)
+    candidates = [s for s in all_series if s.modality != SEG_TARGET and (
+        s.files[0].series_uid in series_uids or any(h.sop_uid in instance_uids for h in s.files))]
+    if not candidates:
+        raise SegError(f"{header.path}: the series this SEG segments is not in the case folder; put the SEG next to "
+                       "its source series")
+    source = candidates[0]
+    uid = source.files[0].series_uid
+    if uid not in grids:
+        volume = _read_series_guarded(source, case_dir, case_id, limits, problems)
+        if volume is None:
+            raise SegError(f"{header.path}: its source series ({source.folder}) cannot be read; SEG not used")
+        grids[uid] = (volume[0].shape, volume[1])
+    shape, affine = grids[uid]
+    return seg_labels_on_grid(ds, str(header.path), shape, affine), affine
 
 
 def _summary(series: DicomSeries, status: str) -> SeriesSummary:

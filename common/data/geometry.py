@@ -144,12 +144,17 @@ def check_affine(affine: np.ndarray, where: str) -> np.ndarray:
     return affine
 
 
-def load_nifti(path: str | os.PathLike[str], limits: ReaderLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti(
+    path: str | os.PathLike[str], limits: ReaderLimits = DEFAULT_LIMITS, channels: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI image as ``(array, RAS affine)``; a trailing singleton 4th axis is dropped.
+
+    With ``channels=True`` a 4D image (one volume per channel along the 4th axis, as the Decathlon stores its
+    modalities) is accepted too: the array is then ``(X, Y, Z, C)`` (``C = 1`` for a 3D file).
 
     Nothing is trusted before it is checked: the file size, then (through a :class:`BoundedReader`, which also caps
     what a ``.gz`` file may inflate to, header extensions included) the header's dimensions and data type against
-    ``limits``, and only then the array is read.
+    ``limits`` (all channels together), and only then the array is read.
 
     Raises:
         LimitExceeded: (a ValueError) naming the file and the limit it is over.
@@ -165,8 +170,11 @@ def load_nifti(path: str | os.PathLike[str], limits: ReaderLimits = DEFAULT_LIMI
             shape = tuple(int(n) for n in img.shape)
             while len(shape) > 3 and shape[-1] == 1:
                 shape = shape[:-1]
-            if len(shape) != 3:
-                raise ValueError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
+            if channels and len(shape) == 3:
+                shape = (*shape, 1)
+            if len(shape) != (4 if channels else 3):
+                expected = "a 3D or 4D (channels last) image" if channels else "a 3D image"
+                raise ValueError(f"{where}: expected {expected}, got shape {tuple(img.shape)}")
             check_voxels(shape, img.get_data_dtype().itemsize, where, limits)
             data = np.asarray(img.dataobj).reshape(shape)
             affine = check_affine(img.affine, where)

@@ -18,9 +18,10 @@ from models.modalities import MODALITIES, canonical
 
 from .dicom_reader import SeriesSummary
 from .limits import DEFAULT_LIMITS, ReaderLimits
-from .problems import ERROR, Problem
+from .case_files import case_id_of
+from .problems import ERROR, SEG_PROBLEM_KINDS, Problem
 from .series_mapping import MappingSource, load_series_mapping
-from .site import discover_sites, list_cases, read_labels, scan_case
+from .site import discover_sites, list_cases, missing_seg_problem, read_labels, scan_case
 
 
 @dataclass
@@ -31,10 +32,15 @@ class CaseReport:
         case_id: folder name.
         modalities: requested modalities readable in this case (canonical order).
         label: class label from labels.csv, or ``None``.
-        has_seg: a readable segmentation with labels 0..3 is present.
+        has_seg: a usable segmentation is present (its values fit its label convention).
         usable: the dataset would use it (a requested modality, a label, and a segmentation if required).
         series: DICOM series and NIfTI files found.
         problems: problems of this case.
+        convention: the label convention the case's segmentation is read in (``fedfusion``, ``brats2021``,
+            ``brats2023``, ``brats2024-gli``, ``msd-task01``, ``dicom-seg``, ``ambiguous``; ``""``: none applies).
+        convention_from: how it was chosen, a key of :data:`common.data.conventions.CHOSEN_BY` (``stated`` in
+            fedfusion-site.toml, ``names`` of the files, ``default`` (no BraTS names), ``layout`` (Decathlon),
+            ``segments`` (DICOM SEG segment names)).
     """
 
     case_id: str
@@ -44,6 +50,8 @@ class CaseReport:
     usable: bool
     series: list[SeriesSummary] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    convention: str = ""
+    convention_from: str = ""
 
 
 @dataclass
@@ -121,6 +129,8 @@ class InspectReport:
                             "modalities": c.modalities,
                             "label": c.label,
                             "has_seg": c.has_seg,
+                            "convention": c.convention,
+                            "convention_from": c.convention_from,
                             "usable": c.usable,
                             "series": [asdict(x) for x in c.series],
                             "problems": [p.to_dict() for p in c.problems],
@@ -151,14 +161,13 @@ def inspect_case(
         problems.append(Problem(str(case_dir), "no-images",
                                 f"no readable image of {', '.join(modalities)}", ERROR, scan.case_id))
     has_seg = scan.seg is not None
-    if not has_seg and not any(p.kind == "bad-seg" for p in problems):
-        problems.append(Problem(str(case_dir), "missing-seg", f"no {scan.case_id}_seg.nii.gz in the case folder",
-                                ERROR, scan.case_id))
+    if not has_seg and not any(p.kind in SEG_PROBLEM_KINDS for p in problems):
+        problems.append(missing_seg_problem(case_dir, scan.case_id))
     if label is None:
         problems.append(Problem(str(case_dir), "missing-label", "case not in labels.csv", ERROR, scan.case_id))
     usable = bool(present) and label is not None and (has_seg or not require_seg)
     return CaseReport(scan.case_id, [m for m in modalities if m in present], label, has_seg, usable, scan.series,
-                      problems)
+                      problems, scan.convention, scan.chosen_by)
 
 
 def inspect_data(
@@ -201,20 +210,21 @@ def inspect_data(
         except OSError as exc:
             site_report.problems.append(Problem(str(site.path), "unreadable-file", f"cannot list: {exc}", ERROR))
             case_dirs = []
-        names = {d.name for d in case_dirs}
+        names = {case_id_of(d) for d in case_dirs}
         for case_id in sorted(set(labels) - names):
             site_report.problems.append(Problem(str(site.path / case_id), "label-without-case",
                                                 f"labels.csv lists {case_id} but there is no such folder", "warning",
                                                 case_id))
         for case_dir in case_dirs:
+            case_id = case_id_of(case_dir)
             if progress is not None:
-                progress(site.name, case_dir.name)
+                progress(site.name, case_id)
             try:
-                case_report = inspect_case(case_dir, labels.get(case_dir.name), mods, mapping, require_seg,
-                                           read_pixels, limits)
+                case_report = inspect_case(case_dir, labels.get(case_id), mods, mapping, require_seg, read_pixels,
+                                           limits)
             except Exception as exc:  # a reader bug must not hide the rest of the report
-                case_report = CaseReport(case_dir.name, [], labels.get(case_dir.name), False, False, [], [
-                    Problem(str(case_dir), "unreadable-file", f"unexpected error: {exc!r}", ERROR, case_dir.name)])
+                case_report = CaseReport(case_id, [], labels.get(case_id), False, False, [], [
+                    Problem(str(case_dir), "unreadable-file", f"unexpected error: {exc!r}", ERROR, case_id)])
             site_report.cases.append(case_report)
         report.sites.append(site_report)
     return report

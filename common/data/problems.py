@@ -19,8 +19,13 @@ PROBLEM_KINDS: dict[str, str] = {
     "unsupported-series": "series that cannot be turned into a volume",
     "duplicate-series": "more than one series for the same modality",
     "missing-label": "case not in labels.csv (or label invalid)",
-    "missing-seg": "case has no <case>_seg.nii[.gz]",
-    "bad-seg": "segmentation unreadable, over a reader limit, or with labels outside 0..3",
+    "missing-seg": "case has no segmentation (<case>_seg.nii[.gz], a DICOM SEG, or a Decathlon labelsTr file)",
+    "bad-seg": "segmentation unreadable, over a reader limit, with values its label convention does not have, or a "
+               "DICOM SEG that cannot be placed on its source series",
+    "unknown-segment": "DICOM SEG segment whose name maps to no fedfusion sub-region; the SEG is not used",
+    "ambiguous-convention": "a case's files follow more than one label convention (or a stated convention does not "
+                            "fit the layout); its segmentation is not used",
+    "bad-site-settings": "fedfusion-site.toml or a Decathlon dataset.json unreadable or invalid; nothing is read",
     "bad-labels-file": "labels.csv missing or malformed",
     "no-images": "case has no usable image of the requested modalities",
     "label-without-case": "labels.csv names a case folder that does not exist",
@@ -30,6 +35,9 @@ PROBLEM_KINDS: dict[str, str] = {
     "unsafe-path": "symbolic link out of the site folder, folder link, or not a regular file; not read",
     "mixed-patients": "a case folder holding images of several PatientIDs (treated as one patient for privacy)",
 }
+
+#: Problems that mean "there is a segmentation, but it cannot be used" (the case is then not also "missing-seg").
+SEG_PROBLEM_KINDS = frozenset({"bad-seg", "unknown-segment", "ambiguous-convention", "bad-site-settings"})
 
 ERROR = "error"  # the file/series/case was skipped
 WARNING = "warning"  # used, with a caveat (e.g. one missing slice interpolated)

@@ -4,9 +4,14 @@
 DATA/                 a data root: site-* folders and heldout/
   site-01/            a site: labels.csv + one folder per case (folder name = site-local case id)
     labels.csv        case_id,label[,patient_id]  (0 benign / 1 malignant; patient_id optional, see below)
-    case-0001/        DICOM files at any depth and/or BraTS NIfTI files, <case>_seg.nii.gz
+    fedfusion-site.toml   optional: what the site states about its data (label convention; site_settings.py)
+    case-0001/        DICOM files at any depth (a DICOM SEG among them) and/or NIfTI files, <case>_seg.nii.gz
   heldout/            the server's held-out set, same layout as a site
 ```
+
+A site may also be a Medical Segmentation Decathlon folder (``imagesTr/``, ``labelsTr/``, ``dataset.json``): its
+cases are then the image files under ``imagesTr/`` (:mod:`common.data.msd_reader`). What a segmentation's values
+mean follows the case's label convention (:mod:`common.data.conventions`).
 
 A patient may have several studies (case folders). The site groups them by patient, its privacy unit: DICOM
 studies by their PatientID (keyed-hashed in :mod:`common.data.dicom_reader`), NIfTI studies by the optional
@@ -28,13 +33,19 @@ from common.layout import HELDOUT_NAME, LABELS_FILE
 from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
-from .case_files import is_inside, list_case_files
-from .dicom_reader import SeriesSummary, patient_key, read_dicom_case
+from .case_files import MSD_IMAGES, case_id_of, is_inside, is_msd_case, list_case_files, site_of_case
+from .conventions import MSD, Convention, get_convention
+from .dicom_reader import DicomCase, SeriesSummary, patient_key, read_dicom_case
 from .geometry import Grid, reorient_grid, resample_to_grid
 from .limits import DEFAULT_LIMITS, ReaderLimits
-from .nifti_reader import read_nifti_case
-from .problems import ERROR, WARNING, Problem
+from .msd_reader import read_msd_case
+from .nifti_reader import NiftiCase, is_nifti, read_nifti_case
+from .problems import ERROR, SEG_PROBLEM_KINDS, WARNING, Problem
 from .series_mapping import MappingSource, load_series_mapping
+from .site_settings import read_site_settings
+
+#: ``CaseScan.convention`` of a case whose segmentation is a DICOM SEG (segments mapped by name).
+DICOM_SEG_CONVENTION = "dicom-seg"
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +113,12 @@ def discover_sites(path: Path) -> list[SiteDir]:
 
 
 def list_cases(site_dir: Path) -> list[Path]:
-    """Case folders of a site (every non-hidden sub-folder), sorted by name."""
+    """Cases of a site, sorted by name: every non-hidden sub-folder, or, in the Decathlon layout (an ``imagesTr``
+    folder), every non-hidden ``.nii[.gz]`` file under ``imagesTr/`` (case id: :func:`case_id_of`)."""
+    images = Path(site_dir) / MSD_IMAGES
+    if images.is_dir():
+        return [p for p in sorted(images.iterdir())
+                if not p.name.startswith((".", "_")) and is_nifti(p) and not p.is_dir()]
     return [d for d in sorted(Path(site_dir).iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))]
 
 
@@ -190,6 +206,9 @@ class CaseScan:
 
     ``volumes[m] = (vol (D, H, W) float32, RAS affine)``; ``seg = (labels uint8 (D, H, W), affine)`` or ``None``;
     ``series``: DICOM series summaries and NIfTI files (as summaries with modality_tag ``NIfTI``).
+    ``convention``: the label convention the segmentation was read in (a name of
+    :data:`common.data.conventions.CONVENTIONS`, :data:`DICOM_SEG_CONVENTION`, ``ambiguous``, or ``""`` when the
+    case has no NIfTI file and no SEG); ``chosen_by``: how (a key of :data:`common.data.conventions.CHOSEN_BY`).
     """
 
     case_id: str
@@ -199,6 +218,8 @@ class CaseScan:
     problems: list[Problem] = field(default_factory=list)
     found: list[str] = field(default_factory=list)  # modalities with a series/file, read or not
     patients: frozenset[str] = frozenset()  # keyed DICOM PatientIDs of the case's images
+    convention: str = ""
+    chosen_by: str = ""
 
 
 @dataclass
@@ -229,44 +250,91 @@ def scan_case(
     series_mapping: MappingSource = None,
     load_pixels: bool = True,
     limits: ReaderLimits = DEFAULT_LIMITS,
+    convention: str | Convention | None = None,
     patient_salt: bytes = b"",
 ) -> CaseScan:
-    """Read a case folder (DICOM and/or NIfTI) without resampling; never raises for bad data.
+    """Read a case (folder, or Decathlon image file) with DICOM and/or NIfTI data without resampling; never raises
+    for bad data.
 
     The folder is listed once (bounded, no links out of the site folder: :func:`list_case_files`) and every file
-    is checked against ``limits`` before it is read. ``patient_salt`` keys the DICOM PatientIDs
-    (:func:`common.data.dicom_reader.patient_key`).
+    is checked against ``limits`` before it is read.
+
+    Args:
+        convention: the label convention to read the case in; ``None`` (default): the one its site states in
+            ``fedfusion-site.toml`` (:mod:`common.data.site_settings`), else the one its file names follow.
+        patient_salt: keys the DICOM PatientIDs (:func:`common.data.dicom_reader.patient_key`).
     """
     case_dir = Path(case_dir)
-    case_id = case_dir.name
+    case_id = case_id_of(case_dir)
     mods = canonical(modalities)
     mapping = load_series_mapping(series_mapping)
     scan = CaseScan(case_id)
     try:
+        stated = (get_convention(convention) if isinstance(convention, str) else convention) \
+            if convention is not None else read_site_settings(site_of_case(case_dir)).convention
+    except ValueError as exc:
+        scan.problems.append(Problem(str(case_dir), "bad-site-settings", f"{exc}; case not read", ERROR, case_id))
+        return scan
+    msd = is_msd_case(case_dir)
+    if stated is not None and (stated.layout == MSD) != msd:
+        scan.problems.append(Problem(
+            str(case_dir), "ambiguous-convention",
+            f"the site states the {stated.title} convention, but this case is "
+            f"{'a Decathlon image file' if msd else 'a case folder'}; case not read. State a convention of the "
+            "site's layout", ERROR, case_id))
+        return scan
+    try:
         listing = list_case_files(case_dir, limits, case_id=case_id)
-        nifti_vols, seg, nifti_files, nifti_problems = read_nifti_case(case_dir, mods, case_id, load_pixels, limits,
-                                                                       listing.top_level())
-        dicom_vols, summaries, dicom_problems, patients = read_dicom_case(
-            case_dir, mapping, mods, case_id, load_pixels, limits, listing.files, patient_salt)
+        if msd:
+            nifti = read_msd_case(case_dir, mods, case_id, load_pixels, limits, listing.files)
+            dicom = None
+        else:
+            nifti = read_nifti_case(case_dir, mods, case_id, load_pixels, limits, listing.top_level(), stated)
+            dicom = read_dicom_case(case_dir, mapping, mods, case_id, load_pixels, limits, listing.files,
+                                    patient_salt)
     except OSError as exc:  # folder vanished or unreadable
         scan.problems.append(Problem(str(case_dir), "unreadable-file", f"cannot read case folder: {exc}", ERROR,
                                      case_id))
         return scan
-    scan.problems = [*listing.problems, *nifti_problems, *dicom_problems]
-    scan.patients = patients
-    scan.series = [*summaries, *(SeriesSummary(f.path.name, "", "NIfTI", f.tag, 1, "used" if f.tag else "unknown")
-                                 for f in nifti_files)]
+    scan.problems = [*listing.problems, *nifti.problems, *(dicom.problems if dicom else [])]
+    scan.patients = dicom.patients if dicom else frozenset()
+    scan.series = [*(dicom.series if dicom else []),
+                   *(SeriesSummary(f.path.name, "", "NIfTI", f.tag, 1, "used" if f.tag else "unknown")
+                     for f in nifti.files)]
     scan.found = [m for m in mods if any(s.modality == m and s.status in ("used", "failed") for s in scan.series)]
-    # An explicitly named NIfTI file wins over a DICOM series of the same modality.
-    for m, vol in dicom_vols.items():
-        if m in nifti_vols:
-            scan.problems.append(Problem(str(case_dir), "duplicate-series",
-                                         f"{m} given both as NIfTI and DICOM; the NIfTI file is used", WARNING, case_id))
-        else:
-            nifti_vols[m] = vol
-    scan.volumes = {m: nifti_vols[m] for m in mods if m in nifti_vols}
-    scan.seg = seg
+    _merge_dicom(scan, nifti, dicom, case_dir)
     return scan
+
+
+def _merge_dicom(scan: CaseScan, nifti: NiftiCase, dicom: DicomCase | None, case_dir: Path) -> None:
+    """Fill ``scan``'s volumes, segmentation and convention; an explicitly named NIfTI file wins over a DICOM
+    series (or SEG) giving the same thing."""
+    volumes = dict(nifti.volumes)
+    seg, convention, chosen_by = nifti.seg, nifti.convention, nifti.chosen_by
+    dicom_volumes = dicom.volumes if dicom is not None else {}
+    dicom_seg = dicom.seg if dicom is not None else None
+    for m, vol in dicom_volumes.items():
+        if m in volumes:
+            scan.problems.append(Problem(str(case_dir), "duplicate-series",
+                                         f"{m} given both as NIfTI and DICOM; the NIfTI file is used", WARNING,
+                                         scan.case_id))
+        else:
+            volumes[m] = vol
+    if dicom_seg is not None:
+        if seg is not None:
+            scan.problems.append(Problem(str(case_dir), "duplicate-series", "segmentation given both as NIfTI and "
+                                         "DICOM SEG; the NIfTI file is used", WARNING, scan.case_id))
+        else:
+            seg, convention, chosen_by = dicom_seg, DICOM_SEG_CONVENTION, "segments"
+    scan.volumes = {m: volumes[m] for m in MODALITIES if m in volumes}
+    scan.seg = seg
+    scan.convention, scan.chosen_by = convention, chosen_by
+
+
+def missing_seg_problem(case_dir: Path, case_id: str) -> Problem:
+    """The ``missing-seg`` problem of a case without any segmentation."""
+    return Problem(str(case_dir), "missing-seg", f"no segmentation: neither {case_id}_seg.nii.gz nor a DICOM SEG in "
+                   "the case folder (nor a labelsTr file in the Decathlon layout)", ERROR, case_id)
 
 
 def load_case(
@@ -275,29 +343,31 @@ def load_case(
     series_mapping: MappingSource = None,
     require_seg: bool = False,
     limits: ReaderLimits = DEFAULT_LIMITS,
+    convention: str | Convention | None = None,
     patient_salt: bytes = b"",
 ) -> CaseData:
     """Read one case and resample every present modality (trilinear) and the segmentation (nearest) onto the
     reference grid: the segmentation's grid when present, else the first present modality's (canonical order),
     reoriented slice-first (see :data:`common.data.geometry.CANONICAL_AXCODES`).
 
-    ``limits`` bounds what each file, series and the case folder may cost (see :mod:`common.data.limits`).
-    ``patient_salt`` keys the DICOM PatientIDs (:func:`common.data.dicom_reader.patient_key`).
+    ``limits`` bounds what each file, series and the case folder may cost (see :mod:`common.data.limits`);
+    ``convention`` overrides the site's label convention (see :func:`scan_case`); ``patient_salt`` keys the DICOM
+    PatientIDs (:func:`common.data.dicom_reader.patient_key`).
 
     Raises:
         CaseError: when none of ``modalities`` could be read (or, with ``require_seg``, there is no usable
             segmentation); its ``problems`` say why.
     """
-    scan = scan_case(case_dir, modalities, series_mapping, limits=limits, patient_salt=patient_salt)
+    scan = scan_case(case_dir, modalities, series_mapping, limits=limits, convention=convention,
+                     patient_salt=patient_salt)
     problems = list(scan.problems)
     if not scan.volumes:
         problems.append(Problem(str(case_dir), "no-images",
                                 f"no readable image of {', '.join(canonical(modalities))}", ERROR, scan.case_id))
         raise CaseError(f"{case_dir}: no readable image of the requested modalities", problems)
     if scan.seg is None:
-        if not any(p.kind == "bad-seg" for p in problems):
-            problems.append(Problem(str(case_dir), "missing-seg",
-                                    f"no {scan.case_id}_seg.nii.gz in the case folder", ERROR, scan.case_id))
+        if not any(p.kind in SEG_PROBLEM_KINDS for p in problems):
+            problems.append(missing_seg_problem(case_dir, scan.case_id))
         if require_seg:
             raise CaseError(f"{case_dir}: no usable segmentation", problems)
     if scan.seg is not None:

@@ -68,6 +68,7 @@ def _print_report(report: "object", console: "object") -> None:
         for m in mods:
             table.add_column(m, justify="center")
         table.add_column("seg", justify="center")
+        table.add_column("convention")
         table.add_column("label")
         table.add_column("usable", justify="center")
         table.add_column("problems", justify="right")
@@ -76,6 +77,7 @@ def _print_report(report: "object", console: "object") -> None:
                 escape(c.case_id),
                 *("[green]✓[/green]" if m in c.modalities else "·" for m in mods),
                 "[green]✓[/green]" if c.has_seg else "[red]✗[/red]",
+                escape(_convention_cell(c.convention, c.convention_from)),
                 "?" if c.label is None else str(c.label),
                 "[green]yes[/green]" if c.usable else "[red]no[/red]",
                 str(sum(p.severity == "error" for p in c.problems)) if c.problems else "",
@@ -102,3 +104,10 @@ def _print_report(report: "object", console: "object") -> None:
     console.print(  # type: ignore[attr-defined]
         f"[bold]{report.usable_cases} usable case(s)[/bold] in {len(report.sites)} site folder(s)"
     )
+
+
+def _convention_cell(convention: str, chosen_by: str) -> str:
+    """The table's convention column: the name and how it was chosen (see ``CaseReport.convention_from``)."""
+    if not convention:
+        return "·"
+    return f"{convention} ({chosen_by})" if chosen_by else convention
