@@ -179,6 +179,8 @@ class CaseData:
         grid: reference grid (the segmentation's, else the first present modality's), reoriented to
             :data:`common.data.geometry.CANONICAL_AXCODES` so ``images[m][k]`` is an axial slice.
         problems: everything reported while reading.
+        native: ``{modality: Grid}``, each present modality's own grid as read (before resampling), so a result on
+            ``grid`` can be mapped back onto a source series (``fedfusion predict``).
     """
 
     case_id: str
@@ -186,6 +188,7 @@ class CaseData:
     seg: np.ndarray | None
     grid: Grid
     problems: list[Problem]
+    native: dict[str, Grid] = field(default_factory=dict)
 
 
 def scan_case(
@@ -268,4 +271,6 @@ def load_case(
     grid = reorient_grid(Grid((int(ref_shape[0]), int(ref_shape[1]), int(ref_shape[2])), ref_affine))
     images = {m: resample_to_grid(vol, affine, grid, order=1) for m, (vol, affine) in scan.volumes.items()}
     seg = resample_to_grid(scan.seg[0], scan.seg[1], grid, order=0) if scan.seg is not None else None
-    return CaseData(scan.case_id, images, seg, grid, problems)
+    native = {m: Grid((int(v.shape[0]), int(v.shape[1]), int(v.shape[2])), affine)
+              for m, (v, affine) in scan.volumes.items()}
+    return CaseData(scan.case_id, images, seg, grid, problems, native)
