@@ -5,7 +5,9 @@ still predicted. ``fedfusion predict`` (with a progress bar) and a fedfusion MON
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +22,14 @@ from common.data.site import CaseError
 from common.predict import Inferer, predict_study
 from common.prediction_files import StudyOutputs, write_study_outputs
 from common.provenance import ModelProvenance
+from models.atomic import atomic_write_text
 
-__all__ = ["StudyResult", "predict_studies"]
+__all__ = ["BATCH_SUMMARY", "StudyResult", "predict_studies", "write_batch_summary"]
 
 log = logging.getLogger(__name__)
+
+#: The batch summary written next to the per-study folders.
+BATCH_SUMMARY = "predictions.json"
 
 
 @dataclass
@@ -99,3 +105,9 @@ def predict_studies(
         if after is not None:
             after(result)
     return results
+
+
+def write_batch_summary(results: Sequence[StudyResult], path: str | os.PathLike[str], model: str) -> None:
+    """Write ``{"model", "studies": [StudyResult.to_dict(), ...]}`` to ``path`` (atomically; folder created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"model": model, "studies": [r.to_dict() for r in results]}, indent=2) + "\n")

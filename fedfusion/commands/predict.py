@@ -7,15 +7,10 @@ threshold, expected metrics and identity read from the checkpoint and its run di
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-
-#: The batch summary written next to the per-study folders.
-BATCH_SUMMARY = "predictions.json"
-
 
 def _result_line(result: Any) -> str:
     """One console line per study."""
@@ -79,7 +74,7 @@ def command(
                   f"{provenance.threshold:g} ({provenance.threshold_source})")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from common.predict_batch import predict_studies
+    from common.predict_batch import BATCH_SUMMARY, predict_studies, write_batch_summary
 
     with Progress(TextColumn("[bold]predict[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
@@ -91,11 +86,7 @@ def command(
         )
     done = [r for r in results if r.ok]
     if studies is not None:
-        from models.atomic import atomic_write_text
-
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / BATCH_SUMMARY, json.dumps(
-            {"checkpoint": str(checkpoint), "studies": [r.to_dict() for r in results]}, indent=2) + "\n")
+        write_batch_summary(results, out / BATCH_SUMMARY, str(checkpoint))
     failed = len(results) - len(done)
     console.print(f"{len(done)} of {len(results)} studies predicted into {out}" + (f"; {failed} failed" if failed else ""))
     if not done:
