@@ -86,13 +86,39 @@ class StudyPrediction:
         return {SEG_LABELS[k]: float(np.count_nonzero(labels == k)) * voxel_ml for k in SEG_LABELS if k}
 
 
+def _linear_weights(model_size: int, source_size: int) -> Tensor:
+    """``(source_size, model_size)`` linear-interpolation weights that put model voxel ``i`` back where
+    ``preprocess_case``'s nearest resize took its training label from: source index ``floor(i * source / model)``
+    (torch's ``nearest``), so the network's output lands where its training targets came from; a source voxel several
+    model voxels were taken from gets their mean, one between two such positions a linear blend, one beyond the last
+    the last model voxel."""
+    taken = torch.floor(torch.arange(model_size, dtype=torch.float64) * (source_size / model_size))
+    taken = taken.clamp_max(source_size - 1)
+    x = torch.arange(source_size, dtype=torch.float64)
+    lower = (torch.searchsorted(taken, x, right=True) - 1).clamp(0, model_size - 1)
+    upper = (lower + 1).clamp_max(model_size - 1)
+    span = (taken[upper] - taken[lower]).clamp_min(1.0)
+    frac = ((x - taken[lower]) / span).clamp(0.0, 1.0)
+    frac[upper == lower] = 0.0
+    weights = torch.zeros(source_size, model_size, dtype=torch.float64)
+    rows = torch.arange(source_size)
+    weights.index_put_((rows, lower), 1.0 - frac, accumulate=True)
+    weights.index_put_((rows, upper), frac, accumulate=True)
+    # upsampled axes: several model voxels took their label from one source voxel, which gets their mean
+    exact = (taken[None, :] == x[:, None]).double()
+    matched = exact.sum(dim=1) > 0
+    weights[matched] = exact[matched] / exact[matched].sum(dim=1, keepdim=True)
+    return weights.float()
+
+
 def restore_probabilities(probabilities: Tensor, shape: Sequence[int]) -> Tensor:
     """Inverse of ``preprocess_case``'s resize: ``(K, *spatial_size)`` probabilities -> ``(K, *shape)`` on the
-    reference grid (trilinear, pixel centres as MONAI ``Resize`` maps them), still summing to one per voxel."""
-    from monai.transforms import Resize
-
-    restored = torch.as_tensor(Resize(tuple(int(s) for s in shape), mode="trilinear")(probabilities)).float()
-    return restored.clamp_min(0.0) / restored.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    reference grid (separable linear interpolation, :func:`_linear_weights`), still summing to one per voxel."""
+    out = probabilities.float()
+    for axis, size in enumerate(shape, start=1):
+        weights = _linear_weights(out.shape[axis], int(size))
+        out = torch.movedim(torch.tensordot(weights, torch.movedim(out, axis, 0), dims=1), 0, axis)
+    return out.clamp_min(0.0) / out.sum(dim=0, keepdim=True).clamp_min(1e-12)
 
 
 def _forward(network: nn.Module, image: Tensor, mask: Tensor, inferer: Inferer | None) -> tuple[Tensor, Tensor]:
