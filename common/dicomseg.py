@@ -88,7 +88,8 @@ class SourceSeries:
 
     @property
     def frame_uids(self) -> list[str]:
-        """SOPInstanceUID of each single-frame dataset (for :func:`read_segmentation`)."""
+        """SOPInstanceUID of each dataset (of the one multi-frame object, or of each slice), in :attr:`datasets`
+        order."""
         return [str(ds.SOPInstanceUID) for ds in self.datasets]
 
 

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.layout import resolve_test_dir
+from common.layout import PHANTOM_GENERATOR, PHANTOM_MANIFEST, resolve_test_dir
 from models.modalities import subset_name
 from models.runlog import iter_metrics
 
@@ -51,10 +51,6 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.5
 #: Metrics-log phases of held-out evaluations: the ServerApp's per-round one, then centralized training's.
 EVALUATION_PHASES: tuple[str, ...] = ("server-eval", "central-eval")
-#: The phantom generator's manifest in a data root (simulations.phantom_writers.MANIFEST; named here because this
-#: layer sits below simulations/).
-PHANTOM_MANIFEST = "phantoms.json"
-PHANTOM_GENERATOR = "fedfusion phantoms"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -88,6 +88,24 @@ def test_every_segment_survives_the_round_trip(run: TinyRun, network: torch.nn.M
     assert np.array_equal(read_segmentation(tmp_path / "seg.dcm", source), labels)
 
 
+def test_a_multi_frame_source_series_gets_its_seg(run: TinyRun, network: torch.nn.Module, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(f) for f in sorted(_series_dir(_study(run), "t1_mprage").iterdir())]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(slices, series_instance_uid=hd.UID(), series_number=2,
+                                                        sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.SeriesDescription = slices[0].SeriesDescription
+    study = tmp_path / "enhanced"
+    (study / "t1").mkdir(parents=True)
+    enhanced.save_as(study / "t1" / "enhanced.dcm")
+    prediction = predict_study(network, study)
+    outputs = write_study_outputs(prediction, study, tmp_path / "out", load_provenance(run.checkpoint), run.model)
+    assert outputs.seg.path is not None, outputs.seg.note
+    source = find_source_series(study, "t1", prediction.native["t1"])
+    assert len(source.datasets) == 1 and sorted(source.planes) == list(range(len(slices)))
+    assert np.array_equal(read_segmentation(outputs.seg.path, source), prediction.labels_on(source.grid))
+
+
 def test_outputs_lie_on_the_dicom_series_grid(run: TinyRun, network: torch.nn.Module, tmp_path: Path) -> None:
     study = _study(run, 1)
     outputs = write_study_outputs(predict_study(network, study), study, tmp_path, load_provenance(run.checkpoint),
