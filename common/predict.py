@@ -10,7 +10,8 @@ resampled (trilinear, by physical position) and the argmax taken there, so undoi
 voxels and a coarser or finer source grid gets the label with the highest interpolated probability.
 
 :func:`restore_probabilities` is the inverse of ``preprocess_case``'s spatial step (a whole-grid resize to the
-model's ``spatial_size``); it must change whenever that step does (tests/test_predict.py checks the pair).
+model's ``spatial_size``, the segmentation with torch's floor-nearest rule: the network learns labels taken from
+those positions); it must change whenever that step does (tests/test_predict.py checks the pair).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -61,6 +63,7 @@ class StudyPrediction:
     probabilities: np.ndarray
     native: dict[str, Grid]
     problems: list[Problem] = field(default_factory=list)
+    _labels: dict[tuple[tuple[int, ...], bytes], np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def reference_modality(self) -> str:
@@ -76,9 +79,12 @@ class StudyPrediction:
         """Labels 0..K-1 ``(D, H, W)`` uint8 on ``grid`` (default :attr:`source_grid`): the argmax of the
         probabilities resampled there; outside the study's field of view, background."""
         grid = grid or self.source_grid
-        # outside the study's field of view every probability resamples to 0, and argmax picks 0 = background
-        resampled = np.stack([resample_to_grid(p, self.grid.affine, grid, order=1) for p in self.probabilities])
-        return resampled.argmax(axis=0).astype(np.uint8)
+        key = (tuple(grid.shape), np.asarray(grid.affine, dtype=float).tobytes())
+        if key not in self._labels:  # the NIfTI and the DICOM SEG are usually on one grid: resample once
+            # outside the study's field of view every probability resamples to 0, and argmax picks 0 = background
+            resampled = np.stack([resample_to_grid(p, self.grid.affine, grid, order=1) for p in self.probabilities])
+            self._labels[key] = resampled.argmax(axis=0).astype(np.uint8)
+        return self._labels[key].copy()
 
     def volumes_ml(self, labels: np.ndarray, grid: Grid) -> dict[str, float]:
         """Volume in millilitres of each foreground label of ``labels`` on ``grid``."""

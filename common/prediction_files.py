@@ -74,7 +74,13 @@ def write_dicom_seg(
         except SourceSeriesError as exc:
             reasons.append(str(exc))
             continue
-        seg = build_segmentation(prediction.labels_on(source.grid), source, algorithm)
+        try:
+            seg = build_segmentation(prediction.labels_on(source.grid), source, algorithm)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # headers highdicom cannot build a Segmentation from (a missing module attribute, an odd value) cost the
+            # SEG only: the NIfTI and the JSON are still written, and the note says why
+            return SegOutcome(None, modality, f"no DICOM SEG: highdicom cannot build one on the {modality} series "
+                                              f"({type(exc).__name__}: {exc})")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         seg.save_as(os.fspath(path))
         return SegOutcome(Path(path), modality, f"DICOM SEG on the {modality} series ({len(source.planes)} frames)")

@@ -12,11 +12,15 @@ CARD_METRICS: tuple[str, ...] = ("cases", "dice-whole", "dice-core", "dice-enhan
                                  "auroc", "f1")
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: object, count: bool = False) -> str:
+    """A metric cell: ``n/a`` when undefined, whole numbers for counts, 3 decimals (scientific below 0.001)."""
     if value is None:
         return "n/a"
-    if isinstance(value, float):
-        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.3f}"
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if count:
+            return f"{v:.0f}"
+        return f"{v:.1e}" if v != 0.0 and abs(v) < 1e-3 else f"{v:.3f}"
     return str(value)
 
 
@@ -37,7 +41,7 @@ def _metrics_table(provenance: ModelProvenance, cfg: ModelConfig) -> list[str]:
         "|---|" + "---|" * len(shown),
     ]
     for r in rows:
-        lines.append(f"| {r} | " + " | ".join(_fmt(provenance.evaluation[r].get(m)) for m in shown) + " |")
+        lines.append(f"| {r} | " + " | ".join(_fmt(provenance.evaluation[r].get(m), m == "cases") for m in shown) + " |")
     return [*lines, ""]
 
 

@@ -106,6 +106,20 @@ def test_a_multi_frame_source_series_gets_its_seg(run: TinyRun, network: torch.n
     assert np.array_equal(read_segmentation(outputs.seg.path, source), prediction.labels_on(source.grid))
 
 
+def test_a_series_highdicom_cannot_use_costs_the_seg_only(run: TinyRun, network: torch.nn.Module,
+                                                          tmp_path: Path) -> None:
+    study = tmp_path / "no-study-uid"
+    (study / "t1").mkdir(parents=True)
+    for path in sorted(_series_dir(_study(run), "t1_mprage").iterdir()):
+        ds = pydicom.dcmread(path)
+        del ds.StudyInstanceUID  # the readers do not need it; a Segmentation must copy it
+        ds.save_as(study / "t1" / path.name)
+    outputs = write_study_outputs(predict_study(network, study), study, tmp_path / "out",
+                                  load_provenance(run.checkpoint), run.model)
+    assert outputs.seg.path is None and "StudyInstanceUID" in outputs.seg.note
+    assert outputs.nifti.is_file() and json.loads(outputs.json.read_text())["dicom_seg_note"] == outputs.seg.note
+
+
 def test_outputs_lie_on_the_dicom_series_grid(run: TinyRun, network: torch.nn.Module, tmp_path: Path) -> None:
     study = _study(run, 1)
     outputs = write_study_outputs(predict_study(network, study), study, tmp_path, load_provenance(run.checkpoint),
