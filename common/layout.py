@@ -19,6 +19,8 @@ from pathlib import Path
 __all__ = [
     "HELDOUT_NAME",
     "LABELS_FILE",
+    "PHANTOM_GENERATOR",
+    "PHANTOM_MANIFEST",
     "SITE_PREFIX",
     "SITE_SETTINGS_FILE",
     "SITE_STATE",
@@ -39,6 +41,10 @@ SITE_PREFIX = "site-"
 HELDOUT_NAME = "heldout"
 #: Folder of the simulated sites' private state inside a run directory.
 SITE_STATE = "site-state"
+#: Manifest ``fedfusion phantoms`` writes into a data root it generated, and its ``generator`` value: how anything
+#: (e.g. a model card) tells phantom data from real data.
+PHANTOM_MANIFEST = "phantoms.json"
+PHANTOM_GENERATOR = "fedfusion phantoms"
 
 
 def site_dirs(data_root: str | Path) -> list[Path]:

@@ -25,7 +25,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("simulate", "simulate", "Run a local multi-site federated simulation end to end, with a report."),
     ("report", "report", "(Re)build the report of a run directory."),
     ("experiment", "experiment", "Run a named experiment and write its table to docs/results.md."),
-    ("export", "export", "Export a checkpoint as a plain PyTorch state dict plus model config."),
+    ("predict", "predict", "Segment and classify new studies: DICOM SEG, NIfTI on the source grid and a JSON."),
+    ("export", "export", "Export a checkpoint as a plain state dict or a MONAI bundle."),
     ("certs", "certs", "Make the CA, SuperLink certificate and SuperNode keys for a deployment."),
 ]
 

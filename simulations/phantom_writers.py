@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from common.layout import HELDOUT_NAME, SITE_PREFIX
+from common.layout import HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX
 from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
@@ -42,7 +42,7 @@ from .scenarios import heldout_profile, site_profiles
 #: Formats :func:`generate` writes.
 FORMATS: tuple[str, ...] = ("dicom", "nifti")
 
-MANIFEST = "phantoms.json"
+MANIFEST = PHANTOM_MANIFEST
 #: Marker of a generation in progress (a folder holding it may be regenerated without --overwrite).
 PARTIAL_MARKER = ".phantoms-partial"
 
@@ -492,7 +492,7 @@ def generate(
     total = sum(len(p) for _, _, p in plans)
 
     manifest: dict[str, Any] = {
-        "generator": "fedfusion phantoms",
+        "generator": PHANTOM_GENERATOR,
         "version": 1,
         "scenario": scenario,
         "missing_fraction": missing_fraction,

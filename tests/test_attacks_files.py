@@ -259,6 +259,8 @@ ENTRY_POINTS: dict[str, Callable[[Path, Path], Any]] = {
     "export": _export,
     "cli-export": _via_cli("export", "--checkpoint", "{ckpt}", "--out", "{tmp}/model.pt"),
     "cli-evaluate": _via_cli("evaluate", "--checkpoint", "{ckpt}", "--data", "{tmp}"),
+    "cli-predict": _via_cli("predict", "--checkpoint", "{ckpt}", "--study", "{tmp}", "--out", "{tmp}/out"),
+    "cli-export-bundle": _via_cli("export", "--checkpoint", "{ckpt}", "--format", "monai-bundle", "--out", "{tmp}/b"),
 }
 
 
@@ -269,7 +271,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path, e
     with pytest.raises(ValueError) as info:
         ENTRY_POINTS[entry](ckpt, tmp_path)
     assert not marker.exists(), "the checkpoint's code ran"
-    if entry != "cli-evaluate" and entry != "cli-export":
+    if not entry.startswith("cli-"):
         assert str(ckpt) in str(info.value) and "refused" in str(info.value)
 
 

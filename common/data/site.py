@@ -234,6 +234,8 @@ class CaseData:
             :data:`common.data.geometry.CANONICAL_AXCODES` so ``images[m][k]`` is an axial slice.
         problems: everything reported while reading.
         patients: keyed DICOM PatientIDs of the case's images (empty for NIfTI or without PatientID).
+        native: ``{modality: Grid}``, each present modality's own grid as read (before resampling), so a result on
+            ``grid`` can be mapped back onto a source series (``fedfusion predict``).
     """
 
     case_id: str
@@ -242,6 +244,7 @@ class CaseData:
     grid: Grid
     problems: list[Problem]
     patients: frozenset[str] = frozenset()
+    native: dict[str, Grid] = field(default_factory=dict)
 
 
 def scan_case(
@@ -378,4 +381,6 @@ def load_case(
     grid = reorient_grid(Grid((int(ref_shape[0]), int(ref_shape[1]), int(ref_shape[2])), ref_affine))
     images = {m: resample_to_grid(vol, affine, grid, order=1) for m, (vol, affine) in scan.volumes.items()}
     seg = resample_to_grid(scan.seg[0], scan.seg[1], grid, order=0) if scan.seg is not None else None
-    return CaseData(scan.case_id, images, seg, grid, problems, scan.patients)
+    native = {m: Grid((int(v.shape[0]), int(v.shape[1]), int(v.shape[2])), affine)
+              for m, (v, affine) in scan.volumes.items()}
+    return CaseData(scan.case_id, images, seg, grid, problems, scan.patients, native)

@@ -1,4 +1,5 @@
-"""``fedfusion export``: a checkpoint as a plain PyTorch state dict plus the model config."""
+"""``fedfusion export``: a checkpoint as a plain PyTorch state dict plus the model config (``--format state-dict``,
+the default) or as a MONAI bundle (``--format monai-bundle``, see :mod:`fedfusion.bundle`)."""
 
 from __future__ import annotations
 
@@ -44,14 +45,40 @@ def export_checkpoint(checkpoint: Path, out: Path) -> dict:
     return payload
 
 
+BUNDLE_INSTRUCTIONS = """\
+Exported the MONAI bundle {out}/ (configs/metadata.json, configs/inference.json, models/model.pt,
+docs/README.md: the model card). With fedfusion installed, run it on a study folder or a folder of studies:
+  python -m monai.bundle run --config_file {out}/configs/inference.json --meta_file {out}/configs/metadata.json \\
+      --bundle_root {out} --dataset_dir STUDIES --output_dir OUT
+"""
+
+#: ``--format`` choices.
+FORMATS: tuple[str, ...] = ("state-dict", "monai-bundle")
+
+
 def command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A fedfusion checkpoint (e.g. RUN/checkpoints/best.pt).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plain PyTorch file (e.g. model.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="state-dict: the file to write (model.pt); monai-bundle: "
+                                                          "the bundle folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="state-dict (plain PyTorch file) or monai-bundle.")] = "state-dict",
+    overwrite: Annotated[bool, typer.Option(help="monai-bundle: replace an earlier bundle in --out.")] = False,
 ) -> None:
-    """Export a checkpoint as a plain PyTorch state dict plus the model config."""
+    """Export a checkpoint as a plain PyTorch state dict plus the model config, or as a MONAI bundle (metadata,
+    inference config, weights and a model card with the training data, privacy spent and per-subset metrics)."""
+    if fmt not in FORMATS:
+        typer.echo(f"error: --format {fmt!r} unknown; choose one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(code=2)
     try:
-        payload = export_checkpoint(checkpoint, out)
+        if fmt == "monai-bundle":
+            from fedfusion.bundle import export_bundle
+
+            export_bundle(checkpoint, out, overwrite=overwrite)
+        else:
+            payload = export_checkpoint(checkpoint, out)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    typer.echo(REBUILD_INSTRUCTIONS.format(out=out, round=payload["round"]))
+    if fmt == "monai-bundle":
+        typer.echo(BUNDLE_INSTRUCTIONS.format(out=out))
+    else:
+        typer.echo(REBUILD_INSTRUCTIONS.format(out=out, round=payload["round"]))
