@@ -116,9 +116,9 @@ class LoopbackFederation:
         if left:
             raise RuntimeError(f"processes left behind after shutdown: {sorted(left)}")
 
-    def start(self, *, sites: bool = True, timeout: float = 90.0) -> None:
-        """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes,
-        waiting until every site is online (at most ``timeout`` seconds)."""
+    def start(self, *, sites: bool = True, wait: bool = True, timeout: float = 90.0) -> None:
+        """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes;
+        ``wait``: until every site is online (at most ``timeout`` seconds; else see :meth:`wait_online`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.keys = make_deployment_keys(self.workdir / "certs", ["localhost", "127.0.0.1"], self.site_names, force=True)
         flwr_cli.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
@@ -129,7 +129,8 @@ class LoopbackFederation:
         if sites:
             for name in self.site_names:
                 self.start_site(name)
-            self.wait_online(self.site_names, timeout=timeout)
+            if wait:
+                self.wait_online(self.site_names, timeout=timeout)
 
     def close(self) -> set[int]:
         """Stop every process and its descendants; returns pids still alive (empty when all went).
@@ -196,7 +197,8 @@ class LoopbackFederation:
             for n in names:
                 if ONLINE_MARK not in self.procs.procs[n].output():
                     if not self.procs.running(n):
-                        raise RuntimeError(f"SuperNode {n} exited while connecting:\n{self.procs.procs[n].output()[-4000:]}")
+                        log = self.procs.procs[n].output()[-4000:]
+                        raise RuntimeError(f"SuperNode {n} exited while connecting:\n{log}")
                     return False
             return True
 
