@@ -2,19 +2,19 @@
 one real run, with a site killed mid-round and restarted and an unregistered key refused.
 
 Starting Flower's processes is what costs here (Flower starts a new ClientApp process per message, and each one
-imports torch, Opacus and MONAI: about 6 s of CPU), so ONE federation and ONE run serve every test: the module
+imports torch, Opacus and MONAI: about 7.5 s of CPU), so ONE federation and ONE run serve every test: the module
 fixture :func:`deployment` drives the scenario below once and records what it saw; each test asserts one
 property of it. Waiting is event-driven (process logs, the run directory, the run's ``flwr log --stream``
 follower), not ``flwr`` CLI polling (about 1 s of CPU per call).
 
-1. SuperLink (TLS, node authentication, SQLite state) on 127.0.0.1, three keys registered, three sites online;
-   TLS handshakes against it.
-2. ``flwr run``: 3 rounds. min-train-nodes = min-available-nodes = 3 makes every round sample all three sites
+1. SuperLink (TLS, node authentication, SQLite state) on 127.0.0.1, three keys registered, three sites started
+   and the run submitted (its ServerApp starts while the sites do); once they are online, TLS handshakes.
+2. The run: 3 rounds. min-train-nodes = min-available-nodes = 3 makes every round sample all three sites
    (Flower's FedAvg sizes the sample from the nodes online when the round starts, before waiting for
    min-available-nodes), so round 3 waits for a restarted site.
 3. site-02 gets its round-2 train message -> SIGKILL of its daemon, SuperNode and ClientApp (a crash). Its reply
-   never comes: the SuperLink answers "node unavailable" after 2 missed heartbeats (30-60 s; Flower's fixed
-   heartbeat interval), and round 2 moves on with the other two sites' updates (2 < 3: the global model is kept).
+   never comes: the SuperLink answers "node unavailable" after 2 missed heartbeats (37-60 s after the kill:
+   Flower's heartbeat interval is fixed; the longest wait of the scenario, CPU idle), and round 2 moves on with the other two sites' updates (2 < 3: the global model is kept).
 4. Meanwhile a SuperNode with valid TLS trust but an unregistered key tries to join: refused, no node id.
 5. Once round 2 is aggregated the SuperLink lists site-02 offline; it is restarted from the same key and state
    folder, rejoins for round 3 and its privacy ledger continues from what it had spent.
