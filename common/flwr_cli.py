@@ -9,13 +9,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 #: Name of the SuperLink connection written to ``$FLWR_HOME/config.toml`` (``flwr run . fedfusion``).
 CONNECTION_NAME = "fedfusion"
+#: Terminal run states reported by ``flwr ls`` start with this (``finished:completed|failed|stopped``).
+FINISHED_PREFIX = "finished"
+#: Seconds between fallback ``flwr ls`` status queries while the run's log stream is open / after it ended.
+LS_INTERVAL = 30.0
+LS_INTERVAL_NO_STREAM = 3.0
 #: Packages that make up the Flower app (shipped inside the FAB).
 APP_PACKAGES = ("models", "common", "client", "server", "fedfusion", "simulations")
 #: The project directory (where pyproject.toml lives).
@@ -106,3 +112,58 @@ def flwr_json(argv: Sequence[str], env: Mapping[str, str], timeout: float = 60.0
     if not data.get("success", False):
         raise RuntimeError(f"{' '.join(argv)} failed: {data}\n{proc.stderr}")
     return data
+
+
+def run_status(flwr: str, connection: str, run_id: int, env: Mapping[str, str], cwd: Path | None = None,
+               timeout: float = 60.0) -> str:
+    """The status of run ``run_id`` as ``flwr ls --run-id`` reports it (``finished:completed``, …; "" if unknown)."""
+    data = flwr_json([flwr, "ls", connection, "--run-id", str(run_id), "--format", "json"], env, timeout=timeout,
+                     cwd=cwd)
+    runs = data.get("runs", [])
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def log_stream_argv(flwr: str, connection: str, run_id: int) -> list[str]:
+    """``flwr log RUN CONNECTION --stream``: prints the ServerApp's log as it comes and exits when the run is
+    finished (the SuperLink ends the stream then), so one such process replaces polling ``flwr ls``."""
+    return [flwr, "log", str(run_id), connection, "--stream"]
+
+
+def wait_run_finished(
+    status: Callable[[], str],
+    stream_open: Callable[[], bool],
+    timeout: float,
+    *,
+    check: Callable[[], None] | None = None,
+    poll: Callable[[], None] | None = None,
+    interval: float = 0.5,
+) -> str:
+    """Wait until a run is finished; returns its ``flwr ls`` status (e.g. ``finished:completed``).
+
+    Each ``flwr`` CLI call costs about a second of CPU (it imports Flower), which a 2-core machine takes from the
+    run itself. So the event is the end of the run's log stream (:func:`log_stream_argv`; ``stream_open`` says
+    whether it still runs): ``status`` (one ``flwr ls``) is asked when it has ended, and otherwise only every
+    :data:`LS_INTERVAL` seconds as a fallback (every :data:`LS_INTERVAL_NO_STREAM` once the stream ended before
+    the run, e.g. on a dropped connection). ``check`` runs every ``interval`` seconds and raises to stop early
+    (a process the run needs has died); ``poll`` is called as often (progress displays, process bookkeeping).
+
+    Raises:
+        TimeoutError: the run is not finished after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    next_ls = time.monotonic() + LS_INTERVAL
+    current = ""
+    while True:
+        stream_ended = not stream_open()
+        if stream_ended or time.monotonic() >= next_ls:
+            current = status()
+            if current.startswith(FINISHED_PREFIX):
+                return current
+            next_ls = time.monotonic() + (LS_INTERVAL_NO_STREAM if stream_ended else LS_INTERVAL)
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run not finished after {timeout:.0f}s (status {current!r})")
+        if poll is not None:
+            poll()
+        time.sleep(interval)

@@ -15,12 +15,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["ProcessSet", "Managed", "alive", "descendants", "session_members", "free_ports", "wait_port",
-           "tree_rss_mb"]
+           "wait_until", "tree_rss_mb"]
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -51,6 +54,27 @@ def wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def wait_until(
+    condition: Callable[[], T], timeout: float, what: str, *, interval: float = 0.5,
+    check: Callable[[], None] | None = None,
+) -> T:
+    """Call ``condition`` every ``interval`` seconds until it returns something truthy, and return that.
+
+    ``check`` runs before each try; it raises to stop early (e.g. a process the wait depends on has exited).
+    Raises :class:`TimeoutError` naming ``what`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout:.0f}s")
+        time.sleep(interval)
+
+
 def _proc_stats() -> Iterator[tuple[int, list[str]]]:
     """(pid, fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...) per process."""
     for entry in os.listdir("/proc"):
@@ -65,16 +89,20 @@ def _proc_stats() -> Iterator[tuple[int, list[str]]]:
         yield int(entry), stat[stat.rfind(")") + 2 :].split()
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state letter) for every process, from /proc (Linux)."""
-    return {pid: (int(rest[1]), rest[0]) for pid, rest in _proc_stats()}
+#: pid -> (parent pid, state letter, session id) of every process: one reading of /proc.
+ProcTable = dict[int, tuple[int, str, int]]
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live (non-zombie) process below ``pid`` (children, grandchildren, …)."""
-    table = _proc_table()
+def _proc_table() -> ProcTable:
+    """pid -> (parent pid, state letter, session id) for every process, from /proc (Linux)."""
+    return {pid: (int(rest[1]), rest[0], int(rest[3])) for pid, rest in _proc_stats()}
+
+
+def descendants(pid: int, table: ProcTable | None = None) -> set[int]:
+    """Every live (non-zombie) process below ``pid`` (children, grandchildren, …), in ``table`` (default: now)."""
+    table = _proc_table() if table is None else table
     children: dict[int, list[int]] = {}
-    for p, (ppid, _state) in table.items():
+    for p, (ppid, _state, _sid) in table.items():
         children.setdefault(ppid, []).append(p)
     out, stack = set(), [pid]
     while stack:
@@ -82,21 +110,18 @@ def descendants(pid: int) -> set[int]:
             if c not in out:
                 out.add(c)
                 stack.append(c)
-    return {p for p in out if table.get(p, (0, "Z"))[1] != "Z"}
+    return {p for p in out if table.get(p, (0, "Z", 0))[1] != "Z"}
 
 
-def session_members(sids: Iterable[int]) -> set[int]:
-    """Every live (non-zombie) process whose session id is in ``sids``.
+def session_members(sids: Iterable[int], table: ProcTable | None = None) -> set[int]:
+    """Every live (non-zombie) process whose session id is in ``sids``, in ``table`` (default: now).
 
     A process keeps its session when its parent dies: Ray actors orphaned by a finished ``flwr-simulation``
     (re-parented to init) are still found through the session their detached SuperExec leads.
     """
     want = set(sids)
-    out: set[int] = set()
-    for pid, rest in _proc_stats():
-        if rest[0] not in ("Z", "X") and int(rest[3]) in want:
-            out.add(pid)
-    return out
+    table = _proc_table() if table is None else table
+    return {pid for pid, (_ppid, state, sid) in table.items() if state not in ("Z", "X") and sid in want}
 
 
 def alive(pids: Iterable[int]) -> set[int]:
@@ -114,17 +139,31 @@ class Managed:
     popen: subprocess.Popen[bytes]
     log_path: Path
     seen: set[int] = field(default_factory=set)
+    #: Size of the log file when this process started: its own output begins there (the file is appended to).
+    log_offset: int = 0
 
-    def refresh(self) -> None:
+    def refresh(self, table: ProcTable | None = None) -> None:
+        """Remember every process now below this one; ``table``: a /proc reading to reuse (default: read now)."""
+        table = _proc_table() if table is None else table
         if self.popen.poll() is None:
-            self.seen |= descendants(self.popen.pid)
+            self.seen |= descendants(self.popen.pid, table)
         # Members of sessions led by our processes (Flower detaches its SuperExec with start_new_session; its
         # orphaned children keep that session). Our own session is never one of them: ours started new ones.
-        self.seen |= session_members(({self.popen.pid} | self.seen) - {os.getsid(0)}) - {os.getpid()}
+        self.seen |= session_members(({self.popen.pid} | self.seen) - {os.getsid(0)}, table) - {os.getpid()}
 
     def log_text(self) -> str:
+        """The whole log file (every start of this name)."""
         try:
             return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def output(self) -> str:
+        """What this process (this start, not an earlier one of the same name) has written so far."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_offset)
+                return fh.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -152,46 +191,55 @@ class ProcessSet:
         fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child; closed below after the fork
         fh.write(f"\n===== start {name}: {' '.join(argv)}\n".encode())
         fh.flush()
+        offset = fh.tell()
         popen = subprocess.Popen(
             list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**self.env, **(env or {})}, cwd=self.cwd, start_new_session=True,
         )
         fh.close()
-        managed = Managed(name=name, argv=list(argv), popen=popen, log_path=log_path)
+        managed = Managed(name=name, argv=list(argv), popen=popen, log_path=log_path, log_offset=offset)
         self.procs[name] = managed
         self.all_pids.add(popen.pid)
         return managed
 
     def refresh(self) -> None:
+        table = _proc_table()  # one reading of /proc for all of them
         for m in self.procs.values():
-            m.refresh()
+            m.refresh(table)
             self.all_pids |= m.seen
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop ``name`` and everything below it: ``sig`` first, SIGKILL after ``timeout`` seconds."""
-        m = self.procs[name]
-        m.refresh()
-        pids = {m.popen.pid} | m.seen
+        self.stop_many([name], sig, timeout)
+
+    def stop_many(self, names: Iterable[str], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop several processes and everything below them at once (they shut down in parallel): ``sig`` to
+        all, SIGKILL to what is left after ``timeout`` seconds."""
+        managed = [self.procs[n] for n in names]
+        if not managed:
+            return
+        table = _proc_table()
+        for m in managed:
+            m.refresh(table)
+        pids = set().union(*({m.popen.pid} | m.seen for m in managed))
         self.all_pids |= pids
         _signal_all(pids, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (alive(pids) or m.popen.poll() is None):
-            if m.popen.poll() is None:
-                try:
-                    m.popen.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                time.sleep(0.2)
-        m.refresh()  # orphans that appeared while the tree went down (same sessions)
-        pids |= m.seen
+        # poll() also reaps our direct children (a zombie would otherwise look alive to popen)
+        while time.monotonic() < deadline and (alive(pids) or any(m.popen.poll() is None for m in managed)):
+            time.sleep(0.1)
+        table = _proc_table()
+        for m in managed:
+            m.refresh(table)  # orphans that appeared while the trees went down (same sessions)
+            pids |= m.seen
         self.all_pids |= pids
         if alive(pids):
             _signal_all(alive(pids), signal.SIGKILL)
-        try:
-            m.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        for m in managed:
+            try:
+                m.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
     def kill(self, name: str) -> None:
         """SIGKILL ``name`` and its descendants at once (a crash, as in the fault tests)."""

@@ -10,6 +10,11 @@ Typical use::
     with LoopbackFederation(workdir, data_dir) as fed:      # certs, SuperLink, registration, SuperNodes
         run_id = fed.submit({"num-server-rounds": 2, "run-dir": str(workdir / "run")})
         fed.wait_finished(run_id, timeout=180)
+
+Waiting is event-driven wherever Flower leaves a trace: a SuperNode is online once its log names its node id, a
+run is finished once its ``flwr log --stream`` follower exits. Every ``flwr`` CLI call costs about a second of
+CPU (it imports Flower), so the CLI is asked only where its answer is the point (registration, node lists, the
+final run status) or as a slow fallback.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from fedfusion import deployment as dep
 from fedfusion.commands.certs import DeploymentKeys, make_deployment_keys, make_node_keys, site_names
 
 #: Terminal run states reported by ``flwr ls`` (``finished:completed``, ``finished:failed``, …).
-FINISHED_PREFIX = "finished"
+FINISHED_PREFIX = flwr_cli.FINISHED_PREFIX
+#: What ``flower-supernode`` logs once the SuperLink has activated it (the SuperLink then lists it online).
+ONLINE_MARK = "SuperNode ID:"
 
 
 def venv_bin() -> Path:
@@ -92,6 +99,8 @@ class LoopbackFederation:
         self.keys: DeploymentKeys | None = None
         self.node_ids: dict[str, int] = {}
         self.app_dir = self.workdir / "app"
+        #: Sites stopped on purpose (:meth:`kill_site`) until started again: their exit is not a failure.
+        self.down: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LoopbackFederation:
@@ -107,8 +116,9 @@ class LoopbackFederation:
         if left:
             raise RuntimeError(f"processes left behind after shutdown: {sorted(left)}")
 
-    def start(self, *, sites: bool = True) -> None:
-        """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes."""
+    def start(self, *, sites: bool = True, wait: bool = True, timeout: float = 90.0) -> None:
+        """Keys, FLWR_HOME, staged app, SuperLink, registration of every site key, and (``sites``) the SuperNodes;
+        ``wait``: until every site is online (at most ``timeout`` seconds; else see :meth:`wait_online`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.keys = make_deployment_keys(self.workdir / "certs", ["localhost", "127.0.0.1"], self.site_names, force=True)
         flwr_cli.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
@@ -119,17 +129,24 @@ class LoopbackFederation:
         if sites:
             for name in self.site_names:
                 self.start_site(name)
-            self.wait_online(self.site_names, timeout=90)
+            if wait:
+                self.wait_online(self.site_names, timeout=timeout)
 
     def close(self) -> set[int]:
-        """Stop every process and its descendants; returns pids still alive (empty when all went)."""
+        """Stop every process and its descendants; returns pids still alive (empty when all went).
+
+        Sites (and every other process) stop in parallel while the SuperLink still answers their goodbyes
+        (a SuperNode deactivates itself on SIGTERM); the SuperLink goes last."""
+        self.procs.stop_many([n for n in self.procs.procs if n != "superlink"])
         left = self.procs.stop_all()
         if left:
             self.log(f"processes still alive after shutdown: {sorted(left)}")
         return left
 
     # ------------------------------------------------------------------ superlink
-    def start_superlink(self, timeout: float = 60.0) -> None:
+    def start_superlink(self, timeout: float = 60.0) -> dict[int, str]:
+        """Start the SuperLink and wait until its Control API answers; returns its node list (node id ->
+        status), the answer that proved it ready."""
         assert self.keys is not None
         state = self.workdir / "superlink-state"
         state.mkdir(parents=True, exist_ok=True)
@@ -147,8 +164,7 @@ class LoopbackFederation:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.flwr(["supernode", "ls"], timeout=30)
-                break
+                return self.nodes(timeout=30)
             except (RuntimeError, subprocess.TimeoutExpired):
                 if time.monotonic() > deadline:
                     raise
@@ -168,26 +184,52 @@ class LoopbackFederation:
         self.log(f"registered {name} as node {node_id}")
         return node_id
 
-    def nodes(self) -> dict[int, str]:
+    def nodes(self, timeout: float = 60.0) -> dict[int, str]:
         """node id -> status (registered / online / offline / unregistered) as the SuperLink sees them."""
-        data = self.flwr(["supernode", "ls"])
+        data = self.flwr(["supernode", "ls"], timeout=timeout)
         return {int(n["node-id"]): n["status"] for n in data.get("nodes", [])}
 
     def wait_online(self, names: list[str], timeout: float) -> None:
-        want = {self.node_ids[n] for n in names}
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.nodes()
-            if all(status.get(i) == "online" for i in want):
-                self.log(f"online: {', '.join(names)}")
-                return
+        """Wait until every site in ``names`` (as last started) is online: its SuperNode logged the node id the
+        SuperLink activated. RuntimeError when one exits first (e.g. refused), TimeoutError after ``timeout``."""
+
+        def all_online() -> bool:
             for n in names:
-                if not self.procs.running(n):
-                    raise RuntimeError(f"SuperNode {n} exited while connecting:\n{self.procs.procs[n].log_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SuperNodes not online after {timeout:.0f}s: {status}")
-            self.procs.refresh()
-            time.sleep(1.0)
+                if ONLINE_MARK not in self.procs.procs[n].output():
+                    if not self.procs.running(n):
+                        log = self.procs.procs[n].output()[-4000:]
+                        raise RuntimeError(f"SuperNode {n} exited while connecting:\n{log}")
+                    return False
+            return True
+
+        self.wait_until(all_online, timeout, f"SuperNodes {', '.join(names)} online")
+        self.log(f"online: {', '.join(names)}")
+
+    def wait_offline(self, name: str, timeout: float, interval: float = 3.0) -> None:
+        """Wait until the SuperLink lists site ``name`` offline (asks ``flwr supernode ls`` every ``interval`` s)."""
+        node_id = self.node_ids[name]
+        self.wait_until(lambda: self.nodes().get(node_id) != "online", timeout,
+                        f"SuperLink lists {name} (node {node_id}) offline", interval=interval)
+
+    # ------------------------------------------------------------------ waiting
+    def check_processes(self) -> None:
+        """Raise RuntimeError (with its log) when the SuperLink or a site that should be running has exited.
+        Also remembers the processes Flower started below ours meanwhile (so :meth:`close` finds them all)."""
+        self.procs.refresh()
+        for name in ["superlink", *self.site_names]:
+            if name in self.procs.procs and name not in self.down and not self.procs.running(name):
+                raise RuntimeError(f"{name} exited (code {self.procs.procs[name].popen.poll()}):\n"
+                                   f"{self.procs.procs[name].output()[-4000:]}")
+
+    def wait_until(self, condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+        """:func:`common.processes.wait_until` that fails early when a process of the federation died
+        (:meth:`check_processes`)."""
+        return processes.wait_until(condition, timeout, what, interval=interval, check=self.check_processes)
+
+    def wait_log(self, name: str, text: str, timeout: float, count: int = 1) -> None:
+        """Wait until process ``name`` (as last started) has logged ``text`` at least ``count`` times."""
+        self.wait_until(lambda: self.procs.procs[name].output().count(text) >= count, timeout,
+                        f"{name} logged {text!r} {count} time(s)")
 
     # ------------------------------------------------------------------ sites
     def site_key(self, name: str) -> tuple[Path, Path]:
@@ -222,10 +264,18 @@ class LoopbackFederation:
 
     def start_site(self, name: str) -> None:
         self.procs.start(name, self.site_argv(name))
+        self.down.discard(name)
         self.log(f"started {name} ({'fedfusion site' if self.use_site_daemon else 'flower-supernode'})")
+
+    def stop_sites(self) -> None:
+        """Stop every site at once, cleanly (SIGTERM: each SuperNode deactivates itself at the SuperLink)."""
+        self.down |= set(self.site_names)
+        self.procs.stop_many([n for n in self.site_names if n in self.procs.procs])
+        self.log("stopped every site")
 
     def kill_site(self, name: str) -> None:
         """SIGKILL a site's SuperNode and every ClientApp below it (a crash, not a clean stop)."""
+        self.down.add(name)
         self.procs.kill(name)
         self.log(f"killed {name}")
 
@@ -236,21 +286,18 @@ class LoopbackFederation:
         be activated"), and only marks a silent node offline after 2 missed heartbeats (2 x 30 s, fixed in
         Flower). So wait for the SuperLink to see the crashed node offline, then start; retry on a refusal.
         """
-        node_id = self.node_ids[name]
         deadline = time.monotonic() + timeout
-        while self.nodes().get(node_id) == "online":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"SuperLink still lists crashed {name} (node {node_id}) online after {timeout:.0f}s")
-            self.procs.refresh()
-            time.sleep(2.0)
+        self.wait_offline(name, timeout)
         while True:
             self.start_site(name)
             try:
                 self.wait_online([name], timeout=max(5.0, deadline - time.monotonic()))
                 return
-            except RuntimeError:  # exited while connecting: refused activation; try again like systemd would
-                if time.monotonic() > deadline:
-                    raise
+            except RuntimeError:
+                if self.procs.running(name) or time.monotonic() > deadline:
+                    raise  # something else failed, or out of time
+                # it exited while connecting (refused activation): try again, as systemd would
+                self.down.add(name)
                 time.sleep(3.0)
 
     def start_rogue(self, name: str = "rogue") -> subprocess.Popen[bytes]:
@@ -265,7 +312,11 @@ class LoopbackFederation:
 
     # ------------------------------------------------------------------ runs
     def submit(self, run_config: Mapping[str, Any]) -> int:
-        """``flwr run <staged app> fedfusion --run-config overrides.toml``; returns the run id."""
+        """``flwr run <staged app> fedfusion --run-config overrides.toml``; returns the run id.
+
+        Also starts the run's follower, ``flwr log RUN fedfusion --stream`` (process ``run-RUN``, log
+        ``logs/run-RUN.log``): it writes the ServerApp's log as it comes and exits when the run is finished.
+        """
         overrides = flwr_cli.run_config_toml(run_config, self.workdir / "run-config.toml")
         data = flwr_cli.flwr_json(
             [str(venv_bin() / "flwr"), "run", str(self.app_dir), flwr_cli.CONNECTION_NAME, "--run-config", str(overrides),
@@ -273,30 +324,37 @@ class LoopbackFederation:
             self.env, timeout=120, cwd=self.workdir,
         )
         run_id = int(data["run-id"])
+        self.procs.start(self._follower(run_id),
+                         flwr_cli.log_stream_argv(str(venv_bin() / "flwr"), flwr_cli.CONNECTION_NAME, run_id))
         self.log(f"submitted run {run_id}")
         return run_id
 
+    @staticmethod
+    def _follower(run_id: int) -> str:
+        return f"run-{run_id}"
+
     def run_status(self, run_id: int) -> str:
-        data = self.flwr(["ls", "--run-id", str(run_id)])
-        runs = data.get("runs", [])
-        return str(runs[0].get("status", "")) if runs else ""
+        """The run's status as ``flwr ls --run-id`` reports it (``finished:completed``, …)."""
+        return flwr_cli.run_status(str(venv_bin() / "flwr"), flwr_cli.CONNECTION_NAME, run_id, self.env,
+                                   cwd=self.workdir)
 
     def wait_finished(self, run_id: int, timeout: float, poll: Callable[[], None] | None = None) -> str:
-        """Poll ``flwr ls`` until the run is finished; returns its status (e.g. ``finished:completed``)."""
-        deadline = time.monotonic() + timeout
-        status = ""
-        while time.monotonic() < deadline:
-            status = self.run_status(run_id)
-            if status.startswith(FINISHED_PREFIX):
-                return status
-            if poll is not None:
-                poll()
-            self.procs.refresh()
-            time.sleep(1.0)
-        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s (status {status!r})")
+        """Wait until the run is finished (its follower exits); returns its ``flwr ls`` status (e.g.
+        ``finished:completed``). RuntimeError when the SuperLink or a running site dies first."""
+        follower = self._follower(run_id)
+        try:
+            return flwr_cli.wait_run_finished(
+                lambda: self.run_status(run_id), lambda: self.procs.running(follower), timeout,
+                check=self.check_processes, poll=poll,
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"run {run_id}: {exc}") from None
 
     def run_log(self, run_id: int) -> str:
-        """``flwr log RUN_ID fedfusion --show`` (the ServerApp's log as the SuperLink kept it)."""
+        """The ServerApp's log: what the run's follower wrote, else ``flwr log RUN_ID fedfusion --show``."""
+        follower = self.procs.procs.get(self._follower(run_id))
+        if follower is not None:
+            return follower.output()
         proc = subprocess.run(
             [str(venv_bin() / "flwr"), "log", str(run_id), flwr_cli.CONNECTION_NAME, "--show"],
             env=self.env, capture_output=True, text=True, timeout=60, cwd=self.workdir,
@@ -341,12 +399,12 @@ TINY_RUN_CONFIG: dict[str, Any] = {
 }
 
 
-def make_phantoms(out: Path, sites: int = 3, cases_per_site: int = 4, seed: int = 0) -> Path:
+def make_phantoms(out: Path, sites: int = 3, cases_per_site: int = 4, seed: int = 0, heldout_cases: int = 4) -> Path:
     """Write a small phantom federation (``site-01``… + ``heldout``) with the project's phantom generator."""
     from simulations.phantom_writers import generate  # the phantom generator (issue: phantoms)
 
     generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario="iid", shape=(8, 16, 16),
-             fmt="nifti", heldout_cases=4)
+             fmt="nifti", heldout_cases=heldout_cases)
     return out
 
 

@@ -8,8 +8,8 @@ running after the run ends. This module instead owns everything it starts:
    with its SQLite database in ``workdir`` and runtime dependency installation off (nothing calls ``uv``);
 3. writes a private ``FLWR_HOME/config.toml`` with one connection to it (``flwr`` never touches ``~/.flwr``);
 4. submits with ``flwr run <staged> <connection> --run-config <toml> --federation-config "num-supernodes=N …"``,
-   streams the run's log into ``workdir/flwr-run.log`` (``flwr log``) and polls ``flwr ls --format json``
-   until the run is finished;
+   streams the run's log into ``workdir/logs/flwr-log.log`` (``flwr log --stream``, which ends with the run) and
+   then asks ``flwr ls --format json`` for the run's status (:func:`common.flwr_cli.wait_run_finished`);
 5. always stops the SuperLink with every process below it (SuperExec, ``flwr-simulation``, Ray) in ``finally``,
    also on Ctrl-C (:class:`common.processes.ProcessSet` follows the sessions Flower detaches into).
 
@@ -40,11 +40,6 @@ log = logging.getLogger("fedfusion.flwr_run")
 
 #: Name of the SuperLink connection in the private FLWR_HOME.
 CONNECTION = "fedfusion-sim"
-#: Terminal run states reported by ``flwr ls`` start with this (``finished:completed|failed|stopped``).
-FINISHED_PREFIX = "finished"
-#: Seconds between fallback ``flwr ls`` status queries while the log stream runs / after it ended.
-LS_INTERVAL = 30.0
-LS_INTERVAL_NO_STREAM = 3.0
 
 
 class FlwrRunError(RuntimeError):
@@ -168,10 +163,10 @@ def run_with_flwr(
         run_id = int(submitted["run-id"])
         log.info("flwr run: run %s submitted to 127.0.0.1:%s", run_id, port)
         # The ServerApp's log (what `flwr run --stream` prints) goes to a file instead of the terminal.
-        procs.start("flwr-log", [_bin("flwr"), "log", str(run_id), CONNECTION])
+        procs.start("flwr-log", flwr_cli.log_stream_argv(_bin("flwr"), CONNECTION, run_id))
         status = _wait_finished(procs, env, workdir, run_id, timeout, poll)
         _copy_log(procs, run_dir / "flower.log")
-        if status != f"{FINISHED_PREFIX}:completed":
+        if status != f"{flwr_cli.FINISHED_PREFIX}:completed":
             raise FlwrRunError(
                 f"flwr run {run_id} ended {status!r}; see {logs}/flwr-log.log (ServerApp log) and "
                 f"{logs}/superlink.log"
@@ -228,36 +223,24 @@ def _wait_finished(
     procs: processes.ProcessSet, env: Mapping[str, str], workdir: Path, run_id: int, timeout: float,
     poll: Callable[[], None] | None,
 ) -> str:
-    """Wait until ``flwr ls --run-id`` reports the run finished; returns its status.
+    """Wait until the run is finished (the ``flwr-log`` stream ends with it); returns its ``flwr ls`` status."""
 
-    Each ``flwr`` CLI call costs about a second of CPU (it imports Flower), which a 2-core machine takes from the
-    run itself; so ``flwr ls`` is asked when the log stream (``flwr log``, which ends with the run) has ended,
-    and otherwise only every :data:`LS_INTERVAL` seconds as a fallback.
-    """
-    deadline = time.monotonic() + timeout
-    next_ls = time.monotonic() + LS_INTERVAL
-    status = ""
-    while True:
-        stream_ended = not procs.running("flwr-log")
-        if stream_ended or time.monotonic() >= next_ls:
-            data = flwr_cli.flwr_json(
-                [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, timeout=60,
-                cwd=workdir,
-            )
-            runs = data.get("runs", [])
-            status = str(runs[0].get("status", "")) if runs else ""
-            if status.startswith(FINISHED_PREFIX):
-                return status
-            # stream gone but run not finished (a dropped connection): keep asking, more often
-            next_ls = time.monotonic() + (LS_INTERVAL_NO_STREAM if stream_ended else LS_INTERVAL)
+    def superlink_alive() -> None:
         if not procs.running("superlink"):
             raise FlwrRunError(f"flower-superlink exited during run {run_id}:\n{procs.procs['superlink'].log_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise FlwrRunError(f"run {run_id} not finished after {timeout:.0f}s (status {status!r})")
+
+    def bookkeeping() -> None:
         procs.refresh()  # remember Ray workers while their parents live (see ProcessSet)
         if poll is not None:
             poll()
-        time.sleep(1.0)
+
+    try:
+        return flwr_cli.wait_run_finished(
+            lambda: flwr_cli.run_status(_bin("flwr"), CONNECTION, run_id, env, cwd=workdir),
+            lambda: procs.running("flwr-log"), timeout, check=superlink_alive, poll=bookkeeping, interval=1.0,
+        )
+    except TimeoutError as exc:
+        raise FlwrRunError(f"run {run_id}: {exc}") from None
 
 
 def _copy_log(procs: processes.ProcessSet, dest: Path) -> None:

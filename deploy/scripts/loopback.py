@@ -8,8 +8,9 @@ Steps (each printed): make a CA, the SuperLink certificate (SANs localhost, 127.
 start `flower-superlink` with TLS, SuperNode authentication and a SQLite database on free 127.0.0.1 ports;
 register the three public keys (`flwr supernode register`); start each site (`fedfusion site`, or
 `flower-supernode` if this checkout has no site daemon) on its own phantom site folder and state folder;
-submit the app (`flwr run <staged app> fedfusion`); follow `flwr ls` until the run finishes; print where the
-run directory (metrics.jsonl, report) is; stop every process. Logs of every process are in WORKDIR/logs/.
+submit the app (`flwr run <staged app> fedfusion`); follow its log (`flwr log --stream`, in WORKDIR/logs/run-ID.log)
+until the run finishes; print where the run directory (metrics.jsonl, report) is; stop every process. Logs of every
+process are in WORKDIR/logs/.
 """
 
 from __future__ import annotations
