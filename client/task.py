@@ -20,6 +20,7 @@ from common import replies
 from models.modalities import MODALITIES
 
 from .privacy.engine import CasesOnly, load_plain_state_dict
+from .privacy.policy import SitePolicy
 from .privacy.session import NO_DP_METRICS, BudgetExhausted
 from .runtime import SiteRuntime, clear_cache, get_runtime, training_parts
 from .site import SiteDecline
@@ -39,7 +40,8 @@ def _load(rt: SiteRuntime, state: Mapping[str, torch.Tensor]) -> None:
 def train_round(
     node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor], server_round: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One local training round: load ``state`` (plain parameter names), train, charge the ledger.
+    """One local training round: reserve it in the privacy ledger, load ``state`` (plain parameter names), train,
+    commit the reservation (or release it when training failed: no update left the site).
 
     Returns:
         the new state dict (plain names, CPU tensors) and the numeric reply metrics.
@@ -47,14 +49,12 @@ def train_round(
     Raises:
         SiteDecline: policy refusal, exhausted budget, no data, or arrays that do not match the model.
     """
-    from models.training import ProximalTerm, train_epoch
-
     rt, policy = get_runtime(node_config, run_config)
     module, loader, optimizer, loss_fn = training_parts(rt, policy)
-    ledger = None
+    reservation = None
     if rt.dp is not None:
         try:
-            ledger = rt.dp.check_budget()
+            reservation = rt.dp.reserve()
         except BudgetExhausted as exc:
             log.error("site %s DECLINES round %d: %s. Raise the ceiling only after a privacy review.",
                       rt.settings.site_name, server_round, exc)
@@ -62,11 +62,45 @@ def train_round(
                 replies.DECLINED_BUDGET, "privacy budget exhausted: the next round would exceed the site's max-epsilon",
                 epsilon_total=exc.spent, epsilon_next=exc.after, max_epsilon=exc.ceiling, delta=exc.delta,
             ) from exc
-    _load(rt, state)
+    try:
+        state_out, metrics, seconds = _train(rt, policy, module, loader, optimizer, loss_fn, state, server_round)
+    except BaseException:
+        # nothing of this round has left the site: the reservation goes back (a crash instead keeps it spent)
+        if reservation is not None:
+            rt.dp.release(reservation)  # type: ignore[union-attr]
+        raise
+    if rt.dp is not None and reservation is not None:
+        metrics.update(rt.dp.commit(reservation))
+        log.info("site %s round %d: %d cases, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at delta %g",
+                 rt.settings.site_name, server_round, rt.num_cases, metrics["train-loss"], seconds,
+                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, rt.dp.request.delta)
+    else:
+        metrics.update(NO_DP_METRICS)
+        log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
+                    rt.settings.site_name, server_round, metrics["train-loss"], seconds)
+    return state_out, metrics
 
-    seed = rt.site_seed(server_round)
-    torch.manual_seed(seed)  # Poisson sampling and shuffling draw from torch's global RNG
-    generator = torch.Generator().manual_seed(seed)  # modality dropout
+
+def _train(
+    rt: SiteRuntime, policy: SitePolicy, module: Any, loader: Any, optimizer: Any, loss_fn: Any,
+    state: Mapping[str, torch.Tensor], server_round: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
+    """Load ``state``, run the local epochs; returns the new state, the non-privacy reply metrics and the seconds."""
+    from models.training import ProximalTerm, train_epoch
+
+    _load(rt, state)
+    # Every random draw of the round (DP noise, Poisson sampling, modality dropout, nn.Dropout) comes from the OS
+    # CSPRNG, or from a stream fixed by run seed, round and site name when the site's policy asks for reproducible
+    # noise (client.privacy.randomness): never from a value the server sends alone.
+    randomness = rt.round_randomness(policy.reproducible_noise, server_round)
+    if randomness.is_reproducible and rt.dp is not None:
+        log.warning("site %s round %d: REPRODUCIBLE DP NOISE (policy reproducible-noise=true): whoever knows the run "
+                    "config's seed and this site's name can recompute and remove it. Experiments only.",
+                    rt.settings.site_name, server_round)
+    if rt.private is not None:
+        rt.private.randomness = randomness
+    torch.manual_seed(randomness.seed64())  # torch's global RNG: nn.Dropout
+    generator = torch.Generator().manual_seed(randomness.seed64())  # modality dropout
     rt.model.train()
     # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
     prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
@@ -88,21 +122,14 @@ def train_round(
         # Wall seconds of the local epochs alone (no loading, no transport): bench/round_overhead.py compares the
         # federation's round time against the sum of these.
         "train-seconds": float(seconds),
+        # 1: this round's noise can be recomputed by whoever knows the run config (the site's own choice)
+        "dp-reproducible-noise": 1.0 if randomness.is_reproducible else 0.0,
     }
     for m in MODALITIES:
         metrics[f"cases-{m}"] = float(rt.counts.get(m, 0))
         metrics[f"has-{m}"] = 1.0 if rt.counts.get(m, 0) > 0 else 0.0
-    if rt.dp is not None and ledger is not None:
-        metrics.update(rt.dp.charge(ledger))
-        log.info("site %s round %d: %d cases, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at delta %g",
-                 rt.settings.site_name, server_round, rt.num_cases, metrics["train-loss"], seconds,
-                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, rt.dp.request.delta)
-    else:
-        metrics.update(NO_DP_METRICS)
-        log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
-                    rt.settings.site_name, server_round, metrics["train-loss"], seconds)
     state_out = {k: v.detach().cpu().clone() for k, v in rt.model.state_dict().items()}
-    return state_out, metrics
+    return state_out, metrics, seconds
 
 
 def evaluate_round(

@@ -8,6 +8,11 @@ Parameter names: Opacus wraps the network in a ``GradSampleModule`` whose ``stat
 prefix. fedfusion keeps a reference to the *plain* network (the wrapper shares its parameters), and every array
 that leaves or enters the site uses the plain network's names, which the server checks.
 
+Randomness: Opacus draws noise from a ``torch.Generator`` and samples with torch's global RNG; fedfusion replaces
+both (after Opacus has built its parts) with draws from a :class:`client.privacy.randomness.RandomStream`, the OS
+CSPRNG unless the site's policy asks for reproducible noise (see that module for why not Opacus's ``secure_mode``).
+:attr:`PrivateParts.randomness` is the stream of the current round; the site sets it before each round.
+
 FedProx with DP: a proximal term added to the loss would be silently dropped by Opacus (the DP optimizer rebuilds
 ``.grad`` from per-sample gradients, which do not see a loss term on the weights). The proximal gradient
 ``mu * (w - w_global)`` does not depend on data, so :func:`models.training.train_epoch` adds it *after* clipping
@@ -20,12 +25,14 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .randomness import RandomStream
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +186,7 @@ class PrivateParts:
     sample_rate: float
     steps_per_epoch: int
     grad_sample_mode: str
+    randomness: RandomStream = field(default_factory=RandomStream.fresh)
     steps_taken: int = 0
 
 
@@ -191,8 +199,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
-    secure_mode: bool = False,
-    seed: int | None = None,
+    randomness: RandomStream | None = None,
 ) -> PrivateParts:
     """Wrap ``model``/``optimizer``/``loader`` for DP-SGD with Opacus (one item of ``loader.dataset`` = one case).
 
@@ -206,12 +213,11 @@ def make_private(
         noise_multiplier: noise std / clipping norm, > 0.
         max_grad_norm: per-case L2 clipping norm.
         grad_sample_mode: Opacus per-sample-gradient mode (``hooks``, ``functorch``, ``ew``, ``ghost``).
-        secure_mode: cryptographically secure noise (production; needs ``torchcsprng``). Off: seeded noise.
-        seed: seeds the noise generator when not in secure mode (Poisson sampling uses torch's global RNG: seed
-            it per round with ``torch.manual_seed``).
+        randomness: where noise and Poisson sampling draw from (default: the OS CSPRNG); replace it per round
+            through :attr:`PrivateParts.randomness`.
 
     Raises:
-        ValueError: incompatible layers, bad mode, or secure mode requested without ``torchcsprng``.
+        ValueError: incompatible layers or a bad mode.
     """
     from opacus import PrivacyEngine
 
@@ -226,18 +232,9 @@ def make_private(
 
     grad_samplers.install()  # per-case conv gradients without im2col (hooks/ghost modes read Opacus's registry)
     with warnings.catch_warnings():
-        # Opacus warns about secure RNG being off on every construction; the site logs its own message once.
+        # Opacus warns that its secure RNG is off; fedfusion replaces its noise and sampling (see the module docstring)
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        try:
-            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-        except ImportError as exc:
-            raise ValueError(
-                "secure-mode=true needs the torchcsprng package, which is not installed; install it on the site "
-                "or set secure-mode=false (experiments only)"
-            ) from exc
-    generator = None
-    if not secure_mode and seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     kwargs: dict[str, Any] = dict(
         module=model,
         optimizer=optimizer,
@@ -245,7 +242,6 @@ def make_private(
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
         poisson_sampling=True,
-        noise_generator=generator,
         grad_sample_mode=grad_sample_mode,
     )
     with warnings.catch_warnings():
@@ -275,7 +271,10 @@ def make_private(
         sample_rate=1.0 / spe,
         steps_per_epoch=spe,
         grad_sample_mode=grad_sample_mode,
+        randomness=randomness or RandomStream.fresh(),
     )
+    parts.loader = _stream_poisson_loader(dp_loader, parts)
+    _draw_noise_from_stream(dp_opt, parts)
 
     # Opacus keeps a single step hook (its own accountant's); fedfusion accounts in PersistentAccountant instead
     # and uses the hook to count applied steps.
@@ -284,6 +283,65 @@ def make_private(
 
     dp_opt.step_hook = _hook
     return parts
+
+
+class StreamPoissonSampler(Sampler[list[int]]):
+    """Opacus's Poisson batch sampler (each case joins each step independently with probability ``sample_rate``,
+    ``steps`` batches per epoch) drawing from ``parts.randomness`` instead of torch's global RNG."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, parts: PrivateParts) -> None:
+        self.num_samples, self.sample_rate, self.steps, self.parts = num_samples, sample_rate, steps, parts
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Any:
+        for _ in range(self.steps):
+            mask = self.parts.randomness.poisson_mask(self.num_samples, self.sample_rate)
+            yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+
+
+def _stream_poisson_loader(dp_loader: Any, parts: PrivateParts) -> DataLoader:
+    """Opacus's Poisson loader rebuilt around :class:`StreamPoissonSampler` (same dataset, rate, steps, and the
+    collate that makes empty batches)."""
+    sampler = dp_loader.batch_sampler
+    return DataLoader(
+        dp_loader.dataset,
+        batch_sampler=StreamPoissonSampler(sampler.num_samples, sampler.sample_rate, len(sampler), parts),
+        collate_fn=dp_loader.collate_fn,
+        num_workers=dp_loader.num_workers,
+        pin_memory=dp_loader.pin_memory,
+    )
+
+
+def _draw_noise_from_stream(dp_opt: Any, parts: PrivateParts) -> None:
+    """Make ``dp_opt`` add noise drawn from ``parts.randomness`` (Opacus draws from a torch generator).
+
+    The replacement does what Opacus 1.6's ``add_noise`` of the flat-clipping optimizers does (noise std
+    ``noise_multiplier x max_grad_norm`` added to each ``summed_grad``, the processed-flag checks), with the noise
+    from :meth:`RandomStream.gaussian`.
+
+    Raises:
+        ValueError: an Opacus optimizer whose noise this function does not know how to replace.
+    """
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    if type(dp_opt) not in (DPOptimizer, DPOptimizerFastGradientClipping):
+        raise ValueError(f"cannot replace the noise of {type(dp_opt).__name__}; fedfusion supports flat clipping only")
+
+    def add_noise() -> None:
+        # ghost clipping may adjust the multiplier used for noise (never the accounted one), as in Opacus
+        sigma = getattr(dp_opt, "_adjusted_noise_multiplier", dp_opt.noise_multiplier)
+        for p in dp_opt.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            noise = parts.randomness.gaussian(ref.shape, sigma * dp_opt.max_grad_norm)
+            p.grad = (ref + noise.to(device=ref.device, dtype=ref.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    dp_opt.add_noise = add_noise
+    dp_opt.generator = None  # nothing may draw from a torch generator by mistake
 
 
 def seed_empty_batch_template(dp_loader: Any) -> None:
