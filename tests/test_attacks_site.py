@@ -253,3 +253,89 @@ def test_a_run_asking_more_than_the_sites_caps_is_refused_before_any_work(
     assert reply.has_error() and reply.error.code == replies.REFUSED_POLICY, reply
     assert asked in reply.error.reason and f"{cap}={value}" in reply.error.reason, reply.error.reason
     assert not (tmp_path / "state" / "preprocessed").exists(), "the site read its cases before refusing"
+
+
+# ------------------------------------------------------------------------------------------------ app pinning
+def _deliver(fab: bytes, state_dir: Path) -> tuple[Any, Any, int]:
+    """Deliver a run's first message with ``fab`` to Flower's real SuperNode intake (its in-memory node state and
+    object store), as the SuperNode's main loop does; returns the node state, the run and the run id."""
+    import time as _time
+
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    stores = ObjectStoreFactory()
+    state, objects = NodeStateFactory(objectstore_factory=stores).state(), stores.store()
+    state.set_node_id(7)
+    run_id = 42
+    md = Metadata(run_id=run_id, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                  created_at=_time.time(), ttl=3600.0, message_type="train")
+    msg = Message(content=RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3)}),
+                                      "config": ConfigRecord({"server-round": 1})}), metadata=md)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    tree, parts = get_object_tree(msg), {k: v.deflate() for k, v in get_all_nested_objects(msg).items()}
+    run = Run.create_empty(run_id)
+    run.fab_hash = hashlib.sha256(fab).hexdigest()
+    sci._pull_and_store_message(
+        state=state, object_store=objects, node_config={}, receive=lambda: (msg, tree), get_run=lambda _r: run,
+        get_fab=lambda h, _r: Fab(h, fab, {}), pull_object=lambda _r, o: parts[o],
+        confirm_message_received=lambda _r, _m: None, trusted_entities=None,
+    )
+    return state, run, run_id
+
+
+def test_a_pinned_site_runs_only_the_app_it_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: the run submitter ships a modified app (one byte: the policy's default ceiling 10 -> 90); the app
+    brings the very policy and ledger code that should protect the site. A site that pinned the reviewed app's hash
+    refuses it in its SuperNode process (outside the app) before Flower stores it for a ClientApp; the reviewed
+    app runs. Before, any FAB the SuperLink handed over was stored and run."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supernode import start_client_internal as sci
+
+    from client.privacy.policy import write_policy_file
+    from client.supernode_guard import AppPins, app_sha256, install
+    from common.flwr_cli import stage_app
+
+    reviewed = stage_app(tmp_path / "reviewed")
+    modified = tmp_path / "modified"
+    shutil.copytree(reviewed, modified)
+    policy_py = modified / "client" / "privacy" / "policy.py"
+    source = policy_py.read_text()
+    assert "max_epsilon: float = 10.0" in source
+    policy_py.write_text(source.replace("max_epsilon: float = 10.0", "max_epsilon: float = 90.0", 1))
+    fabs = {"reviewed": build_fab_from_disk(reviewed), "modified": build_fab_from_disk(modified)}
+    assert app_sha256(reviewed) == hashlib.sha256(fabs["reviewed"]).hexdigest() != app_sha256(modified)
+
+    state_dir = tmp_path / "site-state"
+    write_policy_file(state_dir, {"allowed-apps": [app_sha256(reviewed)]})
+    monkeypatch.setattr(sci, "_pull_and_store_message", sci._pull_and_store_message)  # undone after the test
+    install(AppPins(state_dir, {}))
+
+    state, run, run_id = _deliver(fabs["modified"], state_dir)
+    assert state.get_run(run_id) is None and state.get_fab(run.fab_hash) is None, "the modified app was stored"
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.has_error() and reply.error.code == sci.FAB_VERIFICATION_ERROR.code
+
+    state, run, run_id = _deliver(fabs["reviewed"], state_dir)
+    assert state.get_run(run_id) is not None and state.get_fab(run.fab_hash).content == fabs["reviewed"]
+    assert not state.get_messages_legacy(is_reply=True)
+
+
+def test_flower_home_inside_the_state_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app unpacked under FLWR_HOME must not be able to overwrite the privacy ledger: the site will not start
+    with Flower's home inside (or around) its state directory."""
+    from client.daemon import DaemonError, SiteOptions, prepare
+
+    site = make_phantoms(tmp_path / "ph", sites=1, cases=2, scenario="iid", fmt="nifti") / "site-01"
+    state = tmp_path / "state"
+    for home in (state / "flwr-home", tmp_path):
+        monkeypatch.setenv("FLWR_HOME", str(home))
+        with pytest.raises(DaemonError, match="overlaps the site's state directory"):
+            prepare(SiteOptions(data=site, superlink="h:1", insecure=True, state=state), python="x")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    prepare(SiteOptions(data=site, superlink="h:1", insecure=True, state=state), python="x")

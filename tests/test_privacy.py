@@ -161,3 +161,38 @@ def test_make_private_keeps_plain_names_and_clips() -> None:
     total = torch.sqrt(sum((p.summed_grad.float() ** 2).sum() for p in model.parameters() if p.requires_grad))
     assert float(total) <= 0.5 * batch["image"].shape[0] + 1e-4
     assert parts.steps_taken == 1
+
+
+def test_site_noise_is_gaussian_with_the_planned_std_and_sampling_has_the_planned_rate() -> None:
+    from scipy import stats
+
+    from client.privacy.randomness import RandomStream
+
+    stream = RandomStream.reproducible("test", 1)
+    noise = stream.gaussian((400, 500), std=2.5)
+    assert noise.shape == (400, 500) and noise.dtype == torch.float64
+    assert stats.kstest(noise.flatten().numpy(), stats.norm(scale=2.5).cdf).pvalue > 1e-3
+    u = stream.uniform(100_000)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert abs(float(stream.poisson_mask(100_000, 0.25).double().mean()) - 0.25) < 0.01
+    # same parts, same numbers; fresh streams never repeat
+    assert torch.equal(RandomStream.reproducible("a", 1).gaussian((50,), 1.0),
+                       RandomStream.reproducible("a", 1).gaussian((50,), 1.0))
+    assert not torch.equal(RandomStream.reproducible("a", 1).gaussian((50,), 1.0),
+                           RandomStream.reproducible("a", 2).gaussian((50,), 1.0))
+    assert not torch.equal(RandomStream.fresh().gaussian((50,), 1.0), RandomStream.fresh().gaussian((50,), 1.0))
+
+
+def test_policy_reproducible_noise_secure_mode_lock_and_workload_caps(tmp_path: Path) -> None:
+    assert SitePolicy().reproducible_noise is False
+    with pytest.raises(ValueError, match="secure-mode=true forbids reproducible-noise"):
+        SitePolicy.resolve({"secure-mode": True, "reproducible-noise": True}, tmp_path)
+    write_policy_file(tmp_path, {"max-batch-size": 16, "reproducible-noise": True})
+    assert "max-batch-size = 16\n" in (tmp_path / "privacy-policy.toml").read_text()
+    p = SitePolicy.resolve({"max-rounds": "50"}, tmp_path)
+    assert (p.max_batch_size, p.max_rounds, p.reproducible_noise) == (16, 50, True)
+    with pytest.raises(ValueError, match="max-channels.*whole number"):
+        SitePolicy.resolve({"max-channels": 2.5}, tmp_path)
+    with pytest.raises(ValueError, match="max-local-epochs must be a whole number >= 1"):
+        SitePolicy(max_local_epochs=0)

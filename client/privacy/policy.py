@@ -23,6 +23,9 @@ key                        default    meaning
 ``max-batch-size``         64         largest ``batch-size``
 ``max-local-epochs``       20         largest ``local-epochs``
 ``max-rounds``             1000       largest ``num-server-rounds``
+``allowed-apps``           (empty)    SHA-256 digests of the FABs this site runs (``fedfusion app-hash``);
+                                      enforced by the SuperNode guard (:mod:`client.supernode_guard`), outside
+                                      the app; empty: any app is run (with a warning)
 ========================== ========== =======================================================================
 
 Sources, highest precedence first: the node config (``--node-config "max-epsilon=4.0 ..."``), then a policy file
@@ -75,6 +78,7 @@ class SitePolicy:
     max_batch_size: int = 64
     max_local_epochs: int = 20
     max_rounds: int = 1000
+    allowed_apps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_epsilon", "max_delta", "min_noise_multiplier", "max_grad_norm"):
@@ -85,6 +89,10 @@ class SitePolicy:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"site policy: {_key(name)} must be a whole number >= 1, got {v!r}")
+        bad = [a for a in self.allowed_apps if not _is_sha256(a)]
+        if bad:
+            raise ValueError(f"site policy: allowed-apps holds {bad[:3]}, not SHA-256 hex digests (64 hex characters, "
+                             "as `fedfusion app-hash APP` prints them)")
         if self.secure_mode and self.reproducible_noise:
             raise ValueError(
                 "site privacy policy: secure-mode=true forbids reproducible-noise=true (reproducible noise can be "
@@ -106,7 +114,7 @@ class SitePolicy:
         merged.update(_parse(node_config, "node config"))
         return cls(**merged)
 
-    def to_flat(self) -> dict[str, float | int | bool]:
+    def to_flat(self) -> dict[str, float | int | bool | tuple[str, ...]]:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     # -- checks --------------------------------------------------------------------------------------
@@ -211,9 +219,7 @@ def write_policy_file(state_dir: str | os.PathLike[str], values: Mapping[str, An
     SitePolicy(**merged)  # validate before writing
     lines = ["# fedfusion site privacy policy (node config keys of the same name take precedence)"]
     for name in sorted(merged):
-        v = merged[name]
-        text = "true" if v is True else "false" if v is False else str(v) if isinstance(v, int) else repr(float(v))
-        lines.append(f"{_key(name)} = {text}")
+        lines.append(f"{_key(name)} = {_toml_value(merged[name])}")
     path = d / POLICY_TOML
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -224,7 +230,29 @@ def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
-_KINDS: dict[str, type] = {"bool": bool, "int": int, "float": float}
+_KINDS: dict[str, type] = {"bool": bool, "int": int, "float": float, "tuple[str, ...]": tuple}
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _digests(value: Any) -> tuple[str, ...]:
+    """A list of digests (TOML array) or a comma-separated string (node config) as a tuple of lower-case hex."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(i, str) for i in items):
+        raise TypeError(value)
+    return tuple(i.strip().lower() for i in items if i.strip())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(f'"{i}"' for i in v) + "]"
+    return repr(float(v))
 
 
 def _parse(data: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -235,9 +263,10 @@ def _parse(data: Mapping[str, Any], source: str) -> dict[str, Any]:
                 v = data[key]
                 kind = _KINDS[str(f.type)]
                 try:
-                    out[f.name] = as_kind(v, kind)
+                    out[f.name] = _digests(v) if kind is tuple else as_kind(v, kind)
                 except (TypeError, ValueError) as exc:
-                    wanted = {bool: "true or false", int: "a whole number", float: "a number"}[kind]
+                    wanted = {bool: "true or false", int: "a whole number", float: "a number",
+                              tuple: "a list of SHA-256 digests"}[kind]
                     raise ValueError(f"{source}: bad value for {key}: {v!r} is not {wanted}") from exc
                 break
     return out
