@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,3 +341,51 @@ def test_flower_home_inside_the_state_directory_is_refused(tmp_path: Path, monke
             prepare(SiteOptions(data=site, superlink="h:1", insecure=True, state=state), python="x")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     prepare(SiteOptions(data=site, superlink="h:1", insecure=True, state=state), python="x")
+
+
+# ------------------------------------------------------------------------------------------------ Control API
+def test_a_site_holding_the_ca_cannot_reach_the_control_api(tmp_path: Path) -> None:
+    """Attack: a site (it holds the CA and reaches the address the SuperNodes use) registers a key of its own and
+    could submit runs through the Control API. Before, ``flower-superlink`` served the Control API on the sites'
+    port; the deployment's SuperLink now serves only the Fleet API there, the Control API on loopback only."""
+    import os
+    import subprocess
+    import sys
+
+    from common import flwr_cli, processes
+    from fedfusion import deployment as dep
+    from fedfusion.commands.certs import make_deployment_keys
+
+    keys = make_deployment_keys(tmp_path / "certs", ["localhost", "127.0.0.1"], 1)
+    fleet_port, control_port = processes.free_ports(2)
+    venv = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_HOME": str(tmp_path / "superlink-home")}
+    cmd = dep.superlink_command(database=tmp_path / "state.db", tls=dep.ServerTLS.from_dir(keys.server_cert.parent),
+                                host="127.0.0.1", port=fleet_port, control_port=control_port,
+                                executable=(str(venv / "fedfusion"),))
+    procs = processes.ProcessSet(tmp_path / "logs", env=env, cwd=tmp_path)
+    try:
+        procs.start("superlink", cmd)
+        assert processes.wait_port("127.0.0.1", fleet_port, 90), procs.procs["superlink"].log_text()
+
+        def register(port: int) -> dict[str, Any]:
+            home = tmp_path / f"home-{port}"
+            flwr_cli.write_flwr_home(home, f"127.0.0.1:{port}", keys.ca_cert)
+            for _ in range(60):  # the port opens a moment before the app answers
+                proc = subprocess.run(
+                    [str(venv / "flwr"), "supernode", "register", str(keys.sites[0].public_key),
+                     flwr_cli.CONNECTION_NAME, "--format", "json"],
+                    env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                answer = json.loads(proc.stdout[proc.stdout.find("{"):])
+                if "unavailable" not in str(answer.get("error-message", "")):
+                    return answer
+                time.sleep(1.0)
+            raise AssertionError(f"no answer on port {port}: {answer}")
+
+        as_site = register(fleet_port)
+        assert not as_site["success"], "a site registered a key through the port the sites use"
+        as_admin = register(control_port)
+        assert as_admin["success"], as_admin
+    finally:
+        assert not procs.stop_all(), "SuperLink processes left behind"
