@@ -196,3 +196,32 @@ def test_policy_reproducible_noise_secure_mode_lock_and_workload_caps(tmp_path: 
         SitePolicy.resolve({"max-channels": 2.5}, tmp_path)
     with pytest.raises(ValueError, match="max-local-epochs must be a whole number >= 1"):
         SitePolicy(max_local_epochs=0)
+
+
+def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches() -> None:
+    """Poisson sampling draws from ``parts.randomness`` (the site's stream), and an empty draw is an empty batch of
+    the same keys (Opacus's empty-batch collate is kept)."""
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+    from client.privacy.randomness import RandomStream
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    image, mask, seg, label = _batch()
+    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(CasesOnly(items), batch_size=1),
+                         MultiTaskLoss(), noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def sampled(stream: RandomStream) -> list[int]:
+        parts.randomness = stream
+        return [int(b["image"].shape[0]) for b in parts.loader]
+
+    assert sampled(RandomStream.reproducible("s", 1)) == sampled(RandomStream.reproducible("s", 1))
+
+    class Nobody(RandomStream):
+        def poisson_mask(self, n: int, rate: float) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.bool)
+
+    parts.randomness = Nobody()
+    batches = list(parts.loader)
+    assert len(batches) == 3 and all(set(b) == set(CasesOnly.KEYS) and b["image"].shape[0] == 0 for b in batches)
