@@ -93,6 +93,7 @@ def pinned_pull(original: Callable[..., Any], pins: AppPins) -> Callable[..., An
     run and FAB to Flower's own function (admitted: no second download).
     """
     from flwr.app import Message
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supernode import start_client_internal as sci
 
     def pull(**kwargs: Any) -> Any:
@@ -103,8 +104,12 @@ def pinned_pull(original: Callable[..., Any], pins: AppPins) -> Callable[..., An
         run_id = message.metadata.run_id
         state = kwargs["state"]
         if state.get_run(run_id) is None:
-            run = kwargs["get_run"](run_id)
-            fab = kwargs["get_fab"](run.fab_hash, run_id)
+            try:
+                run = kwargs["get_run"](run_id)
+                fab = kwargs["get_fab"](run.fab_hash, run_id)
+            except RunNotRunningException:  # as Flower's own function: ignore the message of a stopped run
+                log.info("run %s is not running; message ignored", run_id)
+                return None
             admitted, digest = pins.verdict(fab.content)
             if not admitted:
                 log.error("REFUSED run %s: its app (FAB sha256 %s) is not in this site's allowed-apps; nothing of it "
