@@ -51,10 +51,10 @@ def train_round(
     """
     rt, policy = get_runtime(node_config, run_config)
     module, loader, optimizer, loss_fn = training_parts(rt, policy)
-    reservation = None
-    if rt.dp is not None:
+    dp, reservation = rt.dp, None
+    if dp is not None:
         try:
-            reservation = rt.dp.reserve()
+            reservation = dp.reserve()
         except BudgetExhausted as exc:
             log.error("site %s DECLINES round %d: %s. Raise the ceiling only after a privacy review.",
                       rt.settings.site_name, server_round, exc)
@@ -66,14 +66,14 @@ def train_round(
         state_out, metrics, seconds = _train(rt, policy, module, loader, optimizer, loss_fn, state, server_round)
     except BaseException:
         # nothing of this round has left the site: the reservation goes back (a crash instead keeps it spent)
-        if reservation is not None:
-            rt.dp.release(reservation)  # type: ignore[union-attr]
+        if dp is not None and reservation is not None:
+            dp.release(reservation)
         raise
-    if rt.dp is not None and reservation is not None:
-        metrics.update(rt.dp.commit(reservation))
+    if dp is not None and reservation is not None:
+        metrics.update(dp.commit(reservation))
         log.info("site %s round %d: %d cases, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at delta %g",
                  rt.settings.site_name, server_round, rt.num_cases, metrics["train-loss"], seconds,
-                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, rt.dp.request.delta)
+                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, dp.request.delta)
     else:
         metrics.update(NO_DP_METRICS)
         log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",

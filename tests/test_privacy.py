@@ -225,3 +225,29 @@ def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches(
     parts.randomness = Nobody()
     batches = list(parts.loader)
     assert len(batches) == 3 and all(set(b) == set(CasesOnly.KEYS) and b["image"].shape[0] == 0 for b in batches)
+
+
+def test_dp_noise_is_drawn_from_the_rounds_stream_not_a_torch_generator() -> None:
+    """The noise Opacus's optimizer adds is exactly the stream's secure Gaussians (std = sigma x clip), parameter by
+    parameter: no torch generator (32-bit seeds on CPU) is involved."""
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+    from client.privacy.randomness import RandomStream
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    image, mask, seg, label = _batch()
+    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(CasesOnly(items), batch_size=3),
+                         MultiTaskLoss(), noise_multiplier=1.3, max_grad_norm=0.7)
+    MultiTaskLoss()(*parts.module(image, mask), seg, label)[0].backward()
+    opt = parts.optimizer
+    opt.clip_and_accumulate()
+    summed = [p.summed_grad.clone() for p in opt.params]
+    parts.randomness = RandomStream.reproducible("noise", 1)
+    torch.manual_seed(123)  # whatever torch's own RNG holds must not matter
+    opt.add_noise()
+    expected = RandomStream.reproducible("noise", 1)
+    for p, s in zip(opt.params, summed):
+        noise = expected.gaussian(s.shape, 1.3 * 0.7).to(s.dtype)
+        torch.testing.assert_close(p.grad.view_as(s) - s, noise, rtol=0, atol=1e-6)
