@@ -185,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         allowed = pins.allowed()
     except (GuardError, ValueError) as exc:
         raise SystemExit(f"fedfusion site: {exc}") from None
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # fedfusion's own lines only: a root handler would also print Flower's DEBUG records (its logger propagates)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedfusion").addHandler(handler)
+    logging.getLogger("fedfusion").setLevel(logging.INFO)
     log.info("app pins: %s", ", ".join(allowed) if allowed else "none (any app is admitted)")
     from flwr.supernode.cli import flower_supernode
 
