@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -198,19 +199,28 @@ def test_policy_reproducible_noise_secure_mode_lock_and_workload_caps(tmp_path: 
         SitePolicy(max_local_epochs=0)
 
 
-def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches() -> None:
-    """Poisson sampling draws from ``parts.randomness`` (the site's stream), and an empty draw is an empty batch of
-    the same keys (Opacus's empty-batch collate is kept)."""
+def _tiny_private(batch_size: int, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0) -> Any:
+    """DP parts of the tiny network over the three cases of :func:`_batch`; returns ``(parts, batch)``."""
     from models.losses import MultiTaskLoss
     from models.network import build_model
-    from client.privacy.randomness import RandomStream
 
     torch.manual_seed(0)
     model = build_model(TINY)
-    image, mask, seg, label = _batch()
+    batch = _batch()
+    image, mask, seg, label = batch
     items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
-    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(CasesOnly(items), batch_size=1),
-                         MultiTaskLoss(), noise_multiplier=1.0, max_grad_norm=1.0)
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         DataLoader(CasesOnly(items), batch_size=batch_size), MultiTaskLoss(),
+                         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
+    return parts, batch
+
+
+def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches() -> None:
+    """Poisson sampling draws from ``parts.randomness`` (the site's stream), and an empty draw is an empty batch of
+    the same keys (Opacus's empty-batch collate is kept)."""
+    from client.privacy.randomness import RandomStream
+
+    parts, _ = _tiny_private(batch_size=1)
 
     def sampled(stream: RandomStream) -> list[int]:
         parts.randomness = stream
@@ -231,15 +241,9 @@ def test_dp_noise_is_drawn_from_the_rounds_stream_not_a_torch_generator() -> Non
     """The noise Opacus's optimizer adds is exactly the stream's secure Gaussians (std = sigma x clip), parameter by
     parameter: no torch generator (32-bit seeds on CPU) is involved."""
     from models.losses import MultiTaskLoss
-    from models.network import build_model
     from client.privacy.randomness import RandomStream
 
-    torch.manual_seed(0)
-    model = build_model(TINY)
-    image, mask, seg, label = _batch()
-    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
-    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(CasesOnly(items), batch_size=3),
-                         MultiTaskLoss(), noise_multiplier=1.3, max_grad_norm=0.7)
+    parts, (image, mask, seg, label) = _tiny_private(batch_size=3, noise_multiplier=1.3, max_grad_norm=0.7)
     MultiTaskLoss()(*parts.module(image, mask), seg, label)[0].backward()
     opt = parts.optimizer
     opt.clip_and_accumulate()
