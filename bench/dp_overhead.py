@@ -167,6 +167,7 @@ def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.devi
                seed: int) -> dict[str, Any]:
     """Model, optimizer, loader and loss for ``mode`` (``none`` = non-private)."""
     from client.privacy.engine import CasesOnly, make_private
+    from client.privacy.randomness import RandomStream
     from models.losses import MultiTaskLoss
     from models.network import build_model
     from models.training import make_optimizer
@@ -181,7 +182,8 @@ def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.devi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parts = make_private(model, opt, loader, loss, noise_multiplier=noise, max_grad_norm=1.0,
-                             grad_sample_mode=variant(mode)[0], seed=seed)
+                             grad_sample_mode=variant(mode)[0],
+                             randomness=RandomStream.reproducible(seed))
     return {"mode": mode, "model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": parts.loader,
             "loss": parts.loss_fn}
 
@@ -327,6 +329,7 @@ def profile(cfg: Any, batch: int, steps: int = 5) -> None:
 
     from client.privacy import grad_samplers
     from client.privacy.engine import make_private
+    from client.privacy.randomness import RandomStream
     from client.privacy.grad_samplers import conv_grad_sample_grouped
     from models.losses import MultiTaskLoss
     from models.network import build_model
@@ -365,7 +368,7 @@ def profile(cfg: Any, batch: int, steps: int = 5) -> None:
         module, opt = model, make_optimizer(model, lr=1e-3)
         if mode == "hooks":
             parts = make_private(model, opt, DataLoader(TensorDataset(x), batch_size=batch), loss_fn,
-                                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+                                 noise_multiplier=1.0, max_grad_norm=1.0, randomness=RandomStream.reproducible(0))
             module, opt = parts.module, parts.optimizer
             for kind, fn in originals.items():
                 GradSampleModule.GRAD_SAMPLERS[kind] = timed_sampler(kind, fn)

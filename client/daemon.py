@@ -6,14 +6,15 @@ Order of work:
    checked in seconds) and refuse to start (exit code 2) when no usable case exists;
 2. merge the privacy-policy values given on the command line into ``<state>/privacy-policy.toml`` (values not given
    keep what the file has; the file is what a plain ``flower-supernode`` with the same node config reads too);
-3. start ``flower-supernode`` from this environment's ``bin`` with ``--node-config "data-dir=... state-dir=..."``
-   and the TLS / node-authentication flags, forward SIGINT/SIGTERM/SIGHUP to it and exit with its exit code.
+3. start Flower's SuperNode through :mod:`client.supernode_guard` (this environment's Python, never code from a
+   FAB: it refuses apps not in the policy's ``allowed-apps`` and a ``FLWR_HOME`` inside the state directory) with
+   ``--node-config "data-dir=... state-dir=..."`` and the TLS / node-authentication flags, forward
+   SIGINT/SIGTERM/SIGHUP to it and exit with its exit code.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,7 @@ class SiteOptions:
     max_grad_norm: float | None = None
     allow_no_dp: bool | None = None
     secure_mode: bool | None = None
+    allowed_apps: tuple[str, ...] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -86,6 +88,7 @@ class SiteOptions:
             "max-grad-norm": self.max_grad_norm,
             "allow-no-dp": self.allow_no_dp,
             "secure-mode": self.secure_mode,
+            "allowed-apps": self.allowed_apps,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -155,17 +158,6 @@ def format_node_config(cfg: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def supernode_executable() -> str:
-    """``flower-supernode`` of this Python environment (falls back to the one on ``PATH``)."""
-    local = Path(sys.executable).parent / "flower-supernode"
-    if local.exists():
-        return str(local)
-    found = shutil.which("flower-supernode")
-    if found is None:
-        raise DaemonError("flower-supernode not found; install fedfusion (it depends on flwr) in this environment")
-    return found
-
-
 def supernode_flags(
     *,
     executable: str,
@@ -198,8 +190,10 @@ def supernode_flags(
     return argv
 
 
-def supernode_argv(opts: SiteOptions, executable: str | None = None) -> list[str]:
-    """The ``flower-supernode`` command line for ``opts`` (TLS + node authentication unless ``--insecure``).
+def supernode_argv(opts: SiteOptions, python: str | None = None) -> list[str]:
+    """The command line that runs Flower's SuperNode for ``opts`` (TLS + node authentication unless
+    ``--insecure``) through the guard: ``PYTHON -m client.supernode_guard --state STATE -- <flower-supernode
+    flags>``.
 
     Raises:
         DaemonError: TLS/auth files missing or unreadable (exit 2).
@@ -223,12 +217,13 @@ def supernode_argv(opts: SiteOptions, executable: str | None = None) -> list[str
     def resolved(path: Path | None) -> str | None:
         return None if path is None else str(Path(path).expanduser().resolve())
 
-    return supernode_flags(
-        executable=executable or supernode_executable(), superlink=opts.superlink,
+    flags = supernode_flags(
+        executable="flower-supernode", superlink=opts.superlink,
         root_certificates=resolved(opts.root_certificates), private_key=resolved(opts.auth_private_key),
         node_config=node_config(opts), runtime_port=opts.runtime_port, insecure=opts.insecure,
         isolation=opts.isolation, max_retries=opts.max_retries, max_wait_time=opts.max_wait_time,
     )
+    return [python or sys.executable, "-m", "client.supernode_guard", "--state", str(opts.state_dir), "--", *flags[1:]]
 
 
 def _readable(path: Path, flag: str) -> None:
@@ -242,12 +237,17 @@ def _readable(path: Path, flag: str) -> None:
         raise DaemonError(f"{flag} {p}: cannot read it ({exc})") from exc
 
 
-def prepare(opts: SiteOptions, executable: str | None = None) -> list[str]:
+def prepare(opts: SiteOptions, python: str | None = None) -> list[str]:
     """Steps 1-2 and the command line of step 3 (no process started): validate data, write policy, build argv."""
     validate_data(opts)
     from client.privacy.policy import SitePolicy, write_policy_file
+    from client.supernode_guard import GuardError, check_flwr_home
 
     state = opts.state_dir
+    try:
+        check_flwr_home(state)
+    except GuardError as exc:
+        raise DaemonError(str(exc)) from exc
     try:
         state.mkdir(parents=True, exist_ok=True)
         values = opts.policy_values()
@@ -255,17 +255,21 @@ def prepare(opts: SiteOptions, executable: str | None = None) -> list[str]:
         policy = SitePolicy.resolve({}, state)
     except (OSError, ValueError) as exc:
         raise DaemonError(f"site state/policy in {state}: {exc}") from exc
-    log.info("site privacy policy%s: %s", f" ({path})" if path else "", policy.to_flat())
+    log.info("site policy%s: %s", f" ({path})" if path else "", policy.to_flat())
     if policy.allow_no_dp:
         log.warning("this site's policy ALLOWS training without differential privacy (allow-no-dp=true)")
-    if not policy.secure_mode:
-        log.warning("secure-mode is off (seeded noise): fine for tests, turn it on for production (--secure-mode)")
-    return supernode_argv(opts, executable)
+    if policy.reproducible_noise:
+        log.warning("this site's policy makes its DP noise REPRODUCIBLE from the run config (reproducible-noise=true):"
+                    " experiments only, never for patient data")
+    if not policy.allowed_apps:
+        log.warning("this site pins no apps (allowed-apps is empty): it runs whatever app the coordinator submits; "
+                    "pin the reviewed app with --allow-app $(fedfusion app-hash APP)")
+    return supernode_argv(opts, python)
 
 
-def run(opts: SiteOptions, executable: str | None = None) -> int:
+def run(opts: SiteOptions, python: str | None = None) -> int:
     """Validate, write the policy, run the SuperNode until it exits; forward termination signals to it."""
-    argv = prepare(opts, executable)
+    argv = prepare(opts, python)
     log.info("starting %s", " ".join(argv))
     proc = subprocess.Popen(argv)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from models.modalities import MODALITIES
 from .holdout import SiteSplit, split_site
 from .privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, CasesOnly, PrivateParts, make_private
 from .privacy.policy import PolicyRefusal, SitePolicy
+from .privacy.randomness import RandomStream
 from .privacy.session import DPSession
 from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device, site_salt
 
@@ -128,11 +128,13 @@ class SiteRuntime:
         """Held-out cases (studies)."""
         return len(self.split.validation)
 
-    def site_seed(self, server_round: int) -> int:
-        """A per-site, per-round seed from the run seed (sites must not draw the same noise)."""
-        return (self.train.seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.settings.site_name.encode())) % (
-            2**31 - 1
-        )
+    def round_randomness(self, reproducible: bool, server_round: int) -> RandomStream:
+        """The stream every random draw of a round comes from: fresh OS entropy, or (only when the site's policy sets
+        ``reproducible-noise``) a stream fixed by the run seed, the round and the site's name, so that sites still
+        draw different noise from each other."""
+        if reproducible:
+            return RandomStream.reproducible(self.train.seed, server_round, self.settings.site_name)
+        return RandomStream.fresh()
 
 
 def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[SiteRuntime, SitePolicy]:
@@ -158,10 +160,11 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         raise SiteDecline(replies.BAD_REQUEST, f"privacy settings unreadable: {exc}") from exc
     try:
         policy.check(dp)
+        policy.check_workload(cfg, ts)
     except PolicyRefusal as exc:
         log.error("site %s REFUSES this run: %s", settings.site_name, exc)
         raise SiteDecline(replies.REFUSED_POLICY, str(exc)) from exc
-    key = (settings, cfg.to_json(), ts, dp, policy.secure_mode, policy.min_noise_multiplier)
+    key = (settings, cfg.to_json(), ts, dp, policy.min_noise_multiplier)
     with _LOCK:
         rt = _RUNTIMES.get(key)
         if rt is not None:
@@ -222,14 +225,8 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
                 rt.private = make_private(
                     rt.model, optimizer, loader, rt.loss_fn,
                     noise_multiplier=rt.dp.noise_multiplier, max_grad_norm=rt.dp_request.max_grad_norm,
-                    grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, secure_mode=policy.secure_mode, seed=rt.train.seed,
-                    groups=rt.split.train_positions(),
+                    grad_sample_mode=DEFAULT_GRAD_SAMPLE_MODE, groups=rt.split.train_positions(),
                 )
-                if not policy.secure_mode:
-                    log.info(
-                        "site %s: Opacus secure_mode is OFF (seeded noise, fine for experiments); set "
-                        "secure-mode=true in the node config for production", rt.settings.site_name,
-                    )
                 p = rt.private
                 # the ledger charges the session's plan: it must be what Opacus's Poisson loader does
                 assert (p.sample_rate, p.steps_per_epoch * rt.train.local_epochs) == (

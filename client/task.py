@@ -32,7 +32,7 @@ from .holdout import MIN_PATIENTS_FOR_VALIDATION
 from .privacy.engine import CasesOnly, load_plain_state_dict
 from .privacy.policy import SitePolicy
 from .privacy.release import gaussian_release
-from .privacy.session import NO_DP_METRICS, BudgetExhausted, charge_release, release_budget
+from .privacy.session import NO_DP_METRICS, BudgetExhausted, DPSession, commit_release, reserve_release
 from .runtime import SiteRuntime, clear_cache, get_runtime, training_parts
 from .site import SiteDecline, resolve_site
 
@@ -58,7 +58,8 @@ def _load(rt: SiteRuntime, state: Mapping[str, torch.Tensor]) -> None:
 def train_round(
     node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor], server_round: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One local training round: load ``state`` (plain parameter names), train, charge the ledger.
+    """One local training round: reserve it in the privacy ledger, load ``state`` (plain parameter names), train,
+    commit the reservation (or release it when training failed: no update left the site).
 
     Returns:
         the new state dict (plain names, CPU tensors) and the numeric reply metrics.
@@ -66,14 +67,12 @@ def train_round(
     Raises:
         SiteDecline: policy refusal, exhausted budget, no data, or arrays that do not match the model.
     """
-    from models.training import ProximalTerm, train_epoch
-
     rt, policy = get_runtime(node_config, run_config)
     module, loader, optimizer, loss_fn = training_parts(rt, policy)
-    ledger = None
-    if rt.dp is not None:
+    dp, reservation = rt.dp, None
+    if dp is not None:
         try:
-            ledger = rt.dp.check_budget()
+            reservation = dp.reserve()
         except BudgetExhausted as exc:
             log.error("site %s DECLINES round %d: %s. Raise the ceiling only after a privacy review.",
                       rt.settings.site_name, server_round, exc)
@@ -81,11 +80,47 @@ def train_round(
                 replies.DECLINED_BUDGET, "privacy budget exhausted: the next round would exceed the site's max-epsilon",
                 epsilon_total=exc.spent, epsilon_next=exc.after, max_epsilon=exc.ceiling, delta=exc.delta,
             ) from exc
-    _load(rt, state)
+    try:
+        state_out, metrics, seconds, loss = _train(rt, policy, module, loader, optimizer, loss_fn, state,
+                                                   server_round)
+    except BaseException:
+        # nothing of this round has left the site: the reservation goes back (a crash instead keeps it spent)
+        if dp is not None and reservation is not None:
+            dp.release(reservation)
+        raise
+    if dp is not None and reservation is not None:
+        metrics.update(dp.commit(reservation))
+        log.info("site %s round %d: %d cases of %d patients, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at "
+                 "delta %g", rt.settings.site_name, server_round, rt.num_cases, rt.num_patients, loss, seconds,
+                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, dp.request.delta)
+    else:
+        metrics.update(NO_DP_METRICS)
+        log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
+                    rt.settings.site_name, server_round, loss, seconds)
+    return state_out, metrics
 
-    seed = rt.site_seed(server_round)
-    torch.manual_seed(seed)  # Poisson sampling and shuffling draw from torch's global RNG
-    generator = torch.Generator().manual_seed(seed)  # modality dropout
+
+def _train(
+    rt: SiteRuntime, policy: SitePolicy, module: Any, loader: Any, optimizer: Any, loss_fn: Any,
+    state: Mapping[str, torch.Tensor], server_round: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], float, float]:
+    """Load ``state``, run the local epochs; returns the new state, the non-privacy reply metrics, the seconds and the
+    mean training loss (for the site's log only: a loss is not sent)."""
+    from models.training import ProximalTerm, train_epoch
+
+    _load(rt, state)
+    # Every random draw of the round (DP noise, Poisson sampling, modality dropout, nn.Dropout) comes from the OS
+    # CSPRNG, or from a stream fixed by run seed, round and site name when the site's policy asks for reproducible
+    # noise (client.privacy.randomness): never from a value the server sends alone.
+    randomness = rt.round_randomness(policy.reproducible_noise, server_round)
+    if randomness.is_reproducible and rt.dp is not None:
+        log.warning("site %s round %d: REPRODUCIBLE DP NOISE (policy reproducible-noise=true): whoever knows the run "
+                    "config's seed and this site's name can recompute and remove it. Experiments only.",
+                    rt.settings.site_name, server_round)
+    if rt.private is not None:
+        rt.private.randomness = randomness
+    torch.manual_seed(randomness.seed64())  # torch's global RNG: nn.Dropout
+    generator = torch.Generator().manual_seed(randomness.seed64())  # modality dropout
     rt.model.train()
     # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
     prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
@@ -108,21 +143,14 @@ def train_round(
         # Wall seconds of the local epochs alone (no loading, no transport): bench/round_overhead.py compares the
         # federation's round time against the sum of these.
         "train-seconds": float(seconds),
+        # 1: this round's noise can be recomputed by whoever knows the run config (the site's own choice)
+        "dp-reproducible-noise": 1.0 if randomness.is_reproducible else 0.0,
     }
     for m in MODALITIES:
         metrics[f"cases-{m}"] = bucketed(rt.counts.get(m, 0), granularity)
         metrics[f"has-{m}"] = 1.0 if rt.counts.get(m, 0) > 0 else 0.0
-    if rt.dp is not None and ledger is not None:
-        metrics.update(rt.dp.charge(ledger))
-        log.info("site %s round %d: %d cases of %d patients, loss %.4f, %.1f s; epsilon %.3f (+%.3f) of max %.3f at "
-                 "delta %g", rt.settings.site_name, server_round, rt.num_cases, rt.num_patients, loss, seconds,
-                 metrics["epsilon-total"], metrics["epsilon-round"], policy.max_epsilon, rt.dp.request.delta)
-    else:
-        metrics.update(NO_DP_METRICS)
-        log.warning("site %s round %d trained WITHOUT differential privacy (loss %.4f, %.1f s)",
-                    rt.settings.site_name, server_round, loss, seconds)
     state_out = {k: v.detach().cpu().clone() for k, v in rt.model.state_dict().items()}
-    return state_out, metrics
+    return state_out, metrics, seconds, loss
 
 
 def note_training_declined(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: str) -> None:
@@ -160,17 +188,21 @@ def evaluate_round(
     delta = _release_delta(rt, policy)
     z = float(policy.eval_noise_multiplier)
     try:
-        ledger = release_budget(rt.settings.state_dir, policy, z, delta)
+        reservation = reserve_release(rt.settings.state_dir, policy, z, delta)
     except BudgetExhausted as exc:
         raise SiteDecline(
             replies.DECLINED_BUDGET, "privacy budget exhausted: an evaluation would exceed the site's max-epsilon",
             epsilon_total=exc.spent, epsilon_next=exc.after, max_epsilon=exc.ceiling, delta=exc.delta,
         ) from exc
-    _load(rt, state)  # a misfit is a bad request, refused before the slot is taken
-    EvaluationBook.load(rt.settings.state_dir).claim(run_id, server_round, model_digest(state))
-    exact = _validation_statistics(rt)
+    try:
+        _load(rt, state)  # a misfit is a bad request, refused before the slot is taken
+        EvaluationBook.load(rt.settings.state_dir).claim(run_id, server_round, model_digest(state))
+        exact = _validation_statistics(rt)
+    except BaseException:
+        DPSession.release(reservation)  # nothing was released: the reservation goes back
+        raise
     noisy = gaussian_release(exact, noise_multiplier=z, sensitivity=evalstats.SENSITIVITY)
-    privacy = charge_release(ledger, z, delta)
+    privacy = commit_release(reservation, delta)
     log.info("site %s round %d: evaluated on %d held-out patients (%d cases); released with noise multiplier %g, "
              "epsilon %.3f (+%.3f) of max %.3f", rt.settings.site_name, server_round, len(rt.split.validation_groups),
              rt.num_validation_cases, z, privacy["epsilon-total"], privacy["epsilon-round"], policy.max_epsilon)

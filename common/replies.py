@@ -13,7 +13,8 @@ import re
 
 #: The site's privacy budget would exceed its ceiling (``max-epsilon``) this round: it declines to train.
 DECLINED_BUDGET = 4001
-#: The run config asks for weaker privacy than the site's policy allows (or DP off when not allowed).
+#: The run config asks for weaker privacy than the site's policy allows (or DP off when not allowed), or more
+#: computation than its caps (spatial size, channels, batch size, local epochs, rounds).
 REFUSED_POLICY = 4002
 #: The site has no usable case (all unreadable, or none with the run's modalities).
 NO_USABLE_DATA = 4003

@@ -26,7 +26,8 @@ WEIGHT_KEY = "num-examples"
 TRAIN_METRICS: frozenset[str] = frozenset(
     {
         WEIGHT_KEY, "train-seconds", "declined",
-        "dp-enabled", "epsilon-total", "epsilon-round", "delta", "noise-multiplier", "max-grad-norm",
+        "dp-enabled", "dp-reproducible-noise", "epsilon-total", "epsilon-round", "delta", "noise-multiplier",
+        "max-grad-norm",
         *(f"cases-{m}" for m in MODALITIES), *(f"has-{m}" for m in MODALITIES),
     }
 )

@@ -22,6 +22,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train-central", "train_central", "Train a fusion network on pooled sites (the centralized upper bound)."),
     ("evaluate", "evaluate", "Evaluate a checkpoint on a held-out set, for every modality subset."),
     ("site", "site", "Run a hospital's site daemon (a Flower SuperNode with fedfusion's ClientApp)."),
+    ("superlink", "superlink", "Run the coordinator's SuperLink, its Control API on an administrators-only address."),
+    ("app-hash", "app_hash", "Print the SHA-256 of an app (FAB) for a site to pin with `site --allow-app`."),
     ("simulate", "simulate", "Run a local multi-site federated simulation end to end, with a report."),
     ("report", "report", "(Re)build the report of a run directory."),
     ("experiment", "experiment", "Run a named experiment and write its table to docs/results.md."),

@@ -2,7 +2,7 @@
 
 Everything listens on 127.0.0.1 only, on free ports picked at start. Used by ``deploy/scripts/loopback.py``
 (a user can watch it) and by ``tests/test_deployment_*.py``. Nothing here is simulated: these are the same
-``flower-superlink`` / ``fedfusion site`` (or ``flower-supernode``) processes a hospital deployment runs,
+``fedfusion superlink`` / ``fedfusion site`` (or ``flower-supernode``) processes a hospital deployment runs,
 built by the argument builders in :mod:`fedfusion.deployment`.
 
 Typical use::
@@ -46,7 +46,7 @@ def venv_bin() -> Path:
 
 def missing_binaries() -> list[str]:
     """Console scripts the loopback deployment needs that are not installed next to this interpreter."""
-    need = ["flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp", "flwr-clientapp"]
+    need = ["fedfusion", "flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-serverapp", "flwr-clientapp"]
     return [b for b in need if not (venv_bin() / b).exists() and shutil.which(b) is None]
 
 
@@ -80,8 +80,9 @@ class LoopbackFederation:
         self.use_site_daemon = use_site_daemon
         self.node_config_extra = dict(node_config_extra or {})
         self.log = log or (lambda msg: print(f"[loopback] {msg}", flush=True))
-        self.superlink_port, *self.runtime_ports = processes.free_ports(1 + n_sites)
-        self.address = f"127.0.0.1:{self.superlink_port}"
+        self.superlink_port, self.control_port, *self.runtime_ports = processes.free_ports(2 + n_sites)
+        self.address = f"127.0.0.1:{self.superlink_port}"  # the sites' (Fleet API)
+        self.control_address = f"127.0.0.1:{self.control_port}"  # flwr's (Control API)
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {
             **os.environ,
@@ -121,7 +122,7 @@ class LoopbackFederation:
         ``wait``: until every site is online (at most ``timeout`` seconds; else see :meth:`wait_online`)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.keys = make_deployment_keys(self.workdir / "certs", ["localhost", "127.0.0.1"], self.site_names, force=True)
-        flwr_cli.write_flwr_home(self.flwr_home, self.address, self.keys.ca_cert)
+        flwr_cli.write_flwr_home(self.flwr_home, self.control_address, self.keys.ca_cert)
         flwr_cli.stage_app(self.app_dir)
         self.start_superlink()
         for name in self.site_names:
@@ -155,11 +156,15 @@ class LoopbackFederation:
             tls=dep.ServerTLS.from_dir(self.keys.server_cert.parent),
             host="127.0.0.1",
             port=self.superlink_port,
+            control_port=self.control_port,
+            executable=(str(venv_bin() / "fedfusion"),),
         )
         self.procs.start("superlink", cmd)
-        self.log(f"SuperLink starting on https://{self.address} (TLS, SuperNode auth, SQLite state)")
-        if not processes.wait_port("127.0.0.1", self.superlink_port, timeout):
-            raise RuntimeError(f"SuperLink did not open port {self.superlink_port}:\n{self.procs.procs['superlink'].log_text()}")
+        self.log(f"SuperLink starting: Fleet API on https://{self.address}, Control API on https://{self.control_address}"
+                 " (TLS, SuperNode auth, SQLite state)")
+        for port in (self.control_port, self.superlink_port):
+            if not processes.wait_port("127.0.0.1", port, timeout):
+                raise RuntimeError(f"SuperLink did not open port {port}:\n{self.procs.procs['superlink'].log_text()}")
         # The port opens before the app is ready to serve: wait until the Control API answers.
         deadline = time.monotonic() + timeout
         while True:

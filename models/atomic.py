@@ -1,6 +1,7 @@
-"""Atomic file writes: write a temp file in the target's folder, fsync, then ``os.replace``.
+"""Atomic file writes: write a temp file in the target's folder, fsync, ``os.replace``, then fsync the folder.
 
-Readers (and a process killed mid-write) see the old file or the new one, never a torn one. Torch-free so
+Readers (and a process killed mid-write) see the old file or the new one, never a torn one; the folder's fsync makes
+the rename itself durable (without it a power cut right after the write may bring the old file back). Torch-free so
 site policies, privacy ledgers and docs can use it without importing torch.
 """
 
@@ -14,7 +15,7 @@ from typing import IO
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], mode: int | None = None) -> None:
-    """Call ``write`` on a binary temp file beside ``path``, fsync it, then rename it onto ``path``.
+    """Call ``write`` on a binary temp file beside ``path``, fsync it, rename it onto ``path``, fsync the folder.
 
     Args:
         mode: permission bits of the file; ``None`` = what ``open()`` would give (0666 minus the umask). The temp
@@ -35,6 +36,16 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -603,6 +603,7 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
     if dp_off:
         # sites without DP report epsilon 0: a curve of zeros would read as "perfectly private"
         return lines + ["Differential privacy was off in this run: no privacy accounting (no formal guarantee).", ""]
+    lines += _noise_source_lines(run, sites)
     if not series:
         return lines + [f"Privacy accounting (epsilon-total per site): {NOT_RECORDED}.", ""]
     if all(v is None for s in series.values() for _, v in s):
@@ -632,6 +633,23 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
         rows.append([site, *[by_round.get(r) for r in rounds], last.get("delta")])
     lines += _table(["site", *[f"round {r}" for r in rounds], "δ"], rows, digits=2)
     return lines
+
+
+def _noise_source_lines(run: Run, sites: list[str]) -> list[str]:
+    """Where the sites' DP noise came from (their ``dp-reproducible-noise`` replies); nothing when not recorded."""
+    flags = {s: [v for _, v in run.records.series("train", s, "dp-reproducible-noise") if v is not None] for s in sites}
+    reproducible = [s for s, values in flags.items() if any(v > 0 for v in values)]
+    if reproducible:
+        return [
+            f"**Reproducible DP noise** at {', '.join(reproducible)}: their own policy (`reproducible-noise = true`) "
+            "drew the noise from the run's seed, the round and the site's name, so whoever knows the run config can "
+            "recompute and remove it. Their ε is **not** a guarantee against the server (experiments only).",
+            "",
+        ]
+    if any(flags.values()):
+        return ["DP noise: drawn by every site from its operating system's CSPRNG (no site reported reproducible "
+                "noise).", ""]
+    return []
 
 
 def _sites_section(ctx: _Ctx) -> list[str]:

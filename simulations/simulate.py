@@ -30,19 +30,23 @@ CLIENT_APP = "client.client_app:app"
 
 
 def permit_virtual_sites(
-    run_dir: Path, data: Path, *, allow_no_dp: bool = True, min_noise_multiplier: float | None = None
+    run_dir: Path, data: Path, *, allow_no_dp: bool = True, min_noise_multiplier: float | None = None,
+    reproducible_noise: bool | None = None,
 ) -> None:
     """Write the privacy policy of every virtual site of a simulation (``RUN/site-state/<site>``).
 
     A real site's operator owns its policy and fedfusion never loosens it from the server side; in a simulation the
-    person running it operates every virtual site, so a run without DP (or with less noise than the default floor)
-    needs their policies to say so explicitly.
+    person running it operates every virtual site, so a run without DP (or with less noise than the default floor,
+    or with DP noise reproducible from the run's seed, for experiments that must repeat exactly) needs their
+    policies to say so explicitly. ``None`` leaves a key as the policy file has it.
     """
     from client.privacy.policy import write_policy_file
 
     values: dict[str, object] = {"allow-no-dp": allow_no_dp}
     if min_noise_multiplier is not None:
         values["min-noise-multiplier"] = min_noise_multiplier
+    if reproducible_noise is not None:
+        values["reproducible-noise"] = reproducible_noise
     for site in site_dirs(data):
         write_policy_file(simulated_state_dir(run_dir, site.name), values)
 

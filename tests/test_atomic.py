@@ -39,3 +39,23 @@ def test_atomic_write_keeps_a_private_mode_and_cleans_up_on_failure(tmp_path: Pa
     with pytest.raises(RuntimeError):
         atomic_write(key, boom, mode=0o600)
     assert key.read_bytes() == b"secret" and [p.name for p in tmp_path.iterdir()] == ["node.key"]
+
+
+def test_the_rename_is_made_durable_by_an_fsync_of_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename lives in the folder's entries: without fsyncing the folder a power cut can bring the old file back."""
+    synced: list[tuple[str, bool]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    replaced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), bool(replaced)))
+        real_fsync(fd)
+
+    def replace(src: str, dst: object) -> None:
+        real_replace(src, dst)
+        replaced.append(str(dst))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "ledger.json", "{}")
+    assert (str(tmp_path), True) in synced, f"the folder was not fsynced after the rename: {synced}"

@@ -49,7 +49,7 @@ def _mounts(svc: dict) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ compose
 def test_compose_builds_the_dockerfile_and_names_existing_paths(compose: dict) -> None:
     services = compose["services"]
-    assert {"superlink", "register", "site-01", "site-02", "site-03"} <= set(services)
+    assert {"keys", "superlink", "register", "admin", "site-01", "site-02", "site-03"} <= set(services)
     for name, svc in services.items():
         build = svc["build"]
         context = (DEPLOY / build["context"]).resolve()
@@ -100,7 +100,98 @@ def test_compose_superlink_is_the_tested_command_tls_auth_sqlite(compose: dict) 
     assert "--enable-supernode-auth" in expected and "--ssl-certfile" in expected
     mounts = _mounts(svc)
     assert mounts["/state"] in compose["volumes"], "the SQLite database must live on a persistent volume"
-    assert f"{dep.DEFAULT_SUPERLINK_PORT}:{dep.DEFAULT_SUPERLINK_PORT}" in svc["ports"]
+    assert svc["ports"] == [f"{dep.DEFAULT_SUPERLINK_PORT}:{dep.DEFAULT_SUPERLINK_PORT}"], "publish the Fleet API only"
+
+
+def test_compose_control_api_is_reached_only_from_the_superlinks_network_namespace(compose: dict) -> None:
+    """The Control API (runs, key registration) listens on the SuperLink container's loopback; only the one-shot
+    registration and the administrator's flwr share that namespace, the sites connect to the Fleet port."""
+    services = compose["services"]
+    cmd = [str(c) for c in services["superlink"]["command"]]
+    control = cmd[cmd.index("--control-address") + 1]
+    assert control == dep.DEFAULT_CONTROL_ADDRESS and control.startswith("127.0.0.1:")
+    for name in ("register", "admin"):
+        svc = services[name]
+        assert svc["network_mode"] == "service:superlink", name
+        argv = [str(c) for c in svc.get("entrypoint", [])] + [str(c) for c in svc["command"]]
+        assert argv[argv.index("--superlink") + 1] == control, name
+    assert services["admin"]["profiles"] == ["admin"], "the admin tool never starts with `up`"
+    for name, svc in _site_services(compose).items():
+        assert "network_mode" not in svc, name
+        assert f"superlink:{dep.DEFAULT_SUPERLINK_PORT}" in [str(c) for c in svc["command"]], name
+
+
+def test_compose_keys_are_installed_for_the_image_user_one_volume_per_service(compose: dict) -> None:
+    """The containers run as uid 10001 and could not read the host user's 0600 keys: the one-shot ``keys`` service
+    (root, no network) copies each service's key folder into a named volume that only that service mounts."""
+    services = compose["services"]
+    keys = services["keys"]
+    assert keys["user"] == "0:0" and keys["network_mode"] == "none" and keys["restart"] == "no"
+    cmd = [str(c) for c in keys["command"]]
+    assert cmd[cmd.index("--owner") + 1] == f"{dep.IMAGE_UID}:{dep.IMAGE_UID}"
+    assert f"--uid {dep.IMAGE_UID}" in (DEPLOY / "Dockerfile").read_text(), "the image's user is the keys' owner"
+    installs = dict(a.split("=") for a in cmd if a.startswith("/src/"))  # host folder (in /src) -> volume mount
+    keys_mounts = _mounts(keys)
+    assert keys_mounts["/src"] == "./certs"
+    wanted = {"superlink": ("/certs", "/src/superlink")}
+    wanted.update({name: ("/keys", f"/src/supernodes/{name}") for name in _site_services(compose)})
+    for service, (key_path, folder) in wanted.items():
+        volume = _mounts(services[service])[key_path]
+        assert volume in compose["volumes"], f"{service}: its keys come from a named volume, not host files"
+        assert keys_mounts[installs[folder]] == volume, f"{service}: {folder} is not installed into {volume}"
+        users = sorted(n for n, svc in services.items() if volume in _mounts(svc).values())
+        assert users == sorted(["keys", service]), f"{volume} is mounted by {users}"
+    assert services["superlink"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+
+
+def test_install_keys_gives_the_files_to_the_image_user_with_private_modes(tmp_path: Path) -> None:
+    made = certs.make_deployment_keys(tmp_path / "certs", "localhost", 1)
+    owned: list[tuple[str, int, int]] = []
+    written = dep.install_keys(made.sites[0].private_key.parent, tmp_path / "vol",
+                               chown=lambda path, uid, gid: owned.append((path, uid, gid)))
+    assert sorted(f.name for f in written) == ["ca.pem", "node.key", "node.pub"]
+    assert {(uid, gid) for _, uid, gid in owned} == {(dep.IMAGE_UID, dep.IMAGE_UID)}
+    assert sorted(Path(p).name for p, _, _ in owned) == ["ca.pem", "node.key", "node.pub", "vol"]
+    assert stat.S_IMODE(os.stat(tmp_path / "vol").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "vol" / "node.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "vol" / "ca.pem").st_mode) == 0o644
+    assert (tmp_path / "vol" / "node.key").read_bytes() == made.sites[0].private_key.read_bytes()
+    # the script the compose file runs: real chown to ourselves (root is needed for uid 10001)
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(DEPLOY / "scripts" / "install_keys.py"), "--owner",
+                          f"{os.getuid()}:{os.getgid()}", f"{made.server_cert.parent}={tmp_path / 'sl'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "sl" / "server.key").st_mode) == 0o600
+    with pytest.raises(FileNotFoundError, match="no key files"):
+        dep.install_keys(tmp_path / "missing", tmp_path / "x")
+
+
+@pytest.mark.parametrize("path, forwarded", [
+    ("/v1/fleet/pull-messages", True), ("/v1/fleet/get-fab", True), ("/v1/control/start-run", False),
+    ("/v1/control/register-supernode", False), ("/v1/runtime/pull-messages", False), ("/v1/fleet/../control/list-runs",
+                                                                                      False),
+    ("/v1/fleet//x", False), ("/docs", False), ("/health", False), ("/v1/fleetx/pull-messages", False),
+])
+def test_fleet_listener_forwards_only_fleet_api_paths(path: str, forwarded: bool) -> None:
+    import asyncio
+
+    from fedfusion.superlink import FleetOnly
+
+    reached: list[str] = []
+    sent: list[dict] = []
+
+    async def inner(scope: dict, receive: object, send: object) -> None:
+        reached.append(scope["path"])
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(FleetOnly(inner)({"type": "http", "path": path, "root_path": ""}, None, send))  # type: ignore[arg-type]
+    assert (reached == [path]) is forwarded
+    if not forwarded:
+        assert sent[0]["status"] == 404
 
 
 def test_compose_sites_run_the_tested_site_command(compose: dict) -> None:
@@ -190,6 +281,12 @@ def test_site_unit() -> None:
     assert argv == expected
     assert parser["Service"]["EnvironmentFile"] == "/etc/fedfusion/site.env"
     assert parser["Service"]["Restart"] == "on-failure"
+    # Flower's home (apps are unpacked there) must be outside the state directory (ledger, policy)
+    from client.supernode_guard import check_flwr_home
+
+    env = dict(v.split("=", 1) for v in multi["Environment"])
+    check_flwr_home(Path("/var/lib/fedfusion-site"), Path(env["FLWR_HOME"]))
+    assert env["FLWR_HOME"] in parser["Service"]["ReadWritePaths"].split()
 
 
 # ------------------------------------------------------------------------------------------------ key material

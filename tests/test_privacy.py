@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_make_private_keeps_plain_names_and_clips() -> None:
     items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i], "case_id": f"c{i}"} for i in range(3)]
     loader = DataLoader(CasesOnly(items), batch_size=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    parts = make_private(model, opt, loader, MultiTaskLoss(), noise_multiplier=1.0, max_grad_norm=0.5, seed=0)
+    parts = make_private(model, opt, loader, MultiTaskLoss(), noise_multiplier=1.0, max_grad_norm=0.5)
     assert set(parts.model.state_dict()) == names
     assert parts.sample_rate == pytest.approx(0.5) and parts.steps_per_epoch == 2
     batch = next(b for b in parts.loader if b["image"].shape[0] > 0)
@@ -178,15 +179,17 @@ def test_patient_sampler_with_one_study_per_patient_draws_what_opacus_draws() ->
 
     from client.privacy.patient_sampling import PatientPoissonSampler
 
+    generator = torch.Generator().manual_seed(3)
     ours = PatientPoissonSampler([[i] for i in range(7)], sample_rate=0.25, steps=4,
-                                 generator=torch.Generator().manual_seed(3))
+                                 draw=lambda n, q: torch.rand(n, generator=generator) < q)
     theirs = UniformWithReplacementSampler(num_samples=7, sample_rate=0.25, generator=torch.Generator().manual_seed(3),
                                            steps=4)
     assert list(ours) == list(theirs)
-    grouped = PatientPoissonSampler([[0, 2], [1], [3, 4, 5]], sample_rate=1.0, steps=1)
+    everyone = lambda n, q: torch.ones(n, dtype=torch.bool)  # noqa: E731
+    grouped = PatientPoissonSampler([[0, 2], [1], [3, 4, 5]], sample_rate=1.0, steps=1, draw=everyone)
     assert next(iter(grouped)) == [0, 2, 1, 3, 4, 5] and grouped.owner.tolist() == [0, 0, 1, 2, 2, 2]
     with pytest.raises(ValueError, match="disjoint"):
-        PatientPoissonSampler([[0, 1], [1]], sample_rate=0.5, steps=1)
+        PatientPoissonSampler([[0, 1], [1]], sample_rate=0.5, steps=1, draw=everyone)
 
 
 def test_grad_samples_are_summed_per_patient() -> None:
@@ -215,7 +218,7 @@ def test_make_private_over_patients_plans_per_patient_and_refuses_modes_without_
     loader = DataLoader(CasesOnly(items), batch_size=1)
     model = build_model(TINY)
     parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, MultiTaskLoss(),
-                         noise_multiplier=1.0, max_grad_norm=0.5, seed=0, groups=[[0, 2], [1]])
+                         noise_multiplier=1.0, max_grad_norm=0.5, groups=[[0, 2], [1]])
     # 2 patients at batch 1: 2 steps per epoch, q = 1/2 per patient (3 studies alone would give 3 steps, q = 1/3)
     assert (parts.steps_per_epoch, parts.sample_rate) == (2, 0.5)
     assert parts.optimizer.expected_batch_size == 1
@@ -226,3 +229,94 @@ def test_make_private_over_patients_plans_per_patient_and_refuses_modes_without_
     with pytest.raises(ValueError, match="exactly once"):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, MultiTaskLoss(),
                      noise_multiplier=1.0, max_grad_norm=0.5, groups=[[0], [1]])
+def test_site_noise_is_gaussian_with_the_planned_std_and_sampling_has_the_planned_rate() -> None:
+    from scipy import stats
+
+    from client.privacy.randomness import RandomStream
+
+    stream = RandomStream.reproducible("test", 1)
+    noise = stream.gaussian((400, 500), std=2.5)
+    assert noise.shape == (400, 500) and noise.dtype == torch.float64
+    assert stats.kstest(noise.flatten().numpy(), stats.norm(scale=2.5).cdf).pvalue > 1e-3
+    u = stream.uniform(100_000)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert abs(float(stream.poisson_mask(100_000, 0.25).double().mean()) - 0.25) < 0.01
+    # same parts, same numbers; fresh streams never repeat
+    assert torch.equal(RandomStream.reproducible("a", 1).gaussian((50,), 1.0),
+                       RandomStream.reproducible("a", 1).gaussian((50,), 1.0))
+    assert not torch.equal(RandomStream.reproducible("a", 1).gaussian((50,), 1.0),
+                           RandomStream.reproducible("a", 2).gaussian((50,), 1.0))
+    assert not torch.equal(RandomStream.fresh().gaussian((50,), 1.0), RandomStream.fresh().gaussian((50,), 1.0))
+
+
+def test_policy_reproducible_noise_secure_mode_lock_and_workload_caps(tmp_path: Path) -> None:
+    assert SitePolicy().reproducible_noise is False
+    with pytest.raises(ValueError, match="secure-mode=true forbids reproducible-noise"):
+        SitePolicy.resolve({"secure-mode": True, "reproducible-noise": True}, tmp_path)
+    write_policy_file(tmp_path, {"max-batch-size": 16, "reproducible-noise": True})
+    assert "max-batch-size = 16\n" in (tmp_path / "privacy-policy.toml").read_text()
+    p = SitePolicy.resolve({"max-rounds": "50"}, tmp_path)
+    assert (p.max_batch_size, p.max_rounds, p.reproducible_noise) == (16, 50, True)
+    with pytest.raises(ValueError, match="max-channels.*whole number"):
+        SitePolicy.resolve({"max-channels": 2.5}, tmp_path)
+    with pytest.raises(ValueError, match="max-local-epochs must be a whole number >= 1"):
+        SitePolicy(max_local_epochs=0)
+
+
+def _tiny_private(batch_size: int, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0) -> Any:
+    """DP parts of the tiny network over the three cases of :func:`_batch`; returns ``(parts, batch)``."""
+    from models.losses import MultiTaskLoss
+    from models.network import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    batch = _batch()
+    image, mask, seg, label = batch
+    items = [{"image": image[i], "mask": mask[i], "seg": seg[i], "label": label[i]} for i in range(3)]
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         DataLoader(CasesOnly(items), batch_size=batch_size), MultiTaskLoss(),
+                         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
+    return parts, batch
+
+
+def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches() -> None:
+    """Poisson sampling draws from ``parts.randomness`` (the site's stream), and an empty draw is an empty batch of
+    the same keys (Opacus's empty-batch collate is kept)."""
+    from client.privacy.randomness import RandomStream
+
+    parts, _ = _tiny_private(batch_size=1)
+
+    def sampled(stream: RandomStream) -> list[int]:
+        parts.randomness = stream
+        return [int(b["image"].shape[0]) for b in parts.loader]
+
+    assert sampled(RandomStream.reproducible("s", 1)) == sampled(RandomStream.reproducible("s", 1))
+
+    class Nobody(RandomStream):
+        def poisson_mask(self, n: int, rate: float) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.bool)
+
+    parts.randomness = Nobody()
+    batches = list(parts.loader)
+    assert len(batches) == 3 and all(set(b) == set(CasesOnly.KEYS) and b["image"].shape[0] == 0 for b in batches)
+
+
+def test_dp_noise_is_drawn_from_the_rounds_stream_not_a_torch_generator() -> None:
+    """The noise Opacus's optimizer adds is exactly the stream's secure Gaussians (std = sigma x clip), parameter by
+    parameter: no torch generator (32-bit seeds on CPU) is involved."""
+    from models.losses import MultiTaskLoss
+    from client.privacy.randomness import RandomStream
+
+    parts, (image, mask, seg, label) = _tiny_private(batch_size=3, noise_multiplier=1.3, max_grad_norm=0.7)
+    MultiTaskLoss()(*parts.module(image, mask), seg, label)[0].backward()
+    opt = parts.optimizer
+    opt.clip_and_accumulate()
+    summed = [p.summed_grad.clone() for p in opt.params]
+    parts.randomness = RandomStream.reproducible("noise", 1)
+    torch.manual_seed(123)  # whatever torch's own RNG holds must not matter
+    opt.add_noise()
+    expected = RandomStream.reproducible("noise", 1)
+    for p, s in zip(opt.params, summed):
+        noise = expected.gaussian(s.shape, 1.3 * 0.7).to(s.dtype)
+        torch.testing.assert_close(p.grad.view_as(s) - s, noise, rtol=0, atol=1e-6)

@@ -283,6 +283,25 @@ def test_privacy_section_says_when_dp_is_off(synthetic_run, tmp_path: Path) -> N
     assert not (run / "figures" / "privacy.png").exists()
 
 
+def test_privacy_section_states_which_sites_drew_reproducible_noise(synthetic_run, tmp_path: Path) -> None:
+    """A site whose own policy made its noise reproducible (experiments) gives no guarantee against the server:
+    the report says so, and says where the noise came from otherwise."""
+    src, _ = synthetic_run
+    for name, flagged in (("secure", ()), ("repro", ("site-02",))):
+        run = tmp_path / name
+        shutil.copytree(src, run, ignore=shutil.ignore_patterns("figures", "report.md", "checkpoints"))
+        log = MetricsLog(run / "metrics.jsonl")
+        for site in SITES:
+            log.write(1, "train", site, {"dp-reproducible-noise": 1.0 if site in flagged else 0.0})
+        section = build_report(run, device="cpu").read_text().split("## Privacy spent per site per round", 1)[1]
+        section = section.split("\n## ", 1)[0]
+        if flagged:
+            assert "**Reproducible DP noise** at site-02:" in section and "not** a guarantee" in section
+        else:
+            assert "drawn by every site from its operating system's CSPRNG" in section
+            assert "Reproducible" not in section
+
+
 def test_report_of_an_empty_run_directory(tmp_path: Path) -> None:
     text = build_report(tmp_path, device="cpu").read_text()
     assert "config.json is missing" in text

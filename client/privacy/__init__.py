@@ -1,14 +1,7 @@
-"""Site-side differential privacy: persistent accountant, site policy, Opacus wiring."""
+"""Site-side differential privacy: persistent accountant (``accountant``), site policy (``policy``), noise source
+(``randomness``), Opacus wiring (``engine``, ``grad_samplers``) and a run's DP session (``session``).
 
-from .accountant import ACCOUNTANT_FILE, PersistentAccountant, epsilon_of
-from .policy import PolicyRefusal, SitePolicy, read_policy_file, write_policy_file
-
-__all__ = [
-    "ACCOUNTANT_FILE",
-    "PersistentAccountant",
-    "PolicyRefusal",
-    "SitePolicy",
-    "epsilon_of",
-    "read_policy_file",
-    "write_policy_file",
-]
+Import the modules themselves: this package imports nothing, so the SuperNode's app guard
+(:mod:`client.supernode_guard`) reads the site policy without loading torch and Opacus (Opacus configures the root
+logger at import).
+"""

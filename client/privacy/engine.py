@@ -11,6 +11,11 @@ Parameter names: Opacus wraps the network in a ``GradSampleModule`` whose ``stat
 prefix. fedfusion keeps a reference to the *plain* network (the wrapper shares its parameters), and every array
 that leaves or enters the site uses the plain network's names, which the server checks.
 
+Randomness: Opacus draws noise from a ``torch.Generator`` and samples with torch's global RNG; fedfusion replaces
+both (after Opacus has built its parts) with draws from a :class:`client.privacy.randomness.RandomStream`, the OS
+CSPRNG unless the site's policy asks for reproducible noise (see that module for why not Opacus's ``secure_mode``).
+:attr:`PrivateParts.randomness` is the stream of the current round; the site sets it before each round.
+
 FedProx with DP: a proximal term added to the loss would be silently dropped by Opacus (the DP optimizer rebuilds
 ``.grad`` from per-sample gradients, which do not see a loss term on the weights). The proximal gradient
 ``mu * (w - w_global)`` does not depend on data, so :func:`models.training.train_epoch` adds it *after* clipping
@@ -23,12 +28,14 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from .randomness import RandomStream
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +189,7 @@ class PrivateParts:
     sample_rate: float
     steps_per_epoch: int
     grad_sample_mode: str
+    randomness: RandomStream = field(default_factory=RandomStream.fresh)
     steps_taken: int = 0
 
 
@@ -194,8 +202,7 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
-    secure_mode: bool = False,
-    seed: int | None = None,
+    randomness: RandomStream | None = None,
     groups: Sequence[Sequence[int]] | None = None,
 ) -> PrivateParts:
     """Wrap ``model``/``optimizer``/``loader`` for DP-SGD with Opacus (privacy unit: a patient of ``groups``, else
@@ -211,16 +218,14 @@ def make_private(
         noise_multiplier: noise std / clipping norm, > 0.
         max_grad_norm: per-case L2 clipping norm.
         grad_sample_mode: Opacus per-sample-gradient mode (``hooks``, ``functorch``, ``ew``, ``ghost``).
-        secure_mode: cryptographically secure noise (production; needs ``torchcsprng``). Off: seeded noise.
-        seed: seeds the noise generator when not in secure mode (Poisson sampling uses torch's global RNG: seed
-            it per round with ``torch.manual_seed``).
+        randomness: where noise and Poisson sampling draw from (default: the OS CSPRNG); replace it per round
+            through :attr:`PrivateParts.randomness`.
         groups: indices of ``loader.dataset`` per patient (disjoint, covering it): Poisson sampling over patients
             (``ceil(len(groups) / loader.batch_size)`` steps per epoch) and one clip per patient. Needs per-study
-            gradients (``hooks``, ``functorch``, ``microbatch``).
+            gradients (``hooks``, ``functorch``, ``microbatch``). ``None``: every item is its own patient.
 
     Raises:
-        ValueError: incompatible layers, bad mode, groups with a mode that has no per-study gradients, or secure
-            mode requested without ``torchcsprng``.
+        ValueError: incompatible layers, a bad mode, or groups with a mode that has no per-study gradients.
     """
     from opacus import PrivacyEngine
 
@@ -240,18 +245,9 @@ def make_private(
 
     grad_samplers.install()  # per-case conv gradients without im2col (hooks/ghost modes read Opacus's registry)
     with warnings.catch_warnings():
-        # Opacus warns about secure RNG being off on every construction; the site logs its own message once.
+        # Opacus warns that its secure RNG is off; fedfusion replaces its noise and sampling (see the module docstring)
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        try:
-            engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-        except ImportError as exc:
-            raise ValueError(
-                "secure-mode=true needs the torchcsprng package, which is not installed; install it on the site "
-                "or set secure-mode=false (experiments only)"
-            ) from exc
-    generator = None
-    if not secure_mode and seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     kwargs: dict[str, Any] = dict(
         module=model,
         optimizer=optimizer,
@@ -259,7 +255,6 @@ def make_private(
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(max_grad_norm),
         poisson_sampling=True,
-        noise_generator=generator,
         grad_sample_mode=grad_sample_mode,
     )
     with warnings.catch_warnings():
@@ -276,17 +271,17 @@ def make_private(
         else:
             module, dp_opt, dp_loader = engine.make_private(**kwargs)
             criterion = loss_fn
-    if groups is not None:
-        from .patient_sampling import clip_per_patient, patient_loader
+    from .patient_sampling import clip_per_patient, patient_loader
 
+    dataset = loader.dataset
+    if groups is not None:
         covered = sorted(int(i) for g in groups for i in g)
-        if covered != list(range(len(loader.dataset))):  # type: ignore[arg-type]
+        if covered != list(range(len(dataset))):  # type: ignore[arg-type]
             raise ValueError("patient groups must cover every item of the loader's dataset exactly once")
-        spe = steps_per_epoch(len(groups), int(loader.batch_size or 1))
-        dp_loader = patient_loader(loader.dataset, groups, 1.0 / spe, spe, generator=engine.secure_rng)
-        clip_per_patient(dp_opt, dp_loader.batch_sampler, expected_patients=int(len(groups) * (1.0 / spe)))
-    seed_empty_batch_template(dp_loader)
-    spe = len(dp_loader)
+        units = [list(g) for g in groups]
+    else:
+        units = [[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    spe = steps_per_epoch(len(units), int(loader.batch_size or 1))
     parts = PrivateParts(
         model=model,
         module=module,
@@ -298,7 +293,19 @@ def make_private(
         sample_rate=1.0 / spe,
         steps_per_epoch=spe,
         grad_sample_mode=grad_sample_mode,
+        randomness=randomness or RandomStream.fresh(),
     )
+
+    def draw(n: int, rate: float) -> torch.Tensor:  # reads parts.randomness at each draw: replaced per round
+        return parts.randomness.poisson_mask(n, rate)
+
+    # Opacus's Poisson loader replaced by the same draw over patients (one study each when no groups are given),
+    # from the site's randomness instead of torch's generator
+    parts.loader = patient_loader(dataset, units, parts.sample_rate, spe, draw=draw)
+    if groups is not None:
+        clip_per_patient(dp_opt, parts.loader.batch_sampler, expected_patients=int(len(units) * parts.sample_rate))
+    seed_empty_batch_template(parts.loader)
+    _draw_noise_from_stream(dp_opt, parts)
 
     # Opacus keeps a single step hook (its own accountant's); fedfusion accounts in PersistentAccountant instead
     # and uses the hook to count applied steps.
@@ -307,6 +314,36 @@ def make_private(
 
     dp_opt.step_hook = _hook
     return parts
+
+
+def _draw_noise_from_stream(dp_opt: Any, parts: PrivateParts) -> None:
+    """Make ``dp_opt`` add noise drawn from ``parts.randomness`` (Opacus draws from a torch generator).
+
+    The replacement does what Opacus 1.6's ``add_noise`` of the flat-clipping optimizers does (noise std
+    ``noise_multiplier x max_grad_norm`` added to each ``summed_grad``, the processed-flag checks), with the noise
+    from :meth:`RandomStream.gaussian`.
+
+    Raises:
+        ValueError: an Opacus optimizer whose noise this function does not know how to replace.
+    """
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    if type(dp_opt) not in (DPOptimizer, DPOptimizerFastGradientClipping):
+        raise ValueError(f"cannot replace the noise of {type(dp_opt).__name__}; fedfusion supports flat clipping only")
+
+    def add_noise() -> None:
+        # ghost clipping may adjust the multiplier used for noise (never the accounted one), as in Opacus
+        sigma = getattr(dp_opt, "_adjusted_noise_multiplier", dp_opt.noise_multiplier)
+        for p in dp_opt.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            noise = parts.randomness.gaussian(ref.shape, sigma * dp_opt.max_grad_norm)
+            p.grad = (ref + noise.to(device=ref.device, dtype=ref.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    dp_opt.add_noise = add_noise
+    dp_opt.generator = None  # nothing may draw from a torch generator by mistake
 
 
 def seed_empty_batch_template(dp_loader: Any) -> None:

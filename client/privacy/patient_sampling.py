@@ -12,13 +12,15 @@ A patient may have several studies (case folders) at a site. With one study as t
 * **accounting**: the noise ``sigma * C`` and the sampling rate ``q`` per patient are exactly the sampled Gaussian
   mechanism over patients, so the RDP accountant's ``(sigma, q, steps)`` is the patient-level guarantee.
 
-With one study per patient (the phantoms) the sampler draws exactly what Opacus's ``UniformWithReplacementSampler``
-draws from the same generator, and the per-patient sum is the identity: training is unchanged.
+With one study per patient (the phantoms) the sampler makes exactly the draw of Opacus's
+``UniformWithReplacementSampler`` (each item in with probability ``q``, independently), and the per-patient sum is
+the identity. The draws come from a ``draw(n, q)`` function: the site's randomness (:mod:`client.privacy.randomness`:
+the OS CSPRNG, never a value the server sends), not torch's generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +36,8 @@ class PatientPoissonSampler(Sampler[list[int]]):
         groups: dataset indices of each patient's studies (every index in exactly one group).
         sample_rate: Poisson probability ``q`` per patient and step.
         steps: batches per epoch.
-        generator: torch generator of the draws (``None``: torch's global generator, seeded per round by the
-            site; Opacus's secure generator in secure mode).
+        draw: ``draw(n, q) -> (n,) bool``, each of ``n`` items in with probability ``q`` (the site's randomness,
+            :meth:`client.privacy.randomness.RandomStream.poisson_mask`).
 
     After each batch is yielded, :attr:`owner` holds, for every index of that batch, the position (0..k-1) of its
     patient among the batch's ``k`` patients: what :func:`sum_grad_samples_by_patient` needs. This is only
@@ -43,7 +45,7 @@ class PatientPoissonSampler(Sampler[list[int]]):
     """
 
     def __init__(self, groups: Sequence[Sequence[int]], sample_rate: float, steps: int,
-                 generator: torch.Generator | None = None) -> None:
+                 draw: Callable[[int, float], torch.Tensor]) -> None:
         if not groups or any(len(g) == 0 for g in groups):
             raise ValueError("patient sampling needs at least one patient, each with at least one study")
         flat = [int(i) for g in groups for i in g]
@@ -54,7 +56,7 @@ class PatientPoissonSampler(Sampler[list[int]]):
         self.groups = [list(map(int, g)) for g in groups]
         self.sample_rate = float(sample_rate)
         self.steps = int(steps)
-        self.generator = generator
+        self.draw = draw
         self.owner = torch.zeros(0, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -63,7 +65,7 @@ class PatientPoissonSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
             # the same draw as Opacus's UniformWithReplacementSampler, over patients instead of samples
-            drawn = (torch.rand(len(self.groups), generator=self.generator) < self.sample_rate).nonzero()
+            drawn = self.draw(len(self.groups), self.sample_rate).nonzero()
             indices: list[int] = []
             owner: list[int] = []
             for k, g in enumerate(drawn.reshape(-1).tolist()):
@@ -74,13 +76,13 @@ class PatientPoissonSampler(Sampler[list[int]]):
 
 
 def patient_loader(dataset: Dataset, groups: Sequence[Sequence[int]], sample_rate: float, steps: int,
-                   generator: torch.Generator | None = None) -> DataLoader:
+                   draw: Callable[[int, float], torch.Tensor]) -> DataLoader:
     """A loader of patient-Poisson batches over ``dataset`` whose empty batches keep the item structure (as
     Opacus's ``DPDataLoader``); its ``batch_sampler`` is the :class:`PatientPoissonSampler`."""
     from opacus.data_loader import wrap_collate_with_empty
     from torch.utils.data import default_collate
 
-    sampler = PatientPoissonSampler(groups, sample_rate, steps, generator)
+    sampler = PatientPoissonSampler(groups, sample_rate, steps, draw)
     # num_workers=0: the sampler's ``owner`` must describe the batch being trained on, not a prefetched one
     return DataLoader(dataset, batch_sampler=sampler, num_workers=0,
                       collate_fn=wrap_collate_with_empty(collate_fn=default_collate))

@@ -6,12 +6,16 @@ it has spent (:class:`PersistentAccountant`, in the site's state directory) here
 1. :meth:`DPSession.plan` fixes the noise multiplier: the run's, or the smallest that keeps the planned rounds ×
    epochs within ``dp-target-epsilon`` (derived once and remembered on disk: a deployed ClientApp process lives
    for one message), never below the site's ``min-noise-multiplier``;
-2. :meth:`DPSession.check_budget` refuses a round that would take the site past ``max-epsilon``;
-3. :meth:`DPSession.charge` records the round's steps in the ledger and returns the reply's privacy numbers.
+2. :meth:`DPSession.reserve` refuses a round that would take the site past ``max-epsilon`` and otherwise saves a
+   reservation of it in the ledger, under the ledger's lock, *before* training (a concurrent round sees it);
+3. :meth:`DPSession.commit` turns the reservation into a recorded round after training and returns the reply's
+   privacy numbers; :meth:`DPSession.release` drops it when the round failed before any update could leave the
+   site. A reservation neither committed nor released (the process died) stays counted as spent.
 
-Releases outside DP-SGD (the evaluation statistics, :mod:`client.privacy.release`) go to the same ledger as a
-Gaussian-mechanism entry ``(noise multiplier, 1.0, 1)``: :func:`release_budget` checks one more fits under
-``max-epsilon``, :func:`charge_release` records it.
+Releases outside DP-SGD (the evaluation statistics, :mod:`client.privacy.release`) go to the same ledger, through
+the same lock and reservations, as a Gaussian-mechanism entry ``(noise multiplier, 1.0, 1)``:
+:func:`reserve_release` checks one more fits under ``max-epsilon`` and reserves it, :func:`commit_release` records
+it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from pathlib import Path
 from common.runconfig import DPConfig
 from models.atomic import atomic_write_text
 
-from .accountant import PersistentAccountant
+from .accountant import epsilon_of, locked_ledger
 from .engine import derive_noise_multiplier, sample_rate_of, steps_per_epoch
 from .policy import SitePolicy
 
 log = logging.getLogger("fedfusion.site")
 
-__all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS", "charge_release", "release_budget"]
+__all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS", "Reservation", "commit_release",
+           "reserve_release"]
 
 #: Derived noise multipliers of past plans, in the site's state directory (a cache, not state).
 NOISE_CACHE = "noise-cache.json"
@@ -45,6 +50,14 @@ class BudgetExhausted(RuntimeError):
             f"epsilon spent {spent:.3f} (delta {delta:g}); this round would bring it to {after:.3f}, above the "
             f"site's max-epsilon {ceiling:.3f}"
         )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A round reserved in the ledger of ``state_dir`` under id ``rid`` (see :meth:`DPSession.reserve`)."""
+
+    state_dir: Path
+    rid: str
 
 
 @dataclass(frozen=True)
@@ -91,61 +104,71 @@ class DPSession:
             sigma = policy.min_noise_multiplier
         return cls(Path(state_dir), request, policy, q, local_epochs * spe, float(sigma))
 
-    def check_budget(self) -> PersistentAccountant:
-        """The site's ledger, when one more round fits under ``max-epsilon``.
+    def reserve(self) -> Reservation:
+        """Reserve one round in the site's ledger, when it fits under ``max-epsilon`` with everything already spent
+        or reserved (check and reservation are one step under the ledger's lock).
 
         Raises:
-            BudgetExhausted: the round would exceed the ceiling.
+            BudgetExhausted: the round would exceed the ceiling (nothing is reserved).
             ValueError: the ledger exists but is unreadable (the site must not silently reset its budget).
         """
-        ledger = PersistentAccountant.load(self.state_dir)
-        after = ledger.prospective_epsilon(self.noise_multiplier, self.sample_rate, self.steps_per_round,
-                                           self.request.delta)
-        if after > self.policy.max_epsilon:
-            raise BudgetExhausted(ledger.epsilon(self.request.delta), after, self.policy.max_epsilon,
-                                  self.request.delta)
-        return ledger
+        delta = self.request.delta
+        with locked_ledger(self.state_dir) as ledger:
+            after = ledger.prospective_epsilon(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
+            if after > self.policy.max_epsilon:
+                raise BudgetExhausted(ledger.epsilon(delta), after, self.policy.max_epsilon, delta)
+            rid = ledger.reserve(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
+        return Reservation(Path(self.state_dir), rid)
 
-    def charge(self, ledger: PersistentAccountant) -> dict[str, float]:
-        """Record one round in ``ledger`` (saved atomically) and return the reply's privacy numbers.
+    def commit(self, reservation: Reservation) -> dict[str, float]:
+        """Record the reserved round (saved atomically) and return the reply's privacy numbers.
 
         The charge is the planned steps: Opacus's Poisson loader has exactly that many steps, and the training loop
-        takes a noise-only step for an empty batch, so planned = applied.
+        takes a noise-only step for an empty batch, so planned = applied. ``epsilon-total`` is everything the site
+        has spent or reserved (other rounds in flight included); ``epsilon-round`` what this round added to it.
         """
         delta = self.request.delta
-        before = ledger.epsilon(delta)
-        ledger.record(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
-        total = ledger.epsilon(delta)
+        with locked_ledger(reservation.state_dir) as ledger:
+            before = epsilon_of(ledger.spent_history(without=reservation.rid), delta)
+            ledger.commit(reservation.rid)
+            total = ledger.epsilon(delta)
         return {
             "dp-enabled": 1.0, "epsilon-total": total, "epsilon-round": total - before, "delta": delta,
             "noise-multiplier": self.noise_multiplier, "max-grad-norm": self.request.max_grad_norm,
         }
 
+    @staticmethod
+    def release(reservation: Reservation) -> None:
+        """Drop a reservation whose round failed before its update could leave the site (no charge)."""
+        with locked_ledger(reservation.state_dir) as ledger:
+            ledger.release(reservation.rid)
 
-def release_budget(state_dir: Path, policy: SitePolicy, noise_multiplier: float, delta: float) -> PersistentAccountant:
-    """The site's ledger, when one Gaussian release at ``noise_multiplier`` still fits under ``max-epsilon``.
+
+def reserve_release(state_dir: Path, policy: SitePolicy, noise_multiplier: float, delta: float) -> Reservation:
+    """Reserve one Gaussian release at ``noise_multiplier`` in the site's ledger (under its lock), when it still fits
+    under ``max-epsilon`` with everything spent or reserved.
 
     Raises:
-        BudgetExhausted: the release would exceed the ceiling.
+        BudgetExhausted: the release would exceed the ceiling (nothing is reserved).
         ValueError: the ledger exists but is unreadable.
     """
     from .release import GAUSSIAN_RELEASE_RATE
 
-    ledger = PersistentAccountant.load(state_dir)
-    after = ledger.prospective_epsilon(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta)
-    if after > policy.max_epsilon:
-        raise BudgetExhausted(ledger.epsilon(delta), after, policy.max_epsilon, delta)
-    return ledger
+    with locked_ledger(state_dir) as ledger:
+        after = ledger.prospective_epsilon(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta)
+        if after > policy.max_epsilon:
+            raise BudgetExhausted(ledger.epsilon(delta), after, policy.max_epsilon, delta)
+        rid = ledger.reserve(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta, training=False)
+    return Reservation(Path(state_dir), rid)
 
 
-def charge_release(ledger: PersistentAccountant, noise_multiplier: float, delta: float) -> dict[str, float]:
-    """Record one Gaussian release in ``ledger`` (saved atomically; not counted as a training round) and return the
-    reply's privacy numbers (``epsilon-total``, ``epsilon-round``: this release's share, ``delta``)."""
-    from .release import GAUSSIAN_RELEASE_RATE
-
-    before = ledger.epsilon(delta)
-    ledger.record(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta, training=False)
-    total = ledger.epsilon(delta)
+def commit_release(reservation: Reservation, delta: float) -> dict[str, float]:
+    """Record the reserved release (not counted as a training round) and return the reply's privacy numbers
+    (``epsilon-total``, ``epsilon-round``: this release's share, ``delta``)."""
+    with locked_ledger(reservation.state_dir) as ledger:
+        before = epsilon_of(ledger.spent_history(without=reservation.rid), delta)
+        ledger.commit(reservation.rid)
+        total = ledger.epsilon(delta)
     return {"epsilon-total": total, "epsilon-round": total - before, "delta": delta}
 
 

@@ -5,7 +5,8 @@
     .venv/bin/python deploy/scripts/loopback.py --workdir /tmp/ff-loopback --keep-workdir --rounds 3
 
 Steps (each printed): make a CA, the SuperLink certificate (SANs localhost, 127.0.0.1) and one key pair per site;
-start `flower-superlink` with TLS, SuperNode authentication and a SQLite database on free 127.0.0.1 ports;
+start `fedfusion superlink` (Fleet API and, separately, Control API) with TLS, SuperNode authentication and a
+SQLite database on free 127.0.0.1 ports;
 register the three public keys (`flwr supernode register`); start each site (`fedfusion site`, or
 `flower-supernode` if this checkout has no site daemon) on its own phantom site folder and state folder;
 submit the app (`flwr run <staged app> fedfusion`); follow its log (`flwr log --stream`, in WORKDIR/logs/run-ID.log)

@@ -46,7 +46,13 @@ def command(
     ] = None,
     secure_mode: Annotated[
         Optional[bool],
-        typer.Option("--secure-mode/--no-secure-mode", help="Opacus secure RNG (production; needs torchcsprng)."),
+        typer.Option("--secure-mode/--no-secure-mode",
+                     help="Production lock: refuse a policy with reproducible-noise (policy)."),
+    ] = None,
+    allow_app: Annotated[
+        Optional[list[str]],
+        typer.Option("--allow-app", help="SHA-256 of an app (FAB) this site runs (`fedfusion app-hash APP`); "
+                                         "repeat for several; replaces the policy's allowed-apps."),
     ] = None,
     series_map: Annotated[
         Optional[Path], typer.Option("--series-map", help="SeriesDescription -> modality rules (JSON/TOML).")
@@ -81,7 +87,7 @@ def command(
         num_threads=num_threads, site_index=site_index, runtime_port=runtime_port, isolation=isolation,
         max_retries=max_retries, max_wait_time=max_wait_time, max_epsilon=max_epsilon, max_delta=max_delta,
         min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm, allow_no_dp=allow_no_dp,
-        secure_mode=secure_mode,
+        secure_mode=secure_mode, allowed_apps=tuple(allow_app) if allow_app else None,
     )
     try:
         if dry_run:

@@ -9,11 +9,12 @@ HD95 after the last round, which costs more than the training at these sizes and
 
 Virtual sites get a privacy policy (``RUN/site-state/SITE/privacy-policy.toml``) that admits the experiment's
 settings: non-private runs (``allow-no-dp``; needed for the epsilon = inf row and the non-DP comparisons) and any
-noise multiplier (``min-noise-multiplier = 0``, so large-epsilon rows are not declined). Real sites keep their own
-policies; this only stands in for the sites' consent in a simulation.
+noise multiplier (``min-noise-multiplier = 0``, so large-epsilon rows are not declined), and DP noise drawn
+reproducibly from the run's seed (``reproducible-noise = true``; a real site's noise comes from its OS CSPRNG).
+Real sites keep their own policies; this only stands in for the sites' consent in a simulation.
 
 Reproducibility: the seed fixes the phantoms (anatomy, labels, scanners), the model initialisation and every site's
-training RNG (``seed`` run config key); each finished run caches its outcome (``RUN/outcome.json``, keyed by the
+training randomness (``seed`` run config key, through the virtual sites' ``reproducible-noise`` policy); each finished run caches its outcome (``RUN/outcome.json``, keyed by the
 run's settings) so an interrupted experiment resumes where it stopped.
 """
 
@@ -195,10 +196,11 @@ def _store(run_dir: Path, key: str, outcome: Outcome) -> Outcome:
 
 
 def permit_experiment_policies(run_dir: Path, data: Path) -> None:
-    """Let the virtual sites of ``data`` accept non-private runs and any noise (see the module docstring)."""
+    """Let the virtual sites of ``data`` accept non-private runs and any noise, and draw their DP noise reproducibly
+    from the run's seed (see the module docstring)."""
     from simulations.simulate import permit_virtual_sites
 
-    permit_virtual_sites(run_dir, data, allow_no_dp=True, min_noise_multiplier=0.0)
+    permit_virtual_sites(run_dir, data, allow_no_dp=True, min_noise_multiplier=0.0, reproducible_noise=True)
 
 
 def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, Any],
