@@ -12,9 +12,9 @@ network sees the layouts the stock path gives it. Gradients equal the stock path
 (tests/test_fast_conv.py). Measured and not used: the input gradient as a forward convolution with the flipped
 kernel (faster than the plain backward, slower than the channels-last one; ``bench/step_time.py`` prints it).
 
-:func:`covers` says which layers this handles: exact ``nn.Conv2d``/``nn.Conv3d`` with a spatial kernel (pointwise
-1x1 convolutions were faster stock), zero padding given as integers or ``'valid'``, any stride, dilation, groups,
-with or without bias. Calls on another device than the CPU (cuDNN's backward is not slow), inside autocast, without
+:func:`covers` says which layers this handles: exact ``nn.Conv2d``/``nn.Conv3d`` with a spatial kernel and more than
+one input channel per group (pointwise convolutions and the 1-channel first layers were as fast or faster stock),
+zero padding given as integers or ``'valid'``, any stride, dilation, groups, with or without bias. Calls on another device than the CPU (cuDNN's backward is not slow), inside autocast, without
 autograd or inside functorch transforms (Opacus's ``functorch`` mode vmaps the layer) take PyTorch's own
 convolution, so switching the path never changes what a model computes, only how fast.
 
@@ -165,13 +165,15 @@ def fast_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[i
 
 def covers(module: nn.Module) -> bool:
     """Whether :func:`set_conv_backward` switches ``module``: an exact ``nn.Conv2d``/``nn.Conv3d`` (a subclass may
-    override ``forward``) with more than one kernel tap (pointwise convolutions measured faster stock) and zero
+    override ``forward``) with more than one kernel tap and more than one input channel per group (pointwise
+    convolutions and the single-channel first layers on the image measured as fast or faster stock), and zero
     padding given as integers or ``'valid'`` (``'same'`` may pad unevenly, other modes pad before the call)."""
     if type(module) not in _CONV_TYPES:
         return False
     padding = module.padding  # type: ignore[union-attr]
     pointwise = all(k == 1 for k in module.kernel_size)  # type: ignore[union-attr]
-    return (not pointwise and module.padding_mode == "zeros"
+    single_channel = module.in_channels // module.groups == 1  # type: ignore[operator]
+    return (not pointwise and not single_channel and module.padding_mode == "zeros"
             and (not isinstance(padding, str) or padding == "valid"))
 
 

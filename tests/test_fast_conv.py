@@ -22,12 +22,12 @@ from models.fast_conv import (
 LAYERS = [
     # (conv class, in, out, kernel, stride, padding, dilation, groups, bias, spatial)
     (nn.Conv3d, 4, 4, 3, 1, 1, 1, 1, True, (6, 8, 8)),
-    (nn.Conv3d, 1, 4, 3, 1, 1, 1, 1, True, (5, 8, 7)),
+    (nn.Conv3d, 2, 4, 3, 1, 1, 1, 1, True, (5, 8, 7)),
     (nn.Conv3d, 4, 8, 3, 2, 1, 1, 1, True, (6, 8, 8)),
     (nn.Conv3d, 8, 4, 3, 2, 1, 1, 1, False, (7, 9, 8)),  # odd sizes: several inputs map to one output size
     (nn.Conv3d, 6, 4, (3, 1, 3), (1, 2, 1), (1, 0, 2), (2, 1, 1), 2, True, (8, 6, 7)),
     (nn.Conv3d, 4, 6, 3, 1, 0, 1, 2, False, (5, 6, 6)),
-    (nn.Conv3d, 4, 4, 3, 1, 2, 1, 4, True, (4, 5, 6)),  # depthwise; padding beyond the kernel's reach
+    (nn.Conv3d, 4, 4, 3, 1, 2, 1, 2, True, (4, 5, 6)),  # padding beyond the kernel's reach
     (nn.Conv3d, 16, 8, 3, 1, 1, 1, 1, True, (4, 8, 8)),
     (nn.Conv2d, 3, 5, 3, 1, 1, 1, 1, True, (9, 8)),
     (nn.Conv2d, 4, 6, 3, 2, 1, 1, 2, True, (9, 8)),
@@ -103,11 +103,12 @@ def test_frozen_weight_and_input_without_grad() -> None:
 
 def test_what_is_switched_and_what_stays_stock() -> None:
     model = nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 4, 1),  # pointwise: faster stock
+        nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 4, 1),  # pointwise: faster stock
+        nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 4, 3, padding=1, groups=4),  # one input channel per group
         nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 3, padding="same"),
         nn.Conv2d(2, 2, 3, padding="valid"), nn.Conv1d(2, 2, 3), nn.Linear(2, 2),
     )
-    assert [covers(m) for m in model] == [True, False, False, False, True, False, False]
+    assert [covers(m) for m in model] == [True, False, False, False, False, False, True, False, False]
     assert set_conv_backward(model, "fast") == 2
     assert all(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) for m in model)  # classes untouched
     before = {k: v.clone() for k, v in model.state_dict().items()}
