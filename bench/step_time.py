@@ -174,16 +174,15 @@ def gradient_difference(cfg: Any, batch: int, device: torch.device) -> tuple[flo
     return diff, max(float(s.abs().max()) for s in grads[0])
 
 
-def time_steps(modes: list[str], cfg: Any, batch: int, device: torch.device, repeats: int) -> dict[str, Any]:
-    """Per mode, medians over ``repeats`` interleaved steps (two untimed warm-up steps each): ``{mode: {"total":
+def time_steps(steps: dict[str, Step], repeats: int) -> dict[str, Any]:
+    """Per step, medians over ``repeats`` interleaved runs (two untimed warm-up runs each): ``{name: {"total":
     (wall, cpu), "phases": [(wall, cpu)] * 3}}``."""
-    steps = {m: make_step(m, cfg, batch, device) for m in modes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus: full backward hook on inputs without grad
         for s in steps.values():
             s.run()
             s.run()
-        runs: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in modes}
+        runs: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in steps}
         for _ in range(repeats):
             for m, s in steps.items():
                 runs[m].append(s.run())
@@ -371,14 +370,17 @@ def kinds_table(stock: dict[str, float], fast: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def step_table(times: dict[str, Any]) -> str:
-    base_wall, base_cpu = times[BASE_MODE]["total"]
-    rows = ["| mode | step wall s | x stock non-private | step CPU s | x stock non-private | wall s: forward / "
+def step_table(times: dict[str, Any], labels: dict[str, str] | None = None, base: str = BASE_MODE) -> str:
+    """Markdown table of :func:`time_steps`'s result, ratios against ``base``; ``labels``: row names (default: the
+    :data:`MODES` labels)."""
+    labels = labels or {k: v[0] for k, v in MODES.items()}
+    base_wall, base_cpu = times[base]["total"]
+    rows = [f"| mode | step wall s | x {labels[base]} | step CPU s | x {labels[base]} | wall s: forward / "
             "backward / optimizer | CPU s: forward / backward / optimizer |", "|---|---:|---:|---:|---:|---|---|"]
     for mode, t in times.items():
         wall, cpu = t["total"]
         ph = t["phases"]
-        rows.append(f"| {MODES[mode][0]} | {wall:.3f} | {wall / base_wall:.2f} | {cpu:.3f} | {cpu / base_cpu:.2f} | "
+        rows.append(f"| {labels[mode]} | {wall:.3f} | {wall / base_wall:.2f} | {cpu:.3f} | {cpu / base_cpu:.2f} | "
                     + " / ".join(f"{p[0]:.3f}" for p in ph) + " | " + " / ".join(f"{p[1]:.3f}" for p in ph) + " |")
     return "\n".join(rows)
 
@@ -427,7 +429,7 @@ def main() -> None:
         layers, _, _ = layer_table(conv_shapes(cfg, batch), batch, args.layer_repeats)
 
     print("\nwhole steps ...", flush=True)
-    times = time_steps(modes, cfg, batch, device, args.repeats)
+    times = time_steps({m: make_step(m, cfg, batch, device) for m in modes}, args.repeats)
     steps = step_table(times)
     print(steps, flush=True)
 
