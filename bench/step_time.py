@@ -239,7 +239,7 @@ def layer_times(shape: ConvShape, batch: int, repeats: int) -> dict[str, float]:
     """CPU ms per call (median) of the stock and fast pieces of one convolution (see the module docstring); keys
     absent where a piece does not apply (input gradient of a first layer, flipped kernel of a strided layer, fast
     path of a pointwise layer, which stays stock)."""
-    from models.fast_conv import FastConvFunction, channels_last_forward, conv_grads, covers, set_conv_backward
+    from models.fast_conv import channels_last_forward, conv_grads, fast_conv, scales_one_channel, set_conv_backward
 
     cpu = torch.device("cpu")
     conv_cls = nn.Conv3d if len(shape.size) == 3 else nn.Conv2d
@@ -272,13 +272,16 @@ def layer_times(shape: ConvShape, batch: int, repeats: int) -> dict[str, float]:
         "pass stock": train_pass(stock),
         "pass fast": train_pass(fast),
     }
-    if switched and covers(fast):
-        fns["fwd fast"] = lambda: FastConvFunction.apply(x, w, b, shape.stride, shape.padding, (1,) * spatial, 1)
+    # a pointwise layer of one input channel is a broadcast product on the fast path: its gradients are autograd's
+    channels_last = switched and not scales_one_channel(w, shape.stride, shape.padding, 1)
+    if switched:
+        fns["fwd fast"] = lambda: fast_conv(x, w, b, shape.stride, shape.padding, (1,) * spatial, 1)
+    if channels_last:
         fns["wgrad fast"] = lambda: conv_grads(gy, x_saved, w, shape.stride, shape.padding, [1] * spatial, 1,
                                                (False, True, shape.bias))
     if shape.input_grad:
         fns["xgrad stock"] = lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *conf, [True, False, False])
-        if switched:
+        if channels_last:
             fns["xgrad fast"] = lambda: conv_grads(gy, x_saved, w, shape.stride, shape.padding, [1] * spatial, 1,
                                                    (True, False, False))
         if all(s == 1 for s in shape.stride):

@@ -13,8 +13,10 @@ network sees the layouts the stock path gives it. Gradients equal the stock path
 kernel (faster than the plain backward, slower than the channels-last one; ``bench/step_time.py`` prints it).
 
 :func:`covers` says which layers this handles: exact ``nn.Conv2d``/``nn.Conv3d`` with a spatial kernel and more than
-one input channel per group (pointwise convolutions and the 1-channel first layers were as fast or faster stock),
-zero padding given as integers or ``'valid'``, any stride, dilation, groups, with or without bias. Calls on another device than the CPU (cuDNN's backward is not slow), inside autocast, without
+one input channel per group (pointwise convolutions of several channels and the spatial 1-channel first layers were
+as fast or faster stock), zero padding given as integers or ``'valid'``, any stride, dilation, groups, with or
+without bias; and the pointwise convolution of a single input channel (the residual path on the image), computed
+as a broadcast product. Calls on another device than the CPU (cuDNN's backward is not slow), inside autocast, without
 autograd or inside functorch transforms (Opacus's ``functorch`` mode vmaps the layer) take PyTorch's own
 convolution, so switching the path never changes what a model computes, only how fast.
 
@@ -47,6 +49,7 @@ __all__ = [
     "conv_grads",
     "covers",
     "fast_conv",
+    "scales_one_channel",
     "set_conv_backward",
 ]
 
@@ -160,21 +163,50 @@ def fast_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[i
         raise ValueError(f"fast_conv takes (N, C, H, W) or (N, C, D, H, W) input, got shape {tuple(x.shape)}")
     if _stock_path(x):
         return _conv(x.dim() - 2)(x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    if scales_one_channel(weight, stride, padding, groups):
+        return _scale(x, weight, bias)
     return FastConvFunction.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def scales_one_channel(weight: Tensor, stride: Sequence[int], padding: Sequence[int], groups: int) -> bool:
+    """Whether the convolution is a pointwise one of a single input channel (stride 1, no padding, one group):
+    each output channel is the input times a scalar plus the bias."""
+    return (weight.shape[1] == 1 and groups == 1 and all(k == 1 for k in weight.shape[2:])
+            and all(int(s) == 1 for s in stride) and all(int(p) == 0 for p in padding))
+
+
+def _scale(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``(N, 1, *S)`` times ``weight (C_out, 1, 1, ...)`` plus ``bias``: the pointwise convolution of one input
+    channel as a broadcast product (autograd's backward: a product and a sum). Why: with more than one thread
+    PyTorch runs it through oneDNN, which first copies the input into a 16-channel blocked layout; at 2 threads
+    that took 10x the product (``bench/step_time.py``)."""
+    shape = (1, weight.shape[0]) + (1,) * (x.dim() - 2)
+    y = x * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
 
 
 def covers(module: nn.Module) -> bool:
     """Whether :func:`set_conv_backward` switches ``module``: an exact ``nn.Conv2d``/``nn.Conv3d`` (a subclass may
-    override ``forward``) with more than one kernel tap and more than one input channel per group (pointwise
-    convolutions and the single-channel first layers on the image measured as fast or faster stock), and zero
-    padding given as integers or ``'valid'`` (``'same'`` may pad unevenly, other modes pad before the call)."""
+    override ``forward``) with zero padding given as integers or ``'valid'`` (``'same'`` may pad unevenly, other
+    modes pad before the call) that is either
+
+    * a convolution with more than one kernel tap and more than one input channel per group (channels-last
+      :class:`FastConvFunction`), or
+    * a pointwise convolution of a single input channel (a broadcast product, see :func:`_scale`).
+
+    Left stock, as fast or faster there in ``bench/step_time.py``: pointwise convolutions of several channels and
+    spatial ones of a single input channel per group (the first layers on the image)."""
     if type(module) not in _CONV_TYPES:
         return False
     padding = module.padding  # type: ignore[union-attr]
+    if module.padding_mode != "zeros" or (isinstance(padding, str) and padding != "valid"):
+        return False
     pointwise = all(k == 1 for k in module.kernel_size)  # type: ignore[union-attr]
     single_channel = module.in_channels // module.groups == 1  # type: ignore[operator]
-    return (not pointwise and not single_channel and module.padding_mode == "zeros"
-            and (not isinstance(padding, str) or padding == "valid"))
+    if pointwise and single_channel:
+        pads = (0,) if isinstance(padding, str) else padding
+        return scales_one_channel(module.weight, module.stride, pads, module.groups)  # type: ignore[arg-type]
+    return not pointwise and not single_channel
 
 
 def _fast_forward(self: nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:

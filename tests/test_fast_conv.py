@@ -32,6 +32,9 @@ LAYERS = [
     (nn.Conv2d, 3, 5, 3, 1, 1, 1, 1, True, (9, 8)),
     (nn.Conv2d, 4, 6, 3, 2, 1, 1, 2, True, (9, 8)),
     (nn.Conv2d, 2, 3, (3, 5), 1, (1, 0), 2, 1, False, (10, 11)),
+    # pointwise convolutions of one input channel: a broadcast product
+    (nn.Conv3d, 1, 4, 1, 1, 0, 1, 1, True, (5, 6, 7)),
+    (nn.Conv2d, 1, 3, 1, 1, 0, 1, 1, False, (6, 7)),
 ]
 
 
@@ -103,13 +106,15 @@ def test_frozen_weight_and_input_without_grad() -> None:
 
 def test_what_is_switched_and_what_stays_stock() -> None:
     model = nn.Sequential(
-        nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 4, 1),  # pointwise: faster stock
+        nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 4, 1),  # pointwise of several channels: faster stock
         nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 4, 3, padding=1, groups=4),  # one input channel per group
+        nn.Conv3d(1, 4, 1), nn.Conv3d(1, 4, 1, stride=2), nn.Conv3d(1, 4, 1, padding=1),  # product; not strided
         nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 3, padding="same"),
         nn.Conv2d(2, 2, 3, padding="valid"), nn.Conv1d(2, 2, 3), nn.Linear(2, 2),
     )
-    assert [covers(m) for m in model] == [True, False, False, False, False, False, True, False, False]
-    assert set_conv_backward(model, "fast") == 2
+    expected = [True, False, False, False, True, False, False, False, False, True, False, False]
+    assert [covers(m) for m in model] == expected
+    assert set_conv_backward(model, "fast") == 3
     assert all(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) for m in model)  # classes untouched
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert set_conv_backward(model, "stock") == 0 and conv_backward_of(model) == "stock"
@@ -134,6 +139,10 @@ def test_stock_convolution_where_the_fast_path_does_not_apply() -> None:
     torch.testing.assert_close(layer(x[0]), ref[0])  # unbatched (C, H, W)
     per_case = torch.func.vmap(lambda xi: layer(xi[None])[0])(x)
     torch.testing.assert_close(per_case, ref)
+    pointwise = nn.Conv3d(1, 2, 1)
+    set_conv_backward(pointwise, "fast")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pointwise(torch.randn(2, 1, 3, 4, 4)).dtype == torch.bfloat16
 
 
 def test_channels_last_forward_rule() -> None:
