@@ -18,6 +18,7 @@ from models.fast_conv import (
     covers,
     set_conv_backward,
 )
+from tests.conv_cases import build_case
 
 LAYERS = [
     # (conv class, in, out, kernel, stride, padding, dilation, groups, bias, spatial)
@@ -55,11 +56,7 @@ def _grads(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.T
 
 @pytest.mark.parametrize("case", LAYERS, ids=_ids)
 def test_layer_outputs_and_gradients_equal_the_stock_path(case: tuple) -> None:
-    cls, cin, cout, k, stride, pad, dil, groups, bias, spatial = case
-    torch.manual_seed(0)
-    layer = cls(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
-    x = torch.randn(3, cin, *spatial)
-    gy = torch.randn_like(layer(x))
+    layer, x, gy = build_case(case, 3)
     y_ref, ref = _grads(layer, x, gy)
     assert set_conv_backward(layer, "fast") == 1 and conv_backward_of(layer) == "fast"
     y, got = _grads(layer, x, gy)
