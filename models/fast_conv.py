@@ -1,16 +1,19 @@
-"""A faster CPU convolution backward for the small-channel 2D/3D convolutions of fedfusion's networks.
+"""Faster CPU convolutions (backward above all) for the small-channel 2D/3D convolutions of fedfusion's networks.
 
 Why: PyTorch's CPU convolution on plain (``contiguous``, NCDHW) tensors is slow for the networks' narrow layers
-(4-16 channels, 3x3x3 kernels): on the default model's full-resolution 4->4 layer (batch 12, 16x32x32) its
-backward took 3.5x the channels-last one, and the forward 2x (``bench/step_time.py``, docs/benchmarks.md). oneDNN's
-kernels for channels-last tensors (NDHWC) do the same arithmetic faster at these widths.
+(4-16 channels, 3x3x3 kernels): on the default model's full-resolution 4->4 layer (batch 12, 16x32x32, 2 threads)
+its input gradient took 3.3x the channels-last one, its weight gradient 2x and the layer's whole training pass 2.3x
+(``bench/step_time.py``, docs/benchmarks.md). oneDNN's kernels for channels-last tensors (NDHWC) do the same
+arithmetic faster at these widths.
 
 How (:class:`FastConvFunction`): the same convolution and the same ``aten.convolution_backward``, on channels-last
 copies of the input, kernel and output gradient (one backward call for input, weight and bias gradients), the
 forward too for stride-1 layers (:func:`channels_last_forward`); results are returned contiguous, so the rest of the
-network sees the layouts the stock path gives it. Gradients equal the stock path's up to float rounding
-(tests/test_fast_conv.py). Measured and not used: the input gradient as a forward convolution with the flipped
-kernel (faster than the plain backward, slower than the channels-last one; ``bench/step_time.py`` prints it).
+network sees the layouts the stock path gives it. Memory: a stride-1 layer keeps the channels-last copy of its input
+for the backward (31 MiB more than the stock path for the default model at batch 12). Gradients equal the stock
+path's up to float rounding (tests/test_fast_conv.py). Measured and not used: the input gradient as a forward
+convolution with the flipped kernel (faster than the plain backward, slower than the channels-last one;
+``bench/step_time.py`` prints it).
 
 :func:`covers` says which layers this handles: exact ``nn.Conv2d``/``nn.Conv3d`` with a spatial kernel and more than
 one input channel per group (pointwise convolutions of several channels and the spatial 1-channel first layers were
@@ -33,7 +36,7 @@ Which path a run uses is the run config's ``conv-backward`` key (``fast`` | ``st
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
