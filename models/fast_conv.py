@@ -35,7 +35,6 @@ Which path a run uses is the run config's ``conv-backward`` key (``fast`` | ``st
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -212,11 +211,19 @@ def covers(module: nn.Module) -> bool:
     return not pointwise and not single_channel
 
 
-def _fast_forward(self: nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    if x.dim() != len(self.kernel_size) + 2:  # unbatched input: the stock forward handles it
-        return type(self).forward(self, x)
-    padding = [0] * (x.dim() - 2) if isinstance(self.padding, str) else self.padding
-    return fast_conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+class _FastForward:
+    """The ``forward`` :func:`set_conv_backward` gives a convolution: :func:`fast_conv` with the module's settings.
+    A class rather than a bound method so that a switched model still deep-copies and pickles."""
+
+    def __init__(self, module: nn.Conv2d | nn.Conv3d) -> None:
+        self.module = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.module
+        if x.dim() != len(m.kernel_size) + 2:  # unbatched input: the stock forward handles it
+            return type(m).forward(m, x)
+        padding = [0] * (x.dim() - 2) if isinstance(m.padding, str) else m.padding
+        return fast_conv(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
 
 
 def set_conv_backward(model: nn.Module, mode: str) -> int:
@@ -238,7 +245,7 @@ def set_conv_backward(model: nn.Module, mode: str) -> int:
     switched = 0
     for m in model.modules():
         if mode == "fast" and covers(m):
-            m.forward = types.MethodType(_fast_forward, m)  # type: ignore[method-assign]
+            m.forward = _FastForward(m)  # type: ignore[method-assign]
             setattr(m, _MARK, True)
             switched += 1
         elif mode == "stock" and getattr(m, _MARK, False):

@@ -122,6 +122,22 @@ def test_what_is_switched_and_what_stays_stock() -> None:
     assert CONV_BACKWARDS == ("fast", "stock")
 
 
+def test_a_switched_model_copies_and_pickles() -> None:
+    import copy
+    import io
+
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(1, 4, 1))
+    set_conv_backward(model, "fast")
+    x = torch.randn(1, 2, 4, 4, 4)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert conv_backward_of(twin) == "fast"
+        assert all(vars(m)["forward"].module is m for m in twin)  # bound to the copy, not the original
+        torch.testing.assert_close(twin[0](x), model[0](x))
+
+
 def test_stock_convolution_where_the_fast_path_does_not_apply() -> None:
     """No autograd, autocast, unbatched input and functorch transforms take PyTorch's own convolution."""
     torch.manual_seed(3)
