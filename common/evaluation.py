@@ -129,16 +129,18 @@ def load_model(
     return model.to(dev).eval(), cfg, extra
 
 
-def heldout_loader(dataset: Dataset | Sequence[Mapping[str, Any]], batch_size: int) -> DataLoader:
+def heldout_loader(dataset: Dataset | Sequence[Mapping[str, Any]], batch_size: int, *,
+                   pin_memory: bool = False) -> DataLoader:
     """The held-out cases in dataset order, ``batch_size`` per batch, read in this process.
 
     The loader has its own generator: iterating a loader draws a base seed, which would otherwise come from (and
     shift) torch's global RNG, and an evaluation must not change what a training that follows it draws.
+    ``pin_memory``: batches in page-locked memory (for a CUDA device: faster host-to-GPU copies).
     """
     if batch_size < 1:
         raise ValueError(f"evaluation batch size must be at least 1, got {batch_size}")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), pin_memory=pin_memory)
 
 
 def evaluate_model(
@@ -161,7 +163,9 @@ def evaluate_model(
         device: where the model runs (see :func:`load_model`).
     """
     wanted = select_subsets(subsets, model_modalities(model))
-    return evaluate_subsets(model, heldout_loader(heldout, batch_size), resolve_device(str(device)), wanted, hd95=hd95)
+    dev = resolve_device(str(device))
+    loader = heldout_loader(heldout, batch_size, pin_memory=dev.type == "cuda")
+    return evaluate_subsets(model, loader, dev, wanted, hd95=hd95)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models.config import ModelConfig
+from models.fast_conv import CONV_BACKWARDS
 from models.modalities import MODALITIES
 
 __all__ = [
@@ -146,6 +147,8 @@ _KEYS: tuple[Key, ...] = (
     Key("lr", float, "train", "site learning rate", _at_least(0, strict=True)),
     Key("batch-size", int, "train", "expected cases per step (DP: Poisson batch)", _at_least(1)),
     Key("proximal-mu", float, "train", "FedProx proximal weight (0 = off)", _at_least(0)),
+    Key("conv-backward", str, "train", "CPU convolution backward: fast (models/fast_conv.py) or stock (PyTorch's); "
+        "same gradients", _one_of(*CONV_BACKWARDS)),
     # patient-level DP
     Key("dp-enabled", bool, "dp", "train with DP-SGD (a site may refuse false)"),
     Key("dp-target-epsilon", float, "dp", "epsilon a site plans to spend over the run", _at_least(0, strict=True)),
@@ -360,6 +363,7 @@ class TrainConfig:
     lr: float
     batch_size: int
     proximal_mu: float
+    conv_backward: str
     seed: int
     num_server_rounds: int
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .precision import MixedPrecision
+
 
 def resolve_device(preference: str = "auto") -> torch.device:
     """The torch device to use: ``auto`` = CUDA when available else CPU; or an explicit ``cpu``, ``cuda``,
@@ -195,6 +197,7 @@ def train_epoch(
     generator: torch.Generator | None = None,
     proximal: ProximalTerm | None = None,
     max_batches: int | None = None,
+    amp: str | MixedPrecision = "off",
 ) -> dict[str, float]:
     """One pass over ``loader``, one optimizer step per batch.
 
@@ -211,6 +214,9 @@ def train_epoch(
         generator: CPU torch generator for the dropout draws (reproducible runs).
         proximal: FedProx term (see module docstring for its DP handling).
         max_batches: stop after this many batches (empty ones included); None = whole loader.
+        amp: mixed precision for non-private training (:mod:`models.precision`): ``off``, ``auto`` (CUDA only),
+            ``bf16``, ``fp16``, or a :class:`~models.precision.MixedPrecision` kept across epochs (fp16's loss
+            scale); always float32 under DP-SGD.
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, NaN when the loss
@@ -221,6 +227,10 @@ def train_epoch(
 
     device = torch.device(device)
     dp = is_dp_optimizer(optimizer)
+    precision = amp if isinstance(amp, MixedPrecision) else MixedPrecision.resolve(amp, device, private=dp)
+    if dp and precision.enabled:
+        raise ValueError("mixed precision with DP-SGD: per-case gradients and clipping must stay float32 "
+                         "(models/precision.py); pass amp='off' or 'auto'")
     model.train()
     n_examples = 0
     steps = 0
@@ -251,8 +261,9 @@ def train_epoch(
         label = label.to(device, non_blocking=True).long().reshape(-1)
 
         optimizer.zero_grad(set_to_none=True)
-        seg_logits, class_logits = model(image, mask)
-        out = loss_fn(seg_logits, class_logits, seg, label)
+        with precision.autocast():
+            seg_logits, class_logits = model(image, mask)
+            out = loss_fn(seg_logits, class_logits, seg, label)
         if isinstance(out, tuple):
             total, parts = out
         else:
@@ -262,7 +273,7 @@ def train_epoch(
             penalty = proximal.penalty(model)
             prox_sum += float(penalty.detach())
             backward_loss = total + penalty
-        backward_loss.backward()
+        precision.backward(backward_loss)
         if dp and proximal is not None and proximal.mu > 0:
             # Clip + noise, then the data-independent proximal gradient, then the update (see module docstring).
             if optimizer.pre_step():  # type: ignore[attr-defined]
@@ -270,7 +281,7 @@ def train_epoch(
                 prox_sum += float(proximal.penalty(model).detach())
                 optimizer.original_optimizer.step()  # type: ignore[attr-defined]
         else:
-            optimizer.step()
+            precision.step(optimizer)
         steps += 1
         # Opacus's ghost-clipping loss is not a tensor; .detach() gives its scalar mean.
         loss_sum += total.detach().reshape(()).to(torch.float64) * b

@@ -40,8 +40,8 @@ BEST_METRIC = "all/dice-whole"
 class CentralSettings:
     """Settings of one centralized run (all saved to ``RUN/config.json``).
 
-    :meth:`from_run_config` takes the model, learning rate, batch size and seed from the run config, so a pooled run
-    and a federated run of the same config train the same network the same way.
+    :meth:`from_run_config` takes the model, learning rate, batch size, seed and convolution path from the run config,
+    so a pooled run and a federated run of the same config train the same network the same way.
 
     Attributes:
         data: data root holding ``site-*`` folders and ``heldout/`` (or a single site folder to train on).
@@ -51,6 +51,8 @@ class CentralSettings:
         lr: learning rate.
         batch_size: training batch size (cases).
         seed: seed of everything random.
+        conv_backward: ``fast`` or ``stock`` convolution path (run-config key ``conv-backward``,
+            :mod:`models.fast_conv`).
         optimizer: ``adam`` or ``sgd`` (None: :func:`models.training.make_optimizer`'s default, as at the sites).
         augment: random flips / intensity jitter of training cases.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
@@ -71,6 +73,7 @@ class CentralSettings:
     lr: float
     batch_size: int
     seed: int
+    conv_backward: str
     optimizer: str | None = None
     augment: bool = False
     device: str = "auto"
@@ -88,7 +91,7 @@ class CentralSettings:
     def from_run_config(cls, data: Path, out: Path, run_config: Mapping[str, Any] | None = None, *,
                         epochs: int | None = None, **options: Any) -> "CentralSettings":
         """Settings from the run config (pyproject's defaults with ``run_config`` applied): its ``model-*``, ``lr``,
-        ``batch-size`` and ``seed``; ``epochs`` defaults to ``num-server-rounds x local-epochs`` (the passes over
+        ``batch-size``, ``seed`` and ``conv-backward``; ``epochs`` defaults to ``num-server-rounds x local-epochs`` (the passes over
         its data a site makes in the federated run). ``options`` set the other attributes.
 
         Raises:
@@ -98,7 +101,8 @@ class CentralSettings:
         train = TrainConfig.from_run_config(rc)
         return cls(data=Path(data), out=Path(out), model=runconfig.model_config(rc),
                    epochs=int(epochs) if epochs is not None else train.num_server_rounds * train.local_epochs,
-                   lr=train.lr, batch_size=train.batch_size, seed=train.seed, **options)
+                   lr=train.lr, batch_size=train.batch_size, seed=train.seed, conv_backward=train.conv_backward,
+                   **options)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
@@ -154,6 +158,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
     from common.data.dataset import CaseDataset
     from common.evaluation import evaluate_model, load_heldout
     from models.checkpoint import save_checkpoint
+    from models.fast_conv import set_conv_backward
     from models.losses import MultiTaskLoss
     from models.network import build_model
     from models.runlog import MetricsLog
@@ -192,6 +197,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
 
     torch.manual_seed(s.seed)
     model = build_model(model_cfg, device)
+    set_conv_backward(model, s.conv_backward)
     optimizer = make_optimizer(model, s.lr, *([s.optimizer] if s.optimizer else []))
     loss_fn = MultiTaskLoss()
     dropout_gen = torch.Generator().manual_seed(s.seed + 1)

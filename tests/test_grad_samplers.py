@@ -8,6 +8,7 @@ from torch import nn
 
 from client.privacy import grad_samplers
 from client.privacy.grad_samplers import conv_grad_sample_grouped
+from tests.conv_cases import build_case
 
 CASES = [
     # (conv class, in, out, kernel, stride, padding, dilation, groups, bias, spatial)
@@ -36,11 +37,8 @@ def _autograd_per_case(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> d
 def test_grouped_conv_grad_sample_matches_autograd_and_opacus(case: tuple) -> None:
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    cls, cin, cout, k, stride, pad, dil, groups, bias, spatial = case
-    torch.manual_seed(0)
-    layer = cls(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
-    x = torch.randn(5, cin, *spatial)
-    gy = torch.randn_like(layer(x))
+    layer, x, gy = build_case(case, 5)
+    bias = case[8]
     ours = conv_grad_sample_grouped(layer, [x], gy)
     theirs = compute_conv_grad_sample(layer, [x], gy)
     ref = _autograd_per_case(layer, x, gy)
