@@ -178,11 +178,13 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
                 replies.NO_USABLE_DATA,
                 "the site has no usable case for this run's modalities (see the site log for skipped cases)",
             )
+        from models.fast_conv import set_conv_backward
         from models.losses import MultiTaskLoss
         from models.network import build_model
 
         torch.manual_seed(ts.seed)  # the initial weights are replaced by the server's, but keep builds repeatable
         model = build_model(cfg).to(device)
+        set_conv_backward(model, ts.conv_backward)  # before make_private: Opacus wraps the switched modules
         split = split_site(dataset, site_salt(settings.state_dir))
         log.info("site %s: %d patients (%d cases) train, %d patients (%d cases) held out for evaluation",
                  settings.site_name, len(split.train_groups), len(split.train), len(split.validation_groups),
@@ -209,7 +211,7 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
 
             train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
             loader = DataLoader(train_cases, batch_size=min(rt.train.batch_size, rt.num_cases),
-                                shuffle=True, drop_last=False)
+                                shuffle=True, drop_last=False, pin_memory=rt.device.type == "cuda")
             optimizer = make_optimizer(rt.model, lr=rt.train.lr)
             if rt.dp_request.enabled:
                 try:

@@ -130,8 +130,10 @@ def _train(
     t0 = time.perf_counter()
     losses = []
     for _ in range(rt.train.local_epochs):
+        # amp="auto": mixed precision on a GPU without DP; float32 on the CPU and always under DP
         stats = train_epoch(module, loader, optimizer, loss_fn, rt.device,
-                            modality_dropout=rt.model_cfg.modality_dropout, generator=generator, proximal=prox)
+                            modality_dropout=rt.model_cfg.modality_dropout, generator=generator, proximal=prox,
+                            amp="auto")
         losses.append(float(stats.get("loss", math.nan)))
     seconds = time.perf_counter() - t0
 

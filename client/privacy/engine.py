@@ -301,7 +301,8 @@ def make_private(
 
     # Opacus's Poisson loader replaced by the same draw over patients (one study each when no groups are given),
     # from the site's randomness instead of torch's generator
-    parts.loader = patient_loader(dataset, units, parts.sample_rate, spe, draw=draw)
+    parts.loader = patient_loader(dataset, units, parts.sample_rate, spe, draw=draw,
+                                  pin_memory=bool(getattr(loader, "pin_memory", False)))
     if groups is not None:
         clip_per_patient(dp_opt, parts.loader.batch_sampler, expected_patients=int(len(units) * parts.sample_rate))
     seed_empty_batch_template(parts.loader)

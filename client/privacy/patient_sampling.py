@@ -76,7 +76,7 @@ class PatientPoissonSampler(Sampler[list[int]]):
 
 
 def patient_loader(dataset: Dataset, groups: Sequence[Sequence[int]], sample_rate: float, steps: int,
-                   draw: Callable[[int, float], torch.Tensor]) -> DataLoader:
+                   draw: Callable[[int, float], torch.Tensor], pin_memory: bool = False) -> DataLoader:
     """A loader of patient-Poisson batches over ``dataset`` whose empty batches keep the item structure (as
     Opacus's ``DPDataLoader``); its ``batch_sampler`` is the :class:`PatientPoissonSampler`."""
     from opacus.data_loader import wrap_collate_with_empty
@@ -84,7 +84,7 @@ def patient_loader(dataset: Dataset, groups: Sequence[Sequence[int]], sample_rat
 
     sampler = PatientPoissonSampler(groups, sample_rate, steps, draw)
     # num_workers=0: the sampler's ``owner`` must describe the batch being trained on, not a prefetched one
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0, pin_memory=pin_memory,
                       collate_fn=wrap_collate_with_empty(collate_fn=default_collate))
 
 
