@@ -4,7 +4,9 @@
 DATA/                 a data root (``fedfusion phantoms --out DATA``, or a consortium's own folders)
   site-01/            a site: labels.csv + one folder per case (the folder name is the site-local case id)
   site-02/ ...
-  heldout/            the server's held-out test set, same layout as a site (never a training site)
+  heldout/            the held-out set the reported numbers come from, same layout as a site (never a training site)
+  validation/         the server's model-selection set (checkpoints/best.pt is chosen on it; optional)
+  heldout-unseen/     a held-out cohort from a scanner vendor no training site has (optional)
 RUN/site-state/site-01/   a simulated site's private state (privacy ledger, policy, caches)
 ```
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "COHORT_NAMES",
     "HELDOUT_NAME",
     "LABELS_FILE",
     "PHANTOM_GENERATOR",
@@ -24,8 +27,11 @@ __all__ = [
     "SITE_PREFIX",
     "SITE_SETTINGS_FILE",
     "SITE_STATE",
+    "UNSEEN_NAME",
+    "VALIDATION_NAME",
     "heldout_dir",
     "partition_site",
+    "resolve_cohort_dir",
     "resolve_test_dir",
     "simulated_state_dir",
     "site_dirs",
@@ -37,8 +43,14 @@ LABELS_FILE = "labels.csv"
 SITE_SETTINGS_FILE = "fedfusion-site.toml"
 #: Folder-name prefix of a training site inside a data root.
 SITE_PREFIX = "site-"
-#: Folder name of the server's held-out test set inside a data root.
+#: Folder name of the held-out test set the reported numbers come from, inside a data root.
 HELDOUT_NAME = "heldout"
+#: Folder name of the server's model-selection set (``best.pt``), inside a data root.
+VALIDATION_NAME = "validation"
+#: Folder name of the held-out cohort from a scanner no training site has, inside a data root.
+UNSEEN_NAME = "heldout-unseen"
+#: The cohorts of a data root that are never training sites, in report order.
+COHORT_NAMES: tuple[str, ...] = (HELDOUT_NAME, VALIDATION_NAME, UNSEEN_NAME)
 #: Folder of the simulated sites' private state inside a run directory.
 SITE_STATE = "site-state"
 #: Manifest ``fedfusion phantoms`` writes into a data root it generated, and its ``generator`` value: how anything
@@ -86,6 +98,15 @@ def heldout_dir(data_root: str | Path) -> Path:
 def resolve_test_dir(test_dir: str | Path, data_dir: str | Path) -> Path:
     """Run config ``test-dir`` if set, else the held-out set of ``data-dir``."""
     return Path(test_dir) if str(test_dir).strip() else heldout_dir(data_dir)
+
+
+def resolve_cohort_dir(given: str | Path, data_dir: str | Path, name: str) -> Path | None:
+    """A run config's folder for cohort ``name`` (``select-dir``, ``unseen-dir``): the given folder, else
+    ``<data-dir>/<name>`` when it exists, else ``None`` (the cohort is optional)."""
+    if str(given).strip():
+        return Path(given)
+    candidate = Path(data_dir) / name
+    return candidate if candidate.is_dir() else None
 
 
 def simulated_state_dir(run_dir: str | Path, site_name: str) -> Path:

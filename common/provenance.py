@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.layout import PHANTOM_GENERATOR, PHANTOM_MANIFEST, resolve_test_dir
+from common.layout import PHANTOM_GENERATOR, PHANTOM_MANIFEST, VALIDATION_NAME, resolve_test_dir
 from models.modalities import subset_name
 from models.runlog import iter_metrics
 
@@ -99,8 +99,9 @@ class ExpectedPerformance:
         round: the round (epoch for a centralized run) the evaluated weights come from.
         phase: the metrics-log phase of the rows.
         heldout: the held-out folder the run evaluated on (``None`` when the run config does not say).
-        heldout_role: ``"selection"``: the run has one held-out set, and it is also the set ``best.pt`` was chosen
-            on, so these numbers are optimistic for a best checkpoint.
+        heldout_role: ``"reporting"``: the set was not used to choose the checkpoint (a separate ``validation/``
+            selection set, or no selection); ``"selection"``: ``best.pt`` was chosen on this same set, so these
+            numbers are optimistic.
         note: what the numbers are, in a sentence.
     """
 
@@ -124,6 +125,8 @@ class ModelProvenance:
         run_id: the run's id; ``run_id_source`` says where it came from.
         round: the round (epoch) of the checkpoint's weights, ``None`` when it does not say.
         selected_by: the metric ``best.pt`` was chosen by, ``None`` for a checkpoint that was not selected.
+        selected_on: the cohort that metric was measured on (``validation``: a separate selection set;
+            ``heldout``: the reporting set itself; ``None``: not selected, or a run that did not record it).
         threshold: decision threshold on P(malignant); ``threshold_source`` says where it came from.
         run_dir: the run directory holding ``metrics.jsonl``, ``None`` when there is none next to the checkpoint.
         eval_phase, eval_round: the held-out evaluation used (``None`` when the run logged none).
@@ -151,6 +154,7 @@ class ModelProvenance:
     privacy: list[SitePrivacy] = field(default_factory=list)
     data: str = "unknown"
     phantom: bool | None = None
+    selected_on: str | None = None
 
     def expected(self, subset: Sequence[str]) -> ExpectedPerformance | None:
         """The run's held-out metrics for exactly ``subset`` (modality names), ``None`` when not evaluated."""
@@ -158,12 +162,18 @@ class ModelProvenance:
         row = self.evaluation.get(name)
         if row is None or self.eval_phase is None or self.eval_round is None:
             return None
-        chosen = f"best.pt was chosen on it by {self.selected_by}" if self.selected_by else \
-            "the run monitored every evaluated round on it"
-        note = (f"held-out metrics of the {name} subset (the other modalities masked out) at round {self.eval_round} "
-                f"({self.eval_phase}); the run has a single held-out set and {chosen}, so it is also the selection "
-                "set: expect somewhat lower numbers on new studies")
-        return ExpectedPerformance(name, dict(row), self.eval_round, self.eval_phase, self.heldout, "selection", note)
+        what = (f"held-out metrics of the {name} subset (the other modalities masked out) at round {self.eval_round} "
+                f"({self.eval_phase})")
+        if self.selected_by and self.selected_on != VALIDATION_NAME:
+            note = (f"{what}; best.pt was chosen on this same held-out set by {self.selected_by}, so it is also the "
+                    "selection set: expect somewhat lower numbers on new studies")
+            role = "selection"
+        else:
+            chosen = (f"best.pt was chosen by {self.selected_by} on a separate {VALIDATION_NAME}/ set"
+                      if self.selected_by else "this checkpoint was not selected")
+            note = f"{what}; {chosen}, so these numbers are an unbiased estimate for studies like the held-out set's"
+            role = "reporting"
+        return ExpectedPerformance(name, dict(row), self.eval_round, self.eval_phase, self.heldout, role, note)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (:meth:`from_dict` rebuilds it)."""
@@ -322,4 +332,5 @@ def load_provenance(checkpoint: str | os.PathLike[str], extra: Mapping[str, Any]
         selected_by=str(selected) if selected else None, threshold=threshold, threshold_source=threshold_source,
         run_dir=str(run_dir) if run_dir is not None else None, eval_phase=phase, eval_round=eval_round,
         evaluation=evaluation, heldout=heldout, privacy=_privacy(records), data=data, phantom=phantom,
+        selected_on=str(extra["selected_on"]) if extra.get("selected_on") else None,
     )

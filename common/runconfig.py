@@ -192,7 +192,11 @@ _KEYS: tuple[Key, ...] = (
         _one_of("full", "all", "none")),
     # where things are
     Key("data-dir", str, "paths", "simulation: folder of site-* folders (+ heldout/)"),
-    Key("test-dir", str, "paths", "held-out set ('' = <data-dir>/heldout)"),
+    Key("test-dir", str, "paths", "held-out set the reported numbers come from ('' = <data-dir>/heldout)"),
+    Key("select-dir", str, "paths", "model-selection set for checkpoints/best.pt ('' = <data-dir>/validation when it "
+        "exists, else the held-out set itself, with a warning)"),
+    Key("unseen-dir", str, "paths", "held-out cohort from an unseen scanner, evaluated after the last round ('' = "
+        "<data-dir>/heldout-unseen when it exists)"),
     Key("run-dir", str, "paths", "run directory (config, metrics, checkpoints, report)", _non_empty),
     Key("resume", str, "paths", "'' = fresh run; a run directory = continue it from its last checkpoint"),
     # client-level protection

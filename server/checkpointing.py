@@ -101,7 +101,10 @@ class RunDirectory:
         metric: str,
         value: float,
         run_config: Mapping[str, Any],
+        selected_on: str,
     ) -> None:
+        """Write ``best.pt``; ``selected_on`` names the cohort the metric was measured on (the selection set, or the
+        reporting held-out set when there is none)."""
         save_checkpoint(
             self.best_path,
             dict(state_dict),
@@ -110,6 +113,7 @@ class RunDirectory:
             metric=metric,
             value=float(value),
             run_config=dict(run_config),
+            selected_on=selected_on,
         )
 
     def load_resume(self) -> ResumeState:

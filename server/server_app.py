@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import runconfig
-from common.layout import resolve_test_dir
+from common.layout import HELDOUT_NAME, UNSEEN_NAME, VALIDATION_NAME, resolve_cohort_dir, resolve_test_dir
 from models.config import ModelConfig
 from models.runlog import MetricsLog
 
@@ -113,13 +113,19 @@ def _run(
     if strategy_state:
         strategy.set_state(strategy_state)
 
-    evaluator = GlobalEvaluator(
-        model_config,
-        resolve_test_dir(settings.test_dir, settings.data_dir),
-        device=settings.device,
-        batch_size=settings.eval_batch_size,
-        hd95=settings.eval_hd95,
-    )
+    def cohort(folder: Path, **options: Any) -> GlobalEvaluator:
+        return GlobalEvaluator(model_config, folder, device=settings.device, batch_size=settings.eval_batch_size,
+                               **options)
+
+    evaluator = cohort(resolve_test_dir(settings.test_dir, settings.data_dir), hd95=settings.eval_hd95)
+    # best.pt is chosen on the selection set, never on the set the reported numbers come from (when there is one)
+    select_dir = resolve_cohort_dir(settings.select_dir, settings.data_dir, VALIDATION_NAME)
+    selector = cohort(select_dir, subsets=[model_config.modalities], hd95="none") if select_dir else None
+    if selector is None:
+        logger.warning("no model-selection set (%s/ or run config select-dir): best.pt is chosen on the held-out "
+                       "set the numbers are reported on, so they are optimistic", VALIDATION_NAME)
+    unseen_dir = resolve_cohort_dir(settings.unseen_dir, settings.data_dir, UNSEEN_NAME)
+    unseen = cohort(unseen_dir, hd95="none") if unseen_dir else None
 
     def after_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls this after every round (and with 0 before the first): evaluate, log, checkpoint."""
@@ -136,10 +142,22 @@ def _run(
                 mlog.write(rnd, "server-eval", "global", flat)
                 logger.info("round %d global evaluation per modality subset:\n%s", rnd, render(outcome.table))
                 print_round(rnd, flat)
-        if flat is not None and best.update(rnd, flat):
+        selection = flat
+        if due and selector is not None:
+            chosen = selector.evaluate(state_dict)
+            selection = chosen.flat if chosen is not None else None
+            if selection is not None:
+                mlog.write(rnd, "server-select", "global", selection)
+        if selection is not None and best.update(rnd, selection):
             run_dir.save_best(rnd, state_dict, model_config, metric=settings.best_metric,
-                              value=float(best.value or 0.0), run_config=resolved)
+                              value=float(best.value or 0.0), run_config=resolved,
+                              selected_on=VALIDATION_NAME if selector is not None else HELDOUT_NAME)
             logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
+        if unseen is not None and rnd == settings.num_server_rounds:
+            other = unseen.evaluate(state_dict)
+            if other is not None:
+                mlog.write(rnd, "server-eval-unseen", "global", other.flat)
+                logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
         # last.pt goes last: once it names round r, everything of round r is on disk.
         run_dir.save_round(
             rnd, state_dict, model_config,

@@ -38,6 +38,8 @@ class ServerSettings:
     best_metric: str
     data_dir: str
     test_dir: str
+    select_dir: str
+    unseen_dir: str
     run_dir: str
     resume: str
     proximal_mu: float

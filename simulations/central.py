@@ -3,9 +3,10 @@
 All ``site-*`` folders of a data root are pooled into one dataset (never ``heldout/``); the network trains with the
 same loop as a site (:func:`models.training.train_epoch`) and is evaluated on ``heldout/`` with
 :func:`common.evaluation.evaluate_model`. The run directory follows docs/architecture.md: ``config.json``,
-``metrics.jsonl`` (round = epoch; phase ``central-train`` / ``central-eval``, scope ``global``; round 0 is the
-untrained model when ``initial_eval``), ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (best
-``all/dice-whole``).
+``metrics.jsonl`` (round = epoch; phase ``central-train`` / ``central-eval`` (the held-out set the numbers are
+reported on) / ``central-select`` (the ``validation/`` selection set), scope ``global``; round 0 is the untrained
+model when ``initial_eval``), ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (best ``all/dice-whole`` on the
+selection set; on the held-out set itself, with a warning, when the data root has no ``validation/``).
 
 Evaluation cost: evaluating every modality subset is ``2^M - 1`` forwards per held-out case. By default the
 per-epoch evaluations use only the full modality set (``eval_subsets="full"``) and the last epoch evaluates every
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import runconfig
+from common.layout import HELDOUT_NAME, VALIDATION_NAME, resolve_cohort_dir
 from common.runconfig import TrainConfig
 from models.config import ModelConfig
 
@@ -140,7 +142,7 @@ def split_data_root(data: Path, heldout: Path | None = None) -> tuple[list[Path]
     train = [s.path for s in found if not s.heldout]
     held = heldout
     if held is None:
-        held = next((s.path for s in found if s.heldout), None)
+        held = next((s.path for s in found if s.name == HELDOUT_NAME), None)
     if not train:
         raise ValueError(f"{data} has no training site folders (site-*); only {[s.name for s in found]}")
     return train, (Path(held) if held is not None else None)
@@ -183,14 +185,16 @@ def train_central(settings: CentralSettings) -> CentralResult:
         )
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"kind": "central", **s.to_json_dict(), "device-resolved": str(device),
-              "train-sites": [p.name for p in train_dirs], "heldout-dir": str(held_dir)}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
     torch.manual_seed(s.seed)
     train_ds = CaseDataset(train_dirs, modalities=modalities, spatial_size=model_cfg.spatial_size, augment=s.augment,
                            cache=True, seed=s.seed)
     held_ds = load_heldout(model_cfg, held_dir)
+    # best.pt is chosen on the selection set, never on the set the numbers are reported on (when there is one)
+    select_dir = resolve_cohort_dir("", Path(s.data), VALIDATION_NAME) if s.heldout is None else None
+    select_ds = load_heldout(model_cfg, select_dir) if select_dir is not None else None
+    if select_ds is None:
+        log.warning("central training: no %s/ selection set in %s; best.pt is chosen on the held-out set itself "
+                    "(its numbers are then optimistic)", VALIDATION_NAME, s.data)
     loader_gen = torch.Generator().manual_seed(s.seed)
     train_loader = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, generator=loader_gen,
                               pin_memory=device.type == "cuda")
@@ -206,9 +210,14 @@ def train_central(settings: CentralSettings) -> CentralResult:
     log.info("central training: %d training cases from %s, %d held-out cases, %s on %s", len(train_ds),
              [p.name for p in train_dirs], len(held_ds), model_cfg.family, device)
 
-    def evaluate(subsets_kind: str) -> Any:
+    config = {"kind": "central", **s.to_json_dict(), "device-resolved": str(device),
+              "train-sites": [p.name for p in train_dirs], "heldout-dir": str(held_dir),
+              "select-dir": str(select_dir) if select_ds is not None else str(held_dir)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def evaluate(subsets_kind: str, dataset: Any = held_ds) -> Any:
         # heldout_loader leaves torch's global RNG alone: training's dropout draws the same with or without evals
-        return evaluate_model(model, held_ds, subsets=subsets_kind, hd95=s.hd95, batch_size=max(s.batch_size, 4),
+        return evaluate_model(model, dataset, subsets=subsets_kind, hd95=s.hd95, batch_size=max(s.batch_size, 4),
                               device=device)
 
     progress = _progress(s.progress)
@@ -231,11 +240,16 @@ def train_central(settings: CentralSettings) -> CentralResult:
                 metrics_log.write(epoch, "central-eval", "global", flat)
                 entry["eval"] = flat
                 result.final = report
-                value = flat.get(BEST_METRIC, math.nan)
+                selection = flat
+                if select_ds is not None:
+                    selection = evaluate("full", select_ds).to_flat()
+                    metrics_log.write(epoch, "central-select", "global", selection)
+                value = selection.get(BEST_METRIC, math.nan)
                 if math.isfinite(value) and value > result.best_value:
                     result.best_value, result.best_epoch = value, epoch
                     save_checkpoint(out / "checkpoints" / "best.pt", model.state_dict(), model_cfg, epoch=epoch,
-                                    round=epoch, metrics=flat, best_metric=BEST_METRIC)
+                                    round=epoch, metrics=flat, best_metric=BEST_METRIC,
+                                    selected_on=VALIDATION_NAME if select_ds is not None else HELDOUT_NAME)
             save_checkpoint(out / "checkpoints" / "last.pt", model.state_dict(), model_cfg, epoch=epoch,
                             round=epoch, metrics=entry["eval"], optimizer=optimizer.state_dict())
             result.history.append(entry)

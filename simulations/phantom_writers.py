@@ -7,7 +7,9 @@ Layout (docs/architecture.md)::
     OUT/site-01/case-0001/005_t1_se_tra_post_Gd/IM0001.dcm ...   (DICOM: one folder per series, one file per slice)
     OUT/site-01/case-0001/case-0001_seg.nii.gz
     OUT/site-01/case-0002/case-0002_t1.nii.gz ... case-0002_seg.nii.gz                     (NIfTI layout)
-    OUT/heldout/...                        the server's test set: every modality, every case complete
+    OUT/heldout/...                        held-out set the numbers are reported on: every modality, every case
+    OUT/validation/...                     the server's model-selection set (same kind as heldout/)
+    OUT/heldout-unseen/...                 held-out cohort from a scanner vendor no site has
 
 DICOM files are Explicit VR Little Endian with file meta, MR/CT/US Image Storage, 16-bit pixels with
 RescaleSlope/Intercept (CT: HU = stored - 1024; MR/US: slope chosen so the quantisation error is below
@@ -31,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from common.layout import HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX
+from common.layout import COHORT_NAMES, HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX, UNSEEN_NAME, VALIDATION_NAME
 from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
 
 from .phantoms import DEFAULT_SITE, PhantomCase, SiteProfile, make_case
-from .scenarios import heldout_profile, site_profiles
+from .scenarios import heldout_profile, site_profiles, unseen_profile
 
 #: Formats :func:`generate` writes.
 FORMATS: tuple[str, ...] = ("dicom", "nifti")
@@ -64,6 +66,10 @@ SERIES_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "t1": "T1 SE AX", "t1ce": "T1 SE AX GAD", "t2": "T2 FSE AX", "flair": "FLAIR AX",
         "ct": "HEAD {dz:.1f} FC64", "us": "US 3D Abdomen",
     },
+    "UIH": {
+        "t1": "t1_gre_fsp_3d_tra", "t1ce": "t1_gre_fsp_3d_tra_+C", "t2": "t2_fse_tra", "flair": "t2_flair_tra",
+        "ct": "Head {dz:.1f} B_SOFT_B", "us": "US 3D Neuro",
+    },
 }
 
 _MODELS = {
@@ -71,8 +77,10 @@ _MODELS = {
     "GE MEDICAL SYSTEMS": {"MR": "SIGNA Premier", "CT": "Revolution CT", "US": "LOGIQ E10"},
     "Philips Medical Systems": {"MR": "Ingenia", "CT": "Brilliance 64", "US": "EPIQ 7"},
     "CANON_MEC": {"MR": "Vantage Orian", "CT": "Aquilion ONE", "US": "Aplio i800"},
+    "UIH": {"MR": "uMR 780", "CT": "uCT 760", "US": "uSONIQUE"},
 }
-_KERNELS = {"SIEMENS": "H30s", "GE MEDICAL SYSTEMS": "STANDARD", "Philips Medical Systems": "UB", "CANON_MEC": "FC64"}
+_KERNELS = {"SIEMENS": "H30s", "GE MEDICAL SYSTEMS": "STANDARD", "Philips Medical Systems": "UB", "CANON_MEC": "FC64",
+            "UIH": "B_SOFT_B"}
 
 #: SeriesNumber per modality (MR protocol order: post-contrast T1 last), also the series folder prefix.
 SERIES_NUMBER: dict[str, int] = {"ct": 1, "t1": 2, "t2": 3, "flair": 4, "t1ce": 5, "us": 6}
@@ -209,7 +217,7 @@ def write_case_dicom(case: PhantomCase, case_dir: Path, site: SiteProfile | None
         ds.Manufacturer = site.vendor
         ds.InstitutionName = site.institution
         ds.ReferringPhysicianName = phi["ReferringPhysicianName"]
-        ds.StationName = f"{site.name.upper().replace('-', '')}{tag}01"
+        ds.StationName = f"{site.name.upper().replace('-', '')[:12]}{tag}01"  # SH: at most 16 characters
         ds.StudyDescription = "BRAIN TUMOUR WORKUP"
         ds.SeriesDescription = description
         ds.OperatorsName = phi["OperatorsName"]
@@ -418,7 +426,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if (out / PARTIAL_MARKER).exists():
         return  # an interrupted generation: ours to redo
-    taken = [p.name for p in out.glob("*") if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name == HELDOUT_NAME)]
+    taken = [p.name for p in out.glob("*") if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name in COHORT_NAMES)]
     if taken:
         raise FileExistsError(
             f"{out} already holds {', '.join(sorted(taken))} but no {MANIFEST}: it may be real data; "
@@ -428,7 +436,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _clear_previous(out: Path) -> None:
     for p in out.glob("*"):
-        if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name == HELDOUT_NAME):
+        if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name in COHORT_NAMES):
             shutil.rmtree(p)
     (out / MANIFEST).unlink(missing_ok=True)
 
@@ -445,8 +453,10 @@ def generate(
     progress: bool = False,
     overwrite: bool = False,
     missing_fraction: float | None = None,
+    validation_cases: int | None = None,
+    unseen_cases: int | None = None,
 ) -> dict[str, Any]:
-    """Generate a federation of phantom sites (plus ``heldout/``) under ``out``; return the manifest.
+    """Generate a federation of phantom sites plus its held-out cohorts under ``out``; return the manifest.
 
     Args:
         out: folder to write (created); refuses a folder with earlier phantoms unless ``overwrite``, and a
@@ -457,7 +467,12 @@ def generate(
         scenario: one of :data:`simulations.scenarios.SCENARIOS`.
         shape: reference grid ``(D, H, W)``.
         fmt: ``dicom`` or ``nifti``.
-        heldout_cases: cases of the server's held-out set (all modalities); 0 writes none.
+        heldout_cases: cases of the held-out set the numbers are reported on (``heldout/``, all modalities); 0 writes
+            none.
+        validation_cases: cases of the model-selection set (``validation/``, like ``heldout/``); ``None``: as
+            many as ``heldout_cases``; 0 writes none.
+        unseen_cases: cases of the unseen-scanner cohort (``heldout-unseen/``,
+            :func:`simulations.scenarios.unseen_profile`); ``None``: as many as ``heldout_cases``; 0 writes none.
         progress: show a rich progress bar.
         overwrite: replace an earlier phantom generation in ``out``.
         missing_fraction: if given, each site lacks this share of the modalities (site level, exact; see
@@ -472,12 +487,19 @@ def generate(
     shape_t = tuple(int(s) for s in shape)
     if len(shape_t) != 3 or min(shape_t) < 8:
         raise ValueError(f"--shape must be three sizes D H W of at least 8 voxels each, got {tuple(shape)}")
-    if heldout_cases < 0:
-        raise ValueError(f"--heldout-cases must be 0 or more, got {heldout_cases}")
+    cohorts = _cohort_sizes(heldout_cases, validation_cases, unseen_cases)
     profiles = site_profiles(scenario, sites, cases_per_site, seed, missing_fraction=missing_fraction)
     groups: list[tuple[int, SiteProfile]] = list(enumerate(profiles))
-    if heldout_cases:
-        groups.append((-1, heldout_profile(heldout_cases)))
+    # negative indices are cohorts; each group draws from stream ``index + 1`` (sites 1.., heldout 0 as in earlier
+    # versions) or, for the newer cohorts, a stream far from any site's
+    cohort_profiles = {HELDOUT_NAME: heldout_profile, VALIDATION_NAME: lambda n: heldout_profile(n, VALIDATION_NAME),
+                       UNSEEN_NAME: unseen_profile}
+    for k, (name, n) in enumerate(cohorts.items()):
+        if n:
+            groups.append((-1 - k, cohort_profiles[name](n)))
+
+    def stream(index: int) -> int:
+        return index + 1 if index >= -1 else 100_000 - index
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +509,7 @@ def generate(
 
     plans = []
     for index, site in groups:
-        plan_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3, index + 1]))
+        plan_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3, stream(index)]))
         plans.append((index, site, plan_site(site, plan_rng)))
     total = sum(len(p) for _, _, p in plans)
 
@@ -501,9 +523,10 @@ def generate(
         "format": fmt,
         "modalities": list(MODALITIES),
         # what was asked for, so that :func:`ensure` reuses this folder only for the same request
-        "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, heldout_cases, missing_fraction),
+        "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, cohorts, missing_fraction),
         "sites": {},
         "heldout": None,
+        "cohorts": {},
     }
 
     def run(advance: Any) -> None:
@@ -513,7 +536,7 @@ def generate(
             rows = []
             counts = {m: 0 for m in MODALITIES}
             for ci, (cid, label, mods) in enumerate(plan):
-                rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1, index + 1, ci]))
+                rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1, stream(index), ci]))
                 case = make_case(rng, cid, shape_t, site=site, modalities=mods, label=label)
                 if fmt == "dicom":
                     write_case_dicom(case, site_dir / cid, site=site, uid_seed=int(seed))
@@ -544,7 +567,9 @@ def generate(
                 "gain": {m: round(g, 4) for m, g in site.gain.items()},
             }
             if index < 0:
-                manifest["heldout"] = entry
+                manifest["cohorts"][site.name] = entry
+                if site.name == HELDOUT_NAME:
+                    manifest["heldout"] = entry
             else:
                 manifest["sites"][site.name] = entry
 
@@ -565,20 +590,32 @@ def generate(
     return manifest
 
 
+def _cohort_sizes(heldout: int, validation: int | None, unseen: int | None) -> dict[str, int]:
+    """Cases per held-out cohort, in :data:`common.layout.COHORT_NAMES` order (``None``: as many as ``heldout``)."""
+    sizes = {HELDOUT_NAME: heldout, VALIDATION_NAME: heldout if validation is None else validation,
+             UNSEEN_NAME: heldout if unseen is None else unseen}
+    for name, n in sizes.items():
+        if int(n) < 0:
+            raise ValueError(f"cases of the {name}/ cohort must be 0 or more, got {n}")
+    return {name: int(n) for name, n in sizes.items()}
+
+
 def _request(sites: int, cases_per_site: int, seed: int, scenario: str, shape: Sequence[int], fmt: str,
-             heldout_cases: int, missing_fraction: float | None) -> dict[str, Any]:
+             cohorts: dict[str, int], missing_fraction: float | None) -> dict[str, Any]:
     return {"sites": int(sites), "cases_per_site": int(cases_per_site), "seed": int(seed), "scenario": scenario,
-            "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "heldout_cases": int(heldout_cases),
+            "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "cohorts": dict(cohorts),
             "missing_fraction": missing_fraction}
 
 
 def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0, scenario: str = "realistic",
            shape: Sequence[int] = (32, 64, 64), fmt: str = "dicom", heldout_cases: int = 12, progress: bool = False,
-           missing_fraction: float | None = None) -> tuple[dict[str, Any], bool]:
+           missing_fraction: float | None = None, validation_cases: int | None = None,
+           unseen_cases: int | None = None) -> tuple[dict[str, Any], bool]:
     """The phantoms of :func:`generate` for this request in ``out``: reused when a complete earlier generation there
     was asked for with the same arguments, (re)generated otherwise. Returns ``(manifest, reused)``."""
     out = Path(out)
-    request = _request(sites, cases_per_site, seed, scenario, shape, fmt, heldout_cases, missing_fraction)
+    request = _request(sites, cases_per_site, seed, scenario, shape, fmt,
+                       _cohort_sizes(heldout_cases, validation_cases, unseen_cases), missing_fraction)
     if (out / MANIFEST).is_file() and not (out / PARTIAL_MARKER).exists():
         try:
             manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -588,5 +625,6 @@ def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0
             return manifest, True
     manifest = generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario=scenario, shape=shape,
                         fmt=fmt, heldout_cases=heldout_cases, progress=progress, overwrite=True,
-                        missing_fraction=missing_fraction)
+                        missing_fraction=missing_fraction, validation_cases=validation_cases,
+                        unseen_cases=unseen_cases)
     return manifest, False

@@ -50,6 +50,8 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 
 #: Scanner vendors a site can have; they pick SeriesDescription wording and manufacturer tags (phantom_writers).
 VENDORS: tuple[str, ...] = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips Medical Systems", "CANON_MEC")
+#: A vendor no training site ever has (scenarios cycle :data:`VENDORS`): the unseen-scanner cohort's.
+UNSEEN_VENDOR = "UIH"
 
 #: Latent property names, in the order of the score weights.
 PROPERTIES: tuple[str, ...] = ("enhancement", "heterogeneity", "calcification", "oedema_extent")
@@ -70,7 +72,8 @@ class SiteProfile:
         malignant_fraction: share of label-1 cases (realised exactly, rounded, at least one of each class).
         missing_rate: per-case probability that one acquired series is missing (at least one series is kept).
         fov: field of view ``(z, y, x)`` in mm; voxel spacing = ``fov / shape``.
-        vendor: one of :data:`VENDORS` (protocol names and DICOM manufacturer tags follow it).
+        vendor: one of :data:`VENDORS`, or :data:`UNSEEN_VENDOR` for the unseen-scanner cohort (protocol names and
+            DICOM manufacturer tags follow it).
         institution: InstitutionName written into DICOM headers (synthetic).
         gain: per-modality intensity scale of the scanner (MR/US only; CT stays in HU).
         noise: multiplier of every modality's noise level (older scanner / lower dose > 1).
@@ -97,8 +100,9 @@ class SiteProfile:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", canonical(self.modalities))
-        if self.vendor not in VENDORS:
-            raise ValueError(f"site {self.name}: unknown vendor {self.vendor!r}; choose one of {', '.join(VENDORS)}")
+        if self.vendor not in (*VENDORS, UNSEEN_VENDOR):
+            raise ValueError(f"site {self.name}: unknown vendor {self.vendor!r}; choose one of "
+                             f"{', '.join((*VENDORS, UNSEEN_VENDOR))}")
         if not 0.0 <= self.malignant_fraction <= 1.0:
             raise ValueError(f"site {self.name}: malignant_fraction must be in [0, 1], got {self.malignant_fraction}")
         if not 0.0 <= self.missing_rate < 1.0:

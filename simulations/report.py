@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.layout import HELDOUT_NAME
+from common.layout import HELDOUT_NAME, UNSEEN_NAME, VALIDATION_NAME
 from models.config import SEG_REGIONS
 from models.modalities import MODALITIES, canonical, subset_name
 from models.atomic import atomic_write_text
@@ -705,10 +705,47 @@ def _sites_section(ctx: _Ctx) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
+def _cohorts_section(ctx: _Ctx) -> list[str]:
+    """Which set chose best.pt, and the unseen-scanner cohort beside the in-distribution held-out set."""
+    run = ctx.run
+    lines = ["## Held-out cohorts: model selection and an unseen scanner", ""]
+    selected = run.records.rounds("server-select", "global")
+    if selected:
+        lines.append(f"`checkpoints/best.pt` was chosen on the separate selection set (`{VALIDATION_NAME}/`, full "
+                     f"modality set, {len(selected)} evaluated rounds); the numbers of this report come from the "
+                     f"held-out set (`{HELDOUT_NAME}/`), which chose nothing.")
+    else:
+        lines.append(f"No selection set (`{VALIDATION_NAME}/`) was evaluated: `best.pt` was chosen on the held-out "
+                     "set itself, so its numbers are optimistic for `best.pt`.")
+    lines.append("")
+    unseen_rounds = run.records.rounds("server-eval-unseen", "global")
+    ours = run.final_eval()
+    if not unseen_rounds or not ours:
+        return lines + [f"Unseen-scanner cohort (`{UNSEEN_NAME}/`): {NOT_RECORDED}.", ""]
+    rnd = unseen_rounds[-1]
+    theirs = run.records.at("server-eval-unseen", "global", rnd)
+    cols = [("dice-whole", "Dice whole"), ("dice-core", "Dice core"), ("dice-enhancing", "Dice enhancing"),
+            ("accuracy", "accuracy"), ("auroc", "AUROC")]
+    rows = []
+    for label, flat in ((f"in-distribution (`{HELDOUT_NAME}/`)", ours), (f"unseen scanner (`{UNSEEN_NAME}/`)", theirs)):
+        rows.append([label, *[flat.get(f"all/{k}") for k, _ in cols]])
+    ratio = []
+    for k, _ in cols:
+        a, b = ours.get(f"all/{k}"), theirs.get(f"all/{k}")
+        ratio.append(b / a if isinstance(a, float) and isinstance(b, float) and a > 0 else None)
+    rows.append(["unseen / in-distribution", *ratio])
+    lines.append(f"Round {rnd}, all of the model's modalities; the unseen cohort is from a scanner vendor and settings "
+                 "no training site has.")
+    lines.append("")
+    lines += _table(["cohort", *[name for _, name in cols]], rows)
+    return lines + [""]
+
+
 SECTIONS: tuple[tuple[str, Callable[[_Ctx], list[str]]], ...] = (
     ("header", _header),
     ("global Dice", _global_dice_section),
     ("subsets", _subset_section),
+    ("cohorts", _cohorts_section),
     ("paper tables", _paper_tables_section),
     ("contribution", _contribution_section),
     ("ROC", _roc_section),

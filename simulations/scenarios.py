@@ -10,7 +10,9 @@ scenario                  sites differ in
 ``realistic`` (default)   all of the above, plus per-case missing series and case counts varying around K
 ========================= =========================================================================================
 
-The server's held-out set (:func:`heldout_profile`) always has every modality for every case and a balanced mix.
+The held-out cohorts always have every modality for every case and a balanced mix: ``heldout/`` (the reported
+numbers) and ``validation/`` (model selection) with a reference scanner (:func:`heldout_profile`), and
+``heldout-unseen/`` with a vendor and scanner settings no training site has (:func:`unseen_profile`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from common.layout import HELDOUT_NAME
+from common.layout import HELDOUT_NAME, UNSEEN_NAME
 from models.modalities import MODALITIES
 
-from .phantoms import VENDORS, SiteProfile
+from .phantoms import UNSEEN_VENDOR, VENDORS, SiteProfile
 
 #: Modality subsets of the modality-skew sites, cycled for more sites (each keeps at least two series).
 SKEW_SUBSETS: tuple[tuple[str, ...], ...] = (
@@ -185,14 +187,38 @@ def site_profiles(
     return sites
 
 
-def heldout_profile(cases: int) -> SiteProfile:
-    """The server's held-out test set: every modality for every case, balanced classes, a reference scanner."""
+def heldout_profile(cases: int, name: str = HELDOUT_NAME) -> SiteProfile:
+    """A held-out cohort of the federation's own kind of scanner (the reporting set ``heldout/``, and the selection
+    set ``validation/``): every modality for every case, balanced classes, a reference scanner."""
     return SiteProfile(
-        name=HELDOUT_NAME,
+        name=name,
         modalities=MODALITIES,
         n_cases=cases,
         malignant_fraction=0.5,
         missing_rate=0.0,
         vendor=VENDORS[0],
         institution="Federation Reference Centre",
+    )
+
+
+def unseen_profile(cases: int) -> SiteProfile:
+    """The unseen-scanner cohort (``heldout-unseen/``): a vendor no training site has (:data:`UNSEEN_VENDOR`: its own
+    series descriptions and DICOM tags) and scanner settings at the edges of the training sites' ranges (see
+    :func:`_scanner`): brighter MR/US gains, more noise, a smaller field of view, a stronger bias field and a CT
+    calibration offset; every modality, balanced classes."""
+    return SiteProfile(
+        name=UNSEEN_NAME,
+        modalities=MODALITIES,
+        n_cases=cases,
+        malignant_fraction=0.5,
+        missing_rate=0.0,
+        fov=(110.0, 190.0, 170.0),
+        vendor=UNSEEN_VENDOR,
+        institution="Outside Referral Hospital",
+        gain={m: 1.35 for m in MODALITIES if m != "ct"},
+        noise=1.5,
+        bias=0.2,
+        misregistration=1.3,
+        ct_offset=5.0,
+        us_attenuation=1.35,
     )

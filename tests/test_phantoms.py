@@ -193,6 +193,27 @@ def test_federation_layout_manifest_and_labels(dicom_fed: Path) -> None:
         assert len(tags) == len(MODALITIES)  # every modality, each its own series
 
 
+def test_held_out_cohorts_selection_reporting_and_an_unseen_scanner(dicom_fed: Path) -> None:
+    """heldout/ and validation/ are distinct cases of the federation's reference scanner; heldout-unseen/ is a vendor
+    no site has, whose series the readers still recognise."""
+    from common.data.inspect import inspect_data
+    from simulations.phantoms import UNSEEN_VENDOR
+
+    manifest = json.loads((dicom_fed / "phantoms.json").read_text())
+    assert sorted(manifest["cohorts"]) == ["heldout", "heldout-unseen", "validation"]
+    vendors = {e["vendor"] for e in manifest["sites"].values()}
+    assert manifest["cohorts"]["heldout-unseen"]["vendor"] == UNSEEN_VENDOR not in vendors
+    assert manifest["cohorts"]["validation"]["vendor"] == manifest["cohorts"]["heldout"]["vendor"]
+
+    def pixels(cohort: str) -> set[bytes]:
+        return {pydicom.dcmread(f).PixelData for f in sorted((dicom_fed / cohort).rglob("*.dcm"))[:6]}
+
+    assert not pixels("heldout") & pixels("validation")  # different patients, not copies
+    report = inspect_data(dicom_fed / "heldout-unseen")
+    assert report.usable_cases == manifest["cohorts"]["heldout-unseen"]["cases"]
+    assert {s.name for s in report.sites} == {"heldout-unseen"} and report.sites[0].heldout
+
+
 def test_dicom_files_are_real_dicom_with_expected_tags(dicom_fed: Path) -> None:
     case_dirs = sorted(p for p in (dicom_fed / "heldout").iterdir() if p.is_dir())
     series_uids: set[str] = set()

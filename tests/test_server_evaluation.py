@@ -138,3 +138,37 @@ def test_metrics_from_noise_free_sums_equal_the_exact_metrics() -> None:
     assert got["dice-whole"] == pytest.approx(dice[:, 3].mean()) and got["cases"] == pytest.approx(35)
     assert abs(got["auroc"] - exact["auroc"]) <= 0.05  # binned: ties only within a bin of width 0.1
     assert got["sensitivity@0.0"] == 1.0 and got["specificity@1.0"] == 1.0
+
+
+def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_last(tmp_path: Path) -> None:
+    """The reporting set chooses nothing: best.pt follows the selection set's metric (server-select), records where it
+    was chosen, and the unseen-scanner cohort is evaluated once, after the last round."""
+    data = tmp_path / "data"
+    write_heldout(data / "heldout", TINY.modalities, n_cases=3)
+    write_heldout(data / "validation", TINY.modalities, n_cases=2)
+    write_heldout(data / "heldout-unseen", TINY.modalities, n_cases=2)
+    run_dir = tmp_path / "run"
+    torch.set_num_threads(1)
+    config = {**model_entries(TINY), "num-server-rounds": 2, "eval-every": 1, "run-dir": str(run_dir),
+              "data-dir": str(data), "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
+              "device": "cpu", "best-metric": "dice-whole"}
+    run_server(LocalGrid(sorted(SITES), stub_site),
+               Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    records = list(iter_metrics(run_dir / "metrics.jsonl"))
+
+    def rows(phase: str) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for r in records:
+            if r["phase"] == phase and r["scope"] == "global":
+                out.setdefault(r["round"], {})[r["metric"]] = r["value"]
+        return out
+
+    select, report, unseen = rows("server-select"), rows("server-eval"), rows("server-eval-unseen")
+    assert set(select) == {1, 2} and set(report) == {1, 2} and set(unseen) == {2}
+    assert "all/dice-whole" in select[1] and not any(k.startswith(("t1/", "ct/")) for k in select[1])  # full set only
+    _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    chosen = max(select, key=lambda rnd: select[rnd]["all/dice-whole"])
+    assert extra["selected_on"] == "validation" and extra["round"] == chosen
+    report_md = __import__("simulations.report", fromlist=["build_report"]).build_report(run_dir)
+    text = report_md.read_text()
+    assert "chosen on the separate selection set" in text and "unseen scanner (`heldout-unseen/`)" in text

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.layout import HELDOUT_NAME, LABELS_FILE
+from common.layout import COHORT_NAMES, LABELS_FILE
 from models.config import CLASS_NAMES
 from models.modalities import MODALITIES, canonical
 
@@ -85,7 +85,7 @@ def _site_children(path: Path) -> list[Path]:
     return [
         d for d in sorted(path.iterdir())
         if d.is_dir() and not d.name.startswith(".")
-        and (d.name.startswith("site") or d.name == HELDOUT_NAME or (d / LABELS_FILE).is_file())
+        and (d.name.startswith("site") or d.name in COHORT_NAMES or (d / LABELS_FILE).is_file())
     ]
 
 
@@ -100,12 +100,12 @@ def discover_sites(path: Path) -> list[SiteDir]:
         raise ValueError(f"{path} is not a folder; give a site folder (case folders + {LABELS_FILE}) "
                          "or a data root holding site-* folders")
     if (path / LABELS_FILE).is_file():
-        return [SiteDir(path.name, path, path.name == HELDOUT_NAME)]
+        return [SiteDir(path.name, path, path.name in COHORT_NAMES)]
     children = _site_children(path)
     if children:
-        return [SiteDir(d.name, d, d.name == HELDOUT_NAME) for d in children]
+        return [SiteDir(d.name, d, d.name in COHORT_NAMES) for d in children]
     if _has_case_folders(path):
-        return [SiteDir(path.name, path, path.name == HELDOUT_NAME)]
+        return [SiteDir(path.name, path, path.name in COHORT_NAMES)]
     raise ValueError(
         f"{path} holds neither case folders nor site folders; a site is a folder with {LABELS_FILE} and one "
         "folder per case, a data root holds site-* folders and heldout/"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,7 +11,8 @@ from fedfusion.commands.help import SCENARIOS_HELP
 
 
 def command(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write site-* folders, heldout/ and phantoms.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write site-* folders, the held-out cohorts and "
+                                      "phantoms.json.")],
     sites: Annotated[int, typer.Option(help="Number of hospital sites.")] = 3,
     cases_per_site: Annotated[int, typer.Option(help="Cases (patients) per site; 'realistic' varies it +-30%.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same pixels, labels and UIDs.")] = 0,
@@ -22,13 +23,19 @@ def command(
         tuple[int, int, int], typer.Option(help="Reference grid D H W (slices, rows, columns).")
     ] = (32, 64, 64),
     format_: Annotated[str, typer.Option("--format", help="dicom (one file per slice) or nifti (BraTS).")] = "dicom",
-    heldout_cases: Annotated[int, typer.Option(help="Cases of the server's held-out set (all modalities).")] = 12,
+    heldout_cases: Annotated[int, typer.Option(help="Cases of heldout/, the set the numbers are reported on (all "
+                                               "modalities).")] = 12,
+    validation_cases: Annotated[Optional[int], typer.Option(help="Cases of validation/, the server's model-"
+                                                            "selection set (default: as --heldout-cases).")] = None,
+    unseen_cases: Annotated[Optional[int], typer.Option(help="Cases of heldout-unseen/, a cohort from a scanner "
+                                                        "vendor no site has (default: as --heldout-cases).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace phantoms generated earlier in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate phantom hospital sites: each case is one patient with a brain lesion (oedema, non-enhancing
     core, enhancing rim) rendered as T1, T1ce, T2, FLAIR, CT and ultrasound with scanner-like physics, plus a
-    benign/malignant label. Sites differ by scenario; heldout/ holds a complete test set."""
+    benign/malignant label. Sites differ by scenario; heldout/ (reported numbers), validation/ (model selection) and
+    heldout-unseen/ (an unseen scanner) hold complete cases."""
     from rich.console import Console
     from rich.table import Table
 
@@ -46,6 +53,8 @@ def command(
             shape=shape,
             fmt=format_,
             heldout_cases=heldout_cases,
+            validation_cases=validation_cases,
+            unseen_cases=unseen_cases,
             progress=progress,
             overwrite=overwrite,
         )
@@ -62,8 +71,7 @@ def command(
     table.add_column("vendor")
     table.add_column("spacing mm")
     rows = list(manifest["sites"].items())
-    if manifest.get("heldout"):
-        rows.append(("heldout", manifest["heldout"]))
+    rows += list(manifest.get("cohorts", {}).items())
     for name, entry in rows:
         per_mod = entry["cases_per_modality"]
         mods = " ".join(f"{m}:{per_mod[m]}" for m in MODALITIES if m in per_mod)
