@@ -76,10 +76,11 @@ def validation_size(num_patients: int) -> int:
     return min(MAX_VALIDATION_PATIENTS, int(round(VALIDATION_FRACTION * num_patients)))
 
 
-def split_site(dataset: Any, salt: bytes) -> SiteSplit:
-    """Split ``dataset`` (a :class:`common.data.CaseDataset`) by patient with the site's ``salt``."""
+def split_site(dataset: Any, salt: bytes, hold_out: bool = True) -> SiteSplit:
+    """Split ``dataset`` (a :class:`common.data.CaseDataset`) by patient with the site's ``salt``; with
+    ``hold_out=False`` (a site whose policy answers no evaluation) every patient trains."""
     groups = [tuple(g) for g in dataset.patient_groups()]
-    n_val = validation_size(len(groups))
+    n_val = validation_size(len(groups)) if hold_out else 0
 
     def rank(group: tuple[int, ...]) -> str:
         key = dataset.group_key(group).encode("utf-8")

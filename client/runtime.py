@@ -164,7 +164,7 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     except PolicyRefusal as exc:
         log.error("site %s REFUSES this run: %s", settings.site_name, exc)
         raise SiteDecline(replies.REFUSED_POLICY, str(exc)) from exc
-    key = (settings, cfg.to_json(), ts, dp, policy.min_noise_multiplier)
+    key = (settings, cfg.to_json(), ts, dp, policy.min_noise_multiplier, policy.allow_evaluation)
     with _LOCK:
         rt = _RUNTIMES.get(key)
         if rt is not None:
@@ -185,7 +185,8 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         torch.manual_seed(ts.seed)  # the initial weights are replaced by the server's, but keep builds repeatable
         model = build_model(cfg).to(device)
         set_conv_backward(model, ts.conv_backward)  # before make_private: Opacus wraps the switched modules
-        split = split_site(dataset, site_salt(settings.state_dir))
+        # a site that answers no evaluation has no reason to keep patients out of training
+        split = split_site(dataset, site_salt(settings.state_dir), hold_out=policy.allow_evaluation)
         log.info("site %s: %d patients (%d cases) train, %d patients (%d cases) held out for evaluation",
                  settings.site_name, len(split.train_groups), len(split.train), len(split.validation_groups),
                  len(split.validation))

@@ -235,3 +235,19 @@ def test_validation_split_is_by_patient_sized_and_salted() -> None:
     assert split_site(Site(), b"s" * 32) == split  # deterministic for one salt
     assert split_site(Site(), b"t" * 32) != split  # and the salt decides which patients
     assert [len(g) for g in split.train_positions()] == [len(g) for g in split.train_groups]
+
+
+def test_a_site_that_answers_no_evaluation_trains_on_every_patient(tmp_path: Path) -> None:
+    """allow-evaluation = false: nothing to hold out for, so no patient is kept out of training."""
+    from client.holdout import split_site
+
+    class Patients:
+        def patient_groups(self) -> list[list[int]]:
+            return [[i] for i in range(30)]
+
+        def group_key(self, group: tuple[int, ...]) -> str:
+            return f"p{group[0]}"
+
+    assert len(split_site(Patients(), b"salt").validation_groups) == 6
+    split = split_site(Patients(), b"salt", hold_out=False)
+    assert not split.validation_groups and len(split.train) == 30
