@@ -30,12 +30,46 @@ def test_registry_names_modules_and_grids() -> None:
     assert budget_of(" Small ").name == "small"
 
 
-def test_missing_grid_spans_zero_to_75_percent_both_aggregations_and_dropout() -> None:
-    from simulations.experiments.missing import GRID
+def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:
+    from simulations.experiments.missing import AGGREGATIONS, GRID, HEADLINE, TARGETS
 
-    fractions, aggregations, dropouts, _ = GRID["small"]
-    assert min(fractions) == 0.0 and max(fractions) == 0.75
-    assert set(aggregations) == {"plain", "modality-aware"} and 0.0 in dropouts and max(dropouts) > 0
+    for name in ("small", "standard"):
+        fractions, sites = GRID[name]
+        assert set(HEADLINE) <= set(fractions) and max(fractions) == 0.75 and sites >= 4
+    assert set(AGGREGATIONS) == {"plain", "modality-aware"} and set(TARGETS) <= set(HEADLINE)
+
+
+def test_every_row_takes_the_same_optimizer_steps() -> None:
+    """Federated (summed over sites), pooled and local-only rows of a budget take the same steps, not epochs."""
+    from simulations.experiments.common import equal_step_epochs, federated_steps
+
+    b = BUDGETS["standard"]
+    sites = [b.cases_per_site] * b.sites
+    steps = federated_steps(b, sites)
+    assert steps >= 500  # the powered budget's pooled reference
+    pooled = equal_step_epochs(steps, sum(sites), b.batch_size)
+    local = equal_step_epochs(steps, sites[0], b.batch_size)
+    assert pooled * -(-sum(sites) // b.batch_size) == steps == local * -(-sites[0] // b.batch_size)
+    assert local == b.sites * pooled
+
+
+def test_rows_over_seeds_mean_sd_and_paired_differences() -> None:
+    from simulations.experiments.common import Outcome
+    from simulations.experiments.stats import against, cell, paired, summarise, verdict
+
+    def rows(values: list[float]) -> list[Outcome]:
+        return [Outcome("r", {"m": v}, 0.0, "", seed) for seed, v in enumerate(values)]
+
+    a, b = rows([0.80, 0.82, 0.84]), rows([0.70, 0.71, 0.75])
+    s = summarise(a, "m")
+    assert s.n == 3 and abs(s.mean - 0.82) < 1e-12 and abs(s.sd - 0.02) < 1e-12 and cell(s) == "0.820 ± 0.020"
+    d = paired(a, b, "m")
+    assert d.n == 3 and abs(d.mean - 0.1) < 1e-12
+    assert verdict(d) == "better" and verdict(d, margin=0.05) == "better" and verdict(d, margin=0.2) == "worse"
+    noisy = paired(rows([0.8, 0.6, 0.9]), rows([0.7, 0.7, 0.7]), "m")  # +0.1, -0.1, +0.2
+    assert verdict(noisy) == "tie" and "within two standard errors" in against(noisy)
+    assert paired(a, rows([0.5]), "m").n == 1 and cell(summarise(rows([0.5]), "m")) == "0.500"
+    assert summarise([Outcome("r", {}, 0.0, "")], "m").n == 0 and verdict(paired([], b, "m")) == "n/a"
 
 
 def test_cli_lists_experiment_and_rejects_unknown_names() -> None:
@@ -143,7 +177,7 @@ def test_site_train_summary_reads_last_round_privacy(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shared evaluator
-def test_evaluate_checkpoint_reports_full_and_single_modality_rows(tmp_path: Path) -> None:
+def test_evaluate_checkpoint_reports_full_single_subset_and_unseen_rows(tmp_path: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -158,10 +192,13 @@ def test_evaluate_checkpoint_reports_full_and_single_modality_rows(tmp_path: Pat
                       channels=(4, 8), attention_heads=2)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "last.pt", build_model(cfg).state_dict(), cfg, round=1)
-    m = evaluate_checkpoint(tmp_path / "last.pt", tmp_path / "data" / "heldout", batch_size=2, device="cpu")
+    m = evaluate_checkpoint(tmp_path / "last.pt", tmp_path / "data", batch_size=2, device="cpu", subsets="all")
     assert m["held-out-cases"] == 2
-    for key in ("all/dice-whole", "all/accuracy", "t1/dice-whole", "ct/dice-whole"):
+    for key in ("all/dice-whole", "all/accuracy", "t1/dice-whole", "ct/dice-whole", "all/mean-region-dice",
+                "subsets-mean/mean-region-dice", "unseen/dice-whole", "unseen/mean-region-dice"):
         assert 0.0 <= m[key] <= 1.0, key
+    assert m["all/mean-region-dice"] == pytest.approx((m["all/dice-whole"] + m["all/dice-core"]
+                                                       + m["all/dice-enhancing"]) / 3)
     assert m["single-mean/dice-whole"] == pytest.approx((m["t1/dice-whole"] + m["ct/dice-whole"]) / 2)
     assert m["single-worst/dice-whole"] == min(m["t1/dice-whole"], m["ct/dice-whole"])
 

@@ -10,7 +10,8 @@ name          what it compares
 ``settings``  local-only at each site vs federated vs centralized pooled (upper bound), same data and epochs
 ============  =====================================================================================================
 
-Budgets (:data:`simulations.experiments.common.BUDGETS`): ``tiny`` (smoke), ``small`` (default), ``full``.
+Budgets (:data:`simulations.experiments.common.BUDGETS`): ``tiny`` (smoke), ``small`` (default), ``standard`` (the
+powered comparisons: ~1 h per experiment on 2 cores, 3 seeds for headline rows).
 """
 
 from __future__ import annotations

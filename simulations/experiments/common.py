@@ -1,8 +1,11 @@
 """Shared machinery of the experiments: budgets, phantom data, federated / centralized runs, one evaluator, tables.
 
-Every experiment row is evaluated the same way, whatever trained it (federation, one site alone, pooled data):
-the final model (``checkpoints/last.pt``) on the phantom held-out set (every modality for every case), once with
-all of the model's modalities and once with each single modality (:func:`evaluate_checkpoint`, no HD95). The
+Every row of a table takes the same number of optimizer steps (:class:`Budget`), and every row is evaluated the
+same way, whatever trained it (federation, one site alone, pooled data): the final model (``checkpoints/last.pt``,
+nothing selected) on the phantom held-out set (every modality for every case), with all of the model's modalities,
+each single modality and optionally every subset, and on the unseen-scanner cohort (:func:`evaluate_checkpoint`,
+no HD95). Headline rows run several seeds (:attr:`Context.seeds`; :mod:`.stats` gives mean ± SD and paired
+differences). The
 federated runs therefore switch the server's own per-round held-out evaluation off (run config ``test-dir`` points
 at a folder that does not exist; the server logs that and goes on): it would evaluate all 63 modality subsets with
 HD95 after the last round, which costs more than the training at these sizes and is not what the tables show.
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common.layout import heldout_dir
-from models.modalities import MODALITIES, canonical, subset_name
+from models.modalities import subset_name
 
 from ..mdsections import write_section
 
@@ -49,44 +52,54 @@ RESULTS = ROOT / "docs" / "results.md"
 class Budget:
     """How big every run of an experiment is (the same for all rows of one table).
 
+    Every row of a table takes the same number of optimizer steps (not epochs): a federated run takes ``rounds x
+    local_epochs x ceil(n_i / batch_size)`` steps at each site ``i`` (summed over the sites), a pooled run as many
+    on the pooled cases, a local-only run as many on one site's cases (:func:`equal_step_epochs`).
+
     Attributes:
-        name: ``tiny`` (smoke tests, ~1-2 min per experiment on 2 cores), ``small`` (default, minutes) or ``full``.
-        sites / cases_per_site / heldout_cases: phantom federation size (experiments may ask for more sites).
+        name: ``tiny`` (smoke tests, ~1-2 min per experiment on 2 cores), ``small`` (minutes) or ``standard`` (the
+            powered comparisons of docs/results.md: about an hour per experiment on 2 cores).
+        sites / cases_per_site: phantom federation size (experiments may ask for more sites).
+        heldout_cases / unseen_cases: the held-out set the numbers are reported on, and the unseen-scanner cohort.
         shape: phantom grid = model input ``(D, H, W)`` in voxels.
-        channels: encoder widths per level (run config ``model-channels``).
-        rounds / local_epochs: federated rounds and local epochs per round; local-only and centralized runs train
-            ``rounds * local_epochs`` epochs (the same number of passes over their data).
-        lr / batch_size: Adam learning rate and batch size (cases), everywhere.
-        eval_batch: held-out cases per forward pass in :func:`evaluate_checkpoint`.
+        rounds / local_epochs / batch_size: the federated schedule (and the batch of every row).
+        seeds: seeds of the headline rows (the others run with the first).
+        overrides: run-config keys that differ from pyproject.toml's (everything else is the run config's: lr,
+            schedule, model widths, ...).
+        eval_batch: held-out cases per forward pass.
     """
 
     name: str
     sites: int
     cases_per_site: int
     heldout_cases: int
+    unseen_cases: int
     shape: tuple[int, int, int]
-    channels: str
     rounds: int
     local_epochs: int
-    lr: float
     batch_size: int
+    seeds: int = 1
+    overrides: tuple[tuple[str, Any], ...] = ()
     eval_batch: int = 8
 
     def describe(self) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in self.overrides)
         return (
-            f"budget `{self.name}`: {self.cases_per_site} cases per site, {self.heldout_cases} held-out cases, grid "
-            f"{'x'.join(map(str, self.shape))}, channels ({self.channels}), {self.rounds} rounds x "
-            f"{self.local_epochs} local epoch(s), Adam lr {self.lr:g}, batch {self.batch_size}"
+            f"budget `{self.name}`: {self.sites} sites x {self.cases_per_site} cases, {self.heldout_cases} held-out "
+            f"and {self.unseen_cases} unseen-scanner cases, grid {'x'.join(map(str, self.shape))}, {self.rounds} "
+            f"rounds x {self.local_epochs} local epoch(s) at batch {self.batch_size} (pooled and local-only rows: "
+            f"the same optimizer steps), {self.seeds} seed(s) for headline rows"
+            + (f"; {extra}" if extra else "; the run config's model and optimizer")
         )
 
 
 BUDGETS: dict[str, Budget] = {
-    "tiny": Budget("tiny", sites=2, cases_per_site=4, heldout_cases=4, shape=(8, 16, 16), channels="4,8",
-                   rounds=2, local_epochs=1, lr=3e-3, batch_size=2, eval_batch=4),
-    "small": Budget("small", sites=3, cases_per_site=8, heldout_cases=8, shape=(16, 32, 32), channels="4,8,16",
-                    rounds=4, local_epochs=1, lr=3e-3, batch_size=4),
-    "full": Budget("full", sites=4, cases_per_site=16, heldout_cases=16, shape=(16, 32, 32), channels="8,16,32",
-                   rounds=10, local_epochs=2, lr=3e-3, batch_size=4),
+    "tiny": Budget("tiny", sites=2, cases_per_site=4, heldout_cases=4, unseen_cases=4, shape=(8, 16, 16), rounds=2,
+                   local_epochs=1, batch_size=2, overrides=(("model-channels", "4,8"),), eval_batch=4),
+    "small": Budget("small", sites=3, cases_per_site=16, heldout_cases=24, unseen_cases=12, shape=(16, 32, 32),
+                    rounds=4, local_epochs=1, batch_size=4),
+    "standard": Budget("standard", sites=3, cases_per_site=64, heldout_cases=96, unseen_cases=48,
+                       shape=(16, 32, 32), rounds=11, local_epochs=1, batch_size=4, seeds=3),
 }
 
 
@@ -100,7 +113,7 @@ def budget_of(name: str) -> Budget:
 
 @dataclass
 class Context:
-    """One experiment invocation: budget, seed, where runs go, where the table goes, how it was started."""
+    """One experiment invocation: budget, seeds, where runs go, where the table goes, how it was started."""
 
     budget: Budget
     seed: int = 0
@@ -115,61 +128,90 @@ class Context:
         self.work = Path(self.work)
         self.results = Path(self.results)
 
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds of headline rows (data, initialisation and training randomness); other rows use the first."""
+        return tuple(self.seed + k for k in range(self.budget.seeds))
+
 
 @dataclass
 class Outcome:
-    """One trained-and-evaluated row: its held-out metrics and what it cost.
+    """One trained-and-evaluated run: its held-out metrics and what it cost.
 
     Attributes:
-        label: row name.
-        metrics: ``all/<metric>`` (all model modalities present), ``<modality>/<metric>`` (one modality present),
-            ``single-mean/dice-whole`` and ``single-worst/dice-whole`` (over the single modalities; only for models
-            with more than one modality), plus run extras (``epsilon-spent``, ``noise-multiplier``, ...).
+        label: row name (the same for every seed of a row).
+        metrics: see :func:`evaluate_checkpoint`, plus run extras (``epsilon-spent``, ``optimizer-steps``, ...).
         seconds: wall time of training (simulation or centralized loop), excluding the evaluation.
         run_dir: the run directory.
+        seed: the run's seed.
     """
 
     label: str
     metrics: dict[str, float]
     seconds: float
     run_dir: str
+    seed: int = 0
 
     def get(self, key: str) -> float:
         return float(self.metrics.get(key, math.nan))
 
 
 # ----------------------------------------------------------------------------------------------- data and runs
-def phantoms(ctx: Context, scenario: str, *, sites: int | None = None,
-             missing_fraction: float | None = None) -> Path:
-    """Phantom federation for this budget and seed (NIfTI, generated once and reused by every row)."""
+def phantoms(ctx: Context, scenario: str, *, seed: int | None = None, sites: int | None = None,
+             cases: int | None = None, missing_fraction: float | None = None) -> Path:
+    """The phantom federation of this budget and ``seed`` (default: the context's first; NIfTI, generated once and
+    reused by every row of that seed): sites (``sites`` x ``cases``, default the budget's), the reporting held-out
+    set and the unseen-scanner cohort."""
     from simulations.phantom_writers import ensure
 
     b = ctx.budget
+    seed = ctx.seed if seed is None else int(seed)
     n = sites or b.sites
+    k = cases or b.cases_per_site
     tag = f"-missing{int(round(missing_fraction * 100)):02d}" if missing_fraction is not None else ""
     data = ctx.work / "data" / (
-        f"{scenario}{tag}-s{n}x{b.cases_per_site}-h{b.heldout_cases}-{'x'.join(map(str, b.shape))}-seed{ctx.seed}"
+        f"{scenario}{tag}-s{n}x{k}-h{b.heldout_cases}-u{b.unseen_cases}-{'x'.join(map(str, b.shape))}-seed{seed}"
     )
-    ensure(data, sites=n, cases_per_site=b.cases_per_site, seed=ctx.seed, scenario=scenario, shape=b.shape,
-           fmt="nifti", heldout_cases=b.heldout_cases, missing_fraction=missing_fraction)
+    # no validation/ cohort: experiments evaluate the last checkpoint at equal steps, nothing is selected
+    ensure(data, sites=n, cases_per_site=k, seed=seed, scenario=scenario, shape=b.shape,
+           fmt="nifti", heldout_cases=b.heldout_cases, missing_fraction=missing_fraction, validation_cases=0,
+           unseen_cases=b.unseen_cases)
     return data
 
 
-def base_overrides(ctx: Context) -> dict[str, Any]:
-    """Run config shared by every federated row of a budget (non-private; experiments override keys)."""
+def base_overrides(ctx: Context, seed: int) -> dict[str, Any]:
+    """Run config shared by every row of a budget (non-private, no federated evaluation; experiments override
+    keys); everything not named here is pyproject.toml's."""
     b = ctx.budget
     return {
         "num-server-rounds": b.rounds,
         "local-epochs": b.local_epochs,
-        "lr": b.lr,
         "batch-size": b.batch_size,
-        "model-channels": b.channels,
         "model-spatial-size": ",".join(map(str, b.shape)),
-        "seed": ctx.seed,
+        "seed": seed,
         "dp-enabled": False,
         "eval-every": 0,
+        "fraction-evaluate": 0.0,
         "eval-batch-size": b.eval_batch,
+        **dict(b.overrides),
     }
+
+
+def training_cases(data: Path) -> list[int]:
+    """Cases of each training site of a phantom data root (its manifest)."""
+    manifest = json.loads((Path(data) / "phantoms.json").read_text(encoding="utf-8"))
+    return [int(s["cases"]) for s in manifest["sites"].values()]
+
+
+def federated_steps(budget: Budget, site_cases: Sequence[int]) -> int:
+    """Optimizer steps of a federated run, summed over the sites (no site holds patients out: see
+    :func:`permit_experiment_policies`)."""
+    return sum(budget.rounds * budget.local_epochs * math.ceil(n / budget.batch_size) for n in site_cases)
+
+
+def equal_step_epochs(steps: int, cases: int, batch_size: int) -> int:
+    """Epochs over ``cases`` that take ``steps`` optimizer steps at ``batch_size`` (rounded to the nearest epoch)."""
+    return max(1, round(steps / math.ceil(cases / batch_size)))
 
 
 def _key(settings: Mapping[str, Any]) -> str:
@@ -187,7 +229,8 @@ def _cached(run_dir: Path, key: str) -> Outcome | None:
     if data.get("key") != key:
         return None
     log.info("reusing finished run %s", run_dir)
-    return Outcome(label=data["label"], metrics=data["metrics"], seconds=data["seconds"], run_dir=data["run_dir"])
+    return Outcome(label=data["label"], metrics=data["metrics"], seconds=data["seconds"], run_dir=data["run_dir"],
+                   seed=int(data.get("seed", 0)))
 
 
 def _store(run_dir: Path, key: str, outcome: Outcome) -> Outcome:
@@ -196,21 +239,32 @@ def _store(run_dir: Path, key: str, outcome: Outcome) -> Outcome:
 
 
 def permit_experiment_policies(run_dir: Path, data: Path) -> None:
-    """Let the virtual sites of ``data`` accept non-private runs and any noise, and draw their DP noise reproducibly
-    from the run's seed (see the module docstring)."""
-    from simulations.simulate import permit_virtual_sites
+    """Let the virtual sites of ``data`` accept non-private runs and any noise, draw their DP noise reproducibly
+    from the run's seed, and answer no evaluation (so they keep no patient out of training: every row trains on
+    the same cases; the experiment evaluates centrally on the held-out sets). See the module docstring."""
+    from client.privacy.policy import write_policy_file
+    from common.layout import simulated_state_dir, site_dirs
 
-    permit_virtual_sites(run_dir, data, allow_no_dp=True, min_noise_multiplier=0.0, reproducible_noise=True)
+    for site in site_dirs(data):
+        write_policy_file(simulated_state_dir(run_dir, site.name),
+                          {"allow-no-dp": True, "min-noise-multiplier": 0.0, "reproducible-noise": True,
+                           "allow-evaluation": False})
 
 
-def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, Any],
-                  extras: Callable[[Path], dict[str, float]] | None = None) -> Outcome:
-    """Run (or reuse) a federated simulation of ``data`` with ``base_overrides`` + ``overrides`` and evaluate it."""
+def _run_dir(ctx: Context, label: str, seed: int) -> Path:
+    return ctx.work / "runs" / ctx.budget.name / label / f"seed{seed}"
+
+
+def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, Any], *, seed: int | None = None,
+                  subsets: str = "full+singles", extras: Callable[[Path], dict[str, float]] | None = None) -> Outcome:
+    """Run (or reuse) a federated simulation of ``data`` with ``base_overrides`` + ``overrides`` and evaluate its
+    last checkpoint (:func:`evaluate_checkpoint`)."""
     from simulations.simulate import simulate
 
-    cfg = {**base_overrides(ctx), **overrides}
-    run_dir = ctx.work / "runs" / ctx.budget.name / label
-    key = _key({"kind": "federated", "data": str(data), **cfg})
+    seed = ctx.seed if seed is None else int(seed)
+    cfg = {**base_overrides(ctx, seed), **overrides}
+    run_dir = _run_dir(ctx, label, seed)
+    key = _key({"kind": "federated", "data": str(data), "subsets": subsets, **cfg})
     cached = _cached(run_dir, key)
     if cached is not None:
         return cached
@@ -219,7 +273,7 @@ def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, 
     run_dir.mkdir(parents=True)
     permit_experiment_policies(run_dir, data)
     cfg["test-dir"] = str(run_dir / "no-server-eval")  # see the module docstring: the experiment evaluates
-    log.info("federated run %s: %s", label, cfg)
+    log.info("federated run %s (seed %d): %s", label, seed, cfg)
     for attempt in (1, 2):
         with _quiet_flower(not ctx.progress):
             result = simulate(run_dir, data=data, overrides=cfg, progress=ctx.progress, report=False)
@@ -239,11 +293,12 @@ def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, 
     ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.exists():
         raise RuntimeError(f"federated run {label} left no checkpoint ({ckpt}); see {run_dir / 'flower.log'}")
-    metrics = evaluate_checkpoint(ckpt, heldout_dir(data), batch_size=ctx.budget.eval_batch)
+    metrics = evaluate_checkpoint(ckpt, data, subsets=subsets, batch_size=ctx.budget.eval_batch)
     metrics.update(site_train_summary(run_dir))
+    metrics["optimizer-steps"] = float(federated_steps(ctx.budget, training_cases(data)))
     if extras is not None:
         metrics.update(extras(run_dir))
-    return _store(run_dir, key, Outcome(label, metrics, result.wall_seconds, str(run_dir)))
+    return _store(run_dir, key, Outcome(label, metrics, result.wall_seconds, str(run_dir), seed))
 
 
 @contextlib.contextmanager
@@ -263,26 +318,30 @@ def _quiet_flower(quiet: bool) -> Iterator[None]:
             h.setLevel(level)
 
 
-def run_central(ctx: Context, label: str, data: Path, *, family: str = "attention",
-                modalities: Sequence[str] = MODALITIES, modality_dropout: float = 0.25,
-                heldout: Path | None = None) -> Outcome:
-    """Train on ``data`` (a data root: pooled sites; or one site folder: local-only) for ``rounds * local_epochs``
-    epochs with the federated rows' optimizer, lr, batch size and model, and evaluate like them."""
+def run_central(ctx: Context, label: str, data: Path, *, seed: int | None = None, site: Path | None = None,
+                overrides: Mapping[str, Any] | None = None, subsets: str = "full+singles") -> Outcome:
+    """Train centrally on the pooled sites of ``data`` (or on ``site`` alone: local-only) for as many optimizer
+    steps as the federated rows of this budget take, with their model, optimizer, lr and batch size
+    (``overrides``: run-config keys of this row, e.g. the model family), and evaluate like them."""
     import torch
 
+    from common.layout import site_dirs
     from simulations.central import CentralSettings, train_central
 
     b = ctx.budget
-    heldout = heldout or heldout_dir(data)
-    model_keys = {"model-family": family, "model-modalities": ",".join(canonical(modalities)),
-                  "model-modality-dropout": modality_dropout}
+    seed = ctx.seed if seed is None else int(seed)
+    cases = training_cases(data)
+    steps = federated_steps(b, cases)
+    trained_on = Path(site) if site is not None else Path(data)
+    own = cases[[s.name for s in site_dirs(data)].index(trained_on.name)] if site is not None else sum(cases)
+    epochs = equal_step_epochs(steps, own, b.batch_size)
     settings = CentralSettings.from_run_config(
-        data, ctx.work / "runs" / b.name / label, {**base_overrides(ctx), **model_keys},
-        epochs=b.rounds * b.local_epochs, optimizer="adam", heldout=heldout, eval_every=0, eval_subsets="full",
-        final_subsets="full", hd95=False, progress=ctx.progress,
+        trained_on, _run_dir(ctx, label, seed), {**base_overrides(ctx, seed), **(overrides or {})},
+        epochs=epochs, heldout=heldout_dir(data), eval_every=0, eval_subsets="full", final_subsets="full",
+        hd95=False, progress=ctx.progress,
     )
     run_dir = Path(settings.out)
-    key = _key({"kind": "central", **settings.to_json_dict()})
+    key = _key({"kind": "central", "subsets": subsets, **settings.to_json_dict()})
     cached = _cached(run_dir, key)
     if cached is not None:
         return cached
@@ -293,36 +352,68 @@ def run_central(ctx: Context, label: str, data: Path, *, family: str = "attentio
         result = train_central(settings)
     finally:
         torch.set_num_threads(threads)
-    metrics = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", heldout, batch_size=b.eval_batch)
-    return _store(run_dir, key, Outcome(label, metrics, result.seconds, str(run_dir)))
+    metrics = evaluate_checkpoint(run_dir / "checkpoints" / "last.pt", data, subsets=subsets,
+                                  batch_size=b.eval_batch)
+    metrics["optimizer-steps"] = float(epochs * math.ceil(own / b.batch_size))
+    return _store(run_dir, key, Outcome(label, metrics, result.seconds, str(run_dir), seed))
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
 #: Metrics kept per evaluated subset (models.metrics names).
-KEPT = ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "auroc", "f1", "recall", "specificity")
+KEPT = ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "balanced-accuracy", "auroc", "f1", "recall",
+        "specificity")
+#: The regions whose mean is the tables' "mean-region Dice".
+MEAN_REGIONS = ("whole", "core", "enhancing")
 
 
-def evaluate_checkpoint(ckpt: Path, heldout: Path, *, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
-    """Held-out metrics of a checkpoint: all model modalities, and each single modality (see :class:`Outcome`)."""
+def evaluate_checkpoint(ckpt: Path, data: Path, *, subsets: str = "full+singles", batch_size: int = 8,
+                        device: str = "auto") -> dict[str, float]:
+    """Held-out metrics of a checkpoint on a data root's reporting set (``heldout/``) and, when there is one, its
+    unseen-scanner cohort (``heldout-unseen/``, all of the model's modalities).
+
+    Keys: ``all/<metric>`` (all the model's modalities), ``<modality>/<metric>`` (one modality present),
+    ``single-mean/dice-whole`` / ``single-worst/dice-whole`` (over the single modalities), ``all/mean-region-dice``
+    (mean of whole, core and enhancing Dice), with ``subsets="all"`` also ``subsets-mean/dice-whole`` and
+    ``subsets-mean/mean-region-dice`` (mean over every modality subset), ``unseen/<metric>``, ``held-out-cases``.
+    """
     from common.evaluation import evaluate_checkpoint as evaluate
+    from common.layout import UNSEEN_NAME
 
-    result = evaluate(ckpt, heldout, subsets="full+singles", hd95=False, batch_size=batch_size, device=device)
+    data = Path(data)
+    result = evaluate(ckpt, heldout_dir(data), subsets=subsets, hd95=False, batch_size=batch_size, device=device)
     mods = result.config.modalities
     rows = result.report.rows
     out: dict[str, float] = {}
     for k in KEPT:
         out[f"all/{k}"] = float(rows[subset_name(mods)].get(k, math.nan))
+    out["all/mean-region-dice"] = _mean_region(rows[subset_name(mods)])
     dice_singles = []
     for m in mods if len(mods) > 1 else ():
         row = rows[subset_name((m,))]
         for k in ("dice-whole", "accuracy"):
             out[f"{m}/{k}"] = float(row.get(k, math.nan))
+        out[f"{m}/mean-region-dice"] = _mean_region(row)
         dice_singles.append(out[f"{m}/dice-whole"])
     if dice_singles:
         out["single-mean/dice-whole"] = float(sum(dice_singles) / len(dice_singles))
         out["single-worst/dice-whole"] = float(min(dice_singles))
+    if subsets == "all" and "mean" in rows:
+        named = [r for name, r in rows.items() if name not in ("all", "mean", "worst")]
+        out["subsets-mean/dice-whole"] = float(rows["mean"].get("dice-whole", math.nan))
+        out["subsets-mean/mean-region-dice"] = float(sum(_mean_region(r) for r in named) / len(named))
     out["held-out-cases"] = float(result.cases)
+    if (data / UNSEEN_NAME).is_dir():
+        unseen = evaluate(ckpt, data / UNSEEN_NAME, subsets="full", hd95=False, batch_size=batch_size, device=device)
+        row = unseen.report.rows[subset_name(mods)]
+        for k in KEPT:
+            out[f"unseen/{k}"] = float(row.get(k, math.nan))
+        out["unseen/mean-region-dice"] = _mean_region(row)
     return out
+
+
+def _mean_region(row: Mapping[str, Any]) -> float:
+    values = [float(row.get(f"dice-{r}", math.nan)) for r in MEAN_REGIONS]
+    return float(sum(values) / len(values))
 
 
 def failed_site_replies(run_dir: Path) -> int:

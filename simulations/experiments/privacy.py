@@ -19,7 +19,7 @@ TITLE = "Experiment `privacy`: privacy budget epsilon vs Dice and accuracy (fede
 GRID: dict[str, tuple[float, ...]] = {
     "tiny": (1.0, math.inf),
     "small": (1.0, 3.0, 8.0, math.inf),
-    "full": (1.0, 3.0, 8.0, math.inf),
+    "standard": (1.0, 3.0, 8.0, math.inf),
 }
 
 
