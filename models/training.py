@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .schedule import LRSchedule
+
 
 def resolve_device(preference: str = "auto") -> torch.device:
     """The torch device to use: ``auto`` = CUDA when available else CPU; or an explicit ``cpu``, ``cuda``,
@@ -195,6 +197,8 @@ def train_epoch(
     generator: torch.Generator | None = None,
     proximal: ProximalTerm | None = None,
     max_batches: int | None = None,
+    schedule: LRSchedule | None = None,
+    start_step: int = 0,
 ) -> dict[str, float]:
     """One pass over ``loader``, one optimizer step per batch.
 
@@ -211,11 +215,14 @@ def train_epoch(
         generator: CPU torch generator for the dropout draws (reproducible runs).
         proximal: FedProx term (see module docstring for its DP handling).
         max_batches: stop after this many batches (empty ones included); None = whole loader.
+        schedule: learning rate per global step (:class:`models.schedule.LRSchedule`); None keeps the optimizer's.
+        start_step: the global step of this epoch's first optimizer step (steps of earlier epochs and rounds).
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, NaN when the loss
         gives no parts), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
-        (optimizer steps, noise-only DP steps included), ``empty-batches``.
+        (optimizer steps, noise-only DP steps included: the next epoch starts at ``start_step + steps``),
+        ``empty-batches``, ``lr`` (the learning rate of the last step).
     """
     from .network import apply_modality_dropout
 
@@ -235,6 +242,8 @@ def train_epoch(
             break
         image, mask, seg, label = unpack_batch(batch)
         b = int(image.shape[0])
+        if schedule is not None and (b > 0 or dp):
+            schedule.apply(optimizer, start_step + steps)
         if b == 0:
             empty += 1
             if dp:
@@ -292,4 +301,5 @@ def train_epoch(
         "num-examples": float(n_examples),
         "steps": float(steps),
         "empty-batches": float(empty),
+        "lr": float(optimizer.param_groups[0]["lr"]),
     }
