@@ -1,4 +1,4 @@
-"""The shared U-shaped decoder (Y_hat = g(Z)) and the case-level classifier head."""
+"""The shared U-shaped decoder (Y_hat = g(Z)); the case-level head is :mod:`models.classifier`."""
 
 from __future__ import annotations
 
@@ -52,18 +52,4 @@ class Decoder(nn.Module):
             level = len(self.channels) - 2 - i
             x = block(torch.cat([up(x), skips[level]], dim=1))
         return self.head(x) if self.head is not None else x
-
-
-class Classifier(nn.Module):
-    """Case-level head on a latent map: global average pool -> dropout -> Linear to ``num_classes`` logits."""
-
-    def __init__(self, in_channels: int, num_classes: int, dropout: float) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, latent: Tensor) -> Tensor:
-        """``latent`` (B, C, *S) -> class logits (B, num_classes)."""
-        pooled = latent.flatten(2).mean(dim=2)
-        return self.fc(self.dropout(pooled))
 
