@@ -53,7 +53,8 @@ class FusionNet(nn.Module):
             self.encoders = nn.ModuleDict(
                 {m: Encoder(cfg.spatial_dims, 1, cfg.channels) for m in cfg.modalities}
             )
-        self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes)
+        self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes,
+                               num_seg_classes=cfg.num_seg_classes)
         if not self.fusion.late:
             # per-modality features: the encoder pyramids, or the (ReLU'd) stems of early fusion
             own = cfg.channels if self.fusion.modality_encoders else cfg.channels[:1]

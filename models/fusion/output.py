@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..classifier import LesionClassifier
+from ..decoder import decoder_widths
 from ..encoders import conv_block
 from .base import Fusion
 
@@ -30,7 +31,8 @@ class ModalityHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, modality: str) -> None:
         super().__init__()
-        self.seg = conv_block(cfg.spatial_dims, cfg.channels[0], cfg.num_seg_classes, kernel_size=1, conv_only=True)
+        width = decoder_widths(cfg.channels, cfg.num_seg_classes)[0]  # the shared decoder's full-resolution width
+        self.seg = conv_block(cfg.spatial_dims, width, cfg.num_seg_classes, kernel_size=1, conv_only=True)
         self.cls = LesionClassifier((modality,), cfg.channels, (), cfg.num_classes, cfg.dropout)
         self.gate = nn.Embedding(1, 1)
         nn.init.zeros_(self.gate.weight)  # start from the plain mean over present modalities
@@ -55,7 +57,7 @@ class OutputFusion(Fusion):
         decode: Callable[[Tensor, Sequence[Tensor]], Tensor],
     ) -> tuple[Tensor, Tensor]:
         """``image`` (B, M, *S) masked input; ``pyramids[i][l]`` (B, C_l, *S_l); ``decode(bottleneck, skips)`` ->
-        (B, channels[0], *S) features.
+        (B, W, *S) full-resolution features.
 
         Returns fused (seg logits (B, K, *S), class logits (B, num_classes)); stores the per-sample fusion weights
         (B, M) in :attr:`last_weights`.
