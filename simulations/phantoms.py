@@ -371,9 +371,11 @@ def _anatomy(
     r_core = max(r_core, 1.3 * step)
 
     enh, het, calc, oed = (float(x) for x in p)
-    oed_scale = 1.25 + 1.0 * oed
+    # the oedema's extent relative to the lesion is the cue; the smooth front noise is kept small enough that the
+    # extent, not the noise, decides the oedema volume
+    oed_scale = 1.2 + 1.3 * oed
     oed_noise = _smooth_field(rng, shape, tuple(np.maximum(1.0, 0.5 * semi_mm / spacing)))
-    d_oed = d / oed_scale + 0.12 * oed_noise  # finger-like oedema front at d_oed = 1
+    d_oed = d / oed_scale + 0.06 * oed_noise  # finger-like oedema front at d_oed = 1
     # guaranteed collar of oedema around the rim, so the three regions nest
     f_oed = np.minimum(d_oed - 1.0, d - (1.0 + 1.3 * step))
 
@@ -397,13 +399,14 @@ def _anatomy(
     # the field's quantile over the core itself, so the necrotic share of a (small) core is the intended one, not
     # whatever share of a volume-wide quantile happens to fall inside it
     nec_field = _smooth_field(rng, shape, (0.8, 1.0, 1.0))
-    nec_share = 0.05 + 0.55 * het
+    nec_share = 0.02 + 0.78 * het
     in_core = core > 0.5
     thr = float(np.quantile(nec_field[in_core] if in_core.any() else nec_field, 1.0 - nec_share))
     fr.append((_T["necrosis"], core * np.clip((nec_field - thr) / 0.6 + 0.5, 0.0, 1.0)))
 
     # calcifications: small dense foci in core and rim, more with the calcification property
-    n_calc = int(rng.poisson(0.2 + 7.0 * calc))
+    # the number of foci follows the property (a Poisson count would bury it in counting noise), plus a rare extra
+    n_calc = int(round(8.0 * calc)) + int(rng.poisson(0.3))
     calc_frac = np.zeros(shape, dtype=np.float32)
     if n_calc:
         rim_in = d < 0.95
