@@ -57,6 +57,14 @@ class LRSchedule:
         if not 0.0 <= self.min_factor <= 1.0:
             raise ValueError(f"min_factor must be in [0, 1], got {self.min_factor}")
 
+    @classmethod
+    def for_run(cls, base_lr: float, total_steps: int, kind: str, warmup: float) -> "LRSchedule":
+        """The schedule of a run of ``total_steps`` optimizer steps with a warm-up over the share ``warmup`` of them
+        (the run config's ``lr``, ``lr-schedule``, ``lr-warmup``; a site passes ``num_rounds * steps_per_round``)."""
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warm-up share must be in [0, 1), got {warmup}")
+        return cls(base_lr, total_steps, kind, warmup_steps=int(round(warmup * total_steps)))
+
     def factor(self, step: int) -> float:
         """The factor on ``base_lr`` at global step ``step`` (0-based)."""
         if step < 0:

@@ -204,7 +204,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
     optimizer = make_optimizer(model, s.lr, *([s.optimizer] if s.optimizer else []))
     steps_per_epoch = len(train_loader) if s.max_batches is None else min(len(train_loader), s.max_batches)
     total_steps = s.epochs * steps_per_epoch
-    schedule = LRSchedule(s.lr, total_steps, s.lr_schedule, warmup_steps=int(round(s.lr_warmup * total_steps)))
+    schedule = LRSchedule.for_run(s.lr, total_steps, s.lr_schedule, s.lr_warmup)
     loss_fn = MultiTaskLoss(class_prior=label_prior(train_ds.labels()) if s.balance_classes else None)
     dropout_gen = torch.Generator().manual_seed(s.seed + 1)
     metrics_log = MetricsLog(out / "metrics.jsonl")
