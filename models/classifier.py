@@ -1,35 +1,29 @@
-"""The case-level classifier: features pooled inside the predicted lesion, per modality, into a small MLP.
+"""The case-level classifier: each modality's image statistics inside the predicted lesion, into a small MLP.
 
 The class cues of a lesion are thin and modality-specific (an enhancing rim on T1ce, calcified foci on CT, necrotic
 texture on T2/US, the oedema's extent on FLAIR), so the head reads them where they are and from whom they come:
 
 1. **Region weights** from the segmentation: the softmax probabilities of background, oedema, core, enhancing and
-   their lesion union (B, R=5, *S), detached (the classification loss does not bend the segmentation), average-
-   pooled to each feature level's resolution.
-2. **Per modality** ``i`` (kept apart, ``modalities.<m>``, owned by ``m``), two branches summed then ReLU:
-
-   * ``stats``: its normalised image's weighted mean and log standard deviation inside each region (2R numbers,
-     z-units of the case's own head: already on one scale across cases) -> ``Linear``;
-   * ``levels``: the weighted mean of each of its feature maps inside each region at every level it has
-     (R * sum_l C_l numbers) -> ``LayerNorm`` -> ``Linear``.
-
-   The result is multiplied by the modality's availability: a missing modality contributes exact zeros, whatever
-   its pixels or features.
+   their lesion union (B, R=5, *S), detached (the classification loss does not bend the segmentation).
+2. **Per modality** ``i`` (kept apart): the weighted mean and log standard deviation of its normalised image inside
+   each region (2R numbers, in z-units of the case's own head, so on one scale across cases and scanners),
+   embedded by its own ``Linear`` + ReLU (``modalities.<m>``, owned by ``m``) and multiplied by its availability:
+   a missing modality contributes exact zeros, whatever its pixels.
 3. **Shared** (``shared``, owner None): the lesion's log volume fraction and the log share of each sub-region in it
-   (the oedema's extent relative to the lesion is a cue no single intensity shows) -> ``Linear``, plus, when the
-   family has fused features, their region means at every level -> ``LayerNorm`` -> ``Linear``.
+   (the oedema's extent relative to the lesion is a cue no single intensity shows), from the decoder's output.
 4. **MLP** ``mlp``: [m_1 e_1 || ... || m_M e_M || e_shared || mask] -> hidden -> ReLU -> dropout -> class logits. The
    mask itself is an input so the head knows which modalities it is missing (modality dropout trains that).
 
-Why the split: the head learns by Adam from per-case features whose case-to-case spread is small next to their
-offsets (log volumes ~7 +- 0.2, feature means ~1 +- 0.1), which makes its first layer learn slowly, and no batch
-statistic may standardise them (DP-SGD needs cases independent). The image statistics and volume ratios are put on
-a common scale by construction (z-units, logs of ratios); the many feature-map means go through a LayerNorm.
-Measured on captured features of a trained model (bench notes in docs/benchmarks.md): held-out AUROC 0.84 with one
-LayerNorm over everything, 0.85-0.87 with this split.
+What was measured and left out (bench notes in docs/benchmarks.md, "Training recipe"): region means of every
+encoder level's feature maps per modality (140 numbers per modality) and of the fused pyramid made the head memorise
+the 192 training cases (training loss 0.01-0.02, held-out AUROC 0.76-0.78 against 0.87-0.89 without them, on the
+captured features of a trained model), with dropout or weight decay alike; and one LayerNorm over unscaled inputs
+(log volumes ~7 +- 0.2 next to feature means ~1 +- 0.1) kept the head at chance under modality dropout. The image
+statistics and volume ratios need no normalisation layer: they are on a common scale by construction, which matters
+because no batch statistic may standardise them (DP-SGD needs cases independent).
 
-Every parametrised layer is ``nn.Linear`` or ``nn.LayerNorm`` (Opacus's per-sample gradients), pooling has no
-parameters, and each case is pooled over its own voxels only, so cases stay independent.
+Every parametrised layer is ``nn.Linear`` (Opacus's per-sample gradients), pooling has no parameters, and each case
+is pooled over its own voxels only, so cases stay independent.
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Region weight maps, in order: the four label probabilities and the lesion (1 - background).
@@ -54,27 +47,20 @@ def region_weights(seg_logits: Tensor) -> Tensor:
     return torch.cat([probs, 1.0 - probs[:, :1]], dim=1)
 
 
-def _weights_at(weights: Tensor, spatial: Sequence[int]) -> Tensor:
-    """Region weights average-pooled to the spatial size ``spatial`` (an integer divisor of theirs)."""
-    if tuple(weights.shape[2:]) == tuple(spatial):
-        return weights
-    factor = weights.shape[2] // spatial[0]
-    pool = F.avg_pool3d if weights.dim() == 5 else F.avg_pool2d
-    return pool(weights, factor)
-
-
 def pool_regions(features: Tensor, weights: Tensor, *, std: bool = False) -> Tensor:
-    """Weighted means (and log standard deviations) of ``features`` (B, C, *S') inside each region.
+    """Weighted means (and log standard deviations) of ``features`` (B, C, *S) inside each region.
 
     Args:
-        features: (B, C, *S') feature maps.
-        weights: (B, R, *S) region weights at full resolution; pooled to ``S'`` here.
+        features: (B, C, *S) maps (the image channels).
+        weights: (B, R, *S) region weights on the same grid.
         std: also return each region's weighted log standard deviation.
 
     Returns:
         (B, R * C) means (R-major), or (B, 2 * R * C) means then log standard deviations with ``std``.
     """
-    w = _weights_at(weights, features.shape[2:]).flatten(2)  # (B, R, P)
+    if features.shape[2:] != weights.shape[2:]:
+        raise ValueError(f"features {tuple(features.shape)} and region weights {tuple(weights.shape)} differ in grid")
+    w = weights.flatten(2)  # (B, R, P)
     f = features.flatten(2)  # (B, C, P)
     mass = w.sum(dim=2, keepdim=True) + _EMPTY_MASS  # (B, R, 1)
     mean = torch.einsum("brp,bcp->brc", w, f) / mass
@@ -94,29 +80,11 @@ def volume_shares(weights: Tensor) -> Tensor:
     return torch.cat([torch.log(lesion / total), torch.log((counts[:, 1:4] + 1.0) / lesion)], dim=1)
 
 
-class ModalityEmbedding(nn.Module):
-    """One modality's embedding: ``stats`` (image statistics, Linear) + ``levels`` (feature-map means, LayerNorm +
-    Linear), summed; ``levels`` is absent when the modality has no feature levels."""
-
-    def __init__(self, stats: int, levels: int, embed: int) -> None:
-        super().__init__()
-        self.stats = nn.Linear(stats, embed)
-        self.levels = nn.Sequential(nn.LayerNorm(levels), nn.Linear(levels, embed)) if levels else None
-
-    def forward(self, stats: Tensor, levels: Tensor | None) -> Tensor:
-        out = self.stats(stats)
-        if self.levels is not None and levels is not None:
-            out = out + self.levels(levels)
-        return out
-
-
 class LesionClassifier(nn.Module):
     """Case-level head (see the module docstring).
 
     Args:
-        modalities: modality names, in the order of the ``image`` channels and ``levels`` given to ``forward``.
-        modality_channels: widths of the per-modality feature levels (e.g. an encoder's ``channels``; may be empty).
-        shared_channels: widths of the shared (fused) feature levels (may be empty).
+        modalities: modality names, in the order of the ``image`` channels given to ``forward``.
         num_classes: class logits.
         dropout: dropout before the last layer.
         embed: width of each modality's (and the shared) embedding.
@@ -124,23 +92,13 @@ class LesionClassifier(nn.Module):
     """
 
     def __init__(
-        self,
-        modalities: Sequence[str],
-        modality_channels: Sequence[int],
-        shared_channels: Sequence[int],
-        num_classes: int,
-        dropout: float,
-        *,
-        embed: int = 8,
-        hidden: int = 32,
+        self, modalities: Sequence[str], num_classes: int, dropout: float, *, embed: int = 8, hidden: int = 32
     ) -> None:
         super().__init__()
         r = len(REGION_MAPS)
         self.names = tuple(modalities)
-        self.modalities = nn.ModuleDict(
-            {m: ModalityEmbedding(2 * r, r * sum(modality_channels), embed) for m in self.names}
-        )
-        self.shared = ModalityEmbedding(4, r * sum(shared_channels), embed)
+        self.modalities = nn.ModuleDict({m: nn.Linear(2 * r, embed) for m in self.names})
+        self.shared = nn.Linear(4, embed)
         self.mlp = nn.Sequential(
             nn.Linear(len(self.names) * embed + embed + len(self.names), hidden),
             nn.ReLU(),
@@ -148,35 +106,23 @@ class LesionClassifier(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(
-        self,
-        seg_logits: Tensor,
-        image: Tensor,
-        levels: Sequence[Sequence[Tensor]],
-        shared: Sequence[Tensor],
-        mask: Tensor,
-    ) -> Tensor:
+    def forward(self, seg_logits: Tensor, image: Tensor, mask: Tensor) -> Tensor:
         """Class logits (B, num_classes).
 
         Args:
             seg_logits: (B, 4, *S) segmentation logits of the same forward (detached here).
             image: (B, M, *S) the normalised input, missing channels zero.
-            levels: per modality (M entries) its feature maps ``[(B, C_l, *S_l), ...]`` (``modality_channels``).
-            shared: fused feature maps ``[(B, C_l, *S_l), ...]`` (``shared_channels``).
             mask: (B, M) float availability.
         """
-        if image.shape[1] != len(self.names) or len(levels) != len(self.names):
+        if image.shape[1] != len(self.names) or tuple(mask.shape) != (image.shape[0], len(self.names)):
             raise ValueError(
-                f"the classifier has {len(self.names)} modalities ({', '.join(self.names)}), got {image.shape[1]} "
-                f"image channels and {len(levels)} feature pyramids"
+                f"the classifier has {len(self.names)} modalities ({', '.join(self.names)}), got image channels "
+                f"{image.shape[1]} and mask {tuple(mask.shape)}"
             )
         weights = region_weights(seg_logits)
         embedded = []
         for i, name in enumerate(self.names):
-            stats = pool_regions(image[:, i : i + 1], weights, std=True)
-            feats = torch.cat([pool_regions(f, weights) for f in levels[i]], dim=1) if len(levels[i]) else None
-            e = torch.relu(self.modalities[name](stats, feats))
+            e = torch.relu(self.modalities[name](pool_regions(image[:, i : i + 1], weights, std=True)))
             embedded.append(torch.where(mask[:, i : i + 1] > 0, e, torch.zeros((), dtype=e.dtype, device=e.device)))
-        fused = torch.cat([pool_regions(f, weights) for f in shared], dim=1) if len(shared) else None
-        s = torch.relu(self.shared(volume_shares(weights), fused))
+        s = torch.relu(self.shared(volume_shares(weights)))
         return self.mlp(torch.cat([*embedded, s, mask.to(s.dtype)], dim=1))

@@ -10,7 +10,7 @@ name                                    what                                    
 ``fusion.levels.<l>.embeddings.<m>.…``  modality embedding (``attention``)           ``m``
 ``fusion.heads.<m>.…``                  late-fusion heads and gate (``output``)      ``m``
 ``classifier.modalities.<m>.…``         the classifier's embedding of ``m``'s         ``m``
-                                        region-pooled features
+                                        region statistics
 ``fusion.…`` (other)                    fusion core                                  None
 ``decoder.…``, ``classifier.…`` (other) shared decoder and classifier MLP            None
 ======================================  ===========================================  =========
@@ -56,9 +56,7 @@ class FusionNet(nn.Module):
         self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes,
                                num_seg_classes=cfg.num_seg_classes)
         if not self.fusion.late:
-            # per-modality features: the encoder pyramids, or the (ReLU'd) stems of early fusion
-            own = cfg.channels if self.fusion.modality_encoders else cfg.channels[:1]
-            self.classifier = LesionClassifier(cfg.modalities, own, cfg.channels, cfg.num_classes, cfg.dropout)
+            self.classifier = LesionClassifier(cfg.modalities, cfg.num_classes, cfg.dropout)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,7 +76,7 @@ class FusionNet(nn.Module):
         return self.decode(self._encode(image, mask), mask)
 
     # -- the mask-independent / mask-dependent split (fast evaluation of many modality subsets) --------------------
-    def encode(self, image: Tensor, mask: Tensor) -> list[Any]:
+    def encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, list[Any]]:
         """The part of :meth:`forward` that does not depend on which of the present modalities are used.
 
         Args:
@@ -86,7 +84,7 @@ class FusionNet(nn.Module):
 
         Returns:
             Opaque features for :meth:`decode`: ``(image, per_modality)``, the masked image (B, M, *S) (the
-            classifier pools it) and one entry per modality: ``input``: stem outputs (B, C_0, *S), ``None`` for
+            classifier pools it inside the predicted regions) and one entry per modality: ``input``: stem outputs (B, C_0, *S), ``None`` for
             modalities declared absent by :meth:`set_site_modalities`; ``single``/``hierarchical``/``attention``:
             encoder pyramids ``[H^0..H^{L-1}]`` (zeros when declared absent); ``output``: the modality's own
             ``(seg logits, class logits)`` (``None`` when declared absent).
@@ -115,12 +113,10 @@ class FusionNet(nn.Module):
         dtype (as :meth:`forward` and :meth:`encode` cast it)."""
         image, per_modality = features
         if not self.fusion.modality_encoders:
-            first = next(s for s in per_modality if s is not None)
-            own = [[torch.relu(s if s is not None else torch.zeros_like(first))] for s in per_modality]
-            return self._heads(self.fusion.fuse_stems(per_modality, mask), image, own, mask)
+            return self._heads(self.fusion.fuse_stems(per_modality, mask), image, mask)
         if self.fusion.late:
             return self.fusion.combine(per_modality, mask)
-        return self._heads(self.fusion(per_modality, mask), image, per_modality, mask)
+        return self._heads(self.fusion(per_modality, mask), image, mask)
 
     def forward_subsets(
         self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None
@@ -182,13 +178,10 @@ class FusionNet(nn.Module):
             x.new_zeros(b, c, *(s // 2**l for s in spatial)) for l, c in enumerate(self.config.channels)
         ]
 
-    def _heads(
-        self, fused: Sequence[Tensor], image: Tensor, own: Sequence[Sequence[Tensor]], mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Decoder on the fused pyramid; classifier on the segmentation, the image, each modality's own features
-        ``own`` and the fused pyramid."""
+    def _heads(self, fused: Sequence[Tensor], image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder on the fused pyramid; classifier on the segmentation and the (masked) image."""
         seg = self.decoder(fused[-1], fused[:-1])
-        return seg, self.classifier(seg, image, own, fused, mask)
+        return seg, self.classifier(seg, image, mask)
 
     def _check_inputs(self, image: Tensor, mask: Tensor) -> None:
         cfg = self.config

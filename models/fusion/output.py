@@ -3,8 +3,8 @@
 Each modality's pyramid goes through the *shared* decoder (``decoder``, owner None: it learns a modality-agnostic
 upsampling path from every site's data) and then through its own heads ``fusion.heads.<m>`` (owned by ``m``):
 ``seg`` (1x1 conv to segmentation logits at full resolution), ``cls`` (a one-modality
-:class:`models.classifier.LesionClassifier`: the modality's image and pyramid pooled inside its own predicted
-lesion regions) and ``gate`` (``nn.Embedding(1, 1)``: the modality's learned
+:class:`models.classifier.LesionClassifier`: the modality's image statistics inside its own predicted lesion
+regions) and ``gate`` (``nn.Embedding(1, 1)``: the modality's learned
 fusion logit). The fused logits are ``sum_i w_i y_i`` with ``w = softmax(gate)`` taken over the modalities present
 in each sample only (renormalised: missing modalities get weight exactly 0, present weights sum to 1).
 Averaging logits (rather than probabilities) is a weighted product of experts, which keeps cross-entropy and
@@ -33,7 +33,7 @@ class ModalityHead(nn.Module):
         super().__init__()
         width = decoder_widths(cfg.channels, cfg.num_seg_classes)[0]  # the shared decoder's full-resolution width
         self.seg = conv_block(cfg.spatial_dims, width, cfg.num_seg_classes, kernel_size=1, conv_only=True)
-        self.cls = LesionClassifier((modality,), cfg.channels, (), cfg.num_classes, cfg.dropout)
+        self.cls = LesionClassifier((modality,), cfg.num_classes, cfg.dropout)
         self.gate = nn.Embedding(1, 1)
         nn.init.zeros_(self.gate.weight)  # start from the plain mean over present modalities
 
@@ -82,8 +82,7 @@ class OutputFusion(Fusion):
             head = self.heads[m]
             seg = head.seg(decode(feats[-1], feats[:-1]))
             own = image[:, i : i + 1]
-            ones = own.new_ones(own.shape[0], 1)
-            out.append((seg, head.cls(seg, own, [feats], (), ones)))
+            out.append((seg, head.cls(seg, own, own.new_ones(own.shape[0], 1))))
         return out
 
     def combine(self, predictions: Sequence[tuple[Tensor, Tensor] | None], mask: Tensor) -> tuple[Tensor, Tensor]:
