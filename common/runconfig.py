@@ -145,6 +145,11 @@ _KEYS: tuple[Key, ...] = (
     # local training
     Key("local-epochs", int, "train", "local epochs per round", _at_least(1)),
     Key("lr", float, "train", "site learning rate", _at_least(0, strict=True)),
+    Key("lr-schedule", str, "train", "learning rate over the run's steps: constant, cosine or poly (models.schedule)",
+        _one_of("constant", "cosine", "poly")),
+    Key("lr-warmup", float, "train", "share of the run's steps warming the learning rate up linearly",
+        _within(0, 1, high_open=True)),
+    Key("balance-classes", bool, "train", "logit-adjust the classification loss by the site's class shares"),
     Key("batch-size", int, "train", "expected cases per step (DP: Poisson batch)", _at_least(1)),
     Key("proximal-mu", float, "train", "FedProx proximal weight (0 = off)", _at_least(0)),
     Key("conv-backward", str, "train", "CPU convolution backward: fast (models/fast_conv.py) or stock (PyTorch's); "
@@ -365,6 +370,9 @@ class TrainConfig:
 
     local_epochs: int
     lr: float
+    lr_schedule: str
+    lr_warmup: float
+    balance_classes: bool
     batch_size: int
     proximal_mu: float
     conv_backward: str

@@ -189,7 +189,7 @@ class SubsetReport:
 
         metrics = list(metrics) if metrics else [
             m for m in ("dice-whole", "dice-core", "dice-enhancing", "iou-whole", "precision-whole", "hd95-whole",
-                        "accuracy", "f1", "auroc") if any(m in r for r in self.rows.values())
+                        "accuracy", "balanced-accuracy", "f1", "auroc") if any(m in r for r in self.rows.values())
         ]
         table = Table(title=title or "held-out metrics per modality subset", show_lines=False)
         table.add_column("subset", style="bold", no_wrap=True)
@@ -327,7 +327,7 @@ def evaluate_subsets(
         if n:
             row.update(classification_metrics(torch.cat(probs[s]), torch.cat(labels[s]), threshold))
         else:
-            row.update({k: math.nan for k in CLS_METRICS})
+            row.update(classification_metrics(torch.empty(0), torch.empty(0, dtype=torch.long), threshold))
         row["cases"] = float(n)
         rows[subset_name(s)] = row
     if not any(r["cases"] for r in rows.values()):

@@ -21,9 +21,12 @@ Dice/IoU/precision: higher is better; HD95: lower is better. With these conventi
 so means over cases and subsets are always defined.
 
 Classification, from the probability of the malignant class (``CLASS_NAMES[1]``), predicted malignant iff
-``p >= threshold`` (0.5): ``accuracy``, ``recall`` (sensitivity), ``specificity``, ``f1``, ``auroc``
-(``compute_roc_auc``). A metric whose denominator is 0 (e.g. recall with no malignant case, AUROC with one class
-only) is **NaN** ("undefined"), never a made-up number; :class:`models.runlog.MetricsLog` stores it as null.
+``p >= threshold`` (0.5): ``accuracy``, ``balanced-accuracy`` (mean of recall and specificity: the accuracy at a
+50 % base rate, which a constant prediction cannot lift above 0.5 whatever the test set's balance), ``recall``
+(sensitivity), ``specificity``, ``f1``, ``auroc`` (``compute_roc_auc``), and ``threshold`` (the decision threshold
+the other numbers were computed at, reported beside them). A metric whose denominator is 0 (e.g. recall with no
+malignant case, AUROC with one class only) is **NaN** ("undefined"), never a made-up number;
+:class:`models.runlog.MetricsLog` stores it as null.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ REGIONS: tuple[str, ...] = tuple(SEG_REGIONS)
 #: Segmentation metric kinds; ``hd95`` is lower-is-better.
 SEG_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "hd95")
 #: Classification metric names.
-CLS_METRICS: tuple[str, ...] = ("accuracy", "recall", "specificity", "f1", "auroc")
+CLS_METRICS: tuple[str, ...] = ("accuracy", "balanced-accuracy", "recall", "specificity", "f1", "auroc", "threshold")
 #: Metrics where smaller is better (everything else: larger is better); ``monotonicity-violations`` is the share of
 #: modality-subset pairs where adding a modality lowered Dice (:mod:`models.evaluation`).
 LOWER_IS_BETTER: frozenset[str] = frozenset({*(f"hd95-{r}" for r in REGIONS), "monotonicity-violations"})
@@ -167,14 +170,14 @@ def classification_metrics(
         threshold: predicted malignant iff ``prob >= threshold``.
 
     Returns:
-        ``accuracy, recall, specificity, f1, auroc`` as floats; NaN where undefined (see module docstring).
+        :data:`CLS_METRICS` as floats; NaN where undefined (see module docstring); ``threshold`` is ``threshold``.
     """
     p = torch.as_tensor(probs, dtype=torch.float64).flatten().cpu()
     y = torch.as_tensor(labels).flatten().cpu().long()
     if p.shape != y.shape:
         raise ValueError(f"{p.numel()} probabilities but {y.numel()} labels")
     if p.numel() == 0:
-        return {k: math.nan for k in CLS_METRICS}
+        return {k: math.nan for k in CLS_METRICS} | {"threshold": float(threshold)}
     cm = _confusion(p, y, threshold)
     out: dict[str, float] = {}
     for name, monai_name in (
@@ -187,11 +190,13 @@ def classification_metrics(
     tp, fp, _, fn = cm.flatten().tolist()
     if 2 * tp + fp + fn == 0:  # MONAI returns NaN here too; keep it explicit
         out["f1"] = math.nan
+    out["balanced-accuracy"] = 0.5 * (out["recall"] + out["specificity"])  # NaN with one class only
     if int(y.sum()) in (0, y.numel()):
         out["auroc"] = math.nan  # one class only: AUROC is undefined
     else:
         out["auroc"] = float(compute_roc_auc(p, y))
-    return out
+    out["threshold"] = float(threshold)
+    return {k: out[k] for k in CLS_METRICS}
 
 
 def roc_points(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> list[tuple[float, float, float]]:

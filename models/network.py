@@ -9,8 +9,10 @@ name                                    what                                    
 ``fusion.stems.<m>.…``                  early-fusion stem conv (``input``)           ``m``
 ``fusion.levels.<l>.embeddings.<m>.…``  modality embedding (``attention``)           ``m``
 ``fusion.heads.<m>.…``                  late-fusion heads and gate (``output``)      ``m``
+``classifier.modalities.<m>.…``         the classifier's embedding of ``m``'s         ``m``
+                                        region statistics
 ``fusion.…`` (other)                    fusion core                                  None
-``decoder.…``, ``classifier.…``         shared decoder and classifier                None
+``decoder.…``, ``classifier.…`` (other) shared decoder and classifier MLP            None
 ======================================  ===========================================  =========
 
 Missing modalities: the forward replaces every channel whose mask is 0 by exact zeros (``torch.where``, so even
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .classifier import LesionClassifier
 from .config import ModelConfig
-from .decoder import Classifier, Decoder
+from .decoder import Decoder
 from .encoders import Encoder
 from .fusion import build_fusion
 from .fusion.base import Fusion
@@ -50,9 +53,10 @@ class FusionNet(nn.Module):
             self.encoders = nn.ModuleDict(
                 {m: Encoder(cfg.spatial_dims, 1, cfg.channels) for m in cfg.modalities}
             )
-        self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes)
+        self.decoder = Decoder(cfg.spatial_dims, cfg.channels, None if self.fusion.late else cfg.num_seg_classes,
+                               num_seg_classes=cfg.num_seg_classes)
         if not self.fusion.late:
-            self.classifier = Classifier(cfg.channels[-1], cfg.num_classes, cfg.dropout)
+            self.classifier = LesionClassifier(cfg.modalities, cfg.num_classes, cfg.dropout)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,45 +76,47 @@ class FusionNet(nn.Module):
         return self.decode(self._encode(image, mask), mask)
 
     # -- the mask-independent / mask-dependent split (fast evaluation of many modality subsets) --------------------
-    def encode(self, image: Tensor, mask: Tensor) -> list[Any]:
+    def encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, list[Any]]:
         """The part of :meth:`forward` that does not depend on which of the present modalities are used.
 
         Args:
             image, mask: as in :meth:`forward`; channels whose ``mask`` is 0 are zeroed first.
 
         Returns:
-            Opaque per-modality features for :meth:`decode` (one list entry per modality, ``None`` for
-            modalities declared absent by :meth:`set_site_modalities`): ``input``: stem outputs (B, C_0, *S);
-            ``single``/``hierarchical``/``attention``: encoder pyramids ``[H^0..H^{L-1}]``; ``output``: the
-            modality's own ``(seg logits, class logits)``.
+            Opaque features for :meth:`decode`: ``(image, per_modality)``, the masked image (B, M, *S) (the
+            classifier pools it inside the predicted regions) and one entry per modality: ``input``: stem outputs (B, C_0, *S), ``None`` for
+            modalities declared absent by :meth:`set_site_modalities`; ``single``/``hierarchical``/``attention``:
+            encoder pyramids ``[H^0..H^{L-1}]`` (zeros when declared absent); ``output``: the modality's own
+            ``(seg logits, class logits)`` (``None`` when declared absent).
         """
         self._check_inputs(image, mask)
         return self._encode(image, mask.to(image.dtype))
 
-    def _encode(self, image: Tensor, mask: Tensor) -> list[Any]:
+    def _encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, list[Any]]:
         present = mask.reshape(*mask.shape, *([1] * (image.dim() - 2))) > 0
         x = torch.where(present, image, torch.zeros((), dtype=image.dtype, device=image.device))
         if not self.fusion.modality_encoders:
-            return self.fusion.stem_features(x)
+            return x, self.fusion.stem_features(x)
         pyramids = [
             self._zero_pyramid(x) if m in self.fusion.skip else self.encoders[m](x[:, i : i + 1])
             for i, m in enumerate(self.config.modalities)
         ]
         if self.fusion.late:
-            return self.fusion.modality_predictions(pyramids, self.decoder)
-        return pyramids
+            return x, self.fusion.modality_predictions(x, pyramids, self.decoder)
+        return x, pyramids
 
-    def decode(self, features: list[Any], mask: Tensor) -> tuple[Tensor, Tensor]:
+    def decode(self, features: tuple[Tensor, list[Any]], mask: Tensor) -> tuple[Tensor, Tensor]:
         """Fuse :meth:`encode`'s features under ``mask`` (B, M) and predict: ``(seg logits (B, K, *S), class
         logits (B, num_classes))``, equal to ``forward(image, mask)`` for any ``mask`` that is a subset of the mask
         given to :meth:`encode` (a modality outside ``mask`` is multiplied by exactly 0 or masked out of attention,
         whatever its features). Every sample needs at least one modality in ``mask``, which has the image's float
         dtype (as :meth:`forward` and :meth:`encode` cast it)."""
+        image, per_modality = features
         if not self.fusion.modality_encoders:
-            return self._heads(self.fusion.fuse_stems(features, mask))
+            return self._heads(self.fusion.fuse_stems(per_modality, mask), image, mask)
         if self.fusion.late:
-            return self.fusion.combine(features, mask)
-        return self._heads(self.fusion(features, mask))
+            return self.fusion.combine(per_modality, mask)
+        return self._heads(self.fusion(per_modality, mask), image, mask)
 
     def forward_subsets(
         self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None
@@ -172,9 +178,10 @@ class FusionNet(nn.Module):
             x.new_zeros(b, c, *(s // 2**l for s in spatial)) for l, c in enumerate(self.config.channels)
         ]
 
-    def _heads(self, fused: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        bottleneck = fused[-1]
-        return self.decoder(bottleneck, fused[:-1]), self.classifier(bottleneck)
+    def _heads(self, fused: Sequence[Tensor], image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder on the fused pyramid; classifier on the segmentation and the (masked) image."""
+        seg = self.decoder(fused[-1], fused[:-1])
+        return seg, self.classifier(seg, image, mask)
 
     def _check_inputs(self, image: Tensor, mask: Tensor) -> None:
         cfg = self.config

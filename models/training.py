@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .precision import MixedPrecision
+from .schedule import LRSchedule
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -198,6 +199,8 @@ def train_epoch(
     proximal: ProximalTerm | None = None,
     max_batches: int | None = None,
     amp: str | MixedPrecision = "off",
+    schedule: LRSchedule | None = None,
+    start_step: int = 0,
 ) -> dict[str, float]:
     """One pass over ``loader``, one optimizer step per batch.
 
@@ -217,11 +220,14 @@ def train_epoch(
         amp: mixed precision for non-private training (:mod:`models.precision`): ``off``, ``auto`` (CUDA only),
             ``bf16``, ``fp16``, or a :class:`~models.precision.MixedPrecision` kept across epochs (fp16's loss
             scale); always float32 under DP-SGD.
+        schedule: learning rate per global step (:class:`models.schedule.LRSchedule`); None keeps the optimizer's.
+        start_step: the global step of this epoch's first optimizer step (steps of earlier epochs and rounds).
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, NaN when the loss
         gives no parts), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
-        (optimizer steps, noise-only DP steps included), ``empty-batches``.
+        (optimizer steps, noise-only DP steps included: the next epoch starts at ``start_step + steps``),
+        ``empty-batches``, ``lr`` (the learning rate of the last step).
     """
     from .network import apply_modality_dropout
 
@@ -245,6 +251,8 @@ def train_epoch(
             break
         image, mask, seg, label = unpack_batch(batch)
         b = int(image.shape[0])
+        if schedule is not None and (b > 0 or dp):
+            schedule.apply(optimizer, start_step + steps)
         if b == 0:
             empty += 1
             if dp:
@@ -303,4 +311,5 @@ def train_epoch(
         "num-examples": float(n_examples),
         "steps": float(steps),
         "empty-batches": float(empty),
+        "lr": float(optimizer.param_groups[0]["lr"]),
     }

@@ -50,11 +50,15 @@ class CentralSettings:
         out: run directory.
         model: the network to train.
         epochs: training epochs.
-        lr: learning rate.
+        lr: learning rate (the schedule's peak).
         batch_size: training batch size (cases).
         seed: seed of everything random.
         conv_backward: ``fast`` or ``stock`` convolution path (run-config key ``conv-backward``,
             :mod:`models.fast_conv`).
+        lr_schedule: learning-rate schedule over the run's steps (:data:`models.schedule.SCHEDULES`).
+        lr_warmup: share of the run's steps spent warming the learning rate up linearly.
+        balance_classes: logit-adjust the classification loss by the training cases' class shares
+            (:class:`models.losses.MultiTaskLoss` ``class_prior``).
         optimizer: ``adam`` or ``sgd`` (None: :func:`models.training.make_optimizer`'s default, as at the sites).
         augment: random flips / intensity jitter of training cases.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
@@ -73,6 +77,9 @@ class CentralSettings:
     model: ModelConfig
     epochs: int
     lr: float
+    lr_schedule: str
+    lr_warmup: float
+    balance_classes: bool
     batch_size: int
     seed: int
     conv_backward: str
@@ -93,7 +100,8 @@ class CentralSettings:
     def from_run_config(cls, data: Path, out: Path, run_config: Mapping[str, Any] | None = None, *,
                         epochs: int | None = None, **options: Any) -> "CentralSettings":
         """Settings from the run config (pyproject's defaults with ``run_config`` applied): its ``model-*``, ``lr``,
-        ``batch-size``, ``seed`` and ``conv-backward``; ``epochs`` defaults to ``num-server-rounds x local-epochs`` (the passes over
+        ``lr-schedule``, ``lr-warmup``, ``balance-classes``, ``batch-size``, ``seed`` and ``conv-backward``; ``epochs``
+        defaults to ``num-server-rounds x local-epochs`` (the passes over
         its data a site makes in the federated run). ``options`` set the other attributes.
 
         Raises:
@@ -103,8 +111,9 @@ class CentralSettings:
         train = TrainConfig.from_run_config(rc)
         return cls(data=Path(data), out=Path(out), model=runconfig.model_config(rc),
                    epochs=int(epochs) if epochs is not None else train.num_server_rounds * train.local_epochs,
-                   lr=train.lr, batch_size=train.batch_size, seed=train.seed, conv_backward=train.conv_backward,
-                   **options)
+                   lr=train.lr, lr_schedule=train.lr_schedule, lr_warmup=train.lr_warmup,
+                   balance_classes=train.balance_classes, batch_size=train.batch_size, seed=train.seed,
+                   conv_backward=train.conv_backward, **options)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
@@ -161,9 +170,10 @@ def train_central(settings: CentralSettings) -> CentralResult:
     from common.evaluation import evaluate_model, load_heldout
     from models.checkpoint import save_checkpoint
     from models.fast_conv import set_conv_backward
-    from models.losses import MultiTaskLoss
+    from models.losses import MultiTaskLoss, label_prior
     from models.network import build_model
     from models.runlog import MetricsLog
+    from models.schedule import LRSchedule
     from models.training import make_optimizer, resolve_device, train_epoch
 
     t0 = time.perf_counter()
@@ -203,7 +213,10 @@ def train_central(settings: CentralSettings) -> CentralResult:
     model = build_model(model_cfg, device)
     set_conv_backward(model, s.conv_backward)
     optimizer = make_optimizer(model, s.lr, *([s.optimizer] if s.optimizer else []))
-    loss_fn = MultiTaskLoss()
+    steps_per_epoch = len(train_loader) if s.max_batches is None else min(len(train_loader), s.max_batches)
+    total_steps = s.epochs * steps_per_epoch
+    schedule = LRSchedule.for_run(s.lr, total_steps, s.lr_schedule, s.lr_warmup)
+    loss_fn = MultiTaskLoss(class_prior=label_prior(train_ds.labels()) if s.balance_classes else None)
     dropout_gen = torch.Generator().manual_seed(s.seed + 1)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     result = CentralResult(run_dir=out)
@@ -223,6 +236,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
     progress = _progress(s.progress)
     with progress:
         task = progress.add_task("central", total=s.epochs, status="")
+        step = 0
         if s.initial_eval:
             report = evaluate(s.eval_subsets)
             result.initial = report.to_flat()
@@ -230,7 +244,8 @@ def train_central(settings: CentralSettings) -> CentralResult:
         for epoch in range(1, s.epochs + 1):
             train = train_epoch(model, train_loader, optimizer, loss_fn, device,
                                 modality_dropout=model_cfg.modality_dropout, generator=dropout_gen,
-                                max_batches=s.max_batches)
+                                max_batches=s.max_batches, schedule=schedule, start_step=step)
+            step += int(train["steps"])
             metrics_log.write(epoch, "central-train", "global", train)
             entry: dict[str, Any] = {"epoch": epoch, **train, "eval": {}}
             last = epoch == s.epochs

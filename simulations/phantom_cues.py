@@ -3,7 +3,8 @@
 For N generated cases it measures a few hand-made image features per modality (median and spread of each
 sub-region's intensity, normalised to the case's normal tissue, and the number of abnormal voxels in a fixed box
 around the lesion) and reports the 5-fold cross-validated accuracy of a ridge logistic regression on one
-modality's features, on all modalities' features, and on the (unobservable) latent lesion properties. The
+modality's features, on all modalities' features, and on the (unobservable) latent lesion properties ``z``, beside
+the analytic ceiling of the label (:func:`analytic_ceiling`: the Bayes accuracy with the latents known). The
 segmentation is used only to place the regions, never as a feature (its size would leak the oedema extent).
 The numbers in docs/phantoms.md come from this script.
 """
@@ -11,13 +12,23 @@ The numbers in docs/phantoms.md come from this script.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import ndtri
 
 from models.modalities import MODALITIES
 
-from .phantoms import PROPERTIES, PhantomCase, make_case
+from .phantoms import PROPERTIES, SCORE_NOISE, SCORE_WEIGHTS, PhantomCase, make_case
+
+
+def analytic_ceiling(weights: tuple[float, ...] = SCORE_WEIGHTS, noise: float = SCORE_NOISE) -> float:
+    """Bayes accuracy of the label with the latents ``z`` known: the label is ``w.z + noise > 0``, so the best rule
+    is ``w.z > 0`` and it errs when the noise flips the sign: for jointly Gaussian ``s = w.z`` and ``s + e`` with
+    correlation ``rho = |w| / sqrt(|w|^2 + noise^2)``, ``P(same sign) = 1 - arccos(rho) / pi``."""
+    norm = math.sqrt(sum(w * w for w in weights))
+    return 1.0 - math.acos(norm / math.sqrt(norm * norm + noise * noise)) / math.pi
 
 
 def modality_features(case: PhantomCase, modality: str) -> list[float]:
@@ -61,7 +72,8 @@ def cv_accuracy(X: np.ndarray, y: np.ndarray, folds: int = 5, ridge: float = 1.0
 
 
 def cue_table(cases: int = 400, shape: tuple[int, int, int] = (16, 32, 32), seed: int = 1000) -> dict[str, float]:
-    """Cross-validated label accuracy per modality, all modalities, and the latent properties."""
+    """Cross-validated label accuracy per modality, all modalities, and the latent properties; the analytic
+    ceiling."""
     feats: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
     labels, latents = [], []
     for i in range(cases):
@@ -69,7 +81,8 @@ def cue_table(cases: int = 400, shape: tuple[int, int, int] = (16, 32, 32), seed
         for m in MODALITIES:
             feats[m].append(modality_features(case, m))
         labels.append(case.label)
-        latents.append([case.properties[p] for p in PROPERTIES])
+        # the properties are p = Phi(z); the label is linear in z, so the ceiling is measured on z
+        latents.append([float(ndtri(case.properties[p])) for p in PROPERTIES])
     y = np.asarray(labels)
     F = {m: np.asarray(v) for m, v in feats.items()}
     table = {m: cv_accuracy(F[m], y) for m in MODALITIES}
@@ -79,6 +92,7 @@ def cue_table(cases: int = 400, shape: tuple[int, int, int] = (16, 32, 32), seed
     for i, p in enumerate(PROPERTIES):
         table[f"latent {p} only"] = cv_accuracy(P[:, [i]], y)
     table["latent all four"] = cv_accuracy(P, y)
+    table["analytic ceiling"] = analytic_ceiling()
     table["majority class"] = float(max(y.mean(), 1 - y.mean()))
     return table
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import MultiTaskLoss
+from models.losses import MultiTaskLoss, label_prior
 from models.metrics import (
     classification_metrics,
     region_masks,
@@ -122,6 +122,8 @@ def test_classification_metrics_hand_computed() -> None:
     assert m["recall"] == pytest.approx(tp / (tp + fn))
     assert m["specificity"] == pytest.approx(tn / (tn + fp))
     assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert m["balanced-accuracy"] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2)
+    assert m["threshold"] == 0.5 and classification_metrics(probs, labels, threshold=0.65)["threshold"] == 0.65
     # ranking: of the 9 (positive, negative) pairs, the positive scores higher in 7 (not 0.6 or 0.4 vs 0.7)
     assert m["auroc"] == pytest.approx(7 / 9)
 
@@ -129,7 +131,37 @@ def test_classification_metrics_hand_computed() -> None:
 def test_classification_undefined_metrics_are_nan() -> None:
     m = classification_metrics(torch.tensor([0.2, 0.3]), torch.tensor([0, 0]))
     assert m["specificity"] == 1.0 and m["accuracy"] == 1.0
-    assert math.isnan(m["recall"]) and math.isnan(m["auroc"])
+    assert math.isnan(m["recall"]) and math.isnan(m["auroc"]) and math.isnan(m["balanced-accuracy"])
+
+
+def test_a_constant_prediction_has_balanced_accuracy_one_half_whatever_the_balance() -> None:
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    m = classification_metrics(torch.full((10,), 0.1), labels)
+    assert m["accuracy"] == pytest.approx(0.8) and m["balanced-accuracy"] == pytest.approx(0.5)
+
+
+def test_logit_adjustment_learns_the_balanced_posterior() -> None:
+    # 80 % benign cases with the same features: plain cross-entropy learns p(malignant) = 0.2, the logit-adjusted
+    # loss learns the balanced posterior 0.5 (the features carry no evidence either way)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    prior = label_prior(labels.tolist(), smoothing=0.0)
+    assert prior == pytest.approx((0.8, 0.2))
+    seg = torch.zeros((10, 2, 4, 4), dtype=torch.long)
+    for class_prior, expected in ((None, 0.2), (prior, 0.5)):
+        logits = torch.nn.Parameter(torch.zeros(1, 2))
+        loss = MultiTaskLoss(seg_weight=0.0, cls_weight=1.0, class_prior=class_prior)
+        opt = torch.optim.Adam([logits], lr=0.05)
+        for _ in range(400):
+            opt.zero_grad()
+            total, _ = loss(torch.zeros(10, 4, 2, 4, 4), logits.expand(10, 2), seg, labels)
+            total.backward()
+            opt.step()
+        assert float(logits.softmax(1)[0, 1]) == pytest.approx(expected, abs=0.02)
+    assert label_prior([0, 0], smoothing=1.0) == pytest.approx((0.75, 0.25))
+    with pytest.raises(ValueError, match="class_prior"):
+        MultiTaskLoss(class_prior=(0.5, 0.6))
+    with pytest.raises(ValueError, match="outside"):
+        label_prior([0, 2])
 
 
 def test_roc_points_cover_both_ends() -> None:

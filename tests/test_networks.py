@@ -134,6 +134,8 @@ def test_parameter_ownership(family: str) -> None:
             assert owner == parts[1 if parts[0] == "encoders" else 2], name
         elif "embeddings" in parts:
             assert owner == parts[parts.index("embeddings") + 1], name
+        elif parts[:2] == ["classifier", "modalities"]:
+            assert owner == parts[2], name
         else:
             assert parts[0] in ("fusion", "decoder", "classifier"), name
             assert owner is None, name

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from models.evaluation import evaluate_subsets, monotonicity, predict
 from models.losses import MultiTaskLoss
 from models.modalities import subset_name, subsets
+from models.schedule import LRSchedule
 from models.training import ProximalTerm, make_optimizer, resolve_device, train_epoch
 from common.runconfig import default_model_config
 
@@ -209,3 +210,35 @@ def test_monotonicity_counts_drops_beyond_tolerance() -> None:
     violations, pairs = monotonicity(score, ("t1", "ct"), tolerance=0.01)
     assert (violations, pairs) == (1, 2)  # adding t1 to ct lowers 0.60 -> 0.55
     assert monotonicity(score, ("t1", "ct"), tolerance=0.1) == (0, 2)
+
+
+def test_lr_schedule_shapes_and_global_steps() -> None:
+    cos = LRSchedule(1e-2, total_steps=110, kind="cosine", warmup_steps=10, min_factor=0.1)
+    assert cos.lr(0) == pytest.approx(1e-3) and cos.lr(9) == pytest.approx(1e-2)  # linear warm-up
+    assert cos.lr(10) == pytest.approx(1e-2) and cos.lr(60) == pytest.approx(0.55e-2)  # halfway down
+    assert cos.lr(110) == pytest.approx(1e-3) and cos.lr(500) == pytest.approx(1e-3)  # floor, never back up
+    poly = LRSchedule(1.0, total_steps=100, kind="poly")
+    assert poly.factor(50) == pytest.approx(0.5**0.9) and poly.factor(100) == 0.0
+    assert LRSchedule(1.0, total_steps=5, kind="constant").factor(4) == 1.0
+    for bad in ({"kind": "step"}, {"total_steps": 0}, {"warmup_steps": 200}, {"min_factor": 2.0}):
+        with pytest.raises(ValueError):
+            LRSchedule(**{"base_lr": 1.0, "total_steps": 100, **bad})
+    # train_epoch sets the learning rate of each global step: two epochs of 3 steps from step 0, then 3 more
+    model = TinyNet()
+    opt = make_optimizer(model, 1.0)
+    sched = LRSchedule(0.1, total_steps=9, kind="cosine")
+    batches = _dict_batches(_cases())
+    seen: list[float] = []
+    step = opt.step
+
+    def recording_step(*a: object, **k: object) -> object:
+        seen.append(opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    opt.step = recording_step  # type: ignore[method-assign]
+    start = 0
+    for _ in range(3):
+        out = train_epoch(model, batches, opt, MultiTaskLoss(), "cpu", schedule=sched, start_step=start)
+        start += int(out["steps"])
+    assert seen == pytest.approx([sched.lr(t) for t in range(9)])
+    assert out["lr"] == pytest.approx(sched.lr(8))

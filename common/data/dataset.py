@@ -2,7 +2,7 @@
 
 Each item (docs/architecture.md, "Dataset item") is a dict with exactly these keys::
 
-    image    float32 (M, *spatial_size)  z-scored per present channel; a missing modality is all zeros
+    image    float32 (M, *spatial_size)  normalised per present channel; a missing modality is all zeros
     mask     float32 (M,)                1 = modality acquired and usable, 0 = missing
     seg      int64   (*spatial_size)     labels 0..3 (background, oedema, non-enhancing core, enhancing rim)
     label    int64   ()                  case label, 0 benign / 1 malignant (labels.csv)
@@ -16,10 +16,11 @@ with the ``patient_salt`` as they are read; see :mod:`common.data.site`) so a DP
 study, its privacy unit. The keys stay in the dataset object (and the site's on-disk cache), never in an item.
 
 Preprocessing (once per case, then cached): read the case (:func:`common.data.site.load_case`: all modalities on
-the reference grid, slice-first), for 2D models (``len(spatial_size) == 2``) take the axial slice ``k`` through
-the lesion's centre of mass (the middle slice when the case has no lesion), resize with MONAI ``Resize``
-(trilinear/bilinear with anti-aliasing for images, nearest for the segmentation), and z-score each PRESENT
-channel with ``NormalizeIntensity`` (missing channels stay exactly zero). Augmentation (``augment=True``, per
+the reference grid, slice-first), normalise each PRESENT modality on that grid by its kind
+(:func:`common.data.intensity.normalise`: CT brain window then z-score over the head, MR z-score over the head,
+US z-score over the field of view; missing channels stay exactly zero), for 2D models (``len(spatial_size) == 2``)
+take the axial slice ``k`` through the lesion's centre of mass (the middle slice when the case has no lesion), and
+resize with MONAI ``Resize`` (trilinear/bilinear with anti-aliasing for images, nearest for the segmentation). Augmentation (``augment=True``, per
 ``__getitem__``): random flips along every spatial axis applied identically to image and segmentation, and small
 per-channel intensity scaling/shifts; missing channels are re-zeroed afterwards.
 """
@@ -51,8 +52,9 @@ from .site_settings import site_settings_fingerprint
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes so stale on-disk cache entries are not reused (3: patient keys stored, and label
-#: conventions, so BraTS 2023 files cached with fedfusion's label meaning are rebuilt).
-CACHE_VERSION = 3
+#: conventions, so BraTS 2023 files cached with fedfusion's label meaning are rebuilt; 4: per-kind intensity
+#: normalisation like nnU-Net).
+CACHE_VERSION = 4
 
 
 def _lesion_slice(seg: np.ndarray | None, depth: int) -> int:
@@ -79,7 +81,9 @@ def preprocess_case(
     Returns:
         ``{"image": (M, *spatial_size) float32, "mask": (M,) float32, "seg": (*spatial_size) int64}``.
     """
-    from monai.transforms import NormalizeIntensity, Resize
+    from monai.transforms import Resize
+
+    from .intensity import normalise
 
     size = tuple(int(s) for s in spatial_size)
     shape = next(iter(images.values())).shape
@@ -89,7 +93,7 @@ def preprocess_case(
     stack = np.zeros((len(modalities), *shape), dtype=np.float32)
     for c, m in enumerate(modalities):
         if m in images:
-            stack[c] = images[m]
+            stack[c] = normalise(images[m], m)
     if len(size) == 2:
         k = _lesion_slice(seg, shape[0])
         stack, seg = stack[:, k], seg[k]
@@ -97,10 +101,7 @@ def preprocess_case(
     image = Resize(size, mode=interp, anti_aliasing=True)(torch.from_numpy(stack))
     seg_t = Resize(size, mode="nearest")(torch.from_numpy(seg.astype(np.float32))[None])
     image = torch.as_tensor(image).float()
-    present = torch.from_numpy(mask > 0)
-    if present.any():
-        image[present] = torch.as_tensor(NormalizeIntensity(channel_wise=True)(image[present])).float()
-    image[~present] = 0.0
+    image[torch.from_numpy(mask <= 0)] = 0.0
     return {
         "image": image.numpy().astype(np.float32),
         "mask": mask,
@@ -355,6 +356,10 @@ class CaseDataset(Dataset):
             return keys[0]
         site, case_id = self.cases[min(group)]
         return f"{site}/{case_id}"
+
+    def labels(self) -> list[int]:
+        """The case labels in item order (read from labels.csv at construction; no item is loaded)."""
+        return list(self._labels)
 
     def modality_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
         """How many usable cases (of ``indices``, default all) carry each modality (every modality of

@@ -2,8 +2,9 @@
 
 Each modality's pyramid goes through the *shared* decoder (``decoder``, owner None: it learns a modality-agnostic
 upsampling path from every site's data) and then through its own heads ``fusion.heads.<m>`` (owned by ``m``):
-``seg`` (1x1 conv to segmentation logits at full resolution), ``cls`` (global average pool of the modality's
-bottleneck -> dropout -> Linear to class logits) and ``gate`` (``nn.Embedding(1, 1)``: the modality's learned
+``seg`` (1x1 conv to segmentation logits at full resolution), ``cls`` (a one-modality
+:class:`models.classifier.LesionClassifier`: the modality's image statistics inside its own predicted lesion
+regions) and ``gate`` (``nn.Embedding(1, 1)``: the modality's learned
 fusion logit). The fused logits are ``sum_i w_i y_i`` with ``w = softmax(gate)`` taken over the modalities present
 in each sample only (renormalised: missing modalities get weight exactly 0, present weights sum to 1).
 Averaging logits (rather than probabilities) is a weighted product of experts, which keeps cross-entropy and
@@ -18,18 +19,21 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..decoder import Classifier
+from ..classifier import LesionClassifier
+from ..decoder import decoder_widths
 from ..encoders import conv_block
 from .base import Fusion
 
 
 class ModalityHead(nn.Module):
-    """Per-modality prediction heads: ``seg`` (1x1 conv), ``cls`` (pool + dropout + Linear), ``gate`` (fusion logit)."""
+    """Per-modality prediction heads of ``modality``: ``seg`` (1x1 conv), ``cls`` (region-pooled classifier),
+    ``gate`` (fusion logit)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, modality: str) -> None:
         super().__init__()
-        self.seg = conv_block(cfg.spatial_dims, cfg.channels[0], cfg.num_seg_classes, kernel_size=1, conv_only=True)
-        self.cls = Classifier(cfg.channels[-1], cfg.num_classes, cfg.dropout)
+        width = decoder_widths(cfg.channels, cfg.num_seg_classes)[0]  # the shared decoder's full-resolution width
+        self.seg = conv_block(cfg.spatial_dims, width, cfg.num_seg_classes, kernel_size=1, conv_only=True)
+        self.cls = LesionClassifier((modality,), cfg.num_classes, cfg.dropout)
         self.gate = nn.Embedding(1, 1)
         nn.init.zeros_(self.gate.weight)  # start from the plain mean over present modalities
 
@@ -42,24 +46,27 @@ class OutputFusion(Fusion):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.heads = nn.ModuleDict({m: ModalityHead(cfg) for m in cfg.modalities})
+        self.heads = nn.ModuleDict({m: ModalityHead(cfg, m) for m in cfg.modalities})
         self.last_weights: Tensor | None = None
 
     def forward(
         self,
+        image: Tensor,
         pyramids: Sequence[Sequence[Tensor]],
         mask: Tensor,
         decode: Callable[[Tensor, Sequence[Tensor]], Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """``pyramids[i][l]`` (B, C_l, *S_l); ``decode(bottleneck, skips)`` -> (B, channels[0], *S) features.
+        """``image`` (B, M, *S) masked input; ``pyramids[i][l]`` (B, C_l, *S_l); ``decode(bottleneck, skips)`` ->
+        (B, W, *S) full-resolution features.
 
         Returns fused (seg logits (B, K, *S), class logits (B, num_classes)); stores the per-sample fusion weights
         (B, M) in :attr:`last_weights`.
         """
-        return self.combine(self.modality_predictions(pyramids, decode), mask)
+        return self.combine(self.modality_predictions(image, pyramids, decode), mask)
 
     def modality_predictions(
         self,
+        image: Tensor,
         pyramids: Sequence[Sequence[Tensor]],
         decode: Callable[[Tensor, Sequence[Tensor]], Tensor],
     ) -> list[tuple[Tensor, Tensor] | None]:
@@ -73,7 +80,9 @@ class OutputFusion(Fusion):
                 continue
             feats = pyramids[i]
             head = self.heads[m]
-            out.append((head.seg(decode(feats[-1], feats[:-1])), head.cls(feats[-1])))
+            seg = head.seg(decode(feats[-1], feats[:-1]))
+            own = image[:, i : i + 1]
+            out.append((seg, head.cls(seg, own, own.new_ones(own.shape[0], 1))))
         return out
 
     def combine(self, predictions: Sequence[tuple[Tensor, Tensor] | None], mask: Tensor) -> tuple[Tensor, Tensor]:
