@@ -1,4 +1,4 @@
-"""fedfusion's Flower ClientApp (Message API): ``train`` and ``evaluate`` handlers.
+"""fedfusion's Flower ClientApp (Message API): ``train``, ``evaluate`` and ``query.prepare`` handlers.
 
 Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names)
 and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
@@ -6,7 +6,8 @@ site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modal
 ``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``,
 ``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples`` (held-out
 cases, rounded), ``site-index``, ``eval-noise-multiplier``, ``epsilon-total``, ``epsilon-round``, ``delta`` and the
-Gaussian-noised statistics of :mod:`common.evalstats` (``stat-*``) over the site's held-out patients.
+Gaussian-noised statistics of :mod:`common.evalstats` (``stat-*``) over the site's held-out patients. Prepare
+(sent by the ServerApp before round 1, :mod:`client.prepare`): ``ready`` only.
 
 When the site does not train (privacy budget exhausted, run config weaker than the site's policy, no usable
 case, arrays that do not fit the run's model) or does not evaluate (see :func:`client.task.evaluate_round`) it
@@ -21,12 +22,14 @@ The same app runs in simulation (node config ``partition-id``) and in a deployed
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import replies
+from common import replies, timings
 
 log = logging.getLogger("fedfusion.site")
 
@@ -73,19 +76,38 @@ def _error_reply(msg: Message, exc: BaseException) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
+def _who(context: Context) -> str:
+    """The site's name in timing records (:mod:`common.timings`): its folder name, or the simulation partition."""
+    data_dir = str(context.node_config.get("data-dir", "") or "")
+    return Path(data_dir).name if data_dir else f"partition-{context.node_config.get('partition-id', '?')}"
+
+
+def _import_task(who: str) -> None:
+    """Import :mod:`client.task` (torch, Opacus, MONAI: the largest start-up cost of a fresh ClientApp process),
+    timed as phase ``import`` the first time in this process."""
+    if "client.task" in sys.modules:
+        return
+    with timings.phase(who, "import"):
+        import client.task  # noqa: F401
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local cases with DP-SGD; reply with new arrays and metrics."""
-    try:
-        from client.task import train_round
+    who, rnd = _who(context), _round_of(msg)
+    with timings.phase(who, "train-message", round=rnd) as timing:
+        try:
+            _import_task(who)
+            from client.task import train_round
 
-        state = _received_state(msg)
-        new_state, metrics = train_round(context.node_config, context.run_config, state, _round_of(msg))
-        content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
-        return Message(content=content, reply_to=msg)
-    except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
-        _remember_decline(context, exc)
-        return _error_reply(msg, exc)
+            state = _received_state(msg)
+            new_state, metrics = train_round(context.node_config, context.run_config, state, rnd)
+            timing["compute"] = metrics.get("train-seconds", 0.0)
+            content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+            return Message(content=content, reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
+            _remember_decline(context, exc)
+            return _error_reply(msg, exc)
 
 
 def _remember_decline(context: Context, exc: BaseException) -> None:
@@ -104,11 +126,29 @@ def _remember_decline(context: Context, exc: BaseException) -> None:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on held-out patients; reply with DP-noised statistics only."""
-    try:
-        from client.task import evaluate_round
+    who, rnd = _who(context), _round_of(msg)
+    with timings.phase(who, "evaluate-message", round=rnd):
+        try:
+            _import_task(who)
+            from client.task import evaluate_round
 
-        state = _received_state(msg)
-        metrics = evaluate_round(context.node_config, context.run_config, state, _round_of(msg), str(context.run_id))
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
-        return _error_reply(msg, exc)
+            state = _received_state(msg)
+            metrics = evaluate_round(context.node_config, context.run_config, state, rnd, str(context.run_id))
+            return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
+            return _error_reply(msg, exc)
+
+
+@app.query("prepare")
+def prepare(msg: Message, context: Context) -> Message:
+    """Build what the first round needs (imports, data, network, DP engine) before it starts; reply ``ready``."""
+    who = _who(context)
+    with timings.phase(who, "prepare-message"):
+        try:
+            _import_task(who)
+            from client.prepare import prepare_site
+
+            metrics = prepare_site(context.node_config, context.run_config)
+            return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
+            return _error_reply(msg, exc)

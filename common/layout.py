@@ -6,6 +6,7 @@ DATA/                 a data root (``fedfusion phantoms --out DATA``, or a conso
   site-02/ ...
   heldout/            the server's held-out test set, same layout as a site (never a training site)
 RUN/site-state/site-01/   a simulated site's private state (privacy ledger, policy, caches)
+DATA/.fedfusion-cache/site-01/   what simulations derive from a site once per data set (preprocessed cases)
 ```
 
 In a simulation, Flower's partition ``i`` is the ``i``-th ``site-*`` folder in name order (:func:`partition_site`);
@@ -14,6 +15,7 @@ a deployed site names its own folder in its node config.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = [
@@ -24,6 +26,8 @@ __all__ = [
     "SITE_PREFIX",
     "SITE_SETTINGS_FILE",
     "SITE_STATE",
+    "DERIVED_CACHE",
+    "derived_cache_dir",
     "heldout_dir",
     "partition_site",
     "resolve_test_dir",
@@ -41,6 +45,9 @@ SITE_PREFIX = "site-"
 HELDOUT_NAME = "heldout"
 #: Folder of the simulated sites' private state inside a run directory.
 SITE_STATE = "site-state"
+#: Folder of a data root holding what is derived from its folders once per data set (preprocessed cases of the
+#: simulated sites and of the held-out set), shared by every simulation over that data.
+DERIVED_CACHE = ".fedfusion-cache"
 #: Manifest ``fedfusion phantoms`` writes into a data root it generated, and its ``generator`` value: how anything
 #: (e.g. a model card) tells phantom data from real data.
 PHANTOM_MANIFEST = "phantoms.json"
@@ -91,3 +98,14 @@ def resolve_test_dir(test_dir: str | Path, data_dir: str | Path) -> Path:
 def simulated_state_dir(run_dir: str | Path, site_name: str) -> Path:
     """A simulated site's private state directory inside its run directory."""
     return Path(run_dir) / SITE_STATE / site_name
+
+
+def derived_cache_dir(folder: str | Path) -> Path | None:
+    """Where a site or held-out folder of a data root keeps what is derived from it once per data set
+    (``<data-root>/.fedfusion-cache/<folder name>``), or ``None`` when the data root is not writable (the caller
+    then keeps its cache per run)."""
+    folder = Path(folder)
+    cache = folder.parent / DERIVED_CACHE / folder.name
+    if cache.is_dir() or os.access(folder.parent, os.W_OK):
+        return cache
+    return None

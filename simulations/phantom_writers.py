@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from common.layout import HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX
+from common.layout import DERIVED_CACHE, HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX
 from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
@@ -430,6 +430,8 @@ def _clear_previous(out: Path) -> None:
     for p in out.glob("*"):
         if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name == HELDOUT_NAME):
             shutil.rmtree(p)
+    # what simulations derived from the previous phantoms (common.layout.derived_cache_dir): stale now
+    shutil.rmtree(out / DERIVED_CACHE, ignore_errors=True)
     (out / MANIFEST).unlink(missing_ok=True)
 
 
