@@ -9,15 +9,20 @@ report (wall / ideal, both measured in the same run) are what stays comparable f
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from common import timings
-from simulations.observer import SimulationResult
-from simulations.round_phases import RoundSplit, read_round_splits, startup_seconds
+# before torch loads libgomp, as `fedfusion simulate` does: the ServerApp's evaluation threads must not spin on
+# cores the sites (and other jobs) need. The benches import this module before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import shutil  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from common import timings  # noqa: E402
+from simulations.observer import SimulationResult  # noqa: E402
+from simulations.round_phases import RoundSplit, read_round_splits, startup_seconds  # noqa: E402
 
 __all__ = ["TimedRun", "run_timed"]
 

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         f"summed local training / {parallel} (Ray workers, one CPU each, take the sites in turn). Before round 1 the "
         "ServerApp asks every site to prepare (client/prepare.py: imports, cases, network, DP noise plan, Opacus); "
         "a site served by a worker that does not hold its runtime builds it again in the round (runtime build and "
-        "DP plan + Opacus columns). Each worker keeps at most FEDFUSION_SITE_RUNTIMES site runtimes "
-        "(client/runtime_cache.py), least recently used first out, so memory does not grow with the number of "
+        "DP plan + Opacus columns). Each worker keeps site runtimes within FEDFUSION_SITE_CACHE_MB (default 512 "
+        "MiB; client/runtime_cache.py), least recently used out first, so memory does not grow with the number of "
         "sites. The peak covers the driver (with the ServerApp), the Ray processes and both workers. Columns as in "
         "the round-overhead section.",
     ]

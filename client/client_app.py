@@ -7,7 +7,7 @@ site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modal
 ``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples`` (held-out
 cases, rounded), ``site-index``, ``eval-noise-multiplier``, ``epsilon-total``, ``epsilon-round``, ``delta`` and the
 Gaussian-noised statistics of :mod:`common.evalstats` (``stat-*``) over the site's held-out patients. Prepare
-(sent by the ServerApp before round 1, :mod:`client.prepare`): ``ready`` only.
+(sent by the ServerApp before round 1, :mod:`client.prepare`): ``ready`` and ``can-evaluate`` only.
 
 When the site does not train (privacy budget exhausted, run config weaker than the site's policy, no usable
 case, arrays that do not fit the run's model) or does not evaluate (see :func:`client.task.evaluate_round`) it

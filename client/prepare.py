@@ -4,9 +4,10 @@ Round 1 used to pay every start-up cost of a site inside its first train message
 MONAI, reading its cases, building the network, planning the DP noise (a search of seconds) and Opacus's engine.
 The ServerApp now asks every connected site to prepare before the first round (run config ``prepare-sites``);
 the site builds its cached runtime and training parts for the run config (:mod:`client.runtime`) and answers
-``ready = 1``. Nothing is trained, released or charged to the privacy ledger, and the reply says nothing about
-the site's data beyond what a train reply's error code would (a site that would decline answers with the same
-error reply as it would to round 1).
+``ready = 1`` and whether it will evaluate (``can-evaluate``). Nothing is trained, released or charged to the
+privacy ledger, and the reply says nothing about the site's data beyond what its replies to round 1 would (a site
+that would decline training answers with the same error reply; one that would refuse evaluation, for its policy or
+for too few patients to hold any out, says so up front).
 
 Where it helps: a simulation's virtual sites keep the runtime in their worker process; a deployed site keeps its
 on-disk caches (preprocessed cases, the derived noise multiplier) warm; its imports are paid once by the site
@@ -25,14 +26,17 @@ __all__ = ["prepare_site", "warm_site_cache"]
 
 
 def prepare_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, float]:
-    """Build the site's runtime and training parts for ``run_config``; returns the reply metrics ``{"ready": 1}``.
+    """Build the site's runtime and training parts for ``run_config``; returns the reply metrics: ``ready = 1`` and
+    ``can-evaluate`` (0 when its policy forbids evaluation or it holds no validation patients: what its evaluate
+    replies would refuse with anyway, so the server need not ask).
 
     Raises:
         SiteDecline: the same refusals a train message would meet (policy, no data, bad run config, DP plan).
     """
     rt, policy = get_runtime(node_config, run_config)
     training_parts(rt, policy)
-    return {"ready": 1.0}
+    can_evaluate = bool(policy.allow_evaluation) and bool(rt.split.validation_groups)
+    return {"ready": 1.0, "can-evaluate": 1.0 if can_evaluate else 0.0}
 
 
 def warm_site_cache(data_dir: Path, state_dir: Path, series_map: Path | None = None,

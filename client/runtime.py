@@ -31,7 +31,7 @@ from .privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, CasesOnly, PrivateParts, m
 from .privacy.policy import PolicyRefusal, SitePolicy
 from .privacy.randomness import RandomStream
 from .privacy.session import DPSession
-from .runtime_cache import LRUCache
+from .runtime_cache import LRUCache, dataset_bytes, runtime_bytes
 from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device, site_salt
 
 log = logging.getLogger("fedfusion.site")
@@ -40,8 +40,8 @@ __all__ = ["SiteRuntime", "clear_cache", "get_runtime", "training_parts"]
 
 _LOCK = threading.RLock()
 # bounded: a simulation worker serves many sites (client/runtime_cache.py)
-_DATASETS: LRUCache[tuple[Any, ...], Any] = LRUCache()
-_RUNTIMES: LRUCache[tuple[Any, ...], "SiteRuntime"] = LRUCache()
+_DATASETS: LRUCache[tuple[Any, ...], Any] = LRUCache(weigh=dataset_bytes)
+_RUNTIMES: LRUCache[tuple[Any, ...], "SiteRuntime"] = LRUCache(weigh=runtime_bytes)
 
 
 def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:

@@ -5,8 +5,9 @@ preprocessing its cases; the network; the DP noise search and Opacus's engine): 
 round. With run config ``prepare-sites = true`` the ServerApp sends each site connected at the start (at least
 ``min-available-nodes``, waited for as a round would) one ``query.prepare`` message and waits for the answers
 before round 1; :mod:`client.prepare` builds and caches those parts, charges nothing to the privacy ledger and
-answers ``ready`` or the error reply it would give to round 1. The replies only go to the server's log: a site
-that fails to prepare is still asked to train and answers round 1 as it would have.
+answers ``ready`` (with ``can-evaluate``) or the error reply it would give to round 1. A site that fails to prepare
+is still asked to train and answers round 1 as it would have; a site that says it will not evaluate is not sent
+evaluate messages (:attr:`server.strategy.FedFusionStrategy.without_validation`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import timings
 
-__all__ = ["PREPARE", "prepare_sites"]
+__all__ = ["PREPARE", "Prepared", "prepare_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,23 @@ def _connected(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def prepare_sites(grid: Grid, min_available_nodes: int, timeout: float) -> dict[str, int]:
+@dataclass
+class Prepared:
+    """What the sites answered: counts for the log, and the nodes that said they will not evaluate."""
+
+    sites: int = 0
+    ready: int = 0
+    failed: int = 0
+    silent: int = 0
+    cannot_evaluate: set[int] = field(default_factory=set)
+
+
+def prepare_sites(grid: Grid, min_available_nodes: int, timeout: float) -> Prepared:
     """Send ``query.prepare`` to every connected site and wait for the answers (at most ``timeout`` seconds).
 
     Returns:
-        counts for the log: ``sites`` asked, ``ready``, ``failed`` (error replies) and ``silent`` (no answer).
+        ``sites`` asked, ``ready``, ``failed`` (error replies), ``silent`` (no answer), and the nodes whose answer
+        says ``can-evaluate = 0`` (the ServerApp does not send them evaluate messages).
     """
     with timings.phase("server", "prepare") as timing:
         nodes = _connected(grid, max(1, min_available_nodes), timeout)
@@ -51,11 +65,17 @@ def prepare_sites(grid: Grid, min_available_nodes: int, timeout: float) -> dict[
         t0 = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         errors = Counter(int(r.error.code) for r in replies if r.has_error())
-        counts = {"sites": len(nodes), "ready": len(replies) - sum(errors.values()), "failed": sum(errors.values()),
-                  "silent": len(nodes) - len(replies)}
-        timing.update(counts)
-    logger.info("prepared %d of %d sites before round 1 in %.1f s%s%s", counts["ready"], counts["sites"],
+        out = Prepared(sites=len(nodes), ready=len(replies) - sum(errors.values()), failed=sum(errors.values()),
+                       silent=len(nodes) - len(replies))
+        for r in replies:
+            metrics = None if r.has_error() else r.content.metric_records.get("metrics")
+            if metrics is not None and float(metrics.get("can-evaluate", 1.0)) == 0.0:
+                out.cannot_evaluate.add(int(r.metadata.src_node_id))
+        timing.update(sites=out.sites, ready=out.ready, failed=out.failed, silent=out.silent)
+    logger.info("prepared %d of %d sites before round 1 in %.1f s%s%s%s", out.ready, out.sites,
                 time.perf_counter() - t0,
                 f"; error replies by code: {dict(errors)}" if errors else "",
-                f"; {counts['silent']} did not answer" if counts["silent"] else "")
-    return counts
+                f"; {out.silent} did not answer" if out.silent else "",
+                f"; {len(out.cannot_evaluate)} will not evaluate (policy or too few patients)"
+                if out.cannot_evaluate else "")
+    return out

@@ -160,7 +160,8 @@ def _run(
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
     if settings.prepare_sites:
-        prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
+        prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
+        strategy.without_validation |= prepared.cannot_evaluate
     train_config = ConfigRecord()  # sites read the run config themselves; Flower adds "server-round"
     try:
         strategy.start(

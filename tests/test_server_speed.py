@@ -25,11 +25,13 @@ def test_every_connected_site_is_asked_to_prepare_once() -> None:
         seen.append((node, msg.metadata.message_type))
         if node == 3:
             return Message(Error(code=replies.REFUSED_POLICY, reason="fedfusion refused-policy: no"), reply_to=msg)
-        return Message(RecordDict({"metrics": MetricRecord({"ready": 1.0})}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord({"ready": 1.0, "can-evaluate": float(node == 1)})}),
+                       reply_to=msg)
 
-    counts = prepare_sites(LocalGrid([1, 2, 3], site), min_available_nodes=3, timeout=30)
+    out = prepare_sites(LocalGrid([1, 2, 3], site), min_available_nodes=3, timeout=30)
     assert sorted(seen) == [(1, PREPARE), (2, PREPARE), (3, PREPARE)]
-    assert counts == {"sites": 3, "ready": 2, "failed": 1, "silent": 0}
+    assert (out.sites, out.ready, out.failed, out.silent) == (3, 2, 1, 0)
+    assert out.cannot_evaluate == {2}  # node 3 failed: it is asked as usual
 
 
 def _refusal(node: int, text: str = "the site has too few patients to hold any out", **numbers: float) -> Message:

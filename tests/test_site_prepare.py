@@ -25,7 +25,8 @@ def test_prepare_builds_the_round_parts_and_charges_nothing(phantoms: Path, tmp_
     node = {"data-dir": str(phantoms / "site-01"), "state-dir": str(tmp_path / "state")}
     reply = prepare(message("query.prepare", initial_state()), context(node, run_config()))
     assert not reply.has_error(), reply.error
-    assert dict(reply.content["metrics"]) == {"ready": 1.0}
+    # 3 patients: too few to hold any out, so it will not evaluate
+    assert dict(reply.content["metrics"]) == {"ready": 1.0, "can-evaluate": 0.0}
     rt, _ = runtime.get_runtime(node, run_config())
     assert rt.parts is not None and rt.dp is not None  # round 1 finds the DP engine built
     assert not (tmp_path / "state" / ACCOUNTANT_FILE).exists()  # nothing reserved or spent
