@@ -45,3 +45,13 @@ def test_site_start_up_builds_the_preprocessed_cache(phantoms: Path, tmp_path: P
     assert warm_site_cache(phantoms / "site-01", tmp_path / "state") == 3
     assert len(list((tmp_path / "state" / "preprocessed").glob("*.npz"))) == 3
     assert (tmp_path / "state" / "site-salt").is_file()
+
+
+def test_inspect_with_a_state_folder_builds_the_cache(phantoms: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfusion.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(phantoms / "site-01"), "--state", str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "state" / "preprocessed").glob("*.npz"))) == 3
