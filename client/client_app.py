@@ -1,7 +1,8 @@
 """fedfusion's Flower ClientApp (Message API): ``train``, ``evaluate`` and ``query.prepare`` handlers.
 
-Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names)
-and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
+Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names;
+packed into one vector when the server sent the model packed, :mod:`common.packing`) and a ``MetricRecord``
+``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
 site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modality>`` (rounded alike) and
 ``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``,
 ``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples`` (held-out
@@ -26,10 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import replies, timings
+from common import packing, replies, timings
 
 log = logging.getLogger("fedfusion.site")
 
@@ -48,12 +50,36 @@ def _round_of(msg: Message) -> int:
     return int(gid) if gid.isdigit() else 0
 
 
-def _received_state(msg: Message) -> dict[str, Any]:
+def _received_record(msg: Message) -> ArrayRecord:
     records = msg.content.array_records
     if not records:
         raise _decline(replies.BAD_REQUEST, "the message carries no arrays (expected an ArrayRecord 'arrays')")
-    record = records["arrays"] if "arrays" in records else next(iter(records.values()))
-    return record.to_torch_state_dict()
+    return records["arrays"] if "arrays" in records else next(iter(records.values()))
+
+
+def _received_state(msg: Message, context: Context) -> dict[str, Any]:
+    """The received model's state dict (named CPU tensors); a packed vector (:mod:`common.packing`) is laid out as
+    the run config's network."""
+    record = _received_record(msg)
+    if not packing.is_packed(record):
+        return record.to_torch_state_dict()
+    import torch
+
+    from common import runconfig
+
+    try:
+        layout = packing.model_layout(runconfig.model_config(runconfig.validate(context.run_config)))
+        if layout is None:
+            raise ValueError("the run's network has arrays of several dtypes and is never sent packed")
+        arrays = packing.unpack(record, layout)
+    except ValueError as exc:  # includes RunConfigError
+        raise _decline(replies.BAD_REQUEST, f"the received arrays do not fit the run's model: {exc}") from exc
+    return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+
+
+def _reply_arrays(msg: Message, state: dict[str, Any]) -> ArrayRecord:
+    """The new state as the server sent the model: packed when it came packed, else one Array per name."""
+    return packing.pack(state) if packing.is_packed(_received_record(msg)) else ArrayRecord(state)
 
 
 def _decline(code: int, text: str) -> Exception:
@@ -100,10 +126,10 @@ def train(msg: Message, context: Context) -> Message:
             _import_task(who)
             from client.task import train_round
 
-            state = _received_state(msg)
+            state = _received_state(msg, context)
             new_state, metrics = train_round(context.node_config, context.run_config, state, rnd)
             timing["compute"] = metrics.get("train-seconds", 0.0)
-            content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+            content = RecordDict({"arrays": _reply_arrays(msg, new_state), "metrics": MetricRecord(metrics)})
             return Message(content=content, reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
             _remember_decline(context, exc)
@@ -132,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             _import_task(who)
             from client.task import evaluate_round
 
-            state = _received_state(msg)
+            state = _received_state(msg, context)
             metrics = evaluate_round(context.node_config, context.run_config, state, rnd, str(context.run_id))
             return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash

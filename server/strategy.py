@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common import evalstats, timings
+from common import evalstats, packing, timings
 from common import replies as site_replies
 from common.reply_metrics import DECLINE_METRICS, EVALUATE_METRICS, TRAIN_METRICS, known_numbers
 from models.modalities import MODALITIES
@@ -308,7 +308,7 @@ class FedFusionStrategy(Strategy):
         view = self._eligible_grid(grid, minimum, "train")
         if view is None:
             raise FederationExhausted(self.stop_reason or "too few sites")
-        return self.strategy.configure_train(rnd, arrays, config, view)  # type: ignore[arg-type]
+        return self._packed(self.strategy.configure_train(rnd, arrays, config, view), arrays)  # type: ignore[arg-type]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -324,7 +324,39 @@ class FedFusionStrategy(Strategy):
         if view is None:
             logger.warning("round %d: federated evaluation skipped: %s", rnd, self.stop_reason)
             return []
-        return self.strategy.configure_evaluate(rnd, arrays, config, view)  # type: ignore[arg-type]
+        return self._packed(self.strategy.configure_evaluate(rnd, arrays, config, view), arrays)  # type: ignore[arg-type]
+
+    # -- transport: one packed vector per message (common/packing.py) --------------------------------------------
+    @staticmethod
+    def _packed(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        """``messages`` with the global model ``arrays`` replaced by one packed vector (when it can be packed)."""
+        messages = list(messages)
+        packed = packing.pack(arrays)
+        if not packing.is_packed(packed):
+            return messages
+        keys = list(arrays.keys())
+        for msg in messages:
+            for name, record in list(msg.content.array_records.items()):
+                if list(record.keys()) == keys:
+                    msg.content[name] = packed
+        return messages
+
+    def _unpacked(self, msg: Message) -> tuple[Message, str | None]:
+        """A packed reply with its arrays named again (laid out as the global model), or the reason it cannot be."""
+        arrays = reply_arrays(msg) if not msg.has_error() else None
+        if arrays is None or not packing.is_packed(arrays):
+            return msg, None
+        layout = packing.layout_of(self.current)
+        if layout is None:
+            return msg, "packed arrays, but the global model is never sent packed (several dtypes)"
+        try:
+            named = packing.unpack(arrays, layout)
+        except ValueError as exc:
+            return msg, str(exc)
+        content = RecordDict({name: (ArrayRecord({k: Array(v) for k, v in named.items()})
+                                     if isinstance(record, ArrayRecord) else record)
+                              for name, record in msg.content.items()})
+        return Message(content=content, metadata=msg.metadata), None
 
     # -- training ----------------------------------------------------------------------------------
     def _sanitise(self, msg: Message) -> Message:
@@ -374,6 +406,9 @@ class FedFusionStrategy(Strategy):
             return self._aggregate_train(rnd, list(replies))
 
     def _aggregate_train(self, rnd: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        unpacked = [self._unpacked(m) for m in replies]
+        replies = [m for m, _ in unpacked]
+        malformed = {node_of(m): why for m, why in unpacked if why is not None}
         to_validate: list[Message] = []
         n_declined = 0
         for msg in replies:
@@ -403,8 +438,9 @@ class FedFusionStrategy(Strategy):
         claimed = {node_of(m): metrics for m in to_validate
                    if not m.has_error() and (metrics := reply_metrics(m)) is not None}
         overclaims = self.claims.check("train", rnd, claimed)
-        result = self.validator.validate([m for m in to_validate if node_of(m) not in overclaims], self.current)
-        result.rejected[:0] = [Rejection(node, reason) for node, reason in overclaims.items()]
+        result = self.validator.validate(
+            [m for m in to_validate if node_of(m) not in overclaims and node_of(m) not in malformed], self.current)
+        result.rejected[:0] = [Rejection(node, reason) for node, reason in {**malformed, **overclaims}.items()]
         self.claims.pin("train", rnd, {node_of(m): claimed[node_of(m)] for m in result.accepted})
         log_rejections(rnd, result.rejected)
         self.rejections[rnd] = {r.node_id: r.reason for r in result.rejected}
