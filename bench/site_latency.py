@@ -45,6 +45,7 @@ SECTION = "site-latency"
 TARGET = 5.0
 MODES = {"warm": [], "cold": ["--no-warm-clientapps"]}
 _LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s*:\s*(.*)$")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its console lines at DEBUG level
 _RECEIVE = re.compile(r"Receiving: (\S+) message")
 
 
@@ -71,7 +72,7 @@ def supernode_events(log: str) -> list[tuple[str, float, float]]:
     out: list[tuple[str, float, float]] = []
     pending: tuple[str, float] | None = None
     for line in log.splitlines():
-        m = _LINE.match(line.strip())
+        m = _LINE.match(_COLOUR.sub("", line).strip())
         if not m:
             continue
         t = _dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
