@@ -6,18 +6,27 @@ Order of work:
    checked in seconds) and refuse to start (exit code 2) when no usable case exists;
 2. merge the privacy-policy values given on the command line into ``<state>/privacy-policy.toml`` (values not given
    keep what the file has; the file is what a plain ``flower-supernode`` with the same node config reads too);
-3. start Flower's SuperNode through :mod:`client.supernode_guard` (this environment's Python, never code from a
+3. build the preprocessed cache of the site's cases for the run config this installation ships
+   (:func:`client.prepare.warm_site_cache`), so that no message pays for reading and resampling the studies;
+4. load torch, Opacus, MONAI and Flower once and serve the SuperNode's ClientApp launches by forking
+   (:mod:`client.warm`; ``--no-warm-clientapps`` leaves Flower's one fresh interpreter per message);
+5. start Flower's SuperNode through :mod:`client.supernode_guard` (this environment's Python, never code from a
    FAB: it refuses apps not in the policy's ``allowed-apps`` and a ``FLWR_HOME`` inside the state directory) with
    ``--node-config "data-dir=... state-dir=..."`` and the TLS / node-authentication flags, forward
    SIGINT/SIGTERM/SIGHUP to it and exit with its exit code.
+
+Its SuperExec looks for new ClientApp tasks every :data:`TASK_POLL_INTERVAL` seconds (Flower's default: 1 s) unless
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` is set.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,8 @@ EXIT_NO_DATA = 2
 EXIT_BAD_ARGS = 2
 #: flower-supernode's default local runtime API port.
 DEFAULT_RUNTIME_PORT = 9094
+#: Seconds between the SuperExec's checks for a new ClientApp task (a message waits for the next check).
+TASK_POLL_INTERVAL = "0.25"
 
 
 class DaemonError(ValueError):
@@ -70,6 +81,9 @@ class SiteOptions:
     allow_no_dp: bool | None = None
     secure_mode: bool | None = None
     allowed_apps: tuple[str, ...] | None = None
+    # start-up work that later messages would otherwise pay (see the module docstring)
+    warm_cache: bool = True
+    warm_clientapps: bool = True
 
     @property
     def state_dir(self) -> Path:
@@ -267,11 +281,39 @@ def prepare(opts: SiteOptions, python: str | None = None) -> list[str]:
     return supernode_argv(opts, python)
 
 
+def warm_cache(opts: SiteOptions) -> None:
+    """Step 3: the preprocessed cache of the default run config; a failure is logged, never fatal (a message
+    then builds what it needs, or declines as it would have)."""
+    from client.prepare import warm_site_cache
+
+    t0 = time.perf_counter()
+    try:
+        n = warm_site_cache(Path(opts.data).expanduser().resolve(), opts.state_dir,
+                            Path(opts.series_map).expanduser().resolve() if opts.series_map else None)
+    except Exception as exc:  # noqa: BLE001 - a cache, not a requirement: the site still starts
+        log.warning("could not preprocess the site's cases at start-up (%s: %s); messages will", type(exc).__name__,
+                    exc)
+        return
+    log.info("preprocessed cache ready: %d cases in %.1f s", n, time.perf_counter() - t0)
+
+
 def run(opts: SiteOptions, python: str | None = None) -> int:
-    """Validate, write the policy, run the SuperNode until it exits; forward termination signals to it."""
+    """Validate, write the policy, warm the caches, run the SuperNode until it exits (serving its ClientApp
+    launches from warm processes); forward termination signals to it."""
     argv = prepare(opts, python)
+    if opts.warm_cache:
+        warm_cache(opts)
+    env = dict(os.environ)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL)
+    parent = None
+    if opts.warm_clientapps:
+        from client.warm import WarmParent, preload
+
+        log.info("warm ClientApps: libraries loaded in %.1f s", preload())
+        parent = WarmParent.create()
+        env = parent.env(env)
     log.info("starting %s", " ".join(argv))
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env=env)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
@@ -279,10 +321,15 @@ def run(opts: SiteOptions, python: str | None = None) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if parent is not None:
+            parent.serve(stop=lambda: proc.poll() is not None)
+            log.info("warm ClientApps: %d launches served", parent.served)
         return proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if parent is not None:
+            parent.close()
 
 
 def main_argv_summary(argv: Sequence[str]) -> str:

@@ -2,10 +2,11 @@
 
 Everything expensive (reading and resampling the site's studies, building the network, Opacus's ``make_private``,
 deriving the noise multiplier) happens once per site process and is cached here, keyed by what it depends on (site
-folder, series map, model config, training and DP settings); the training parts are built by the first train
-message only. In simulation a site process serves every round; a deployed SuperNode starts a fresh ClientApp
-process per message, so there the on-disk caches in the site's state directory (preprocessed cases, derived noise
-multipliers) carry the savings.
+folder, series map, model config, training and DP settings); the training parts are built by the server's prepare
+message (:mod:`client.prepare`) or the first train message. The caches are bounded (:mod:`client.runtime_cache`):
+a simulation worker serves whichever virtual sites come, and a dropped site builds again from the on-disk caches.
+A deployed SuperNode starts a fresh ClientApp process per message, so there the on-disk caches in the site's state
+directory (preprocessed cases, derived noise multipliers) carry the savings.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from common import replies, runconfig
+from common import replies, runconfig, timings
 from common.runconfig import DPConfig, RunConfigError, TrainConfig
 from models.config import ModelConfig
 from models.modalities import MODALITIES
@@ -30,6 +31,7 @@ from .privacy.engine import DEFAULT_GRAD_SAMPLE_MODE, CasesOnly, PrivateParts, m
 from .privacy.policy import PolicyRefusal, SitePolicy
 from .privacy.randomness import RandomStream
 from .privacy.session import DPSession
+from .runtime_cache import LRUCache, dataset_bytes, runtime_bytes
 from .site import SiteDecline, SiteSettings, resolve_site, resolve_torch_device, site_salt
 
 log = logging.getLogger("fedfusion.site")
@@ -37,15 +39,17 @@ log = logging.getLogger("fedfusion.site")
 __all__ = ["SiteRuntime", "clear_cache", "get_runtime", "training_parts"]
 
 _LOCK = threading.RLock()
-_DATASETS: dict[tuple[Any, ...], Any] = {}
-_RUNTIMES: dict[tuple[Any, ...], "SiteRuntime"] = {}
+# bounded: a simulation worker serves many sites (client/runtime_cache.py)
+_DATASETS: LRUCache[tuple[Any, ...], Any] = LRUCache(weigh=dataset_bytes)
+_RUNTIMES: LRUCache[tuple[Any, ...], "SiteRuntime"] = LRUCache(weigh=runtime_bytes)
 
 
 def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
     """The site's :class:`common.data.CaseDataset` for ``cfg``'s modalities and size (read once per process).
 
     Unreadable cases are skipped and logged by the reader (kind and site-local path; the log stays on site).
-    Patient identifiers are keyed with the site's salt (:func:`client.site.site_salt`).
+    Patient identifiers are keyed with the salt of ``settings.cache_dir`` (:func:`client.site.site_salt`; a deployed
+    site's own state directory).
     """
     key = (str(settings.site_dir), str(settings.state_dir), str(settings.series_map), cfg.modalities,
            cfg.spatial_size)
@@ -54,16 +58,16 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
             return _DATASETS[key]
         from common.data import CaseDataset
 
-        # The on-disk cache of preprocessed arrays (inside the site's private state directory) makes later
-        # processes skip DICOM decoding and resampling.
+        # The on-disk cache of preprocessed arrays (a deployed site's private state directory; a simulated site's
+        # data-set cache) makes later processes skip DICOM decoding and resampling.
         kwargs: dict[str, Any] = dict(
             site_dirs=[settings.site_dir], modalities=cfg.modalities, spatial_size=cfg.spatial_size,
-            augment=False, cache=True, cache_dir=settings.state_dir / "preprocessed",
-            patient_salt=site_salt(settings.state_dir),
+            augment=False, cache=True, cache_dir=settings.cache_dir / "preprocessed",
+            patient_salt=site_salt(settings.cache_dir),
         )
         if settings.series_map is not None:
             kwargs["series_mapping"] = settings.series_map
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), timings.clock()
         try:
             ds = CaseDataset(**kwargs)
         except (ValueError, OSError) as exc:
@@ -75,6 +79,7 @@ def load_site_dataset(settings: SiteSettings, cfg: ModelConfig) -> Any:
             ) from exc
         log.info("site %s: %d usable cases loaded in %.1f s", settings.site_name, len(ds), time.perf_counter() - t0)
         _DATASETS[key] = ds
+        timings.done(started, settings.site_name, "dataset")
         return ds
 
 
@@ -169,6 +174,7 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         rt = _RUNTIMES.get(key)
         if rt is not None:
             return rt, policy
+        started = timings.clock()
         if settings.num_threads > 0:
             torch.set_num_threads(settings.num_threads)
         device = resolve_torch_device(settings.device)
@@ -197,6 +203,7 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.
         model.set_site_modalities([m for m in cfg.modalities if rt.counts.get(m, 0) > 0])
         _RUNTIMES[key] = rt
+        timings.done(started, settings.site_name, "runtime")
         return rt, policy
 
 
@@ -208,6 +215,7 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
     """
     with _LOCK:
         if rt.parts is None:
+            started = timings.clock()
             from models.training import make_optimizer
 
             train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
@@ -242,6 +250,7 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
                     rt.settings.site_name,
                 )
                 rt.parts = (rt.model, loader, optimizer, rt.loss_fn)
+            timings.done(started, rt.settings.site_name, "training-parts")
         return rt.parts
 
 

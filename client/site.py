@@ -6,7 +6,8 @@ Where a site's settings come from:
   folder), ``state-dir``, ``series-map``, ``device`` (auto|cpu|cuda), ``num-threads`` and the privacy policy keys
   (see :mod:`client.privacy.policy`).
 * simulation: node config has only ``partition-id``/``num-partitions``; the partition's folder and state directory
-  follow :mod:`common.layout` (``<data-dir>/site-*`` in name order, ``<run-dir>/site-state/<site>``).
+  follow :mod:`common.layout` (``<data-dir>/site-*`` in name order, ``<run-dir>/site-state/<site>``); its
+  preprocessed cases are cached once per data set (``<data-dir>/.fedfusion-cache/<site>``), not per run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from common import replies
-from common.layout import partition_site, simulated_state_dir
+from common.layout import derived_cache_dir, partition_site, simulated_state_dir
 
 log = logging.getLogger("fedfusion.site")
 
@@ -54,6 +55,9 @@ class SiteSettings:
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         num_threads: torch CPU threads (0 = leave as is).
         node_config: the raw node config (policy keys are read from it).
+        cache_dir: where the preprocessed cases (``preprocessed/``) and the salt keying their patient identifiers
+            live: the state directory of a deployed site; for a simulated site the data set's shared cache
+            (:func:`common.layout.derived_cache_dir`), so that every run over the same data reuses it.
     """
 
     site_dir: Path
@@ -62,6 +66,7 @@ class SiteSettings:
     device: str
     num_threads: int
     node_config: tuple[tuple[str, Any], ...]
+    cache_dir: Path
 
     @property
     def site_name(self) -> str:
@@ -89,6 +94,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
     if data_dir:
         site_dir = Path(data_dir).expanduser().resolve()
         default_state = site_dir.parent / f"{site_dir.name}-state"
+        cache_dir: Path | None = None
     elif "partition-id" in nc:
         try:
             site_dir = partition_site(Path(str(run_config["data-dir"])).expanduser().resolve(), int(nc["partition-id"]))
@@ -100,6 +106,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
                 "num-supernodes match the number of site folders",
             ) from exc
         default_state = simulated_state_dir(Path(str(run_config["run-dir"])).expanduser().resolve(), site_dir.name)
+        cache_dir = derived_cache_dir(site_dir)
     else:
         raise SiteDecline(
             replies.NO_USABLE_DATA,
@@ -115,6 +122,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         device=str(nc.get("device", "auto") or "auto"),
         num_threads=int(nc.get("num-threads", 0) or 0),
         node_config=tuple(sorted((str(k), v) for k, v in nc.items())),
+        cache_dir=cache_dir or state_dir,
     )
 
 

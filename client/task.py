@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from common import evalstats, replies
+from common import evalstats, replies, timings
 from models.modalities import MODALITIES
 
 from .evaluations import EvaluationBook, model_digest
@@ -199,7 +199,9 @@ def evaluate_round(
     try:
         _load(rt, state)  # a misfit is a bad request, refused before the slot is taken
         EvaluationBook.load(rt.settings.state_dir).claim(run_id, server_round, model_digest(state))
+        started = timings.clock()
         exact = _validation_statistics(rt)
+        timings.done(started, rt.settings.site_name, "evaluate-compute", round=server_round)
     except BaseException:
         DPSession.release(reservation)  # nothing was released: the reservation goes back
         raise

@@ -80,13 +80,16 @@ def select_subsets(subsets: Subsets, modalities: Sequence[str]) -> list[tuple[st
     return [tuple(s) for s in subsets]
 
 
-def load_heldout(model_config: ModelConfig, folder: str | os.PathLike[str]) -> CaseDataset:
+def load_heldout(model_config: ModelConfig, folder: str | os.PathLike[str],
+                 cache_dir: str | os.PathLike[str] | None = None) -> CaseDataset:
     """The held-out set in ``folder`` as the model sees it.
 
     Args:
         model_config: the model to evaluate: its ``modalities`` are the channels (``M``) and its ``spatial_size``
             the grid every case is resampled to.
         folder: a site-layout folder (case folders + labels.csv), e.g. ``<data>/heldout``.
+        cache_dir: an on-disk cache of the preprocessed cases (:class:`common.data.CaseDataset`'s ``cache_dir``),
+            so that later processes skip reading and resampling them.
 
     Returns:
         Items ``image`` (M, *spatial_size) float32, ``mask`` (M,), ``seg`` (*spatial_size) int64, ``label`` ()
@@ -103,7 +106,8 @@ def load_heldout(model_config: ModelConfig, folder: str | os.PathLike[str]) -> C
             f"{folder} is a data root, not a held-out set; give its {HELDOUT_NAME}/ folder ({heldout_dir(folder)}) "
             "or another site-layout folder (case folders + labels.csv)"
         )
-    return CaseDataset([folder], model_config.modalities, model_config.spatial_size, augment=False, cache=True)
+    return CaseDataset([folder], model_config.modalities, model_config.spatial_size, augment=False, cache=True,
+                       cache_dir=cache_dir)
 
 
 def load_model(

@@ -8,6 +8,7 @@ DATA/                 a data root (``fedfusion phantoms --out DATA``, or a conso
   validation/         the server's model-selection set (checkpoints/best.pt is chosen on it; optional)
   heldout-unseen/     a held-out cohort from a scanner vendor no training site has (optional)
 RUN/site-state/site-01/   a simulated site's private state (privacy ledger, policy, caches)
+DATA/.fedfusion-cache/site-01/   what simulations derive from a site once per data set (preprocessed cases)
 ```
 
 In a simulation, Flower's partition ``i`` is the ``i``-th ``site-*`` folder in name order (:func:`partition_site`);
@@ -16,6 +17,7 @@ a deployed site names its own folder in its node config.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "SITE_STATE",
     "UNSEEN_NAME",
     "VALIDATION_NAME",
+    "DERIVED_CACHE",
+    "derived_cache_dir",
     "heldout_dir",
     "partition_site",
     "resolve_cohort_dir",
@@ -53,6 +57,9 @@ UNSEEN_NAME = "heldout-unseen"
 COHORT_NAMES: tuple[str, ...] = (HELDOUT_NAME, VALIDATION_NAME, UNSEEN_NAME)
 #: Folder of the simulated sites' private state inside a run directory.
 SITE_STATE = "site-state"
+#: Folder of a data root holding what is derived from its folders once per data set (preprocessed cases of the
+#: simulated sites and of the held-out set), shared by every simulation over that data.
+DERIVED_CACHE = ".fedfusion-cache"
 #: Manifest ``fedfusion phantoms`` writes into a data root it generated, and its ``generator`` value: how anything
 #: (e.g. a model card) tells phantom data from real data.
 PHANTOM_MANIFEST = "phantoms.json"
@@ -112,3 +119,14 @@ def resolve_cohort_dir(given: str | Path, data_dir: str | Path, name: str) -> Pa
 def simulated_state_dir(run_dir: str | Path, site_name: str) -> Path:
     """A simulated site's private state directory inside its run directory."""
     return Path(run_dir) / SITE_STATE / site_name
+
+
+def derived_cache_dir(folder: str | Path) -> Path | None:
+    """Where a site or held-out folder of a data root keeps what is derived from it once per data set
+    (``<data-root>/.fedfusion-cache/<folder name>``), or ``None`` when the data root is not writable (the caller
+    then keeps its cache per run)."""
+    folder = Path(folder)
+    cache = folder.parent / DERIVED_CACHE / folder.name
+    if cache.is_dir() or os.access(folder.parent, os.W_OK):
+        return cache
+    return None

@@ -180,6 +180,8 @@ _KEYS: tuple[Key, ...] = (
     Key("min-evaluate-nodes", int, "server", "fewest sites an evaluation round needs", _at_least(0)),
     Key("min-available-nodes", int, "server", "fewest connected sites to start a round", _at_least(0)),
     Key("round-timeout", float, "server", "seconds a round waits for replies", _at_least(0, strict=True)),
+    Key("prepare-sites", bool, "server", "before round 1, ask every site to build its runtime (imports, data, "
+        "network, DP engine) so that round 1 costs what later rounds cost"),
     Key("server-lr", float, "server", "fedadam: server learning rate (eta)", _at_least(0, strict=True)),
     Key("trimmed-beta", float, "server", "trimmed-mean: fraction cut at each end", _within(0, 0.5, high_open=True)),
     Key("krum-malicious", int, "server", "krum: assumed number of malicious sites", _at_least(0)),
@@ -190,6 +192,8 @@ _KEYS: tuple[Key, ...] = (
         "claim (later claims may not exceed the first)", _at_least(1, strict=True)),
     # global evaluation
     Key("eval-every", int, "eval", "held-out evaluation every N rounds (0 = after the last only)", _at_least(0)),
+    Key("eval-subsets", str, "eval", "modality subsets of the held-out evaluations before the last round (the last "
+        "evaluates every subset): full+singles, all or full", _one_of("full+singles", "all", "full")),
     Key("best-metric", str, "eval", "metric that picks checkpoints/best.pt", _non_empty),
     Key("eval-batch-size", int, "eval", "held-out cases per forward pass", _at_least(1)),
     Key("device", str, "eval", "server evaluation device: auto, cpu, cuda, cuda:N", _non_empty),

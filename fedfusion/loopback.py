@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class LoopbackFederation:
         use_site_daemon: start sites with ``fedfusion site`` (True) or Flower's own ``flower-supernode`` (False).
         node_config_extra: more node config keys for every site (e.g. a site privacy policy).
         threads_per_site: torch threads per ClientApp process (OMP/MKL env), so sites do not oversubscribe CPUs.
+        site_flags: more ``fedfusion site`` flags for every site daemon (e.g. ``--no-warm-clientapps``).
+        env: more environment variables for every process (e.g. ``FEDFUSION_TIMINGS``, ``FLWR_LOG_LEVEL``).
     """
 
     def __init__(
@@ -72,6 +74,8 @@ class LoopbackFederation:
         node_config_extra: Mapping[str, Any] | None = None,
         threads_per_site: int = 1,
         log: Callable[[str], None] | None = None,
+        site_flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.data_dir = Path(data_dir).resolve()
@@ -95,7 +99,9 @@ class LoopbackFederation:
             "PYTHONUNBUFFERED": "1",
             "COLUMNS": "200",
             "NO_COLOR": "1",
+            **dict(env or {}),
         }
+        self.site_flags = list(site_flags)
         self.procs = processes.ProcessSet(self.workdir / "logs", env=self.env, cwd=self.workdir)
         self.keys: DeploymentKeys | None = None
         self.node_ids: dict[str, int] = {}
@@ -260,6 +266,7 @@ class LoopbackFederation:
             return dep.site_command(
                 data=data, superlink=self.address, state=self.state_dir(name), root_certificates=ca,
                 private_key=priv, runtime_port=port, executable=(str(venv_bin() / "fedfusion"),),
+                extra=self.site_flags,
             )
         node_config = {"data-dir": str(data), "state-dir": str(self.state_dir(name)), **self.node_config_extra}
         return dep.supernode_command(

@@ -9,8 +9,10 @@
 * :func:`server.aggregation.weighted_metrics` (re-exported here) averages the sites' metrics weighted by
   ``num-examples``.
 
-The held-out set is read once and cached; a missing or unreadable test set disables global evaluation with a
-clear log line instead of stopping the federation.
+The held-out set is read once per server process and its preprocessed cases are cached on disk beside it
+(``<data-root>/.fedfusion-cache/<folder>``, :func:`common.layout.derived_cache_dir`, when that folder is writable);
+a missing or unreadable test set disables global evaluation with a clear log line instead of stopping the
+federation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from common.layout import HELDOUT_NAME, LABELS_FILE
+from common.layout import HELDOUT_NAME, LABELS_FILE, derived_cache_dir
 from models.config import ModelConfig
 
 from .aggregation import weighted_metrics
@@ -100,7 +102,11 @@ class GlobalEvaluator:
             try:
                 from common.evaluation import load_heldout
 
-                self._dataset = load_heldout(self.model_config, self.test_dir)
+                # preprocessed once per data set, next to it when its folder is writable (the simulations'
+                # held-out set is the phantoms' heldout/)
+                cache = derived_cache_dir(self.test_dir)
+                self._dataset = load_heldout(self.model_config, self.test_dir,
+                                             cache_dir=None if cache is None else cache / "preprocessed")
             except Exception as exc:  # noqa: BLE001 - a bad test set must not stop the federation
                 self._disabled_reason = f"cannot read held-out test set {self.test_dir}: {exc}"
                 logger.warning("global evaluation disabled: %s", self._disabled_reason)
@@ -111,8 +117,13 @@ class GlobalEvaluator:
                 return False
         return True
 
-    def evaluate(self, state_dict: Mapping[str, torch.Tensor]) -> EvalOutcome | None:
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor], subsets: str | None = None) -> EvalOutcome | None:
         """Evaluate ``state_dict`` (the plain model's names) on the held-out set.
+
+        ``subsets``: a name of :data:`common.evaluation.SUBSET_CHOICES` for this evaluation instead of the
+        evaluator's own subsets (run config ``eval-subsets`` for the rounds before the last). With fewer than every
+        subset, the ``mean``/``worst`` rows and the monotonicity count are left out: they would summarise a
+        different set of subsets than the same keys of a full evaluation.
 
         Returns:
             the flat metrics and per-subset table, or ``None`` when global evaluation is disabled or failed
@@ -130,10 +141,13 @@ class GlobalEvaluator:
             model = self._model
             model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
             model.to(device)
-            report = evaluate_model(model, self._dataset, subsets=self.subsets, hd95=self.hd95,
+            report = evaluate_model(model, self._dataset, subsets=subsets or self.subsets, hd95=self.hd95,
                                     batch_size=self.batch_size, device=device)
         except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
             logger.exception("global evaluation failed: %s", exc)
             return None
         flat = {k: float(v) for k, v in report.to_flat().items()}
+        if subsets not in (None, "all"):
+            flat = {k: v for k, v in flat.items()
+                    if not k.startswith(("mean/", "worst/")) and k != "monotonicity-violations"}
         return EvalOutcome(flat, report.to_table())

@@ -1,9 +1,11 @@
 """fedfusion's Flower ServerApp (Message API): ``app`` (pyproject: ``server.server_app:app``).
 
 One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model or
-resume from ``RUN/checkpoints/last.pt``, and let Flower's ``Strategy.start`` run the remaining rounds. After each
-round the ``evaluate_fn`` hook evaluates the global model on the held-out set (every ``eval-every`` rounds and
-after the last), logs metrics, prints the compact table, and writes ``last.pt`` (and ``best.pt``) atomically.
+resume from ``RUN/checkpoints/last.pt``, ask the sites to prepare (``prepare-sites``, :mod:`server.prepare`), and
+let Flower's ``Strategy.start`` run the remaining rounds. After each round the ``evaluate_fn`` hook evaluates the
+global model on the held-out set (every ``eval-every`` rounds on the ``eval-subsets`` modality subsets, and after
+the last on every subset), logs metrics, prints the compact table, and writes ``last.pt`` (and ``best.pt``)
+atomically.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common import runconfig
+from common import runconfig, timings
 from common.layout import HELDOUT_NAME, UNSEEN_NAME, VALIDATION_NAME, resolve_cohort_dir, resolve_test_dir
 from models.config import ModelConfig
 from models.runlog import MetricsLog
@@ -26,6 +28,7 @@ from models.runlog import MetricsLog
 from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
 from .evaluation import GlobalEvaluator
+from .prepare import prepare_sites
 from .settings import ServerSettings
 from .strategy import FederationExhausted, build_strategy
 
@@ -136,7 +139,11 @@ def _run(
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
         if due:
-            outcome = evaluator.evaluate(state_dict)
+            # every modality subset at the last round; before it, the cheaper eval-subsets (63 subsets of 6
+            # modalities cost as much CPU as half the sites' training of a round)
+            subsets = None if rnd == settings.num_server_rounds else settings.eval_subsets
+            with timings.phase("server", "server-eval", round=rnd):
+                outcome = evaluator.evaluate(state_dict, subsets=subsets)
             if outcome is not None:
                 flat = outcome.flat
                 mlog.write(rnd, "server-eval", "global", flat)
@@ -159,15 +166,20 @@ def _run(
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
         # last.pt goes last: once it names round r, everything of round r is on disk.
+        started = timings.clock()
         run_dir.save_round(
             rnd, state_dict, model_config,
             strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
         )
+        timings.done(started, "server", "checkpoint", round=rnd)
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
         if flat is None:
             return None
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
+    if settings.prepare_sites:
+        prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
+        strategy.without_validation |= prepared.cannot_evaluate
     train_config = ConfigRecord()  # sites read the run config themselves; Flower adds "server-round"
     try:
         strategy.start(

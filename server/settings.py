@@ -34,7 +34,9 @@ class ServerSettings:
     min_evaluate_nodes: int
     min_available_nodes: int
     round_timeout: float
+    prepare_sites: bool
     eval_every: int
+    eval_subsets: str
     best_metric: str
     data_dir: str
     test_dir: str

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common import evalstats
+from common import evalstats, packing, timings
 from common import replies as site_replies
 from common.reply_metrics import DECLINE_METRICS, EVALUATE_METRICS, TRAIN_METRICS, known_numbers
 from models.modalities import MODALITIES
@@ -226,6 +226,8 @@ class FedFusionStrategy(Strategy):
         self.metrics_log = metrics_log
         self.round_offset = int(round_offset)
         self.declined: set[int] = set()
+        #: sites that hold no validation patients (too few patients): not asked to evaluate again in this run
+        self.without_validation: set[int] = set()
         self.current: dict[str, np.ndarray] = {}
         #: per round: node id -> rejection reason (for tests and the report)
         self.rejections: dict[int, dict[int, str]] = {}
@@ -247,6 +249,7 @@ class FedFusionStrategy(Strategy):
         """
         state: dict[str, Any] = {
             "declined": [int(n) for n in sorted(self.declined)],
+            "without-validation": [int(n) for n in sorted(self.without_validation)],
             "validator": self.validator.state_dict(),
             "claims": self.claims.state_dict(),
         }
@@ -261,6 +264,7 @@ class FedFusionStrategy(Strategy):
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.declined = {int(n) for n in state.get("declined", [])}
+        self.without_validation = {int(n) for n in state.get("without-validation", [])}
         self.validator.load_state_dict(state.get("validator", {}))
         self.claims.load_state_dict(state.get("claims", {}))
         opt = find_optimizer(self.strategy)
@@ -276,15 +280,19 @@ class FedFusionStrategy(Strategy):
             opt.v_t = _moments_from_saved(saved.get("v_t"))
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _eligible_grid(self, grid: Grid, minimum: int, what: str) -> ExcludingGrid | None:
-        """The grid without declined sites; ``None`` when they leave too few sites for ``minimum``."""
-        view = ExcludingGrid(grid, self.declined)
-        if self.declined:
+    def _eligible_grid(self, grid: Grid, minimum: int, what: str,
+                       unable: set[int] | None = None) -> ExcludingGrid | None:
+        """The grid without declined sites (and ``unable`` ones); ``None`` when they leave too few sites for
+        ``minimum``."""
+        excluded = self.declined | (unable or set())
+        view = ExcludingGrid(grid, excluded)
+        if excluded:
             total = len(list(grid.get_node_ids()))
             eligible = len(view.get_node_ids())
             if total >= minimum and eligible < minimum:
+                why = "have privacy budget left" if not unable else "have budget left and validation patients"
                 self.stop_reason = (
-                    f"only {eligible} of {total} connected sites have privacy budget left, fewer than the "
+                    f"only {eligible} of {total} connected sites {why}, fewer than the "
                     f"{minimum} needed for {what} (min-available-nodes / min-{what}-nodes)"
                 )
                 return None
@@ -300,19 +308,55 @@ class FedFusionStrategy(Strategy):
         view = self._eligible_grid(grid, minimum, "train")
         if view is None:
             raise FederationExhausted(self.stop_reason or "too few sites")
-        return self.strategy.configure_train(rnd, arrays, config, view)  # type: ignore[arg-type]
+        return self._packed(self.strategy.configure_train(rnd, arrays, config, view), arrays)  # type: ignore[arg-type]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
         self.scopes.refresh(grid)
+        if self.without_validation and set(grid.get_node_ids()) <= self.without_validation | self.declined:
+            # no connected site could answer: an evaluate phase would only collect refusals
+            logger.debug("round %d: no site holds validation patients; federated evaluation skipped", rnd)
+            return []
         minimum = max(self.base.min_available_nodes, self.base.min_evaluate_nodes)
-        view = self._eligible_grid(grid, minimum, "evaluate")
+        view = self._eligible_grid(grid, minimum, "evaluate", self.without_validation)
         if view is None:
             logger.warning("round %d: federated evaluation skipped: %s", rnd, self.stop_reason)
             return []
-        return self.strategy.configure_evaluate(rnd, arrays, config, view)  # type: ignore[arg-type]
+        return self._packed(self.strategy.configure_evaluate(rnd, arrays, config, view), arrays)  # type: ignore[arg-type]
+
+    # -- transport: one packed vector per message (common/packing.py) --------------------------------------------
+    @staticmethod
+    def _packed(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        """``messages`` with the global model ``arrays`` replaced by one packed vector (when it can be packed)."""
+        messages = list(messages)
+        packed = packing.pack(arrays)
+        if not packing.is_packed(packed):
+            return messages
+        keys = list(arrays.keys())
+        for msg in messages:
+            for name, record in list(msg.content.array_records.items()):
+                if list(record.keys()) == keys:
+                    msg.content[name] = packed
+        return messages
+
+    def _unpacked(self, msg: Message) -> tuple[Message, str | None]:
+        """A packed reply with its arrays named again (laid out as the global model), or the reason it cannot be."""
+        arrays = reply_arrays(msg) if not msg.has_error() else None
+        if arrays is None or not packing.is_packed(arrays):
+            return msg, None
+        layout = packing.layout_of(self.current)
+        if layout is None:
+            return msg, "packed arrays, but the global model is never sent packed (several dtypes)"
+        try:
+            named = packing.unpack(arrays, layout)
+        except ValueError as exc:
+            return msg, str(exc)
+        content = RecordDict({name: (ArrayRecord({k: Array(v) for k, v in named.items()})
+                                     if isinstance(record, ArrayRecord) else record)
+                              for name, record in msg.content.items()})
+        return Message(content=content, metadata=msg.metadata), None
 
     # -- training ----------------------------------------------------------------------------------
     def _sanitise(self, msg: Message) -> Message:
@@ -358,7 +402,13 @@ class FedFusionStrategy(Strategy):
         accepted or the aggregate is not finite.
         """
         rnd = self.global_round(server_round)
-        replies = list(replies)
+        with timings.phase("server", "aggregate-train", round=rnd):
+            return self._aggregate_train(rnd, list(replies))
+
+    def _aggregate_train(self, rnd: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        unpacked = [self._unpacked(m) for m in replies]
+        replies = [m for m, _ in unpacked]
+        malformed = {node_of(m): why for m, why in unpacked if why is not None}
         to_validate: list[Message] = []
         n_declined = 0
         for msg in replies:
@@ -388,8 +438,9 @@ class FedFusionStrategy(Strategy):
         claimed = {node_of(m): metrics for m in to_validate
                    if not m.has_error() and (metrics := reply_metrics(m)) is not None}
         overclaims = self.claims.check("train", rnd, claimed)
-        result = self.validator.validate([m for m in to_validate if node_of(m) not in overclaims], self.current)
-        result.rejected[:0] = [Rejection(node, reason) for node, reason in overclaims.items()]
+        result = self.validator.validate(
+            [m for m in to_validate if node_of(m) not in overclaims and node_of(m) not in malformed], self.current)
+        result.rejected[:0] = [Rejection(node, reason) for node, reason in {**malformed, **overclaims}.items()]
         self.claims.pin("train", rnd, {node_of(m): claimed[node_of(m)] for m in result.accepted})
         log_rejections(rnd, result.rejected)
         self.rejections[rnd] = {r.node_id: r.reason for r in result.rejected}
@@ -475,6 +526,10 @@ class FedFusionStrategy(Strategy):
             node = node_of(msg)
             if msg.has_error():
                 logger.info("round %d: evaluation error from node %d: %s", rnd, node, msg.error.reason)
+                if (int(msg.error.code) == site_replies.REFUSED_EVALUATION
+                        and "min-patients" in site_replies.parse_reason(msg.error.reason)):
+                    # a site too small to hold patients out stays so for the run: do not ask it every round
+                    self.without_validation.add(node)
                 continue
             metrics = reply_metrics(msg)
             if metrics is None:

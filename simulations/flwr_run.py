@@ -66,6 +66,8 @@ def offline_env(flwr_home: Path, cpus_per_site: float | None = None) -> dict[str
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         # Ray workers inherit this: each virtual site uses only the cores it was given.
         OMP_NUM_THREADS=str(max(1, int(cpus_per_site or 1))),
+        # waiting OpenMP threads sleep rather than spin on cores the other sites need (simulations/ray_cluster.py)
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         RAY_DEDUP_LOGS="0",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
         # Keep rich/typer output of the CLI plain in log files.

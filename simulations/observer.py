@@ -20,7 +20,7 @@ from common.processes import tree_rss_mb
 from common.runconfig import ConfigValue
 from models.runlog import is_site_scope, iter_metrics
 
-__all__ = ["RunObserver", "SimulationResult", "backend_config", "final_global_metrics"]
+__all__ = ["RunObserver", "SimulationResult", "backend_config", "final_global_metrics", "parallel_sites"]
 
 
 @dataclass
@@ -56,6 +56,12 @@ def backend_config(num_sites: int, cpus_per_site: float | None = None) -> dict[s
             "log_to_driver": False,
         },
     }
+
+
+def parallel_sites(num_sites: int, cpus_per_site: float | None = None) -> int:
+    """Virtual sites that train at once on this machine under :func:`backend_config` (one Ray worker per
+    ``cpus_per_site`` CPUs, at most one per site)."""
+    return max(1, min(num_sites, int((os.cpu_count() or 1) // float(cpus_per_site or 1))))
 
 
 def _peak_rss_mb() -> float:

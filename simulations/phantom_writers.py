@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from common.layout import COHORT_NAMES, HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX, UNSEEN_NAME, VALIDATION_NAME
+from common.layout import (COHORT_NAMES, DERIVED_CACHE, HELDOUT_NAME, PHANTOM_GENERATOR, PHANTOM_MANIFEST, SITE_PREFIX,
+                           UNSEEN_NAME, VALIDATION_NAME)
 from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
 from models.modalities import DICOM_MODALITY, MODALITIES
@@ -438,6 +439,8 @@ def _clear_previous(out: Path) -> None:
     for p in out.glob("*"):
         if p.is_dir() and (p.name.startswith(SITE_PREFIX) or p.name in COHORT_NAMES):
             shutil.rmtree(p)
+    # what simulations derived from the previous phantoms (common.layout.derived_cache_dir): stale now
+    shutil.rmtree(out / DERIVED_CACHE, ignore_errors=True)
     (out / MANIFEST).unlink(missing_ok=True)
 
 

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from common.layout import simulated_state_dir, site_dirs
-from common import runconfig
+from common import runconfig, timings
 from common.runconfig import PROJECT_DIR, ConfigValue
 
 from .observer import RunObserver, SimulationResult, backend_config
+from .ray_cluster import connect, disconnect
 
 log = logging.getLogger("fedfusion.simulate")
 
 SERVER_APP = "server.server_app:app"
 CLIENT_APP = "client.client_app:app"
+#: The run's phase timings (:mod:`common.timings`), in its run directory.
+TIMINGS_FILE = "timings.jsonl"
 
 
 def permit_virtual_sites(
@@ -58,12 +61,14 @@ def run_federation(
     cpus_per_site: float | None = None,
     progress: bool = True,
     client_app: str = CLIENT_APP,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run the ServerApp and a ClientApp over ``num_sites`` virtual SuperNodes with ``run_config``.
 
     ``client_app`` is the ClientApp's ``"module:attribute"`` (default: fedfusion's own); Ray workers import it by
     that path from the project directory. The run directory is ``run_config["run-dir"]``; Flower's own log goes to
-    ``<run-dir>/flower.log``.
+    ``<run-dir>/flower.log``. ``ray_address``: run the virtual sites on the existing Ray cluster whose head is at
+    ``HOST:PORT`` (:mod:`simulations.ray_cluster`) instead of a private one on this machine.
     """
     # Flower's public run_simulation() cannot pass a run config to the apps; its internal runner (the one
     # `flower-simulation` uses) can. flwr is pinned to <1.50 in pyproject.toml for this reason.
@@ -79,8 +84,6 @@ def run_federation(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dict(run_config), indent=2, sort_keys=True))
 
-    # Ray workers inherit this: each virtual site uses only the cores it was given.
-    os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_site or 1)))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
@@ -106,38 +109,39 @@ def run_federation(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
 
+    backend = backend_config(num_sites, cpus_per_site)
+    # phase timings of this run (RUN/timings.jsonl, unless the caller collects them elsewhere): the work split
+    # `fedfusion simulate` prints and the benches read (simulations/round_phases.py)
+    own_timings = timings.ENV not in os.environ
+    if own_timings:
+        os.environ[timings.ENV] = str(run_dir / TIMINGS_FILE)
     try:
         with RunObserver(run_config, num_sites, progress) as observer:
-            _run_simulation(
-                num_supernodes=num_sites,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                server_app_attr=SERVER_APP,
-                client_app_attr=client_app,
-                backend_name="ray",
-                backend_config=backend_config(num_sites, cpus_per_site),
-                app_dir=str(PROJECT_DIR),
-                run=run,
-                server_app_context=server_context,
-                is_app=True,
-            )
+            # Ray is started (or joined) here, not by Flower: the workers get fedfusion's environment either way
+            with timings.phase("driver", "ray-start"):
+                connect(backend["init_args"], cpus_per_site, ray_address)
+            with timings.phase("driver", "federation"):
+                _run_simulation(
+                    num_supernodes=num_sites,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    server_app_attr=SERVER_APP,
+                    client_app_attr=client_app,
+                    backend_name="ray",
+                    backend_config=backend,
+                    app_dir=str(PROJECT_DIR),
+                    run=run,
+                    server_app_context=server_context,
+                    is_app=True,
+                )
     finally:
-        _shutdown_ray()
+        disconnect()
+        if own_timings:
+            os.environ.pop(timings.ENV, None)
         flwr_logger.removeHandler(handler)
         handler.close()
         for h, level in zip(console_handlers, saved_levels):
             h.setLevel(level)
     return observer.result()
-
-
-def _shutdown_ray() -> None:
-    """Stop the local Ray cluster so no worker process outlives the run."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # pragma: no cover - best effort at teardown
-        log.debug("ray shutdown failed", exc_info=True)
 
 
 def simulate(
@@ -156,15 +160,20 @@ def simulate(
     report: bool = True,
     engine: str = "inprocess",
     client_app: str = CLIENT_APP,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``.
 
     ``engine``: ``inprocess`` runs Flower's simulation engine in this process; ``flwr`` submits the same run
     config with ``flwr run`` to a private local SuperLink (:mod:`simulations.flwr_run`). ``client_app``: the
     ClientApp ``"module:attribute"`` the in-process engine runs (the ``flwr`` engine runs pyproject's).
+    ``ray_address``: the in-process engine's virtual sites run on the existing Ray cluster with its head at this
+    ``HOST:PORT`` (see :mod:`simulations.ray_cluster` for what every node needs).
     """
     if engine not in ("inprocess", "flwr"):
         raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
+    if engine == "flwr" and ray_address:
+        raise ValueError("--ray-address needs engine='inprocess': the flwr engine's SuperLink starts its own Ray")
     if engine == "flwr" and client_app != CLIENT_APP:
         raise ValueError(f"client_app {client_app!r} needs engine='inprocess': `flwr run` runs the ClientApp that "
                          f"pyproject.toml names ({CLIENT_APP})")
@@ -199,7 +208,7 @@ def simulate(
         result = run_federation_flwr(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress)
     else:
         result = run_federation(config, len(sites_found), cpus_per_site=cpus_per_site, progress=progress,
-                                client_app=client_app)
+                                client_app=client_app, ray_address=ray_address)
     if report:
         from .report import build_report
 

@@ -7,7 +7,8 @@ does; a partition listed in :data:`ATTACKS` then rewrites its train reply:
 
 * ``nan``: one weight becomes NaN;
 * ``x1000``: the update is scaled by 1000 (``w_global + 1000 (w_site - w_global)``);
-* ``wrong-shape``: the first parameter has a shape the global model does not have;
+* ``wrong-shape``: the first parameter has a shape the global model does not have (in a packed reply, the vector
+  then has the wrong size);
 * ``overclaim-flip``: the update is sign-flipped (``w_global - (w_site - w_global)``) and the reply claims
   ``num-examples = cases-<m> = 1e9`` for every modality (in its evaluate replies too).
 """
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client import client_app as honest
+from common import packing, runconfig
 
 #: Simulation partition id -> the attack its replies carry (other partitions are honest).
 ATTACKS: dict[int, str] = {4: "nan", 5: "x1000", 6: "wrong-shape", 7: "overclaim-flip"}
@@ -32,14 +34,19 @@ def _attack(context: Context) -> str | None:
     return ATTACKS.get(int(context.node_config.get("partition-id", -1)))
 
 
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+def _arrays(record: ArrayRecord, layout: packing.Layout | None) -> dict[str, np.ndarray]:
+    """The named arrays of a record, unpacked when the server packed them (common/packing.py)."""
+    if packing.is_packed(record) and layout is not None:
+        return packing.unpack(record, layout)
     return {name: array.numpy() for name, array in record.items()}
 
 
-def corrupt_train(attack: str, sent: Message, reply: Message) -> Message:
-    """The train ``reply`` rewritten by ``attack`` (``sent`` carries the global model the round started from)."""
-    glob = _arrays(sent.content["arrays"])
-    local = _arrays(reply.content["arrays"])
+def corrupt_train(attack: str, sent: Message, reply: Message, layout: packing.Layout | None = None) -> Message:
+    """The train ``reply`` rewritten by ``attack`` (``sent`` carries the global model the round started from; a
+    packed model is unpacked with ``layout`` and the corrupted reply packed again, as an honest site replies)."""
+    packed = packing.is_packed(sent.content["arrays"])
+    glob = _arrays(sent.content["arrays"], layout)
+    local = _arrays(reply.content["arrays"], layout)
     metrics = dict(reply.content["metrics"])
     first = next(iter(local))
     if attack == "nan":
@@ -57,8 +64,9 @@ def corrupt_train(attack: str, sent: Message, reply: Message) -> Message:
             metrics["has-" + key[len("cases-"):]] = 1.0
     else:
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(set(ATTACKS.values()))}")
-    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in local.items()}),
-                          "metrics": MetricRecord(metrics)})
+    arrays = (packing.pack(local) if packed
+              else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in local.items()}))
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=sent)
 
 
@@ -69,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
     attack = _attack(context)
     if attack is None or reply.has_error():
         return reply
-    return corrupt_train(attack, msg, reply)
+    layout = packing.model_layout(runconfig.model_config(runconfig.validate(context.run_config)))
+    return corrupt_train(attack, msg, reply, layout)
 
 
 @app.evaluate()

@@ -135,33 +135,6 @@ def test_missing_fraction_is_realised_per_site_and_covers_modalities(n_sites: in
         site_profiles("iid", 3, 5, missing_fraction=1.0)
 
 
-# ------------------------------------------------------------------------------------------------ log parsers
-def test_round_overhead_parsers(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from round_overhead import round_walls, site_train_seconds
-
-    log = tmp_path / "flower.log"
-    log.write_text(
-        "2026-01-01 10:00:00,000 INFO Initial global evaluation results: None\n"
-        "2026-01-01 10:00:01,000 INFO [ROUND 1/2]\n"
-        "2026-01-01 10:00:05,500 INFO configure_train: Sampled 2 nodes\n"
-        "2026-01-01 10:00:11,000 INFO [ROUND 2/2]\n"
-        "2026-01-01 10:00:14,250 INFO Strategy execution finished in 13.25s\n"
-    )
-    assert round_walls(log) == {1: 10.0, 2: 3.25}
-    metrics = tmp_path / "metrics.jsonl"
-    recs = [
-        {"round": 1, "phase": "train", "scope": "site-1", "metric": "train-seconds", "value": 2.0},
-        {"round": 1, "phase": "train", "scope": "site-2", "metric": "train-seconds", "value": 3.0},
-        {"round": 1, "phase": "train", "scope": "global", "metric": "train-seconds", "value": 2.5},
-        {"round": 2, "phase": "train", "scope": "site-1", "metric": "train-seconds", "value": 1.0},
-    ]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert site_train_seconds(metrics) == {1: [2.0, 3.0], 2: [1.0]}
-
-
 def test_site_train_summary_reads_last_round_privacy(tmp_path: Path) -> None:
     recs = []
     for rnd, eps in ((1, 2.0), (2, 4.0)):

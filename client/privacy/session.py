@@ -177,10 +177,17 @@ NO_DP_METRICS: dict[str, float] = {"dp-enabled": 0.0, "epsilon-total": 0.0, "eps
                                    "noise-multiplier": 0.0, "max-grad-norm": 0.0}
 
 
+#: Noise multipliers derived in this process, by the key of :data:`NOISE_CACHE`: the search depends on the plan's
+#: numbers only, so simulated sites of one size served by the same worker search once (2-4 CPU s each search).
+_DERIVED: dict[str, float] = {}
+
+
 def _derived_noise(state_dir: Path, request: DPConfig, sample_rate: float, steps: int) -> float:
     # the binary search costs seconds; deployed ClientApp processes live for one message, so remember results
     cache_file = state_dir / NOISE_CACHE
     key = f"rdp|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
+    if key in _DERIVED:
+        return _DERIVED[key]
     try:
         cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
     except (OSError, ValueError):
@@ -189,6 +196,7 @@ def _derived_noise(state_dir: Path, request: DPConfig, sample_rate: float, steps
         return float(cached[key])
     sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
                                     sample_rate=sample_rate, steps=steps)
+    _DERIVED[key] = sigma
     cached = cached if isinstance(cached, dict) else {}
     cached[key] = sigma
     try:

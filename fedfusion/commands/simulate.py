@@ -50,13 +50,29 @@ def command(
             "SuperLink that is stopped (with all its workers) when the run ends or is interrupted."
         ),
     ] = "inprocess",
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray-address",
+            help="Run the virtual sites on an existing Ray cluster (HOST:PORT of its head, as `ray start --head` "
+            "prints) instead of a private one on this machine. Every node needs this fedfusion environment at the "
+            "same path and the data and run folders on a shared filesystem.",
+        ),
+    ] = None,
 ) -> None:
     """Generate phantom hospital sites (unless --data), run a federated simulation with the real ServerApp and
     ClientApp on Flower's simulation engine, and write a report to OUT/report.md."""
+    import os
+
+    # Before torch loads libgomp: the ServerApp's evaluation threads share the machine with the virtual sites
+    # (and whatever else runs there); with spinning OpenMP waits on a busy machine the held-out evaluation took
+    # several times its CPU time in wall time (docs/benchmarks.md, demo section). Waiting threads sleep instead.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rich.console import Console
 
     from common.runconfig import parse_assignments
     from simulations.flwr_run import FlwrRunError
+    from simulations.ray_cluster import RayClusterError
     from simulations.simulate import simulate
 
     console = Console()
@@ -92,8 +108,9 @@ def command(
             progress=progress,
             report=report,
             engine=engine,
+            ray_address=ray_address,
         )
-    except (KeyError, ValueError, FileNotFoundError, FlwrRunError) as exc:
+    except (KeyError, ValueError, FileNotFoundError, FlwrRunError, RayClusterError) as exc:
         console.print(f"[red]fedfusion simulate: {exc}[/red]")
         raise typer.Exit(2) from exc
     m = result.final_metrics
@@ -101,6 +118,7 @@ def command(
         f"[bold green]done[/bold green]: {result.rounds} rounds over {result.num_sites} sites in "
         f"{result.wall_seconds:.0f} s, peak memory {result.peak_rss_mb:.0f} MiB"
     )
+    console.print(_work_split(result, cpus_per_site), highlight=False)
     if m:
         console.print(
             "final global (all modalities): "
@@ -109,3 +127,17 @@ def command(
         )
     if result.report:
         console.print(f"report: {result.report}")
+
+
+def _work_split(result: "object", cpus_per_site: Optional[float]) -> str:
+    """Where the simulation's time went (start-up, rounds by phase) against its ideal, from the run's timings."""
+    from simulations.observer import SimulationResult, parallel_sites
+    from simulations.round_phases import read_round_splits, work_split
+    from simulations.simulate import TIMINGS_FILE
+
+    assert isinstance(result, SimulationResult)
+    timings_file = result.run_dir / TIMINGS_FILE
+    splits = read_round_splits(result.run_dir, timings_file)
+    if not splits:
+        return "work split: no round finished"
+    return work_split(splits, parallel_sites(result.num_sites, cpus_per_site), timings_file)

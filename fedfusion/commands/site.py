@@ -70,6 +70,17 @@ def command(
     ] = None,
     max_retries: Annotated[Optional[int], typer.Option("--max-retries", help="Reconnection attempts.")] = None,
     max_wait_time: Annotated[Optional[float], typer.Option("--max-wait-time", help="Reconnection time, s.")] = None,
+    warm_cache: Annotated[
+        bool,
+        typer.Option("--warm-cache/--no-warm-cache",
+                     help="Preprocess the site's cases at start-up for the shipped run config (state/preprocessed)."),
+    ] = True,
+    warm_clientapps: Annotated[
+        bool,
+        typer.Option("--warm-clientapps/--no-warm-clientapps",
+                     help="Load torch, Opacus and MONAI once and fork each message's ClientApp process from here "
+                          "(off: Flower starts a fresh interpreter per message)."),
+    ] = True,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check data, write the policy, print the SuperNode command; no start.")
     ] = False,
@@ -87,7 +98,8 @@ def command(
         num_threads=num_threads, site_index=site_index, runtime_port=runtime_port, isolation=isolation,
         max_retries=max_retries, max_wait_time=max_wait_time, max_epsilon=max_epsilon, max_delta=max_delta,
         min_noise_multiplier=min_noise_multiplier, max_grad_norm=max_grad_norm, allow_no_dp=allow_no_dp,
-        secure_mode=secure_mode, allowed_apps=tuple(allow_app) if allow_app else None,
+        secure_mode=secure_mode, allowed_apps=tuple(allow_app) if allow_app else None, warm_cache=warm_cache,
+        warm_clientapps=warm_clientapps,
     )
     try:
         if dry_run:

@@ -1,0 +1,115 @@
+"""The default demo's simulation (``scripts/demo.sh`` = ``fedfusion simulate``) against its ideal, with its work split.
+
+Generates (or reuses) the demo's phantoms first, untimed: 3 sites, 24 cases per site (varying per site), the
+realistic scenario, DICOM on a 32x64x64 grid, 12 held-out cases. Then runs the simulation exactly as
+``fedfusion simulate`` does with no options (every run-config default: 5 rounds, DP-SGD, the server's held-out
+evaluation after every round) and reports the whole simulation's wall time, its ideal (the sites' summed local
+training over the sites that train at once) and where the time went (:mod:`simulations.round_phases`), then the
+report's build time (not part of the target). Target (issue 15): simulation <= 1.5 x ideal. Results go to
+docs/benchmarks.md (section ``demo``).
+
+The first run over fresh phantoms also builds the data set's preprocessed cache (``DATA/.fedfusion-cache``) in the
+sites' prepare step; ``--fresh-cache`` deletes it first to time that case.
+
+Usage::
+
+    .venv/bin/python bench/demo_time.py --work /tmp/demo-bench
+"""
+
+from __future__ import annotations
+
+import os
+
+# before torch loads libgomp, as `fedfusion simulate` does (fedfusion/commands/simulate.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+SECTION = "demo"
+#: issue 15's target: the demo's simulation wall time / its ideal
+TARGET = 1.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary folder)")
+    p.add_argument("--fresh-cache", action="store_true", help="delete the phantoms' preprocessed cache first")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run config key to change from the demo's defaults (repeatable)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from federation_run import run_timed
+
+    from common.layout import DERIVED_CACHE
+    from common.runconfig import load, parse_assignments
+    from simulations.mdsections import write_section
+    from simulations.observer import parallel_sites
+    from simulations.phantom_writers import ensure
+    from simulations.round_phases import render_splits, work_split
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedfusion-demo-bench-"))
+    data = work / "data"
+    # the demo's phantoms: fedfusion simulate's defaults (fedfusion/commands/simulate.py, simulations/simulate.py)
+    ensure(data, sites=3, cases_per_site=24, seed=int(load()["seed"]), scenario="realistic", shape=(32, 64, 64),
+           fmt="dicom", heldout_cases=12)
+    if args.fresh_cache:
+        shutil.rmtree(data / DERIVED_CACHE, ignore_errors=True)
+    timed = run_timed(work / "run", data, parse_assignments(args.extra), permit=False)
+    t0 = time.perf_counter()
+    from simulations.report import build_report
+
+    build_report(work / "run", data_dir=data)
+    report_s = time.perf_counter() - t0
+    sites = timed.result.num_sites
+    parallel = parallel_sites(sites)
+    splits = timed.splits
+    ideal = sum(s.ideal(parallel) for s in splits)
+    ratio = timed.result.wall_seconds / ideal if ideal else float("nan")
+    lines = [
+        f"`{shlex.join(['bench/demo_time.py', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"({_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, load "
+        f"average {timed.load_before:.1f} at the start and {timed.load_after:.1f} at the end; the demo's "
+        f"`fedfusion simulate` defaults: {sites} sites, DICOM phantoms reused"
+        f"{', preprocessed cache deleted first' if args.fresh_cache else ''}):",
+        "",
+        f"**simulation {timed.result.wall_seconds:.0f} s for an ideal of {ideal:.0f} s: {ratio:.2f}x** (target <= "
+        f"{TARGET}: {'met' if ratio <= TARGET else 'missed'}); peak RSS {timed.result.peak_rss_mb:.0f} MiB; the "
+        f"report afterwards {report_s:.0f} s.",
+        "",
+        work_split(splits, parallel, timed.timings_file) + ".",
+        "",
+        *render_splits(splits, parallel),
+        "",
+        f"Ideal = the sites' summed local training (their train-seconds) / {parallel} (one Ray worker per CPU). "
+        "Columns as in the round-overhead section; the server phase is the held-out evaluation (every modality "
+        "subset after the last round; the full set and each single modality before it, run config "
+        "`eval-subsets`) and the checkpoint.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        path = write_section(ROOT / "docs" / "benchmarks.md", SECTION, text,
+                             heading="## The default demo (simulation)", new_file_title="# Benchmarks")
+        print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The server's share of issue 15: sites asked to prepare before round 1, sites without validation patients not
+asked to evaluate every round, and the cheaper held-out evaluation of the rounds before the last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from common import replies
+from server.prepare import PREPARE, prepare_sites
+from server.settings import ServerSettings
+from server.strategy import build_strategy
+from tests.server_stubs import FakeGrid, LocalGrid, eval_metrics, reply, write_heldout
+
+MODS = ("t1", "t2")
+
+
+def test_every_connected_site_is_asked_to_prepare_once() -> None:
+    seen: list[tuple[int, str]] = []
+
+    def site(node: int, msg: Message) -> Message:
+        seen.append((node, msg.metadata.message_type))
+        if node == 3:
+            return Message(Error(code=replies.REFUSED_POLICY, reason="fedfusion refused-policy: no"), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord({"ready": 1.0, "can-evaluate": float(node == 1)})}),
+                       reply_to=msg)
+
+    out = prepare_sites(LocalGrid([1, 2, 3], site), min_available_nodes=3, timeout=30)
+    assert sorted(seen) == [(1, PREPARE), (2, PREPARE), (3, PREPARE)]
+    assert (out.sites, out.ready, out.failed, out.silent) == (3, 2, 1, 0)
+    assert out.cannot_evaluate == {2}  # node 3 failed: it is asked as usual
+
+
+def _refusal(node: int, text: str = "the site has too few patients to hold any out", **numbers: float) -> Message:
+    """An evaluation refusal as ``node`` sends it (a reply to an evaluate instruction addressed to it)."""
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    reason = replies.make_reason(replies.REFUSED_EVALUATION, text, **(numbers or {"min_patients": 10}))
+    return Message(Error(code=replies.REFUSED_EVALUATION, reason=reason), reply_to=instruction)
+
+
+def test_sites_without_validation_patients_are_not_asked_again() -> None:
+    settings = ServerSettings.from_run_config({"min-evaluate-nodes": 1, "min-available-nodes": 1,
+                                               "fraction-evaluate": 1.0})
+    chain = build_strategy(settings, MODS)
+    grid = FakeGrid([1, 2, 3])
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    assert {m.metadata.dst_node_id for m in chain.configure_evaluate(1, arrays, ConfigRecord(), grid)} == {1, 2, 3}
+    answer = reply(3, None, eval_metrics(12, 0.5), MessageType.EVALUATE)
+    chain.aggregate_evaluate(1, [_refusal(1), _refusal(2), answer])
+    assert {m.metadata.dst_node_id for m in chain.configure_evaluate(2, arrays, ConfigRecord(), grid)} == {3}
+    # the exclusion survives a resume (strategy state in last.pt)
+    again = build_strategy(settings, MODS)
+    again.set_state(chain.get_state())
+    assert again.without_validation == {1, 2}
+    # when no site could answer, no evaluate message goes out at all
+    chain.aggregate_evaluate(2, [_refusal(3)])
+    assert list(chain.configure_evaluate(3, arrays, ConfigRecord(), grid)) == []
+
+
+def test_other_evaluation_refusals_keep_the_site_asked() -> None:
+    settings = ServerSettings.from_run_config({"min-evaluate-nodes": 1, "min-available-nodes": 1})
+    chain = build_strategy(settings, MODS)
+    chain.aggregate_evaluate(1, [_refusal(1, "this model was already evaluated", round=1)])
+    assert chain.without_validation == set()
+    chain.aggregate_evaluate(1, [_refusal(1)])
+    assert chain.without_validation == {1}
+
+
+def test_rounds_before_the_last_evaluate_fewer_subsets(tmp_path: Path) -> None:
+    from common.runconfig import default_model_config
+    from models.network import build_model
+    from server.evaluation import GlobalEvaluator
+
+    cfg = default_model_config(modalities=("t1", "t1ce", "t2"), spatial_size=(8, 16, 16), channels=(4, 8))
+    heldout = write_heldout(tmp_path / "data" / "heldout", cfg.modalities, n_cases=2)
+    state = build_model(cfg).state_dict()
+    evaluator = GlobalEvaluator(cfg, heldout, device="cpu", hd95="none")
+    full = evaluator.evaluate(state)
+    cheap = evaluator.evaluate(state, subsets="full+singles")
+    assert full is not None and cheap is not None
+    subsets = lambda flat: {k.split("/", 1)[0] for k in flat if "/" in k}  # noqa: E731
+    assert subsets(cheap.flat) == {"t1+t1ce+t2", "t1", "t1ce", "t2", "all"}
+    assert {"mean", "worst", "t1+t2"} <= subsets(full.flat) and "monotonicity-violations" in full.flat
+    assert cheap.flat["all/dice-whole"] == pytest.approx(full.flat["all/dice-whole"])
+    # the held-out set's preprocessed cases are kept beside it, once per data set
+    assert any((tmp_path / "data" / ".fedfusion-cache" / "heldout" / "preprocessed").glob("*.npz"))
