@@ -190,7 +190,7 @@ def evaluate_round(
     delta = _release_delta(rt, policy)
     z = float(policy.eval_noise_multiplier)
     try:
-        reservation = reserve_release(rt.settings.state_dir, policy, z, delta)
+        reservation = reserve_release(rt.settings.state_dir, policy, z, delta, rt.dp_request.accountant)
     except BudgetExhausted as exc:
         raise SiteDecline(
             replies.DECLINED_BUDGET, "privacy budget exhausted: an evaluation would exceed the site's max-epsilon",
@@ -204,7 +204,7 @@ def evaluate_round(
         DPSession.release(reservation)  # nothing was released: the reservation goes back
         raise
     noisy = gaussian_release(exact, noise_multiplier=z, sensitivity=evalstats.SENSITIVITY)
-    privacy = commit_release(reservation, delta)
+    privacy = commit_release(reservation, delta, rt.dp_request.accountant)
     log.info("site %s round %d: evaluated on %d held-out patients (%d cases); released with noise multiplier %g, "
              "epsilon %.3f (+%.3f) of max %.3f", rt.settings.site_name, server_round, len(rt.split.validation_groups),
              rt.num_validation_cases, z, privacy["epsilon-total"], privacy["epsilon-round"], policy.max_epsilon)

@@ -54,6 +54,9 @@ class ServerSettings:
     eval_batch_size: int
     eval_hd95: str
     device: str
+    dp_trainable: str
+    server_ema: float
+    init_checkpoint: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "ServerSettings":
