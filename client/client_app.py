@@ -1,6 +1,7 @@
 """fedfusion's Flower ClientApp (Message API): ``train`` and ``evaluate`` handlers.
 
-Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names)
+Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names;
+only the run's trainable set, run config ``dp-trainable``)
 and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
 site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modality>`` (rounded alike) and
 ``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``,
@@ -80,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
         from client.task import train_round
 
         state = _received_state(msg)
-        new_state, metrics = train_round(context.node_config, context.run_config, state, _round_of(msg))
+        new_state, metrics = train_round(context.node_config, context.run_config, state, _round_of(msg),
+                                         str(context.run_id))
         content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - a site daemon must answer, never crash
