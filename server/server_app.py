@@ -1,7 +1,7 @@
 """fedfusion's Flower ServerApp (Message API): ``app`` (pyproject: ``server.server_app:app``).
 
-One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model or
-resume from ``RUN/checkpoints/last.pt``, and let Flower's ``Strategy.start`` run the remaining rounds. After each
+One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model, from
+``init-checkpoint`` (:mod:`server.initial`), or resume from ``RUN/checkpoints/last.pt``, and let Flower's ``Strategy.start`` run the remaining rounds. After each
 round the ``evaluate_fn`` hook evaluates the global model on the held-out set (every ``eval-every`` rounds and
 after the last), logs metrics, prints the compact table, and writes ``last.pt`` (and ``best.pt``) atomically.
 """
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,7 +24,9 @@ from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
+from .ema import WeightAverage
 from .evaluation import GlobalEvaluator
+from .initial import initial_state
 from .settings import ServerSettings
 from .strategy import FederationExhausted, build_strategy
 
@@ -46,13 +47,6 @@ def _server_logging(run_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg.addHandler(handler)
     return handler
-
-
-def _initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
-    from models.network import build_model
-
-    torch.manual_seed(seed)
-    return ArrayRecord(build_model(model_config).state_dict())
 
 
 def run_server(grid: Grid, context: Context) -> None:
@@ -81,6 +75,8 @@ def _run(
     start_round = 0
     best = BestTracker(settings.best_metric)
     strategy_state: Mapping[str, Any] = {}
+    # server-ema: the evaluated (and best.pt) model is a moving average of the global ones (post-processing)
+    ema = WeightAverage(settings.server_ema) if settings.server_ema > 0 else None
     if settings.resume:
         state = run_dir.load_resume()
         if state.model_config != model_config:
@@ -93,6 +89,10 @@ def _run(
         arrays = ArrayRecord({k: v for k, v in state.state_dict.items()})
         strategy_state = state.strategy_state
         best = BestTracker(settings.best_metric, state.best)
+        if ema is not None:
+            ema.load_state_dict(state.ema)
+        if settings.init_checkpoint:
+            logger.info("resume: init-checkpoint is ignored, the run continues from its own last.pt")
         # Entries of an interrupted round (> start_round) would otherwise be logged twice.
         mlog.drop_rounds_after(start_round)
         logger.info("resuming %s after round %d of %d", run_dir.path, start_round, settings.num_server_rounds)
@@ -100,7 +100,10 @@ def _run(
         if run_dir.metrics.exists() and run_dir.metrics.stat().st_size:
             logger.warning("fresh run in %s: its previous metrics log is cleared", run_dir.path)
             mlog.drop_rounds_after(-1)
-        arrays = _initial_arrays(model_config, settings.seed)
+        initial = initial_state(model_config, settings.seed, settings.init_checkpoint, run_dir.path)
+        arrays = ArrayRecord(initial)
+        if ema is not None:
+            ema.update(initial)
     resolved = {**run_config, **runconfig.model_entries(model_config)}
     run_dir.write_config(resolved)
 
@@ -126,24 +129,26 @@ def _run(
         if local_round == 0:
             return None  # no baseline evaluation: round 0 of a resumed run was evaluated before the stop
         rnd = start_round + local_round
-        state_dict = round_arrays.to_torch_state_dict()
+        state_dict = round_arrays.to_torch_state_dict()  # what the sites train from next round
+        evaluated = ema.update(state_dict) if ema is not None else state_dict
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
         if due:
-            outcome = evaluator.evaluate(state_dict)
+            outcome = evaluator.evaluate(evaluated)
             if outcome is not None:
                 flat = outcome.flat
                 mlog.write(rnd, "server-eval", "global", flat)
                 logger.info("round %d global evaluation per modality subset:\n%s", rnd, render(outcome.table))
                 print_round(rnd, flat)
         if flat is not None and best.update(rnd, flat):
-            run_dir.save_best(rnd, state_dict, model_config, metric=settings.best_metric,
+            run_dir.save_best(rnd, evaluated, model_config, metric=settings.best_metric,
                               value=float(best.value or 0.0), run_config=resolved)
             logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
         # last.pt goes last: once it names round r, everything of round r is on disk.
         run_dir.save_round(
             rnd, state_dict, model_config,
             strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
+            ema=ema.state_dict() if ema is not None else None,
         )
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
         if flat is None:
