@@ -90,18 +90,15 @@ def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -
     # (budget check, reply metrics, the ledger's informational copy), and the answer depends on nothing else.
     if not history:
         return 0.0
-    if accountant == "prv":
-        acc: Any = PRVAccountant()
-        acc.history = list(history)
-        with warnings.catch_warnings():
-            # a Gaussian release (sample rate 1) takes a log(0) branch inside Opacus's PRV; the value is right
-            warnings.filterwarnings("ignore", category=RuntimeWarning)
-            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    acc = RDPAccountant()
+    acc: Any = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(history)
+    extra = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
     with warnings.catch_warnings():
+        # a Gaussian release (sample rate 1) takes a log(0) branch inside Opacus's PRV, and a large epsilon puts
+        # RDP's best order at the edge of Opacus's grid (PRV sizes its domain with RDP): the values are still bounds
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(acc.get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta, **extra))
 
 
 def _merge(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:
