@@ -44,10 +44,15 @@ def test_planner_noise_is_the_sites_dp_session_plan(tmp_path: Path, patients: in
     assert predicted.training_patients == patients - validation_size(patients)
 
 
-def test_planner_predicts_a_real_sites_round_and_reads_its_ledger(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
+    return make_phantoms(tmp_path_factory.mktemp("phantoms"), sites=1, cases=4, scenario="iid")
+
+
+def test_planner_predicts_a_real_sites_round_and_reads_its_ledger(phantoms: Path, tmp_path: Path) -> None:
     clear_cache()
-    data = make_phantoms(tmp_path / "phantoms", sites=1, cases=4, scenario="iid")
+    data = phantoms
     rc = run_config(**{"dp-noise-multiplier": 0.0, "dp-target-epsilon": 4.0})  # derived by the site
     node = {"data-dir": str(data / "site-01"), "state-dir": str(tmp_path / "state")}
     reply = train(message("train", initial_state()), context(node, rc))
@@ -105,3 +110,14 @@ def test_cli_prints_json_and_refuses_bad_input(tmp_path: Path) -> None:
     assert out["trainable"] == "head" and out["verdict"] in ("learns", "will not learn") and out["rule"] == VERDICT_RULE
     bad = runner.invoke(app, ["privacy-plan", "--cases", "30", "--trainable", "encoders"])
     assert bad.exit_code == 2 and "dp-trainable" in bad.output
+
+
+def test_inspect_shows_each_sites_plan_for_its_case_count(phantoms: Path) -> None:
+    from fedfusion.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(phantoms), "--json", "--set", "dp-target-epsilon=3"])
+    assert res.exit_code == 0, res.output
+    plans = json.loads(res.stdout)["privacy-plans"]
+    assert list(plans) == ["site-01"] and plans["site-01"]["patients"] == 4 and plans["site-01"]["epsilon"] == 3.0
+    text = CliRunner().invoke(app, ["inspect", str(phantoms)])
+    assert "privacy plan of site-01" in text.stdout and "verdict:" in text.stdout

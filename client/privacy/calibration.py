@@ -81,9 +81,15 @@ def plan_noise(request: DPConfig, *, num_units: int, batch_size: int, local_epoc
                      raised_to_floor=raised)
 
 
+#: Derivations of this process (a planner over several sites without a state directory).
+_MEMO: dict[str, float] = {}
+
+
 def _derived_noise(cache_dir: Path | None, request: DPConfig, sample_rate: float, steps: int) -> float:
     cache_file = Path(cache_dir) / NOISE_CACHE if cache_dir is not None else None
     key = f"{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
+    if cache_file is None and key in _MEMO:
+        return _MEMO[key]
     cached: object = {}
     if cache_file is not None:
         try:
@@ -94,6 +100,7 @@ def _derived_noise(cache_dir: Path | None, request: DPConfig, sample_rate: float
         return float(cached[key])
     sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
                                     sample_rate=sample_rate, steps=steps, accountant=request.accountant)
+    _MEMO[key] = sigma
     if cache_file is not None:
         table = cached if isinstance(cached, dict) else {}
         table[key] = sigma
