@@ -1,8 +1,9 @@
 """fedfusion's Flower ClientApp (Message API): ``train``, ``evaluate`` and ``query.prepare`` handlers.
 
 Replies hold only an ``ArrayRecord`` ``"arrays"`` (the plain network's state dict, the server's parameter names;
-packed into one vector when the server sent the model packed, :mod:`common.packing`) and a ``MetricRecord``
-``"metrics"`` of numbers. Train metrics: ``num-examples`` (training cases, rounded up to the
+only the run's trainable set, run config ``dp-trainable``; packed into one vector when the server sent the model
+packed, :mod:`common.packing`) and a ``MetricRecord`` ``"metrics"`` of numbers. Train metrics: ``num-examples``
+(training cases, rounded up to the
 site's ``count-granularity``), ``site-index``, ``train-seconds``, ``cases-<modality>`` (rounded alike) and
 ``has-<modality>`` for every modality of :data:`models.modalities.MODALITIES`, ``dp-enabled``, ``epsilon-total``,
 ``epsilon-round``, ``delta``, ``noise-multiplier``, ``max-grad-norm``. Evaluate metrics: ``num-examples`` (held-out
@@ -127,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
             from client.task import train_round
 
             state = _received_state(msg, context)
-            new_state, metrics = train_round(context.node_config, context.run_config, state, rnd)
+            new_state, metrics = train_round(context.node_config, context.run_config, state, rnd, str(context.run_id))
             timing["compute"] = metrics.get("train-seconds", 0.0)
             content = RecordDict({"arrays": _reply_arrays(msg, new_state), "metrics": MetricRecord(metrics)})
             return Message(content=content, reply_to=msg)

@@ -216,12 +216,21 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
     with _LOCK:
         if rt.parts is None:
             started = timings.clock()
-            from models.training import make_optimizer
+            from models.trainable import freeze_untrained
 
+            from .privacy.multiplicity import MultiViewLoader, install_view_averaging
+            from .privacy.optimizers import build_optimizer, set_noise_std
+
+            try:
+                # dp-trainable: what is not trained is frozen before Opacus sees it (neither clipped nor noised)
+                freeze_untrained(rt.model, rt.dp_request.trainable)
+            except ValueError as exc:
+                raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
             train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
             loader = DataLoader(train_cases, batch_size=min(rt.train.batch_size, rt.num_cases),
                                 shuffle=True, drop_last=False, pin_memory=rt.device.type == "cuda")
-            optimizer = make_optimizer(rt.model, lr=rt.train.lr)
+            optimizer = build_optimizer(rt.train.optimizer, rt.model, lr=rt.train.lr)
+            views = rt.train.augment_multiplicity
             if rt.dp_request.enabled:
                 try:
                     # the privacy unit is the patient: the plan's sampling rate is per patient
@@ -242,14 +251,20 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
                 # the ledger charges the session's plan: it must be what Opacus's Poisson loader does
                 assert (p.sample_rate, p.steps_per_epoch * rt.train.local_epochs) == (
                     rt.dp.sample_rate, rt.dp.steps_per_round), "DP plan and Opacus loader disagree"
-                rt.parts = (p.module, p.loader, p.optimizer, p.loss_fn)
+                # the noise per coordinate of the averaged gradient, which adam-bc takes out of its second moment
+                set_noise_std(p.optimizer, p.noise_multiplier * p.max_grad_norm / p.optimizer.expected_batch_size)
+                dp_loader: Any = p.loader
+                if views > 0:
+                    dp_loader = MultiViewLoader(p.loader, views)
+                    install_view_averaging(p.optimizer, dp_loader)
+                rt.parts = (p.module, dp_loader, p.optimizer, p.loss_fn)
             else:
                 log.warning(
                     "site %s: TRAINING WITHOUT DIFFERENTIAL PRIVACY (run config dp-enabled=false, allowed by this "
                     "site's policy allow-no-dp=true). Updates leave the site with no formal privacy guarantee.",
                     rt.settings.site_name,
                 )
-                rt.parts = (rt.model, loader, optimizer, rt.loss_fn)
+                rt.parts = (rt.model, MultiViewLoader(loader, views) if views > 0 else loader, optimizer, rt.loss_fn)
             timings.done(started, rt.settings.site_name, "training-parts")
         return rt.parts
 

@@ -56,13 +56,17 @@ def _load(rt: SiteRuntime, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def train_round(
-    node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor], server_round: int
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], state: Mapping[str, torch.Tensor], server_round: int,
+    run_id: str = "",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One local training round: reserve it in the privacy ledger, load ``state`` (plain parameter names), train,
     commit the reservation (or release it when training failed: no update left the site).
 
+    ``run_id`` keys the optimizer state a site keeps across the run's rounds (``optimizer-state = keep``).
+
     Returns:
-        the new state dict (plain names, CPU tensors) and the numeric reply metrics.
+        the new state dict (plain names, CPU tensors) of the run's trainable set only (``dp-trainable``: frozen
+        parameters are not sent back) and the numeric reply metrics.
 
     Raises:
         SiteDecline: policy refusal, exhausted budget, no data, or arrays that do not match the model.
@@ -82,7 +86,7 @@ def train_round(
             ) from exc
     try:
         state_out, metrics, seconds, loss = _train(rt, policy, module, loader, optimizer, loss_fn, state,
-                                                   server_round)
+                                                   server_round, run_id)
     except BaseException:
         # nothing of this round has left the site: the reservation goes back (a crash instead keeps it spent)
         if dp is not None and reservation is not None:
@@ -102,11 +106,15 @@ def train_round(
 
 def _train(
     rt: SiteRuntime, policy: SitePolicy, module: Any, loader: Any, optimizer: Any, loss_fn: Any,
-    state: Mapping[str, torch.Tensor], server_round: int,
+    state: Mapping[str, torch.Tensor], server_round: int, run_id: str = "",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], float, float]:
-    """Load ``state``, run the local epochs; returns the new state, the non-privacy reply metrics, the seconds and the
-    mean training loss (for the site's log only: a loss is not sent)."""
+    """Load ``state``, run the local epochs; returns the new state (the trainable set only), the non-privacy reply
+    metrics, the seconds and the mean training loss (for the site's log only: a loss is not sent)."""
+    from models.trainable import trained_names
     from models.training import ProximalTerm, train_epoch
+
+    from .privacy.multiplicity import MultiViewLoader
+    from .privacy.optimizers import load_state, save_state, state_file
 
     _load(rt, state)
     # Every random draw of the round (DP noise, Poisson sampling, modality dropout, nn.Dropout) comes from the OS
@@ -121,12 +129,19 @@ def _train(
         rt.private.randomness = randomness
     torch.manual_seed(randomness.seed64())  # torch's global RNG: nn.Dropout
     generator = torch.Generator().manual_seed(randomness.seed64())  # modality dropout
+    if isinstance(loader, MultiViewLoader):
+        loader.generator = torch.Generator().manual_seed(randomness.seed64())  # augmentation of the views
     rt.model.train()
     # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
     prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
     # each round starts from the received global weights: forget momentum (a DPOptimizer shares its original
-    # optimizer's state)
+    # optimizer's state), unless the run keeps the site's optimizer state across rounds (saved in its state dir)
     optimizer.state.clear()
+    kept = None
+    if rt.train.optimizer_state == "keep":
+        updated = [n for n, p in rt.model.named_parameters() if p.requires_grad]
+        kept = state_file(rt.settings.state_dir, run_id, rt.train.optimizer, updated)
+        load_state(kept, optimizer, rt.train.optimizer, updated)
     t0 = time.perf_counter()
     losses = []
     for _ in range(rt.train.local_epochs):
@@ -136,6 +151,8 @@ def _train(
                             amp="auto")
         losses.append(float(stats.get("loss", math.nan)))
     seconds = time.perf_counter() - t0
+    if kept is not None:
+        save_state(kept, optimizer, rt.train.optimizer, updated)
 
     finite = [x for x in losses if math.isfinite(x)]
     loss = float(sum(finite) / len(finite)) if finite else math.nan  # the site log's, never the reply's
@@ -151,7 +168,8 @@ def _train(
     for m in MODALITIES:
         metrics[f"cases-{m}"] = bucketed(rt.counts.get(m, 0), granularity)
         metrics[f"has-{m}"] = 1.0 if rt.counts.get(m, 0) > 0 else 0.0
-    state_out = {k: v.detach().cpu().clone() for k, v in rt.model.state_dict().items()}
+    own = rt.model.state_dict()
+    state_out = {k: own[k].detach().cpu().clone() for k in trained_names(own, rt.dp_request.trainable)}
     return state_out, metrics, seconds, loss
 
 
@@ -190,7 +208,7 @@ def evaluate_round(
     delta = _release_delta(rt, policy)
     z = float(policy.eval_noise_multiplier)
     try:
-        reservation = reserve_release(rt.settings.state_dir, policy, z, delta)
+        reservation = reserve_release(rt.settings.state_dir, policy, z, delta, rt.dp_request.accountant)
     except BudgetExhausted as exc:
         raise SiteDecline(
             replies.DECLINED_BUDGET, "privacy budget exhausted: an evaluation would exceed the site's max-epsilon",
@@ -206,7 +224,7 @@ def evaluate_round(
         DPSession.release(reservation)  # nothing was released: the reservation goes back
         raise
     noisy = gaussian_release(exact, noise_multiplier=z, sensitivity=evalstats.SENSITIVITY)
-    privacy = commit_release(reservation, delta)
+    privacy = commit_release(reservation, delta, rt.dp_request.accountant)
     log.info("site %s round %d: evaluated on %d held-out patients (%d cases); released with noise multiplier %g, "
              "epsilon %.3f (+%.3f) of max %.3f", rt.settings.site_name, server_round, len(rt.split.validation_groups),
              rt.num_validation_cases, z, privacy["epsilon-total"], privacy["epsilon-round"], policy.max_epsilon)

@@ -32,8 +32,11 @@ from typing import Any, TypeVar
 from models.config import ModelConfig
 from models.fast_conv import CONV_BACKWARDS
 from models.modalities import MODALITIES
+from models.trainable import TRAINABLE_SETS
 
 __all__ = [
+    "ACCOUNTANTS",
+    "OPTIMIZERS",
     "PROJECT_DIR",
     "SCHEMA",
     "ConfigValue",
@@ -57,6 +60,12 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 ConfigValue = bool | int | float | str
 Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
+
+#: Site optimizers (run-config key ``optimizer``; built by :mod:`client.privacy.optimizers`).
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "adam-bc")
+#: Privacy accountants a site's ledger can be read with (run-config key ``dp-accountant``;
+#: :mod:`client.privacy.accountant`).
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 
 class RunConfigError(ValueError):
@@ -154,6 +163,13 @@ _KEYS: tuple[Key, ...] = (
     Key("proximal-mu", float, "train", "FedProx proximal weight (0 = off)", _at_least(0)),
     Key("conv-backward", str, "train", "CPU convolution backward: fast (models/fast_conv.py) or stock (PyTorch's); "
         "same gradients", _one_of(*CONV_BACKWARDS)),
+    Key("augment-multiplicity", int, "train", "0 = no site augmentation; K >= 1: K augmented views (flips, intensity "
+        "scale/shift) of each case per step, the case's gradient is their mean (taken before DP clipping)",
+        _at_least(0)),
+    Key("optimizer", str, "train", "site optimizer: adam, sgd (momentum 0.9) or adam-bc (DP-Adam with the noise "
+        "variance taken out of the second moment, Tang et al. 2024)", _one_of(*OPTIMIZERS)),
+    Key("optimizer-state", str, "train", "reset: each round starts a fresh optimizer; keep: the site keeps its "
+        "optimizer state across rounds (tensors in its state directory)", _one_of("reset", "keep")),
     # patient-level DP
     Key("dp-enabled", bool, "dp", "train with DP-SGD (a site may refuse false)"),
     Key("dp-target-epsilon", float, "dp", "epsilon a site plans to spend over the run", _at_least(0, strict=True)),
@@ -161,6 +177,11 @@ _KEYS: tuple[Key, ...] = (
     Key("dp-noise-multiplier", float, "dp", "noise std / clipping norm; 0 = derive from dp-target-epsilon",
         _at_least(0)),
     Key("dp-max-grad-norm", float, "dp", "per-case clipping norm", _at_least(0, strict=True)),
+    Key("dp-trainable", str, "dp", "parameters the sites train (all, shared = not modality-owned, head = prediction "
+        "heads; models/trainable.py); the rest keeps the global values, is not noised and not sent",
+        _one_of(*TRAINABLE_SETS)),
+    Key("dp-accountant", str, "dp", "how epsilon is computed from the site's ledger: rdp (Renyi DP) or prv "
+        "(Opacus's PRV accountant, tighter)", _one_of(*ACCOUNTANTS)),
     # model
     Key("model-family", str, "model", "fusion family", _family),
     Key("model-modalities", str, "model", "comma-separated modalities of the network", _modality_list),
@@ -188,6 +209,8 @@ _KEYS: tuple[Key, ...] = (
     Key("update-norm-factor", float, "server", "reject updates whose norm exceeds this x the round's (low) median "
         "or this x the global model's norm",
         _at_least(1, strict=True)),
+    Key("server-ema", float, "server", "decay of the server's moving average of the global weights, which is "
+        "evaluated and saved as best.pt (post-processing); 0 = off", _within(0, 1, high_open=True)),
     Key("claim-factor", float, "server", "reject a site whose first claimed num-examples exceeds this x the median "
         "claim (later claims may not exceed the first)", _at_least(1, strict=True)),
     # global evaluation
@@ -208,6 +231,8 @@ _KEYS: tuple[Key, ...] = (
         "<data-dir>/heldout-unseen when it exists)"),
     Key("run-dir", str, "paths", "run directory (config, metrics, checkpoints, report)", _non_empty),
     Key("resume", str, "paths", "'' = fresh run; a run directory = continue it from its last checkpoint"),
+    Key("init-checkpoint", str, "paths", "'' = initial weights from seed; a fedfusion checkpoint file = the round-0 "
+        "global model (its model config must be the run's)"),
     # client-level protection
     Key("client-dp", str, "client-dp", "Flower's client-level DP wrappers: none, server-side, client-side",
         _one_of("none", "server-side", "client-side")),
@@ -382,6 +407,9 @@ class TrainConfig:
     conv_backward: str
     seed: int
     num_server_rounds: int
+    augment_multiplicity: int
+    optimizer: str
+    optimizer_state: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "TrainConfig":
@@ -398,6 +426,8 @@ class DPConfig:
         delta: delta epsilon is computed at.
         noise_multiplier: Gaussian noise std / clipping norm; 0 = derive from ``target_epsilon``.
         max_grad_norm: per-case clipping norm (L2).
+        trainable: the parameter set the sites train (:data:`models.trainable.TRAINABLE_SETS`; also without DP).
+        accountant: how epsilon is computed from the ledger (:data:`ACCOUNTANTS`).
     """
 
     enabled: bool
@@ -405,6 +435,8 @@ class DPConfig:
     delta: float
     noise_multiplier: float
     max_grad_norm: float
+    trainable: str
+    accountant: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "DPConfig":

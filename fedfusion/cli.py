@@ -24,6 +24,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("site", "site", "Run a hospital's site daemon (a Flower SuperNode with fedfusion's ClientApp)."),
     ("superlink", "superlink", "Run the coordinator's SuperLink, its Control API on an administrators-only address."),
     ("app-hash", "app_hash", "Print the SHA-256 of an app (FAB) for a site to pin with `site --allow-app`."),
+    ("privacy-plan", "privacy_plan", "Plan a site's DP: noise, noise-to-signal, will it learn, lifetime budget."),
+    ("pretrain", "pretrain", "Pretrain a model on public data (supervised or self-supervised) for --init."),
     ("simulate", "simulate", "Run a local multi-site federated simulation end to end, with a report."),
     ("report", "report", "(Re)build the report of a run directory."),
     ("experiment", "experiment", "Run a named experiment and write its table to docs/results.md."),

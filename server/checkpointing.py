@@ -9,7 +9,8 @@ Layout (see docs/architecture.md)::
 
 ``last.pt`` is a :func:`models.checkpoint.save_checkpoint` file whose ``extra`` holds ``round`` (the last
 completed round), ``strategy_state`` (e.g. FedAdam's ``m_t``/``v_t``, the validator's norm history, the node ids
-declined for a spent privacy budget), ``run_config`` and ``best`` (metric, value, round).
+declined for a spent privacy budget), ``run_config``, ``best`` (metric, value, round) and, with ``server-ema``,
+``ema`` (the moving average of the global weights, which ``best.pt`` holds).
 Because a round's metrics are logged before its checkpoint is renamed into place, resuming from ``last.pt`` at
 round ``r`` and dropping log entries of rounds ``> r`` never loses or doubles a round.
 """
@@ -55,6 +56,7 @@ class ResumeState:
     strategy_state: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    ema: dict[str, torch.Tensor] | None = None
 
 
 class RunDirectory:
@@ -80,8 +82,10 @@ class RunDirectory:
         strategy_state: Mapping[str, Any],
         run_config: Mapping[str, Any],
         best: Mapping[str, Any] | None,
+        ema: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write ``last.pt`` for the completed ``server_round`` (atomic write-then-rename)."""
+        """Write ``last.pt`` for the completed ``server_round`` (atomic write-then-rename); ``ema``: the server's
+        moving average of the global weights (:mod:`server.ema`), when the run keeps one."""
         save_checkpoint(
             self.last,
             dict(state_dict),
@@ -90,6 +94,7 @@ class RunDirectory:
             strategy_state=dict(strategy_state),
             run_config=dict(run_config),
             best=dict(best) if best else None,
+            **({"ema": dict(ema)} if ema is not None else {}),
         )
 
     def save_best(
@@ -138,6 +143,7 @@ class RunDirectory:
             strategy_state=dict(extra.get("strategy_state") or {}),
             run_config=dict(extra.get("run_config") or {}),
             best=extra.get("best"),
+            ema=extra.get("ema"),
         )
 
 

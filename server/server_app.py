@@ -1,11 +1,12 @@
 """fedfusion's Flower ServerApp (Message API): ``app`` (pyproject: ``server.server_app:app``).
 
-One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model or
-resume from ``RUN/checkpoints/last.pt``, ask the sites to prepare (``prepare-sites``, :mod:`server.prepare`), and
-let Flower's ``Strategy.start`` run the remaining rounds. After each round the ``evaluate_fn`` hook evaluates the
-global model on the held-out set (every ``eval-every`` rounds on the ``eval-subsets`` modality subsets, and after
-the last on every subset), logs metrics, prints the compact table, and writes ``last.pt`` (and ``best.pt``)
-atomically.
+One run: read the run config, build the strategy chain (:mod:`server.strategy`), start from a fresh model, from
+``init-checkpoint`` (:mod:`server.initial`), or resume from ``RUN/checkpoints/last.pt``, ask the sites to prepare
+(``prepare-sites``, :mod:`server.prepare`), and let Flower's ``Strategy.start`` run the remaining rounds. After each
+round the ``evaluate_fn`` hook evaluates the global model (its moving average with ``server-ema``) on the held-out
+set (every ``eval-every`` rounds on the ``eval-subsets`` modality subsets, and after the last on every subset),
+chooses ``best.pt`` on the selection set, logs metrics, prints the compact table, and writes ``last.pt`` (and
+``best.pt``) atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -27,8 +27,10 @@ from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
+from .ema import WeightAverage
 from .evaluation import GlobalEvaluator
 from .prepare import prepare_sites
+from .initial import initial_state
 from .settings import ServerSettings
 from .strategy import FederationExhausted, build_strategy
 
@@ -49,13 +51,6 @@ def _server_logging(run_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg.addHandler(handler)
     return handler
-
-
-def _initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
-    from models.network import build_model
-
-    torch.manual_seed(seed)
-    return ArrayRecord(build_model(model_config).state_dict())
 
 
 def run_server(grid: Grid, context: Context) -> None:
@@ -84,6 +79,8 @@ def _run(
     start_round = 0
     best = BestTracker(settings.best_metric)
     strategy_state: Mapping[str, Any] = {}
+    # server-ema: the evaluated (and best.pt) model is a moving average of the global ones (post-processing)
+    ema = WeightAverage(settings.server_ema) if settings.server_ema > 0 else None
     if settings.resume:
         state = run_dir.load_resume()
         if state.model_config != model_config:
@@ -96,6 +93,10 @@ def _run(
         arrays = ArrayRecord({k: v for k, v in state.state_dict.items()})
         strategy_state = state.strategy_state
         best = BestTracker(settings.best_metric, state.best)
+        if ema is not None:
+            ema.load_state_dict(state.ema)
+        if settings.init_checkpoint:
+            logger.info("resume: init-checkpoint is ignored, the run continues from its own last.pt")
         # Entries of an interrupted round (> start_round) would otherwise be logged twice.
         mlog.drop_rounds_after(start_round)
         logger.info("resuming %s after round %d of %d", run_dir.path, start_round, settings.num_server_rounds)
@@ -103,7 +104,10 @@ def _run(
         if run_dir.metrics.exists() and run_dir.metrics.stat().st_size:
             logger.warning("fresh run in %s: its previous metrics log is cleared", run_dir.path)
             mlog.drop_rounds_after(-1)
-        arrays = _initial_arrays(model_config, settings.seed)
+        initial = initial_state(model_config, settings.seed, settings.init_checkpoint, run_dir.path)
+        arrays = ArrayRecord(initial)
+        if ema is not None:
+            ema.update(initial)
     resolved = {**run_config, **runconfig.model_entries(model_config)}
     run_dir.write_config(resolved)
 
@@ -135,7 +139,8 @@ def _run(
         if local_round == 0:
             return None  # no baseline evaluation: round 0 of a resumed run was evaluated before the stop
         rnd = start_round + local_round
-        state_dict = round_arrays.to_torch_state_dict()
+        state_dict = round_arrays.to_torch_state_dict()  # what the sites train from next round
+        evaluated = ema.update(state_dict) if ema is not None else state_dict
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
         if due:
@@ -143,7 +148,7 @@ def _run(
             # modalities cost as much CPU as half the sites' training of a round)
             subsets = None if rnd == settings.num_server_rounds else settings.eval_subsets
             with timings.phase("server", "server-eval", round=rnd):
-                outcome = evaluator.evaluate(state_dict, subsets=subsets)
+                outcome = evaluator.evaluate(evaluated, subsets=subsets)
             if outcome is not None:
                 flat = outcome.flat
                 mlog.write(rnd, "server-eval", "global", flat)
@@ -151,17 +156,17 @@ def _run(
                 print_round(rnd, flat)
         selection = flat
         if due and selector is not None:
-            chosen = selector.evaluate(state_dict)
+            chosen = selector.evaluate(evaluated)
             selection = chosen.flat if chosen is not None else None
             if selection is not None:
                 mlog.write(rnd, "server-select", "global", selection)
         if selection is not None and best.update(rnd, selection):
-            run_dir.save_best(rnd, state_dict, model_config, metric=settings.best_metric,
+            run_dir.save_best(rnd, evaluated, model_config, metric=settings.best_metric,
                               value=float(best.value or 0.0), run_config=resolved,
                               selected_on=VALIDATION_NAME if selector is not None else HELDOUT_NAME)
             logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
         if unseen is not None and rnd == settings.num_server_rounds:
-            other = unseen.evaluate(state_dict)
+            other = unseen.evaluate(evaluated)
             if other is not None:
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
@@ -170,6 +175,7 @@ def _run(
         run_dir.save_round(
             rnd, state_dict, model_config,
             strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
+            ema=ema.state_dict() if ema is not None else None,
         )
         timings.done(started, "server", "checkpoint", round=rnd)
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)

@@ -58,6 +58,9 @@ class ServerSettings:
     eval_batch_size: int
     eval_hd95: str
     device: str
+    dp_trainable: str
+    server_ema: float
+    init_checkpoint: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "ServerSettings":
@@ -87,6 +90,13 @@ class ServerSettings:
                 "so per-update validation and per-modality weighting (which needs each site's arrays) cannot run. "
                 "Use client-dp = server-side or client-side for client-level protection, and site-level DP-SGD "
                 "(dp-enabled) for patient-level privacy; set secagg = false."
+            )
+        if self.client_dp == "client-side" and self.dp_trainable != "all":
+            raise UnsupportedConfiguration(
+                f"client-dp = client-side with dp-trainable = {self.dp_trainable} is not supported: Flower's "
+                "fixedclipping_mod at the site pairs the reply's arrays with the received ones by position, and a "
+                "site replies with its trainable arrays only. Use client-dp = server-side (the server clips the "
+                "whole update, whose frozen part is zero) or dp-trainable = all."
             )
         if self.client_dp != "none" and self.strategy not in MEAN_STRATEGIES:
             raise UnsupportedConfiguration(

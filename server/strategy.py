@@ -37,6 +37,7 @@ from common import replies as site_replies
 from common.reply_metrics import DECLINE_METRICS, EVALUATE_METRICS, TRAIN_METRICS, known_numbers
 from models.modalities import MODALITIES
 from models.runlog import GLOBAL_SCOPE, MetricsLog
+from models.trainable import is_trained, trained_names
 
 from .aggregation import SHARED, ModalityAwareStrategy, modality_weight, ownership_groups, weighted_metrics
 from . import strategies
@@ -114,6 +115,7 @@ def build_strategy(
         modality_aware=settings.aggregation == "modality-aware",
         metrics_log=metrics_log,
         round_offset=round_offset,
+        trainable=settings.dp_trainable,
     )
 
 
@@ -202,6 +204,9 @@ class FedFusionStrategy(Strategy):
             global values even after DP noise).
         metrics_log: where per-site and aggregated metrics go (``None``: not logged).
         round_offset: rounds already completed before this ``start`` (resume).
+        trainable: the run's trainable set (``dp-trainable``, :mod:`models.trainable`): a train reply must carry
+            exactly the global model's arrays of that set; the other arrays are taken unchanged from the global
+            model (the sites froze them).
     """
 
     def __init__(
@@ -215,7 +220,10 @@ class FedFusionStrategy(Strategy):
         modality_aware: bool = True,
         metrics_log: MetricsLog | None = None,
         round_offset: int = 0,
+        trainable: str = "all",
     ) -> None:
+        is_trained("", trainable)  # an unknown set fails here, with the valid ones named
+        self.trainable = trainable
         self.strategy = inner
         self.base = base
         self.validator = validator
@@ -229,6 +237,8 @@ class FedFusionStrategy(Strategy):
         #: sites that hold no validation patients (too few patients): not asked to evaluate again in this run
         self.without_validation: set[int] = set()
         self.current: dict[str, np.ndarray] = {}
+        #: the names of ``current`` the sites train (and send)
+        self.trained: list[str] = []
         #: per round: node id -> rejection reason (for tests and the report)
         self.rejections: dict[int, dict[int, str]] = {}
         self.stop_reason: str | None = None
@@ -303,6 +313,7 @@ class FedFusionStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
         self.current = {k: v.numpy() for k, v in arrays.items()}
+        self.trained = trained_names(self.current, self.trainable)
         self.scopes.refresh(grid)
         minimum = max(self.base.min_available_nodes, self.base.min_train_nodes)
         view = self._eligible_grid(grid, minimum, "train")
@@ -346,7 +357,9 @@ class FedFusionStrategy(Strategy):
         arrays = reply_arrays(msg) if not msg.has_error() else None
         if arrays is None or not packing.is_packed(arrays):
             return msg, None
-        layout = packing.layout_of(self.current)
+        # a train reply carries the run's trainable set only (dp-trainable), in the global model's order
+        sent = {k: self.current[k] for k in self.trained} if self.trained else self.current
+        layout = packing.layout_of(sent)
         if layout is None:
             return msg, "packed arrays, but the global model is never sent packed (several dtypes)"
         try:
@@ -360,8 +373,9 @@ class FedFusionStrategy(Strategy):
 
     # -- training ----------------------------------------------------------------------------------
     def _sanitise(self, msg: Message) -> Message:
-        """Arrays in the global key order (DP clipping pairs arrays by position) and only the numeric metrics
-        aggregation needs (Flower requires identical metric keys across replies)."""
+        """Arrays in the global key order (DP clipping pairs arrays by position), the frozen ones (outside the
+        run's trainable set, not sent) filled in from the global model so the inner chain sees whole models, and
+        only the numeric metrics aggregation needs (Flower requires identical metric keys across replies)."""
         arrays = reply_arrays(msg)
         metrics = reply_metrics(msg)
         assert arrays is not None and metrics is not None
@@ -372,7 +386,8 @@ class FedFusionStrategy(Strategy):
                 keep[f"has-{m}"] = 1.0 if keep[f"cases-{m}"] > 0 else 0.0
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: arrays[k] for k in self.current}),
+                "arrays": ArrayRecord({k: arrays[k] if k in arrays else Array(np.asarray(v))
+                                       for k, v in self.current.items()}),
                 "metrics": MetricRecord(keep),
             }
         )
@@ -438,8 +453,9 @@ class FedFusionStrategy(Strategy):
         claimed = {node_of(m): metrics for m in to_validate
                    if not m.has_error() and (metrics := reply_metrics(m)) is not None}
         overclaims = self.claims.check("train", rnd, claimed)
+        expected = {k: self.current[k] for k in self.trained}  # replies carry the trainable set, nothing else
         result = self.validator.validate(
-            [m for m in to_validate if node_of(m) not in overclaims and node_of(m) not in malformed], self.current)
+            [m for m in to_validate if node_of(m) not in overclaims and node_of(m) not in malformed], expected)
         result.rejected[:0] = [Rejection(node, reason) for node, reason in {**malformed, **overclaims}.items()]
         self.claims.pin("train", rnd, {node_of(m): claimed[node_of(m)] for m in result.accepted})
         log_rejections(rnd, result.rejected)
@@ -481,7 +497,8 @@ class FedFusionStrategy(Strategy):
         return self._finish(rnd, aggregated, sanitised), MetricRecord(metrics_out)
 
     def _finish(self, rnd: int, aggregated: ArrayRecord, sanitised: Sequence[Message]) -> ArrayRecord | None:
-        """Global dtypes back (Flower's mean computes in float64), absent modalities kept, finiteness checked."""
+        """Global dtypes back (Flower's mean computes in float64), absent modalities and parameters outside the
+        trainable set kept, finiteness checked."""
         absent: set[str] = set()
         if self.modality_aware:
             groups = ownership_groups(self.current)
@@ -491,6 +508,7 @@ class FedFusionStrategy(Strategy):
                 if not any(modality_weight(reply_metrics(s) or {}, m) > 0 for s in sanitised):
                     absent.add(m)
         frozen = {n for m in absent for n in ownership_groups(self.current)[m]}
+        frozen |= set(self.current) - set(self.trained)  # never trained: exactly the global values, even after DP noise
         out: dict[str, Array] = {}
         for name, ref in self.current.items():
             if name not in aggregated:

@@ -329,10 +329,37 @@ def _config_summary(run: Run) -> list[str]:
         f"- strategy: {g('strategy')}, aggregation: {g('aggregation')}, proximal mu {g('proximal-mu')}; "
         f"local epochs {g('local-epochs')}, lr {g('lr')}, batch size {g('batch-size')}, seed {g('seed')}",
         f"- differential privacy (patient level): {dp_text}",
+        *_recipe_lines(run),
         f"- data: {g('data-dir')}; held-out set: "
         f"{g('test-dir') if c.get('test-dir') else f'<data-dir>/{HELDOUT_NAME}'}",
         "",
     ]
+    return lines
+
+
+def _recipe_lines(run: Run) -> list[str]:
+    """Initial weights (init-checkpoint, with its recorded hash and provenance) and the DP recipe keys."""
+    c = run.config
+    lines = []
+    init = run.run_dir / "init-checkpoint.json"
+    if init.is_file():
+        try:
+            record = json.loads(init.read_text(encoding="utf-8"))
+            prov = record.get("provenance") or {}
+            made = ", ".join(f"{k} {v}" for k, v in prov.items() if isinstance(v, (str, int, float))) if isinstance(
+                prov, dict) else ""
+            lines.append(f"- initial weights: `{record.get('path')}` (SHA-256 `{record.get('sha256')}`"
+                         + (f"; {made}" if made else "") + ")")
+        except (OSError, ValueError, AttributeError) as exc:
+            lines.append(f"- initial weights: init-checkpoint.json unreadable ({exc})")
+    elif c.get("init-checkpoint"):
+        lines.append(f"- initial weights: `{c.get('init-checkpoint')}` (no provenance recorded)")
+    elif c:
+        lines.append("- initial weights: fresh, from the run's seed")
+    recipe = {k: c[k] for k in ("dp-trainable", "augment-multiplicity", "optimizer", "optimizer-state",
+                                "dp-accountant", "server-ema") if k in c}
+    if recipe:
+        lines.append("- training recipe: " + ", ".join(f"{k} {_fmt(v)}" for k, v in recipe.items()))
     return lines
 
 

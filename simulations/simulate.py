@@ -196,6 +196,11 @@ def simulate(
     from server.settings import ServerSettings
 
     ServerSettings.from_run_config(config).check_protection()  # refuse here, before any process starts
+    if config["init-checkpoint"] and not config["resume"]:
+        from server.initial import initial_state
+
+        # a checkpoint of another network is refused here, not in the ServerApp after the workers started
+        initial_state(runconfig.model_config(config), int(config["seed"]), str(config["init-checkpoint"]))
     if not config["dp-enabled"]:
         log.warning(
             "dp-enabled=false: the %d virtual sites' policies are set to allow training WITHOUT differential "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
 from common import replies as client_replies
@@ -145,3 +146,44 @@ def test_validator_state_roundtrip():
     w = UpdateValidator()
     w.load_state_dict(v.state_dict())
     assert w.history == [1.0, 2.0]
+
+
+NAMED = ("encoders.t1.w", "encoders.ct.w", "fusion.levels.0.qkv.weight", "decoder.blocks.0.w", "decoder.head.w",
+         "classifier.fc.weight")
+
+
+def _named_global() -> dict[str, np.ndarray]:
+    return {n: np.full((2, 3), float(i), dtype=np.float32) for i, n in enumerate(NAMED)}
+
+
+def test_server_accepts_trainable_only_replies_and_keeps_the_rest_unchanged():
+    """dp-trainable = shared: the replies carry the trainable set only; the aggregate takes the frozen encoders from
+    the global model bit for bit, and a reply with frozen keys or without a trainable key is rejected."""
+    glob = _named_global()
+    settings = ServerSettings.from_run_config({"min-train-nodes": 2, "min-available-nodes": 2, "dp-trainable": "shared"})
+    chain = build_strategy(settings, MODS)
+    _start_round(chain, glob, [1, 2, 3, 4])
+    trained = ["fusion.levels.0.qkv.weight", "decoder.blocks.0.w", "decoder.head.w", "classifier.fc.weight"]
+    assert chain.trained == trained
+    good = {n: {k: glob[k] + 0.01 * n for k in trained} for n in (1, 2)}
+    with_frozen = {**{k: glob[k] + 0.03 for k in trained}, "encoders.t1.w": glob["encoders.t1.w"] + 0.03}
+    missing = {k: glob[k] + 0.04 for k in trained[1:]}
+    metrics = site_metrics(10, {"t1": 10, "ct": 10})
+    replies = [reply(1, good[1], metrics), reply(2, good[2], metrics), reply(3, with_frozen, metrics),
+               reply(4, missing, metrics)]
+    arrays, out = chain.aggregate_train(1, replies)
+    reasons = chain.rejections[1]
+    assert set(reasons) == {3, 4} and out["sites-accepted"] == 2
+    assert "unexpected encoders.t1.w" in reasons[3] and "missing fusion.levels.0.qkv.weight" in reasons[4]
+    assert arrays is not None and set(arrays.keys()) == set(NAMED)  # the global model is whole again
+    for name in ("encoders.t1.w", "encoders.ct.w"):
+        assert np.array_equal(arrays[name].numpy(), glob[name])
+    np.testing.assert_allclose(arrays["decoder.head.w"].numpy(), glob["decoder.head.w"] + 0.015, rtol=1e-6)
+
+
+def test_client_side_clipping_needs_whole_replies():
+    from server.settings import UnsupportedConfiguration
+
+    settings = ServerSettings.from_run_config({"client-dp": "client-side", "dp-trainable": "head"})
+    with pytest.raises(UnsupportedConfiguration, match="fixedclipping_mod"):
+        settings.check_protection()

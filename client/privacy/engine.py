@@ -60,22 +60,36 @@ def sample_rate_of(num_cases: int, batch_size: int) -> float:
     return 1.0 / steps_per_epoch(num_cases, batch_size)
 
 
-def derive_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier whose RDP epsilon after ``steps`` steps at ``sample_rate`` is <= ``target_epsilon``.
+def expected_batch_size(num_cases: int, batch_size: int) -> int:
+    """Expected privacy units per Poisson step, as Opacus computes it (``int(N * q)``, at least 1): the divisor of
+    the summed clipped gradients and their noise."""
+    return max(1, int(num_cases * sample_rate_of(num_cases, batch_size)))
+
+
+def derive_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                            accountant: str = "rdp") -> float:
+    """Smallest noise multiplier whose epsilon (read with ``accountant``: ``rdp`` or ``prv``) after ``steps`` steps at
+    ``sample_rate`` is <= ``target_epsilon``.
 
     ``steps`` is the run's plan: ``num-server-rounds * local-epochs * steps_per_epoch``.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
+    from .accountant import PRV_EPS_ERROR
+
     if target_epsilon <= 0:
         raise ValueError(f"dp-target-epsilon must be > 0 to derive a noise multiplier, got {target_epsilon}")
+    extra: dict[str, Any] = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=max(1, steps),
-                accountant="rdp",
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning)  # PRV's log(0) branch at high noise
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=max(1, steps),
+                    accountant=accountant, **extra,
+                )
             )
-        )
     except ValueError as exc:
         raise ValueError(
             f"cannot reach epsilon={target_epsilon} at delta={delta} over {steps} steps (sample rate "
@@ -304,7 +318,8 @@ def make_private(
     parts.loader = patient_loader(dataset, units, parts.sample_rate, spe, draw=draw,
                                   pin_memory=bool(getattr(loader, "pin_memory", False)))
     if groups is not None:
-        clip_per_patient(dp_opt, parts.loader.batch_sampler, expected_patients=int(len(units) * parts.sample_rate))
+        clip_per_patient(dp_opt, parts.loader.batch_sampler,
+                         expected_patients=expected_batch_size(len(units), int(loader.batch_size or 1)))
     seed_empty_batch_template(parts.loader)
     _draw_noise_from_stream(dp_opt, parts)
 

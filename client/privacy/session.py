@@ -20,26 +20,20 @@ it.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.runconfig import DPConfig
-from models.atomic import atomic_write_text
 
 from .accountant import epsilon_of, locked_ledger
-from .engine import derive_noise_multiplier, sample_rate_of, steps_per_epoch
+from .calibration import NOISE_CACHE, plan_noise
 from .policy import SitePolicy
 
 log = logging.getLogger("fedfusion.site")
 
 __all__ = ["BudgetExhausted", "DPSession", "NOISE_CACHE", "NO_DP_METRICS", "Reservation", "commit_release",
            "reserve_release"]
-
-#: Derived noise multipliers of past plans, in the site's state directory (a cache, not state).
-NOISE_CACHE = "noise-cache.json"
-
 
 class BudgetExhausted(RuntimeError):
     """The next round would take the site past its ceiling; the numbers say by how much."""
@@ -83,26 +77,22 @@ class DPSession:
     @classmethod
     def plan(cls, state_dir: Path, request: DPConfig, policy: SitePolicy, *, num_cases: int, batch_size: int,
              local_epochs: int, num_rounds: int, site_name: str = "site") -> "DPSession":
-        """Fix the noise for a run of ``num_rounds`` rounds over ``num_cases`` cases (see the module docstring).
+        """Fix the noise for a run of ``num_rounds`` rounds over ``num_cases`` cases (see the module docstring);
+        :func:`client.privacy.calibration.plan_noise` computes it, the planner's code path too.
 
         Raises:
             ValueError: the target epsilon cannot be reached over the planned steps (the message says what to change).
         """
-        spe = steps_per_epoch(num_cases, batch_size)
-        q = sample_rate_of(num_cases, batch_size)
-        sigma = request.noise_multiplier
-        if sigma <= 0:
-            steps = num_rounds * local_epochs * spe
-            sigma = _derived_noise(Path(state_dir), request, q, steps)
-            log.info("site %s: noise multiplier %.4f derived for epsilon=%g, delta=%g over %d rounds x %d epochs "
-                     "(%d steps, q=%.4f)", site_name, sigma, request.target_epsilon, request.delta, num_rounds,
-                     local_epochs, steps, q)
-        if sigma < policy.min_noise_multiplier:
-            # more noise only strengthens privacy, so the site may raise it unasked
-            log.info("site %s: raising noise multiplier %.4f to the site floor %.4f", site_name, sigma,
-                     policy.min_noise_multiplier)
-            sigma = policy.min_noise_multiplier
-        return cls(Path(state_dir), request, policy, q, local_epochs * spe, float(sigma))
+        plan = plan_noise(request, num_units=num_cases, batch_size=batch_size, local_epochs=local_epochs,
+                          num_rounds=num_rounds, min_noise_multiplier=policy.min_noise_multiplier,
+                          cache_dir=Path(state_dir))
+        if plan.derived:
+            log.info("site %s: noise multiplier derived for epsilon=%g, delta=%g (%s accountant) over %d rounds x %d "
+                     "epochs (%d steps, q=%.4f)", site_name, request.target_epsilon, request.delta,
+                     request.accountant, num_rounds, local_epochs, plan.total_steps, plan.sample_rate)
+        if plan.raised_to_floor:
+            log.info("site %s: noise multiplier raised to the site floor %.4f", site_name, policy.min_noise_multiplier)
+        return cls(Path(state_dir), request, policy, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier)
 
     def reserve(self) -> Reservation:
         """Reserve one round in the site's ledger, when it fits under ``max-epsilon`` with everything already spent
@@ -112,11 +102,12 @@ class DPSession:
             BudgetExhausted: the round would exceed the ceiling (nothing is reserved).
             ValueError: the ledger exists but is unreadable (the site must not silently reset its budget).
         """
-        delta = self.request.delta
+        delta, accountant = self.request.delta, self.request.accountant
         with locked_ledger(self.state_dir) as ledger:
-            after = ledger.prospective_epsilon(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
+            after = ledger.prospective_epsilon(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta,
+                                               accountant)
             if after > self.policy.max_epsilon:
-                raise BudgetExhausted(ledger.epsilon(delta), after, self.policy.max_epsilon, delta)
+                raise BudgetExhausted(ledger.epsilon(delta, accountant), after, self.policy.max_epsilon, delta)
             rid = ledger.reserve(self.noise_multiplier, self.sample_rate, self.steps_per_round, delta)
         return Reservation(Path(self.state_dir), rid)
 
@@ -127,11 +118,11 @@ class DPSession:
         takes a noise-only step for an empty batch, so planned = applied. ``epsilon-total`` is everything the site
         has spent or reserved (other rounds in flight included); ``epsilon-round`` what this round added to it.
         """
-        delta = self.request.delta
+        delta, accountant = self.request.delta, self.request.accountant
         with locked_ledger(reservation.state_dir) as ledger:
-            before = epsilon_of(ledger.spent_history(without=reservation.rid), delta)
+            before = epsilon_of(ledger.spent_history(without=reservation.rid), delta, accountant)
             ledger.commit(reservation.rid)
-            total = ledger.epsilon(delta)
+            total = ledger.epsilon(delta, accountant)
         return {
             "dp-enabled": 1.0, "epsilon-total": total, "epsilon-round": total - before, "delta": delta,
             "noise-multiplier": self.noise_multiplier, "max-grad-norm": self.request.max_grad_norm,
@@ -144,9 +135,10 @@ class DPSession:
             ledger.release(reservation.rid)
 
 
-def reserve_release(state_dir: Path, policy: SitePolicy, noise_multiplier: float, delta: float) -> Reservation:
+def reserve_release(state_dir: Path, policy: SitePolicy, noise_multiplier: float, delta: float,
+                    accountant: str = "rdp") -> Reservation:
     """Reserve one Gaussian release at ``noise_multiplier`` in the site's ledger (under its lock), when it still fits
-    under ``max-epsilon`` with everything spent or reserved.
+    under ``max-epsilon`` (read with ``accountant``) with everything spent or reserved.
 
     Raises:
         BudgetExhausted: the release would exceed the ceiling (nothing is reserved).
@@ -155,52 +147,23 @@ def reserve_release(state_dir: Path, policy: SitePolicy, noise_multiplier: float
     from .release import GAUSSIAN_RELEASE_RATE
 
     with locked_ledger(state_dir) as ledger:
-        after = ledger.prospective_epsilon(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta)
+        after = ledger.prospective_epsilon(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta, accountant)
         if after > policy.max_epsilon:
-            raise BudgetExhausted(ledger.epsilon(delta), after, policy.max_epsilon, delta)
+            raise BudgetExhausted(ledger.epsilon(delta, accountant), after, policy.max_epsilon, delta)
         rid = ledger.reserve(noise_multiplier, GAUSSIAN_RELEASE_RATE, 1, delta, training=False)
     return Reservation(Path(state_dir), rid)
 
 
-def commit_release(reservation: Reservation, delta: float) -> dict[str, float]:
+def commit_release(reservation: Reservation, delta: float, accountant: str = "rdp") -> dict[str, float]:
     """Record the reserved release (not counted as a training round) and return the reply's privacy numbers
-    (``epsilon-total``, ``epsilon-round``: this release's share, ``delta``)."""
+    (``epsilon-total``, ``epsilon-round``: this release's share, ``delta``; read with ``accountant``)."""
     with locked_ledger(reservation.state_dir) as ledger:
-        before = epsilon_of(ledger.spent_history(without=reservation.rid), delta)
+        before = epsilon_of(ledger.spent_history(without=reservation.rid), delta, accountant)
         ledger.commit(reservation.rid)
-        total = ledger.epsilon(delta)
+        total = ledger.epsilon(delta, accountant)
     return {"epsilon-total": total, "epsilon-round": total - before, "delta": delta}
 
 
 #: The reply's privacy numbers of a round trained without DP.
 NO_DP_METRICS: dict[str, float] = {"dp-enabled": 0.0, "epsilon-total": 0.0, "epsilon-round": 0.0, "delta": 0.0,
                                    "noise-multiplier": 0.0, "max-grad-norm": 0.0}
-
-
-#: Noise multipliers derived in this process, by the key of :data:`NOISE_CACHE`: the search depends on the plan's
-#: numbers only, so simulated sites of one size served by the same worker search once (2-4 CPU s each search).
-_DERIVED: dict[str, float] = {}
-
-
-def _derived_noise(state_dir: Path, request: DPConfig, sample_rate: float, steps: int) -> float:
-    # the binary search costs seconds; deployed ClientApp processes live for one message, so remember results
-    cache_file = state_dir / NOISE_CACHE
-    key = f"rdp|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
-    if key in _DERIVED:
-        return _DERIVED[key]
-    try:
-        cached = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
-    except (OSError, ValueError):
-        cached = {}
-    if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)):
-        return float(cached[key])
-    sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
-                                    sample_rate=sample_rate, steps=steps)
-    _DERIVED[key] = sigma
-    cached = cached if isinstance(cached, dict) else {}
-    cached[key] = sigma
-    try:
-        atomic_write_text(cache_file, json.dumps(cached, indent=1))
-    except OSError as exc:  # a cache, not state: never fail a round for it
-        log.warning("could not write %s: %s", cache_file, exc)
-    return sigma

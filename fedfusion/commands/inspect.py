@@ -32,8 +32,15 @@ def command(
         typer.Option("--state", help="A site's state folder: also build its preprocessed cache there for the shipped "
                                      "run config (what `fedfusion site` does at start-up)."),
     ] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan/--no-plan", help="Show each site's privacy plan for its case count under the run "
+                           "config's defaults (fedfusion privacy-plan).")
+    ] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Run config key for the plan: --set "
+                                                      "dp-target-epsilon=3 (repeatable).")] = None,
 ) -> None:
-    """Report cases, modalities, label balance and every problem; exit 1 when no usable case remains."""
+    """Report cases, modalities, label balance and every problem, and what epsilon each site's case count affords
+    (privacy plan); exit 1 when no usable case remains."""
     from rich.console import Console
 
     from common.data.inspect import inspect_data
@@ -44,13 +51,20 @@ def command(
         mods = canonical([m for arg in modalities for m in arg.split(",") if m.strip()]) if modalities else MODALITIES
         report = inspect_data(directory, mods, series_map, require_seg=not allow_missing_seg,
                               read_pixels=not headers_only)
-    except ValueError as exc:  # bad --modalities or --series-map
+        plans = _plans(report, set_) if plan else {}
+    except ValueError as exc:  # bad --modalities, --series-map or --set
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "privacy-plans": {k: p.to_dict() for k, p in plans.items()}},
+                              indent=2))
     else:
         _print_report(report, Console())
+        for name, p in plans.items():
+            typer.echo(f"privacy plan of {name} (run config defaults{' and --set' if set_ else ''}; "
+                       f"`fedfusion privacy-plan --cases {p.patients} --state SITE-STATE` adds its ledger):")
+            for line in p.lines():
+                typer.echo(f"  {line}")
     if not report.ok:
         err.print(f"[red]no usable case in {directory}[/red]")
         raise typer.Exit(1)
@@ -70,6 +84,25 @@ def _warm_cache(directory: Path, state: Path, series_map: Optional[Path], err: "
         err.print(f"[red]preprocessed cache not built:[/red] {exc.reason}")  # type: ignore[attr-defined]
         raise typer.Exit(1) from None
     err.print(f"preprocessed cache: {n} cases in {state / 'preprocessed'}")  # type: ignore[attr-defined]
+
+
+def _plans(report: "object", assignments: list[str] | None) -> dict[str, "object"]:
+    """The privacy plan of every training site of ``report`` with usable cases (cases counted as patients: an upper
+    bound when a patient has several studies), for the modalities it has; the sites of a data root are the ``S``
+    averaged each round."""
+    from client.privacy.planner import plan
+    from common.data.inspect import InspectReport
+    from common.runconfig import parse_assignments
+    from models.modalities import MODALITIES
+
+    assert isinstance(report, InspectReport)
+    sites = [s for s in report.sites if not s.heldout and s.usable_cases > 0]
+    overrides = parse_assignments(assignments)
+    out = {}
+    for site in sites:
+        present = [m for m, n in site.modality_counts(MODALITIES).items() if n > 0]
+        out[site.name] = plan(overrides, patients=site.usable_cases, sites=len(sites), site_modalities=present)
+    return out
 
 
 def _print_report(report: "object", console: "object") -> None:

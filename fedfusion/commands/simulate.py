@@ -37,6 +37,10 @@ def command(
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for phantoms, model init and sampling.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
+    init: Annotated[
+        Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (fedfusion pretrain, or a "
+                                     "run's checkpoints/best.pt; run config init-checkpoint).")
+    ] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Any run config key: --set lr=0.003 (repeatable).")
     ] = None,
@@ -93,6 +97,8 @@ def command(
         "seed": seed,
     }
     overrides.update({k: v for k, v in named.items() if v is not None})
+    if init is not None:
+        overrides["init-checkpoint"] = str(init.expanduser().resolve())
     if resume is not None:
         overrides["resume"] = str(resume.resolve())
         out = resume

@@ -1,0 +1,175 @@
+"""The site's optimizer (run-config key ``optimizer``) and its state across rounds (``optimizer-state``).
+
+Why not plain Adam under DP: with per-coordinate noise of std ``sigma * C / B`` much larger than the gradient,
+Adam's second moment estimates the *noise* variance, so every coordinate moves by about the learning rate whatever
+its signal (Tang et al., AAAI 2024, "DP-AdamBC: Your DP-Adam Is Actually DP-SGD (Unless You Apply Bias
+Correction)"). The choices:
+
+==========  ======================================================================================================
+``adam``    ``torch.optim.Adam`` (the default; fine without DP or with little noise)
+``sgd``     SGD with momentum 0.9 (:func:`models.training.make_optimizer`): DP-SGD with momentum, the recipe of De
+            et al. 2022
+``adam-bc`` :class:`AdamBC`: Adam whose bias-corrected second moment has the known noise variance
+            ``(sigma * C / B)^2`` subtracted (floored at ``gamma``) before the square root, so it normalises by
+            the gradient's own scale; without DP (noise variance 0) it is Adam
+==========  ======================================================================================================
+
+State across rounds: by default (``optimizer-state = reset``) each round starts a fresh optimizer. With ``keep`` the
+site saves the optimizer's state (moments, step counts: tensors and numbers only) after each round to
+``<state-dir>/optimizer-state/<key>.pt`` and loads it before the next (:func:`load_state`, ``weights_only=True``), so
+momentum survives a deployed site's fresh process per message. The key is a digest of the run id, the optimizer and
+the names of the parameters it updates; a file that does not fit is ignored (logged), never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import pickle
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.runconfig import OPTIMIZERS
+
+log = logging.getLogger("fedfusion.site")
+
+__all__ = ["AdamBC", "OPTIMIZERS", "STATE_DIR", "build_optimizer", "load_state", "save_state", "set_noise_std",
+           "state_file"]
+
+#: Folder of saved optimizer states inside a site's state directory.
+STATE_DIR = "optimizer-state"
+_FORMAT = "fedfusion-optimizer-state/1"
+
+
+class AdamBC(torch.optim.Optimizer):
+    """Bias-corrected DP-Adam (Tang et al. 2024): Adam with the DP noise variance removed from the second moment.
+
+    For gradient ``g_t`` (the noised, averaged DP gradient)::
+
+        m_t = b1 m + (1 - b1) g_t          v_t = b2 v + (1 - b2) g_t^2
+        m^ = m_t / (1 - b1^t)              v^ = max(v_t / (1 - b2^t) - noise_var, gamma)
+        w  = w - lr * m^ / (sqrt(v^) + eps)
+
+    Args:
+        params: parameters to update.
+        lr: learning rate.
+        betas: ``(b1, b2)``.
+        eps: added to the denominator.
+        gamma: floor of the corrected second moment (``gamma'`` of the paper).
+        noise_var: ``(sigma * C / B_expected)^2``, the variance per coordinate of the DP noise in ``g_t``
+            (:func:`set_noise_std` sets it once the site's noise is planned); 0 = Adam.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, gamma: float = 5e-8, noise_var: float = 0.0) -> None:
+        if not lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not (gamma > 0 and noise_var >= 0 and math.isfinite(noise_var)):
+            raise ValueError(f"gamma must be > 0 and noise_var >= 0, got {gamma}, {noise_var}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, gamma=gamma, noise_var=float(noise_var)))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_hat = m / (1 - b1**t)
+                v_hat = (v / (1 - b2**t) - group["noise_var"]).clamp_(min=group["gamma"])
+                p.addcdiv_(m_hat, v_hat.sqrt_().add_(group["eps"]), value=-group["lr"])
+        return loss
+
+
+def build_optimizer(kind: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (:data:`OPTIMIZERS`) over the trainable parameters of ``model``.
+
+    Raises:
+        ValueError: an unknown kind or a bad learning rate.
+    """
+    from models.training import make_optimizer
+
+    if kind in ("adam", "sgd"):
+        return make_optimizer(model, lr, kind)
+    if kind == "adam-bc":
+        return AdamBC([p for p in model.parameters() if p.requires_grad], lr=lr)
+    raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)} (run config optimizer)")
+
+
+def set_noise_std(optimizer: torch.optim.Optimizer, std: float) -> None:
+    """Tell an :class:`AdamBC` the DP noise std per coordinate of its gradients (``sigma * C / B_expected``); other
+    optimizers ignore it."""
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    if isinstance(inner, AdamBC):
+        for group in inner.param_groups:
+            group["noise_var"] = float(std) ** 2
+
+
+def state_file(state_dir: Path, run_id: str, kind: str, names: Sequence[str]) -> Path:
+    """Where the optimizer state of this run, optimizer and parameter set is kept."""
+    digest = hashlib.sha256("\0".join([str(run_id), kind, *names]).encode("utf-8")).hexdigest()[:24]
+    return Path(state_dir) / STATE_DIR / f"{digest}.pt"
+
+
+def save_state(path: Path, optimizer: torch.optim.Optimizer, kind: str, names: Sequence[str]) -> None:
+    """Save the optimizer's state (tensors and numbers only, atomically) for :func:`load_state`."""
+    from models.checkpoint import atomic_torch_save
+
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    state = inner.state_dict()["state"]
+    payload = {"format": _FORMAT, "optimizer": kind, "names": list(names),
+               "state": {int(i): {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                         for i, s in state.items()}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(payload, path)
+
+
+def load_state(path: Path, optimizer: torch.optim.Optimizer, kind: str, names: Sequence[str]) -> bool:
+    """Load a state saved by :func:`save_state` into ``optimizer`` (its hyperparameters stay as built).
+
+    Returns ``False`` (and logs why) when there is no file or it does not fit this optimizer and parameter set; the
+    optimizer then starts fresh.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError) as exc:
+        log.warning("optimizer state %s unreadable (%s); starting the optimizer afresh", path, exc)
+        return False
+    if not (isinstance(payload, dict) and payload.get("format") == _FORMAT and payload.get("optimizer") == kind
+            and payload.get("names") == list(names)):
+        log.warning("optimizer state %s is for another optimizer or parameter set; starting afresh", path)
+        return False
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    current = inner.state_dict()
+    current["state"] = payload["state"]
+    try:
+        inner.load_state_dict(current)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        log.warning("optimizer state %s does not fit (%s); starting afresh", path, exc)
+        inner.state.clear()
+        return False
+    return True

@@ -1,0 +1,316 @@
+"""The feasibility planner (``fedfusion privacy-plan``, and ``fedfusion inspect`` per site): before a site agrees
+to a run, what noise will it train with, will the model learn under it, and what does the run cost its lifetime
+budget?
+
+Same code as the site: the noise multiplier is :func:`client.privacy.calibration.plan_noise` (what
+:meth:`client.privacy.session.DPSession.plan` calls), the epsilon figures are the site's ledger read with the
+run's accountant (:mod:`client.privacy.accountant`), the patients a site trains on are its patients minus those
+it holds out for evaluation (:func:`client.holdout.validation_size`), and the trained dimension is the network of
+the run's model config under the run's ``dp-trainable`` (:mod:`models.trainable`), without the encoders of
+modalities the site does not have (which it freezes).
+
+The noise-to-signal model (simple and explicit; to be calibrated against measured runs). One DP-SGD step adds
+Gaussian noise of std ``sigma * C / B`` per coordinate to the mean of ``B`` (expected) clipped per-patient
+gradients, each of norm at most ``C``. Over the ``d`` trained coordinates the noise has norm ``sigma * C *
+sqrt(d) / B``, the clipped mean at most ``C``, so
+
+* per step: ``r_step = sigma * sqrt(d) / B`` (noise norm over the largest possible signal norm);
+* per run: over ``T`` steps at a site the signal (at best aligned) adds up to ``T * C`` and the independent noise to
+  ``sqrt(T) * sigma * C * sqrt(d) / B``; averaging ``S`` sites' updates divides the noise by another ``sqrt(S)``:
+  ``r_run = r_step / sqrt(T * S)``.
+
+Verdict rule, fixed before any measurement (issue 14) and printed with every verdict: the run **learns** iff
+``r_run <= 1`` (:data:`LEARNS_IF_RUN_RATIO_AT_MOST`), i.e. the noise accumulated over the run is no larger than the
+largest signal the run's clipped gradients can accumulate; otherwise it **will not learn**. "Learns" is what a
+measurement checks as Dice >= 0.5 x the non-private run of the same setting (same data, model and trainable set).
+Why 1: it is where the signal-to-noise ratio of the run's total update is 1 for perfectly aligned per-case
+gradients; real gradients are less aligned, so the rule is optimistic near 1. A run far above it is measured not
+to learn: docs/results.md's ``privacy`` experiment (whole model, 8 cases per site, batch 4, 8 steps, epsilon 8:
+sigma 1.19, ``r_run`` ~ 20) stays at the all-lesion Dice.
+
+Client-level DP (Flower's ``DifferentialPrivacy*FixedClipping``, run config ``client-dp``): the privacy unit is a
+whole site; each round the sites' updates are clipped to ``client-dp-clip`` and Gaussian noise of std
+``client-dp-noise * clip / S`` is added to their mean (``S``: ``min-train-nodes``, which Flower's noise is calibrated
+to); a site is sampled with rate ``fraction-train`` per round
+(Flower samples a fixed number: the Poisson accounting is exact for ``fraction-train = 1`` and approximate
+otherwise), so epsilon per site is the accountant's over ``(noise, fraction-train, rounds)``, and the same
+noise-to-signal model gives ``r_round = noise * sqrt(d) / S`` and ``r_run = r_round / sqrt(R)``. Trust: both
+wrappers trust the aggregator: with ``server-side`` the server sees every site's raw update and adds the noise
+itself; with ``client-side`` the sites clip but the server still adds the noise. It protects a site's whole data
+set against the other sites and anyone who sees the released global models, not against the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import runconfig
+from common.runconfig import DPConfig, TrainConfig
+
+from .accountant import HistoryEntry, PersistentAccountant, epsilon_of
+from .calibration import NoisePlan, plan_noise
+from .policy import SitePolicy
+from .release import GAUSSIAN_RELEASE_RATE
+
+__all__ = ["LEARNS_IF_RUN_RATIO_AT_MOST", "Budget", "ClientLevelPlan", "PrivacyPlan", "VERDICT_RULE", "plan",
+           "plan_client_level", "trained_dimension"]
+
+#: The verdict's threshold on the run's noise-to-signal ratio (see the module docstring; fixed before measuring).
+LEARNS_IF_RUN_RATIO_AT_MOST = 1.0
+#: The rule as printed with every verdict.
+VERDICT_RULE = (f"learns iff run noise-to-signal r_run = sigma*sqrt(d)/(B*sqrt(T*S)) <= {LEARNS_IF_RUN_RATIO_AT_MOST:g} "
+                "(fixed before any measurement; 'learns' = Dice >= 0.5 x the non-private run of the same setting)")
+#: Most later runs the budget section counts.
+_MAX_LATER_RUNS = 50
+
+
+def trained_dimension(model_config: Any, trainable: str, site_modalities: Sequence[str] | None = None) -> int:
+    """Scalar parameters a site noises: the run's network under ``trainable``, without the encoders of modalities
+    the site lacks (``site_modalities``; None: it has all of the model's)."""
+    from models.network import build_model
+    from models.trainable import freeze_untrained
+
+    model = build_model(model_config)
+    if site_modalities is not None:
+        model.set_site_modalities([m for m in model_config.modalities if m in set(site_modalities)])
+    freeze_untrained(model, trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def verdict(run_ratio: float) -> str:
+    """``learns`` or ``will not learn`` by :data:`VERDICT_RULE`."""
+    return "learns" if run_ratio <= LEARNS_IF_RUN_RATIO_AT_MOST else "will not learn"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A site's lifetime budget around one run (epsilon at the run's delta, read with its accountant).
+
+    Attributes:
+        max_epsilon: the site's ceiling (policy ``max-epsilon``).
+        spent: committed and reserved so far (0 for a site without a ledger).
+        this_run: what the run's training rounds add.
+        evaluations: what the run's evaluation releases add (one per round at ``eval-noise-multiplier``).
+        one_evaluation: what a single evaluation release adds after the run.
+        left: ``max_epsilon`` minus everything after the run (negative: the site declines part of the run).
+        later_runs: further runs of the same kind (with their evaluations) that would still fit.
+    """
+
+    max_epsilon: float
+    spent: float
+    this_run: float
+    evaluations: float
+    one_evaluation: float
+    left: float
+    later_runs: int
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What :func:`plan` predicts for one site and run (see the module docstring)."""
+
+    patients: int
+    training_patients: int
+    epsilon: float
+    delta: float
+    accountant: str
+    noise: NoisePlan
+    max_grad_norm: float
+    trainable: str
+    dimension: int
+    multiplicity: int
+    optimizer: str
+    sites: int
+    rounds: int
+    noise_std: float
+    step_ratio: float
+    run_ratio: float
+    verdict: str
+    rule: str = VERDICT_RULE
+    budget: Budget | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as text for an operator."""
+        n = self.noise
+        out = [
+            f"patients {self.patients}: {self.training_patients} train, {self.patients - self.training_patients} "
+            "held out for evaluation",
+            f"target epsilon {self.epsilon:g} at delta {self.delta:g} ({self.accountant} accountant) over {self.rounds} "
+            f"rounds x {n.steps_per_round // max(1, n.steps_per_epoch)} epochs x {n.steps_per_epoch} steps = "
+            f"{n.total_steps} steps, sampling rate q = {n.sample_rate:.4f} (expected batch {n.expected_batch})",
+            f"noise multiplier sigma = {n.noise_multiplier:.4f}"
+            + (" (raised to the site's min-noise-multiplier)" if n.raised_to_floor else "")
+            + ("" if n.derived else " (given by dp-noise-multiplier)"),
+            f"noise std per coordinate of the averaged gradient sigma*C/B = {self.noise_std:.4g} (C = "
+            f"{self.max_grad_norm:g})",
+            f"trained parameters d = {self.dimension} (dp-trainable = {self.trainable}); augmentation multiplicity "
+            f"{self.multiplicity} ({max(1, self.multiplicity)}x forward/backward per case, no privacy cost)",
+            f"noise-to-signal per step r_step = sigma*sqrt(d)/B = {self.step_ratio:.3g}; over the run with {self.sites} "
+            f"site(s) r_run = {self.run_ratio:.3g}",
+            f"verdict: {self.verdict.upper()}  [{self.rule}]",
+        ]
+        out += [f"note: {t}" for t in self.notes]
+        if self.budget is not None:
+            b = self.budget
+            out += [
+                f"lifetime budget (max-epsilon {b.max_epsilon:g}): spent {b.spent:.3f}; this run +{b.this_run:.3f} "
+                f"training, +{b.evaluations:.3f} for its {self.rounds} evaluations; left after it {b.left:.3f} "
+                f"(one more evaluation costs {b.one_evaluation:.3f}; {b.later_runs} more run(s) like this fit)",
+            ]
+        return out
+
+
+def _request(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], DPConfig, TrainConfig]:
+    rc = runconfig.validate(run_config)
+    return rc, DPConfig.from_run_config(rc), TrainConfig.from_run_config(rc)
+
+
+def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy: SitePolicy | None = None,
+         state_dir: Path | None = None, site_modalities: Sequence[str] | None = None) -> PrivacyPlan:
+    """Predict a site's DP-SGD for ``run_config`` (pyproject's defaults with the given keys) over ``patients``.
+
+    Args:
+        run_config: the run's keys (``dp-*``, ``batch-size``, ``local-epochs``, ``num-server-rounds``, ``model-*``,
+            ``dp-trainable``, ``augment-multiplicity``, ``optimizer``); missing ones take pyproject's defaults.
+        patients: the site's patients (privacy units) before the evaluation hold-out.
+        sites: sites whose updates the server averages each round (the noise-to-signal model's ``S``).
+        policy: the site's policy (default: a fresh site's); its ``min-noise-multiplier`` floors the noise, its
+            ``max-epsilon`` and ``eval-noise-multiplier`` size the budget.
+        state_dir: the site's state directory: its ledger's spent epsilon enters the budget (read, never written).
+        site_modalities: the modalities the site has (None: all of the model's).
+
+    Raises:
+        RunConfigError: a bad run-config key; ValueError: no patients, or an unreachable target epsilon.
+    """
+    from client.holdout import validation_size
+
+    if patients < 1:
+        raise ValueError(f"a site needs at least one patient to train, got {patients}")
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    rc, dp, train = _request(run_config)
+    pol = policy if policy is not None else (SitePolicy.resolve({}, state_dir) if state_dir else SitePolicy())
+    training = patients - validation_size(patients)
+    noise = plan_noise(dp, num_units=training, batch_size=train.batch_size, local_epochs=train.local_epochs,
+                       num_rounds=train.num_server_rounds, min_noise_multiplier=pol.min_noise_multiplier)
+    d = trained_dimension(runconfig.model_config(rc), dp.trainable, site_modalities)
+    sigma, b = noise.noise_multiplier, noise.expected_batch
+    step_ratio = sigma * math.sqrt(d) / b
+    run_ratio = step_ratio / math.sqrt(noise.total_steps * sites)
+    notes = []
+    if train.optimizer == "adam" and step_ratio > 1:
+        notes.append("Adam normalises a noise-dominated gradient: every coordinate moves by about lr per step "
+                     "whatever its signal; use optimizer = sgd or adam-bc")
+    if noise.sample_rate > 0.25 and training >= 4 * train.batch_size:
+        notes.append(f"sampling rate {noise.sample_rate:.2f} > 0.25 though the site could afford batches of "
+                     f"{training // 4} or fewer; smaller q amplifies privacy")
+    elif noise.sample_rate > 0.25:
+        notes.append(f"sampling rate {noise.sample_rate:.2f} > 0.25: the site has too few patients for q <= 0.25 "
+                     f"at batch {train.batch_size}; a smaller batch lowers q but raises the noise per case")
+    budget = _budget(pol, state_dir, dp, noise, train.num_server_rounds)
+    return PrivacyPlan(
+        patients=patients, training_patients=training, epsilon=dp.target_epsilon, delta=dp.delta,
+        accountant=dp.accountant, noise=noise, max_grad_norm=dp.max_grad_norm, trainable=dp.trainable,
+        dimension=d, multiplicity=train.augment_multiplicity, optimizer=train.optimizer, sites=sites,
+        rounds=train.num_server_rounds, noise_std=sigma * dp.max_grad_norm / b, step_ratio=step_ratio,
+        run_ratio=run_ratio, verdict=verdict(run_ratio), budget=budget, notes=notes,
+    )
+
+
+def _budget(policy: SitePolicy, state_dir: Path | None, dp: DPConfig, noise: NoisePlan, rounds: int) -> Budget:
+    def eps(history: list[HistoryEntry]) -> float:
+        # composition is commutative: entries of equal (sigma, q) merge, so repeated runs stay a short history
+        merged: dict[tuple[float, float], int] = {}
+        for sigma, q, steps in history:
+            merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
+        return epsilon_of([(s, q, n) for (s, q), n in merged.items()], dp.delta, dp.accountant)
+
+    spent_history = PersistentAccountant.load(state_dir).spent_history() if state_dir is not None else []
+    run = [(noise.noise_multiplier, noise.sample_rate, noise.steps_per_round * rounds)]
+    evals = [(policy.eval_noise_multiplier, GAUSSIAN_RELEASE_RATE, rounds)] if policy.allow_evaluation else []
+    spent = eps(spent_history)
+    trained = eps(spent_history + run)
+    after = eps(spent_history + run + evals)
+    one_eval = eps(spent_history + run + evals + [(policy.eval_noise_multiplier, GAUSSIAN_RELEASE_RATE, 1)]) - after
+    later, history = 0, spent_history + run + evals
+    while later < _MAX_LATER_RUNS and eps(history + run + evals) <= policy.max_epsilon:
+        history, later = history + run + evals, later + 1
+    return Budget(max_epsilon=policy.max_epsilon, spent=spent, this_run=trained - spent, evaluations=after - trained,
+                  one_evaluation=one_eval, left=policy.max_epsilon - after, later_runs=later)
+
+
+@dataclass(frozen=True)
+class ClientLevelPlan:
+    """Client-level DP (a site is the privacy unit; Flower's fixed-clipping wrappers), see the module docstring."""
+
+    mode: str
+    sites: int
+    rounds: int
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    epsilon: float
+    delta: float
+    dimension: int
+    noise_std: float
+    round_ratio: float
+    run_ratio: float
+    verdict: str
+    trust: str
+    rule: str = VERDICT_RULE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"client-level DP ({self.mode}): {self.sites} sites, {self.rounds} rounds, noise multiplier "
+            f"{self.noise_multiplier:g}, clip {self.clip:g}, site sampling rate {self.sample_rate:g}",
+            f"epsilon per site {self.epsilon:.3f} at delta {self.delta:g}; noise std per coordinate of the mean update "
+            f"{self.noise_std:.4g}",
+            f"noise-to-signal per round r = noise*sqrt(d)/S = {self.round_ratio:.3g} (d = {self.dimension}); over "
+            f"the run r_run = {self.run_ratio:.3g}",
+            f"verdict: {self.verdict.upper()}  [{self.rule}]",
+            f"trust: {self.trust}",
+        ]
+
+
+def plan_client_level(run_config: Mapping[str, Any], *, sites: int) -> ClientLevelPlan:
+    """Predict client-level DP (``client-dp``, ``client-dp-noise``, ``client-dp-clip``, ``fraction-train``) over
+    ``sites`` sites, with the run's accountant and delta.
+
+    Raises:
+        ValueError: ``client-dp = none``, or fewer than one site.
+    """
+    rc, dp, train = _request(run_config)
+    mode = str(rc["client-dp"])
+    if mode == "none":
+        raise ValueError("client-dp = none: set client-dp = server-side or client-side to plan client-level DP")
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    z, clip, q = float(rc["client-dp-noise"]), float(rc["client-dp-clip"]), float(rc["fraction-train"])
+    if not z > 0:
+        raise ValueError("client-dp-noise must be > 0 for a privacy guarantee")
+    # Flower calibrates the noise to the smallest sample a round can have (server.strategy: min-train-nodes, capped
+    # to the sites present as `simulate` does); a larger sample only adds protection, so epsilon is read at z
+    calibrated = max(1, min(int(rc["min-train-nodes"]), sites))
+    d = trained_dimension(runconfig.model_config(rc), dp.trainable)
+    epsilon = epsilon_of([(z, q, train.num_server_rounds)], dp.delta, dp.accountant)
+    round_ratio = z * math.sqrt(d) / calibrated
+    run_ratio = round_ratio / math.sqrt(train.num_server_rounds)
+    trust = ("the server sees every site's raw update and adds the noise itself (server-side)" if mode == "server-side"
+             else "sites clip their updates, the server adds the noise (client-side)") + (
+        ": both trust the aggregator; the guarantee holds against the other sites and whoever sees the released "
+        "models, not against the server")
+    return ClientLevelPlan(mode=mode, sites=sites, rounds=train.num_server_rounds, noise_multiplier=z, clip=clip,
+                           sample_rate=q, epsilon=epsilon, delta=dp.delta, dimension=d,
+                           noise_std=z * clip / calibrated, round_ratio=round_ratio, run_ratio=run_ratio,
+                           verdict=verdict(run_ratio), trust=trust)

@@ -1,0 +1,88 @@
+"""Which parameters a federated run trains at the sites (run-config key ``dp-trainable``).
+
+Under DP-SGD the noise added per step grows with the square root of the number of noised coordinates, so a run
+that starts from a pretrained model (``init-checkpoint``) can train only a small part privately and keep the rest
+fixed. The sets are defined by parameter (state-dict) names alone, with the same ownership rule as modality-aware
+aggregation (:func:`models.modalities.owner_modality`), so the site, which freezes, and the server, which
+validates and aggregates, agree without exchanging anything:
+
+=========  =====================================================================================================
+set        parameters trained (every other parameter keeps the global model's value)
+=========  =====================================================================================================
+``all``    every parameter
+``shared`` parameters owned by no modality: fusion core, decoder, classifier (and the ``input`` family's shared
+           encoder). Frozen: the per-modality encoders ``encoders.<m>.…``, stems ``fusion.stems.<m>.…``,
+           modality embeddings ``fusion.levels.<l>.embeddings.<m>.…`` and late-fusion heads
+           ``fusion.heads.<m>.…``
+``head``   the prediction heads only: the decoder's final 1x1 convolution ``decoder.head.…``, the classifier
+           ``classifier.…`` and the late-fusion heads ``fusion.heads.…`` (the ``output`` family has no
+           ``decoder.head``)
+=========  =====================================================================================================
+
+Frozen parameters get ``requires_grad = False`` before Opacus wraps the model (they are neither clipped nor
+noised), are left out of the site's reply, and the server takes them unchanged from the global model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from .modalities import owner_modality
+
+__all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "trained_names", "trained_parameter_count"]
+
+#: The values of run-config key ``dp-trainable``.
+TRAINABLE_SETS: tuple[str, ...] = ("all", "shared", "head")
+
+#: Name prefixes of the prediction heads (set ``head``).
+_HEAD_PREFIXES = ("decoder.head.", "classifier.", "fusion.heads.")
+
+
+def _plain(name: str) -> str:
+    # Opacus's GradSampleModule prefixes parameter names with "_module."
+    return name[len("_module."):] if name.startswith("_module.") else name
+
+
+def is_trained(name: str, which: str) -> bool:
+    """Whether the parameter (or buffer) ``name`` belongs to trainable set ``which`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown set, naming the valid ones.
+    """
+    if which not in TRAINABLE_SETS:
+        raise ValueError(f"unknown trainable set {which!r}; choose one of {', '.join(TRAINABLE_SETS)} "
+                         "(run config dp-trainable)")
+    plain = _plain(name)
+    if which == "all":
+        return True
+    if which == "shared":
+        return owner_modality(plain) is None
+    return plain.startswith(_HEAD_PREFIXES)
+
+
+def trained_names(names: Iterable[str], which: str) -> list[str]:
+    """The names of ``names`` in trainable set ``which``, in the given order."""
+    return [n for n in names if is_trained(n, which)]
+
+
+def freeze_untrained(model: nn.Module, which: str) -> None:
+    """Set ``requires_grad = False`` on every parameter outside ``which`` (call after
+    :meth:`models.network.FusionNet.set_site_modalities`, which resets the flags, and before building the
+    optimizer / Opacus). Parameters inside ``which`` keep their flag (an absent modality's encoder stays frozen).
+
+    Raises:
+        ValueError: an unknown set, or a set that leaves the model nothing to train.
+    """
+    params = list(model.named_parameters())
+    if not any(is_trained(n, which) for n, _ in params):
+        raise ValueError(f"trainable set {which!r} selects no parameter of this model; choose another dp-trainable")
+    for name, p in params:
+        if not is_trained(name, which):
+            p.requires_grad_(False)
+
+
+def trained_parameter_count(model: nn.Module, which: str) -> int:
+    """Number of scalar parameters ``which`` trains in ``model`` (the dimension DP-SGD noises)."""
+    return sum(p.numel() for n, p in model.named_parameters() if is_trained(n, which))

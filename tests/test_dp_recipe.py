@@ -1,0 +1,203 @@
+"""The DP recipe at the site: trainable sets (frozen parts untouched and unsent), augmentation multiplicity (per-case
+gradient = mean of its views' gradients, before clipping), the optimizers and their state across rounds, and the PRV
+accountant on the same ledger."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from client.client_app import train
+from client.privacy.accountant import PersistentAccountant, epsilon_of
+from client.privacy.engine import CasesOnly, make_private
+from client.privacy.multiplicity import MultiViewLoader, augment_batch, average_views, install_view_averaging
+from client.privacy.optimizers import AdamBC, STATE_DIR, load_state, save_state
+from client.runtime import clear_cache
+from models.losses import MultiTaskLoss
+from models.network import build_model
+from models.trainable import is_trained, trained_names
+from tests.client_helpers import TINY, context, initial_state, make_phantoms, message, run_config
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_phantoms(tmp_path_factory.mktemp("phantoms"), sites=1, cases=4, scenario="iid")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    clear_cache()
+
+
+def _node(phantoms: Path, tmp_path: Path) -> dict[str, object]:
+    return {"data-dir": str(phantoms / "site-01"), "state-dir": str(tmp_path / "state")}
+
+
+def test_trainable_sets_are_defined_by_ownership_names() -> None:
+    names = list(build_model(TINY).state_dict())
+    shared, head = trained_names(names, "shared"), trained_names(names, "head")
+    assert trained_names(names, "all") == names
+    assert shared and not any(n.startswith("encoders.") or ".embeddings." in n for n in shared)
+    assert any(n.startswith("decoder.blocks.") for n in shared) and any(n.startswith("fusion.levels.") for n in shared)
+    assert head and all(n.startswith(("decoder.head.", "classifier.")) for n in head) and set(head) < set(shared)
+    assert is_trained("_module.classifier.fc.weight", "head")  # Opacus's wrapper prefix is ignored
+    with pytest.raises(ValueError, match="choose one of all, shared, head"):
+        is_trained("classifier.fc.weight", "encoders")
+
+
+@pytest.mark.parametrize("which", ["shared", "head"])
+def test_frozen_parts_are_bit_identical_after_a_dp_round_and_absent_from_the_reply(
+        phantoms: Path, tmp_path: Path, which: str) -> None:
+    state = initial_state()
+    reply = train(message("train", state), context(_node(phantoms, tmp_path), run_config(**{"dp-trainable": which})))
+    assert not reply.has_error(), reply.error
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert sorted(sent) == sorted(trained_names(state, which))  # only the trainable set leaves the site
+    assert any(not torch.equal(sent[k], state[k]) for k in sent)  # ... and it was trained
+    # the site's own copy of the frozen parts is bit-identical to what it received (not noised, not stepped)
+    from client.runtime import _RUNTIMES
+
+    (rt,) = _RUNTIMES.values()
+    own = rt.model.state_dict()
+    frozen = [k for k in state if not is_trained(k, which)]
+    assert frozen and all(torch.equal(own[k], state[k]) for k in frozen)
+    assert all(not p.requires_grad for n, p in rt.model.named_parameters() if not is_trained(n, which))
+
+
+def _batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = len(TINY.modalities)
+    mask = torch.ones(n, m)
+    mask[0, 1] = 0.0
+    return {"image": torch.randn(n, m, *TINY.spatial_size, generator=g), "mask": mask,
+            "seg": torch.randint(0, 4, (n, *TINY.spatial_size), generator=g), "label": torch.tensor([0, 1, 1][:n])}
+
+
+def test_augmentations_keep_shapes_flip_seg_with_image_and_zero_missing_channels() -> None:
+    b = _batch(3)
+    image, seg = augment_batch(b["image"], b["mask"], b["seg"], torch.Generator().manual_seed(1))
+    assert image.shape == b["image"].shape and seg.shape == b["seg"].shape
+    assert torch.count_nonzero(image[0, 1]) == 0  # a missing channel stays exactly zero
+    assert not torch.equal(image, b["image"] * b["mask"][:, :, None, None, None])
+    assert sorted(seg.flatten().tolist()) == sorted(b["seg"].flatten().tolist())  # flips only permute labels
+
+
+def test_multiplicity_gives_each_case_the_mean_of_its_single_view_gradients() -> None:
+    """Opacus's per-row gradients of the K x expanded batch, averaged per case by average_views, equal the mean of
+    the K single-view gradients computed by hand with plain autograd."""
+    torch.manual_seed(0)
+    model = build_model(TINY.replace(dropout=0.0))  # a deterministic forward for the comparison
+    reference = copy.deepcopy(model)  # the same weights without Opacus's hooks
+    loss_fn = MultiTaskLoss()
+    cases = [{k: v[i] for k, v in _batch(2).items()} for i in range(2)]
+    loader = torch.utils.data.DataLoader(cases, batch_size=2)
+    parts = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, loss_fn, noise_multiplier=1.0,
+                         max_grad_norm=1.0)
+    k = 3
+    views = MultiViewLoader([_batch(2)], k, torch.Generator().manual_seed(5))
+    (expanded,) = list(views)
+    assert expanded["image"].shape[0] == 2 * k and views.case_of_row.tolist() == [0, 0, 0, 1, 1, 1]
+    seg_logits, cls_logits = parts.module(expanded["image"], expanded["mask"])
+    loss_fn(seg_logits, cls_logits, expanded["seg"], expanded["label"])[0].backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    average_views(params, views.case_of_row, k)
+
+    by_hand: list[list[torch.Tensor]] = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    for row in range(2 * k):
+        case = row // k
+        seg_l, cls_l = reference(expanded["image"][row:row + 1], expanded["mask"][row:row + 1])
+        total, _ = loss_fn(seg_l, cls_l, expanded["seg"][row:row + 1], expanded["label"][row:row + 1])
+        own = [p for p in reference.parameters() if p.requires_grad]
+        for acc, grad in zip(by_hand[case], torch.autograd.grad(total, own, allow_unused=True)):
+            if grad is not None:
+                acc += grad / k
+    for i, p in enumerate(params):
+        assert p.grad_sample.shape[0] == 2
+        for case in range(2):
+            torch.testing.assert_close(p.grad_sample[case], by_hand[case][i], rtol=1e-4, atol=1e-6)
+
+
+def test_view_averaging_runs_before_the_clip() -> None:
+    calls: list[str] = []
+
+    class Opt:
+        params: list[torch.Tensor] = []
+
+        def clip_and_accumulate(self) -> None:
+            calls.append("clip")
+
+    opt, views = Opt(), MultiViewLoader([], 2)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad_sample = torch.tensor([[1.0, 1, 1], [3, 3, 3], [5, 5, 5], [7, 7, 7]])  # type: ignore[attr-defined]
+    opt.params = [p]
+    views.case_of_row = torch.tensor([0, 0, 1, 1])
+    install_view_averaging(opt, views)
+    opt.clip_and_accumulate()
+    assert calls == ["clip"] and p.grad_sample.tolist() == [[2, 2, 2], [6, 6, 6]]  # type: ignore[attr-defined]
+
+
+def test_site_trains_with_multiplicity_sgd_and_kept_optimizer_state(phantoms: Path, tmp_path: Path) -> None:
+    rc = run_config(**{"augment-multiplicity": 2, "optimizer": "sgd", "optimizer-state": "keep"})
+    node = _node(phantoms, tmp_path)
+    first = train(message("train", initial_state(), 1), context(node, rc))
+    assert not first.has_error(), first.error
+    saved = list((tmp_path / "state" / STATE_DIR).glob("*.pt"))
+    assert len(saved) == 1
+    before = torch.load(saved[0], weights_only=True)["state"]
+    assert before and all("momentum_buffer" in s for s in before.values())
+    clear_cache()  # a deployed site's next message is a new process: the state comes from disk
+    second = train(message("train", first.content["arrays"].to_torch_state_dict(), 2), context(node, rc))
+    assert not second.has_error(), second.error
+    after = torch.load(saved[0], weights_only=True)["state"]
+    assert any(not torch.equal(after[i]["momentum_buffer"], before[i]["momentum_buffer"]) for i in before)
+
+
+def test_adam_bc_is_adam_without_noise_and_takes_the_noise_variance_out() -> None:
+    torch.manual_seed(0)
+    w1, w2 = torch.nn.Parameter(torch.randn(5)), None
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    adam, bc = torch.optim.Adam([w1], lr=0.01), AdamBC([w2], lr=0.01, gamma=1e-30)
+    for _ in range(3):
+        g = torch.randn(5)
+        w1.grad, w2.grad = g.clone(), g.clone()
+        adam.step()
+        bc.step()
+    torch.testing.assert_close(w1, w2)
+    # one step by hand with noise variance phi: v^ = max(g^2 - phi, gamma)
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = AdamBC([w], lr=0.1, gamma=1e-4, noise_var=0.5)
+    w.grad = torch.tensor([2.0, 0.1])
+    opt.step()
+    expected = -0.1 * w.grad / (torch.tensor([4.0 - 0.5, 1e-4]).sqrt() + 1e-8)
+    torch.testing.assert_close(w.detach(), expected)
+
+
+def test_optimizer_state_refuses_another_parameter_set(tmp_path: Path) -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.ones(3)
+    opt.step()
+    path = tmp_path / "s.pt"
+    save_state(path, opt, "sgd", ["w"])
+    fresh = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    assert not load_state(path, fresh, "sgd", ["other"]) and not fresh.state
+    assert load_state(path, fresh, "sgd", ["w"]) and torch.equal(fresh.state[w]["momentum_buffer"], torch.ones(3))
+
+
+def test_prv_reads_the_same_ledger_tighter(tmp_path: Path) -> None:
+    ledger = PersistentAccountant.load(tmp_path)
+    ledger.record(1.95, 0.5, 30, 1e-5)  # the demo's per-site plan for RDP epsilon 8
+    ledger.record(5.0, 1.0, 1, 1e-5, training=False)  # one evaluation release
+    rdp, prv = ledger.epsilon(1e-5, "rdp"), ledger.epsilon(1e-5, "prv")
+    reference_rdp, reference_prv = RDPAccountant(), PRVAccountant()
+    reference_rdp.history = reference_prv.history = list(ledger.history)
+    assert rdp == pytest.approx(reference_rdp.get_epsilon(delta=1e-5))
+    assert prv == pytest.approx(reference_prv.get_epsilon(delta=1e-5, eps_error=0.01))
+    assert prv < rdp
+    with pytest.raises(ValueError, match="choose one of rdp, prv"):
+        epsilon_of(ledger.history, 1e-5, "pld")

@@ -1,0 +1,123 @@
+"""The feasibility planner predicts what the site does: the same noise multiplier and sampling as
+DPSession.plan and as a real site's round, its ledger in the budget, the verdict with its rule, client-level DP."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from client.client_app import train
+from client.holdout import validation_size
+from client.privacy.accountant import PersistentAccountant, epsilon_of
+from client.privacy.planner import VERDICT_RULE, plan, plan_client_level, trained_dimension
+from client.privacy.policy import SitePolicy
+from client.privacy.session import DPSession
+from client.runtime import clear_cache
+from common.runconfig import DPConfig, TrainConfig, default_model_config, model_entries
+from models.network import build_model
+from tests.client_helpers import TINY, context, initial_state, make_phantoms, message, run_config
+
+
+@pytest.mark.parametrize(
+    ("patients", "keys"),
+    [
+        (64, {"dp-target-epsilon": 8.0}),
+        (24, {"dp-target-epsilon": 3.0, "batch-size": 6, "local-epochs": 2, "num-server-rounds": 4}),
+        (9, {"dp-target-epsilon": 1.0, "dp-accountant": "prv", "batch-size": 4}),
+        (40, {"dp-noise-multiplier": 0.3}),  # below the site's floor: raised by both alike
+    ],
+)
+def test_planner_noise_is_the_sites_dp_session_plan(tmp_path: Path, patients: int, keys: dict) -> None:
+    rc = {**model_entries(TINY), **keys}
+    predicted = plan(rc, patients=patients)
+    dp, tr = DPConfig.from_run_config(rc), TrainConfig.from_run_config(rc)
+    session = DPSession.plan(tmp_path, dp, SitePolicy(), num_cases=patients - validation_size(patients),
+                             batch_size=tr.batch_size, local_epochs=tr.local_epochs, num_rounds=tr.num_server_rounds)
+    assert predicted.noise.noise_multiplier == session.noise_multiplier
+    assert predicted.noise.sample_rate == session.sample_rate
+    assert predicted.noise.steps_per_round == session.steps_per_round
+    assert predicted.training_patients == patients - validation_size(patients)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_phantoms(tmp_path_factory.mktemp("phantoms"), sites=1, cases=4, scenario="iid")
+
+
+def test_planner_predicts_a_real_sites_round_and_reads_its_ledger(phantoms: Path, tmp_path: Path) -> None:
+    clear_cache()
+    data = phantoms
+    rc = run_config(**{"dp-noise-multiplier": 0.0, "dp-target-epsilon": 4.0})  # derived by the site
+    node = {"data-dir": str(data / "site-01"), "state-dir": str(tmp_path / "state")}
+    reply = train(message("train", initial_state()), context(node, rc))
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    predicted = plan(rc, patients=4, state_dir=tmp_path / "state")
+    assert predicted.noise.noise_multiplier == metrics["noise-multiplier"]
+    ledger = PersistentAccountant.load(tmp_path / "state")
+    assert ledger.history == [(metrics["noise-multiplier"], predicted.noise.sample_rate,
+                               predicted.noise.steps_per_round)]
+    assert predicted.budget is not None
+    assert predicted.budget.spent == pytest.approx(metrics["epsilon-total"])
+    # the full run of 3 rounds from an empty ledger costs the target; from this ledger the budget says what is left
+    fresh = plan(rc, patients=4)
+    assert fresh.budget is not None and fresh.budget.this_run <= 4.0 + 1e-9
+    assert predicted.budget.left < fresh.budget.left
+    clear_cache()
+
+
+def test_noise_to_signal_model_and_verdict_follow_the_printed_rule() -> None:
+    cfg = default_model_config()
+    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0}
+    whole = plan(rc, patients=64, sites=3)
+    heads = plan({**rc, "dp-trainable": "head"}, patients=64, sites=3)
+    n = whole.noise
+    assert whole.dimension == sum(p.numel() for p in build_model(cfg).parameters())
+    assert whole.step_ratio == pytest.approx(n.noise_multiplier * math.sqrt(whole.dimension) / n.expected_batch)
+    assert whole.run_ratio == pytest.approx(whole.step_ratio / math.sqrt(n.total_steps * 3))
+    assert whole.verdict == ("learns" if whole.run_ratio <= 1 else "will not learn")
+    assert heads.dimension < whole.dimension and heads.run_ratio < whole.run_ratio and heads.verdict == "learns"
+    assert VERDICT_RULE in "\n".join(heads.lines())
+    # a site without CT does not train the CT encoder: fewer noised coordinates
+    assert trained_dimension(cfg, "all", ["t1", "t2"]) < whole.dimension
+
+
+def test_client_level_plan_uses_the_accountant_over_site_sampling() -> None:
+    rc = {**model_entries(TINY), "client-dp": "server-side", "client-dp-noise": 2.0, "num-server-rounds": 7,
+          "min-train-nodes": 20}
+    p = plan_client_level(rc, sites=50)
+    assert p.epsilon == pytest.approx(epsilon_of([(2.0, 1.0, 7)], 1e-5))
+    assert p.noise_std == pytest.approx(2.0 / 20)
+    assert "trust the aggregator" in p.trust
+    with pytest.raises(ValueError, match="client-dp = none"):
+        plan_client_level({**rc, "client-dp": "none"}, sites=50)
+
+
+def test_cli_prints_json_and_refuses_bad_input(tmp_path: Path) -> None:
+    from fedfusion.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["privacy-plan", "--cases", "30", "--epsilon", "8", "--trainable", "head", "--set",
+                              "model-channels=4,8", "--set", "model-spatial-size=8,16,16", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)["site"]
+    assert out["trainable"] == "head" and out["verdict"] in ("learns", "will not learn") and out["rule"] == VERDICT_RULE
+    bad = runner.invoke(app, ["privacy-plan", "--cases", "30", "--trainable", "encoders"])
+    assert bad.exit_code == 2 and "dp-trainable" in bad.output
+
+
+def test_inspect_shows_each_sites_plan_for_its_case_count(phantoms: Path) -> None:
+    from fedfusion.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(phantoms), "--json", "--set", "dp-target-epsilon=3"])
+    assert res.exit_code == 0, res.output
+    plans = json.loads(res.stdout)["privacy-plans"]
+    assert list(plans) == ["site-01"] and plans["site-01"]["patients"] == 4 and plans["site-01"]["epsilon"] == 3.0
+    text = CliRunner().invoke(app, ["inspect", str(phantoms)])
+    assert "privacy plan of site-01" in text.stdout and "verdict:" in text.stdout
