@@ -185,7 +185,7 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
                 "the site has no usable case for this run's modalities (see the site log for skipped cases)",
             )
         from models.fast_conv import set_conv_backward
-        from models.losses import MultiTaskLoss
+        from models.losses import MultiTaskLoss, label_prior
         from models.network import build_model
 
         torch.manual_seed(ts.seed)  # the initial weights are replaced by the server's, but keep builds repeatable
@@ -196,8 +196,14 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         log.info("site %s: %d patients (%d cases) train, %d patients (%d cases) held out for evaluation",
                  settings.site_name, len(split.train_groups), len(split.train), len(split.validation_groups),
                  len(split.validation))
+        # Logit adjustment by the site's class shares: a function of every training label, outside DP-SGD's
+        # per-patient clipping, so under DP it would release label information no ledger entry pays for. A private
+        # site trains with plain cross-entropy instead (docs/site.md).
+        prior = None
+        if ts.balance_classes and not dp.enabled:
+            prior = label_prior([dataset.labels()[i] for i in split.train])
         rt = SiteRuntime(settings=settings, model_cfg=cfg, train=ts, dp_request=dp, device=device, dataset=dataset,
-                         model=model, loss_fn=MultiTaskLoss(), split=split)
+                         model=model, loss_fn=MultiTaskLoss(class_prior=prior), split=split)
         rt.counts = modality_counts(dataset, split.train)
         # Modalities this site never has cannot train their encoders here (the server keeps those encoders from the
         # sites that have them); freezing them before Opacus sees the parameters spares their per-case gradients.

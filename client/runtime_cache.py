@@ -89,6 +89,10 @@ class LRUCache(Generic[K, V]):
         self._data.move_to_end(key)
         return value
 
+    def values(self) -> list[V]:
+        """The cached values, least recently used first (does not touch their recency)."""
+        return [value for value, _ in self._data.values()]
+
     def get(self, key: K, default: V | None = None) -> V | None:
         return self[key] if key in self._data else default
 

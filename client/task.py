@@ -111,6 +111,7 @@ def _train(
     """Load ``state``, run the local epochs; returns the new state (the trainable set only), the non-privacy reply
     metrics, the seconds and the mean training loss (for the site's log only: a loss is not sent)."""
     from models.trainable import trained_names
+    from models.schedule import LRSchedule
     from models.training import ProximalTerm, train_epoch
 
     from .privacy.multiplicity import MultiViewLoader
@@ -142,13 +143,20 @@ def _train(
         updated = [n for n, p in rt.model.named_parameters() if p.requires_grad]
         kept = state_file(rt.settings.state_dir, run_id, rt.train.optimizer, updated)
         load_state(kept, optimizer, rt.train.optimizer, updated)
+    # the learning rate follows the run's schedule over the site's steps of all rounds (the same on every round's
+    # fresh process: it depends on the round number and the plan only)
+    per_round = rt.dp.steps_per_round if rt.dp is not None else len(loader) * rt.train.local_epochs
+    schedule = LRSchedule.for_run(rt.train.lr, rt.train.num_server_rounds * per_round, rt.train.lr_schedule,
+                                  rt.train.lr_warmup)
+    step = (max(server_round, 1) - 1) * per_round
     t0 = time.perf_counter()
     losses = []
     for _ in range(rt.train.local_epochs):
         # amp="auto": mixed precision on a GPU without DP; float32 on the CPU and always under DP
         stats = train_epoch(module, loader, optimizer, loss_fn, rt.device,
                             modality_dropout=rt.model_cfg.modality_dropout, generator=generator, proximal=prox,
-                            amp="auto")
+                            amp="auto", schedule=schedule, start_step=step)
+        step += int(stats.get("steps", 0))
         losses.append(float(stats.get("loss", math.nan)))
     seconds = time.perf_counter() - t0
     if kept is not None:

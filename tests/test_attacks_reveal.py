@@ -55,8 +55,8 @@ def _labels(site: Path) -> dict[str, int]:
 def _crafted_state() -> dict[str, torch.Tensor]:
     """A model that calls every case malignant with probability ~1 (a label-count probe)."""
     state = initial_state()
-    state["classifier.fc.weight"] = torch.zeros_like(state["classifier.fc.weight"])
-    state["classifier.fc.bias"] = torch.tensor([-30.0, 30.0])
+    state["classifier.mlp.3.weight"] = torch.zeros_like(state["classifier.mlp.3.weight"])
+    state["classifier.mlp.3.bias"] = torch.tensor([-30.0, 30.0])
     return state
 
 

@@ -70,7 +70,8 @@ def test_central_is_deterministic(central_run, phantoms: Path, tmp_path: Path) -
     from simulations.central import train_central
 
     settings, result = central_run
-    again = train_central(replace(settings, out=tmp_path / "again", epochs=1, initial_eval=False))
+    # the same epochs: the learning-rate schedule spans the run, so a shorter run's first epoch differs
+    again = train_central(replace(settings, out=tmp_path / "again", initial_eval=False, eval_every=0))
     assert again.history[0]["loss"] == pytest.approx(result.history[0]["loss"], rel=1e-6)
 
 

@@ -29,6 +29,9 @@ SITES = {21: ({"t1": 3, "ct": 3}, 3, 0.2), 22: ({"t1": 1}, 1, 0.6)}  # cases, he
 
 def stub_site(node_id: int, msg: Message) -> Message:
     cases, n_eval, dice = SITES[node_id]
+    if msg.metadata.message_type.startswith("query"):  # prepare-sites before round 1 (server/prepare.py)
+        return Message(content=RecordDict({"metrics": MetricRecord({"ready": 1.0, "can-evaluate": 1.0})}),
+                       reply_to=msg)
     if msg.metadata.message_type.startswith("evaluate"):
         return Message(content=RecordDict({"metrics": MetricRecord(eval_metrics(n_eval, dice))}), reply_to=msg)
     rnd = int(msg.content["config"]["server-round"])
@@ -45,12 +48,12 @@ def stub_site(node_id: int, msg: Message) -> Message:
                    reply_to=msg)
 
 
-def _run(run_dir: Path, test_dir: Path, rounds: int, eval_every: int) -> None:
+def _run(run_dir: Path, test_dir: Path, rounds: int, eval_every: int, **extra: object) -> None:
     torch.set_num_threads(1)
     config = {
         **model_entries(TINY), "num-server-rounds": rounds, "eval-every": eval_every, "run-dir": str(run_dir),
         "test-dir": str(test_dir), "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
-        "device": "cpu",
+        "device": "cpu", **extra,
     }
     run_server(LocalGrid(sorted(SITES), stub_site),
                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
@@ -59,7 +62,8 @@ def _run(run_dir: Path, test_dir: Path, rounds: int, eval_every: int) -> None:
 def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> None:
     heldout = write_heldout(tmp_path / "heldout", TINY.modalities, n_cases=3)
     run_dir = tmp_path / "run"
-    _run(run_dir, heldout, rounds=3, eval_every=2)  # evaluated: round 2 (cadence) and round 3 (last)
+    # evaluated: round 2 (cadence, on eval-subsets) and round 3 (the last: every subset)
+    _run(run_dir, heldout, rounds=3, eval_every=2, **{"eval-subsets": "all"})
     records = list(iter_metrics(run_dir / "metrics.jsonl"))
     evaluated = {2, 3}
     rows = [subset_name(s) for s in subsets(TINY.modalities)] + ["all", "mean", "worst"]

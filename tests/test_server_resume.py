@@ -34,6 +34,9 @@ TRAIN_SECONDS = 0.15  # a stub site's "training" time: long enough to kill the s
 
 def stub_site(node_id: int, msg: Message) -> Message:
     """Returns the received arrays moved by a small deterministic step (per node and round), with metrics."""
+    if msg.metadata.message_type.startswith("query"):  # prepare-sites before round 1 (server/prepare.py)
+        return Message(content=RecordDict({"metrics": MetricRecord({"ready": 1.0, "can-evaluate": 1.0})}),
+                       reply_to=msg)
     cfg = msg.content["config"]
     rnd = int(cfg["server-round"])
     if msg.metadata.message_type.startswith("evaluate"):
