@@ -3,7 +3,9 @@
 Batches may be dicts (``image, mask, seg, label[, has_seg, has_label, case_id]``, the dataset's items collated) or
 tuples/lists ``(image, mask, seg, label)``. The optional ``has_seg``/``has_label`` flags (mixed supervision: a case
 may lack a segmentation or a label) are passed on to the loss as keyword arguments, which masks each part per case
-(:class:`models.losses.MultiTaskLoss`); without them every case has both targets. Opacus's Poisson-sampling loader can yield **empty** batches (size 0):
+(:class:`models.losses.MultiTaskLoss`); without them every case has both targets.
+
+Opacus's Poisson-sampling loader can yield **empty** batches (size 0):
 
 * with a plain optimizer they are skipped (no forward, no step);
 * with an Opacus ``DPOptimizer`` they still take a *noise-only* step (zero clipped gradient + Gaussian noise), which
@@ -239,7 +241,8 @@ def train_epoch(
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, means over the cases
-        carrying that target when the loss counts them; NaN when the loss gives no parts or no case had the target), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
+        carrying that target when the loss counts them; NaN when the loss gives no parts or no case had the
+        target), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
         (optimizer steps, noise-only DP steps included: the next epoch starts at ``start_step + steps``),
         ``empty-batches``, ``lr`` (the learning rate of the last step).
     """

@@ -271,3 +271,15 @@ def test_a_site_with_mixed_supervision_trains_and_replies(phantoms: Path, tmp_pa
     metrics = dict(reply.content["metrics"])
     assert metrics["dp-enabled"] == (1.0 if dp else 0.0)
     assert (metrics["epsilon-total"] > 0) == dp
+
+
+def test_phantom_partial_supervision_is_disjoint_and_checked() -> None:
+    from simulations.phantom_writers import partial_supervision
+
+    unlabelled, unsegmented = partial_supervision(10, 0.3, 0.5, np.random.default_rng(0))
+    assert len(unlabelled) == 3 and len(unsegmented) == 5 and not unlabelled & unsegmented
+    assert partial_supervision(4, 0.0, 0.0, np.random.default_rng(0)) == (set(), set())
+    with pytest.raises(ValueError, match="at most 1"):
+        partial_supervision(10, 0.6, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unsegmented_fraction must be in"):
+        partial_supervision(10, 0.0, 1.5, np.random.default_rng(0))

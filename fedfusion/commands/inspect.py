@@ -11,7 +11,8 @@ import typer
 
 
 def command(
-    directory: Annotated[Path, typer.Argument(help="A site folder (case folders, optional labels.csv) or a data root.")],
+    directory: Annotated[Path, typer.Argument(help="A site folder (case folders, optional labels.csv) or a data "
+                                              "root.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     modalities: Annotated[
         Optional[list[str]],
