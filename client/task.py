@@ -263,4 +263,5 @@ def _validation_statistics(rt: SiteRuntime) -> np.ndarray:
         raise RuntimeError("a held-out case could not be evaluated (no modality of the run)")
     seg = segmentation_metrics(pred.seg_pred, pred.seg_true, hd95=False)
     dice = torch.stack([seg[f"dice-{r}"] for r in REGIONS], dim=1).numpy()
-    return evalstats.site_sums(dice, pred.probs.numpy(), pred.labels.numpy(), rt.split.validation_positions())
+    return evalstats.site_sums(dice, pred.probs.numpy(), pred.labels.numpy(), rt.split.validation_positions(),
+                               has_seg=pred.has_seg.numpy(), has_label=pred.has_label.numpy())

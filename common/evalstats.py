@@ -6,20 +6,23 @@ metrics (exact numbers over few patients are what an adaptive server reads singl
 up, and the server computes global metrics from the summed statistics (:func:`metrics_from_sums`): post-processing
 of DP releases, so they cost nothing more.
 
-One patient's contribution (the mean over the patient's held-out studies, so a patient with several studies counts
-once), :data:`STATISTIC_KEYS` in order:
+One patient's contribution, :data:`STATISTIC_KEYS` in order. Mixed supervision: a held-out study may carry a
+segmentation, a label or both; the Dice sums run over the patient's studies *with a segmentation* (their mean) and
+the histograms over its studies *with a label* (their mean), so a patient with several studies counts once in each:
 
 ==============================  ===============================================================  ==================
 key                             contribution of one patient                                      L2 norm at most
 ==============================  ===============================================================  ==================
 ``stat-count``                  1                                                                1
+``stat-count-seg``              1 if one of its studies has a segmentation, else 0               1
 ``stat-dice-<region>``          the case's Dice of the region (:mod:`models.metrics`), in [0, 1]  sqrt(4) over the
                                                                                                  4 regions
 ``stat-hist-<class>-<b>``       1 in the bin ``b = floor(p * 10)`` of the malignant probability   1 (one bin of one
                                 ``p`` of the case's true class (``benign`` / ``malignant``)      class)
 ==============================  ===============================================================  ==================
 
-so adding or removing one patient changes the vector by at most :data:`SENSITIVITY` = sqrt(6) in L2 norm. Why
+so adding or removing one patient changes the vector by at most :data:`SENSITIVITY` = sqrt(7) in L2 norm. The
+labelled patients need no count of their own: they are the histograms' total mass. Why
 per-case Dice sums and not voxel TP/FP/FN counts: a voxel count's sensitivity is the whole volume (a crafted model
 can predict every voxel as lesion), so noise calibrated to it (thousands of voxels) would bury the lesion voxels of
 any realistic number of patients, while a per-case Dice is bounded by 1 whatever the model does. The global Dice is
@@ -53,39 +56,55 @@ _PREFIX = "stat-"
 _REGION_KEYS = tuple(f"{_PREFIX}dice-{r}" for r in REGIONS)
 _HIST_KEYS = tuple(f"{_PREFIX}hist-{c}-{b}" for c in CLASS_NAMES for b in range(HIST_BINS))
 #: Every statistic a site releases, in vector order.
-STATISTIC_KEYS: tuple[str, ...] = (f"{_PREFIX}count", *_REGION_KEYS, *_HIST_KEYS)
+STATISTIC_KEYS: tuple[str, ...] = (f"{_PREFIX}count", f"{_PREFIX}count-seg", *_REGION_KEYS, *_HIST_KEYS)
 #: L2 sensitivity of the statistic vector to adding or removing one patient (see the module docstring).
-SENSITIVITY = math.sqrt(1 + len(REGIONS) + 1)
+SENSITIVITY = math.sqrt(1 + 1 + len(REGIONS) + 1)
+_DICE0 = 2  # vector position of the first Dice sum
+_HIST0 = _DICE0 + len(REGIONS)  # of the first histogram bin
 
 
 def _bin(prob: float) -> int:
     return min(HIST_BINS - 1, max(0, int(math.floor(prob * HIST_BINS))))
 
 
-def site_sums(dice: np.ndarray, probs: np.ndarray, labels: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+def site_sums(
+    dice: np.ndarray, probs: np.ndarray, labels: np.ndarray, groups: Sequence[Sequence[int]],
+    has_seg: np.ndarray | None = None, has_label: np.ndarray | None = None,
+) -> np.ndarray:
     """The exact (not yet noised) statistic vector of a site.
 
     Args:
-        dice: ``(N, R)`` per-case Dice per region of :data:`models.metrics.REGIONS`, in [0, 1].
+        dice: ``(N, R)`` per-case Dice per region of :data:`models.metrics.REGIONS`, in [0, 1] (read only where
+            ``has_seg``).
         probs: ``(N,)`` malignant probability per case, in [0, 1].
-        labels: ``(N,)`` true class per case (index into :data:`models.config.CLASS_NAMES`).
+        labels: ``(N,)`` true class per case (index into :data:`models.config.CLASS_NAMES`; read only where
+            ``has_label``).
         groups: case positions of each patient (disjoint, covering ``0..N-1``).
+        has_seg, has_label: ``(N,)`` bool, which cases carry a segmentation / a label (default: all).
 
     Returns:
-        ``(len(STATISTIC_KEYS),)`` float64: the sum over patients of each patient's mean contribution.
+        ``(len(STATISTIC_KEYS),)`` float64: the sum over patients of each patient's mean contributions.
     """
-    dice = np.clip(np.asarray(dice, dtype=np.float64).reshape(len(probs), len(REGIONS)), 0.0, 1.0)
+    n = len(np.asarray(probs).reshape(-1))
+    dice = np.clip(np.asarray(dice, dtype=np.float64).reshape(n, len(REGIONS)), 0.0, 1.0)
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1).astype(int)
+    seg_on = np.ones(n, dtype=bool) if has_seg is None else np.asarray(has_seg, dtype=bool).reshape(n)
+    label_on = np.ones(n, dtype=bool) if has_label is None else np.asarray(has_label, dtype=bool).reshape(n)
     out = np.zeros(len(STATISTIC_KEYS), dtype=np.float64)
     for group in groups:
-        share = 1.0 / len(group)  # a patient with k studies contributes the mean of them: once, whatever k
-        for i in group:
+        out[0] += 1.0
+        segmented = [i for i in group if seg_on[i]]
+        labelled = [i for i in group if label_on[i]]
+        # a patient with k such studies contributes their mean: once, whatever k
+        if segmented:
+            out[1] += 1.0
+            for i in segmented:
+                out[_DICE0:_HIST0] += dice[i] / len(segmented)
+        for i in labelled:
             if not (0 <= labels[i] < len(CLASS_NAMES)) or not math.isfinite(probs[i]):
                 raise ValueError(f"case {i}: label {labels[i]} / probability {probs[i]} cannot be binned")
-            out[0] += share
-            out[1 : 1 + len(REGIONS)] += share * dice[i]
-            out[1 + len(REGIONS) + labels[i] * HIST_BINS + _bin(float(probs[i]))] += share
+            out[_HIST0 + labels[i] * HIST_BINS + _bin(float(probs[i]))] += 1.0 / len(labelled)
     return out
 
 
@@ -114,7 +133,7 @@ def _ratio(num: float, den: float) -> float:
 
 def _histograms(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(benign, malignant) histograms, negative noisy bins clamped to 0 (post-processing)."""
-    hist = np.maximum(np.asarray(sums, dtype=np.float64)[1 + len(REGIONS):], 0.0).reshape(len(CLASS_NAMES), HIST_BINS)
+    hist = np.maximum(np.asarray(sums, dtype=np.float64)[_HIST0:], 0.0).reshape(len(CLASS_NAMES), HIST_BINS)
     return hist[0], hist[1]
 
 
@@ -130,18 +149,21 @@ def roc_from_sums(sums: np.ndarray) -> list[tuple[float, float, float]]:
 
 
 def metrics_from_sums(sums: np.ndarray) -> dict[str, float]:
-    """Global metrics from (summed, noisy) statistics: ``cases`` (patients), ``dice-<region>``, ``accuracy``,
-    ``recall``, ``specificity``, ``f1``, ``auroc`` (NaN where a denominator is not positive), plus the ROC points as
-    ``sensitivity@<t>`` / ``specificity@<t>``."""
+    """Global metrics from (summed, noisy) statistics: ``cases`` (patients), ``cases-seg`` (patients the Dice is
+    over), ``cases-label`` (patients the classification metrics are over), ``dice-<region>``, ``accuracy``,
+    ``recall``, ``specificity``, ``f1``, ``auroc`` (NaN where a denominator is not positive, e.g. no labelled patient),
+    plus the ROC points as ``sensitivity@<t>`` / ``specificity@<t>``."""
     sums = np.asarray(sums, dtype=np.float64)
     if sums.shape != (len(STATISTIC_KEYS),):
         raise ValueError(f"expected {len(STATISTIC_KEYS)} statistics, got shape {tuple(sums.shape)}")
     count = max(float(sums[0]), 0.0)
-    out: dict[str, float] = {"cases": count}
-    for k, r in enumerate(REGIONS):
-        d = _ratio(max(float(sums[1 + k]), 0.0), count)
-        out[f"dice-{r}"] = min(d, 1.0) if math.isfinite(d) else d
+    count_seg = max(float(sums[1]), 0.0)
     benign, malignant = _histograms(sums)
+    out: dict[str, float] = {"cases": count, "cases-seg": count_seg,
+                             "cases-label": float(benign.sum() + malignant.sum())}
+    for k, r in enumerate(REGIONS):
+        d = _ratio(max(float(sums[_DICE0 + k]), 0.0), count_seg)
+        out[f"dice-{r}"] = min(d, 1.0) if math.isfinite(d) else d
     cut = int(round(THRESHOLD * HIST_BINS))
     tp, fn = float(malignant[cut:].sum()), float(malignant[:cut].sum())
     fp, tn = float(benign[cut:].sum()), float(benign[:cut].sum())

@@ -5,6 +5,12 @@ For a subset ``S`` of the model's modalities, every case is evaluated with the m
 modality of ``S`` cannot be fed to the network; it is left out of that subset's row (the row's ``cases`` says how
 many cases it covers; the held-out set normally has every modality, so this does not happen there).
 
+Mixed supervision: the segmentation metrics of a row are means over the cases that carry a segmentation, the
+classification metrics are over the cases that carry a label (the batches' ``has_seg``/``has_label`` flags; every
+case counts when a batch has none). Each row reports ``cases`` (evaluated), ``cases-seg`` and ``cases-label``; a
+set without any label gives NaN classification metrics and a note in :attr:`SubsetReport.notes` (likewise for
+segmentations), never an error.
+
 Rows: one per subset (``models.modalities.subset_name``), ``all`` (the full modality set: an alias of its subset
 row), ``mean`` (mean over the subset rows of each metric) and ``worst`` (the worst subset per metric: minimum, or
 maximum for the lower-is-better HD95).
@@ -39,7 +45,7 @@ from .metrics import (
 )
 from .modalities import canonical, subset_name
 from .modalities import subsets as all_subsets
-from .training import mask_channels, unpack_batch
+from .training import mask_channels, target_flags, unpack_batch
 
 #: Default tolerance (absolute Dice-whole) of the monotonicity check.
 MONOTONICITY_TOLERANCE = 0.01
@@ -63,8 +69,10 @@ class Predictions:
         probs: (N,) float probability of the malignant class.
         labels: (N,) int64 true case labels.
         seg_pred: (N, *S) uint8 predicted label maps (argmax).
-        seg_true: (N, *S) uint8 true label maps.
+        seg_true: (N, *S) uint8 true label maps (zeros where ``has_seg`` is False).
         used: (N,) bool, False for cases left out because no modality of the mask override was present.
+        has_seg: (N,) bool, whether ``seg_true`` is the case's segmentation (else a placeholder).
+        has_label: (N,) bool, whether ``labels`` is the case's label (else a placeholder).
     """
 
     case_ids: list[str]
@@ -73,6 +81,16 @@ class Predictions:
     seg_pred: Tensor
     seg_true: Tensor
     used: Tensor
+    has_seg: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    has_label: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+
+def _batch_flags(batch: Any, n: int) -> tuple[Tensor, Tensor]:
+    """``(has_seg (n,), has_label (n,))`` bool of a batch (all True when it carries no flags)."""
+    flags = target_flags(batch)
+    if flags is None:
+        return torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    return flags[0].cpu() > 0, flags[1].cpu() > 0
 
 
 def _case_ids(batch: Any, n: int) -> list[str]:
@@ -101,7 +119,7 @@ def predict(
     model.eval()
     keep = None if mask_override is None else torch.as_tensor(mask_override, dtype=torch.float32).to(device)
     ids: list[str] = []
-    probs, labels, preds, truths, used = [], [], [], [], []
+    probs, labels, preds, truths, used, segs_on, labels_on = [], [], [], [], [], [], []
     for batch in loader:
         image, mask, seg, label = unpack_batch(batch)
         if image.shape[0] == 0:
@@ -126,6 +144,9 @@ def predict(
         truths.append(seg.to(torch.uint8).cpu())
         labels.append(label.reshape(-1).long().cpu())
         used.append(ok.cpu())
+        seg_on, label_on = _batch_flags(batch, b)
+        segs_on.append(seg_on)
+        labels_on.append(label_on)
     if not probs:
         raise ValueError("the evaluation loader yielded no cases")
     return Predictions(
@@ -135,6 +156,8 @@ def predict(
         seg_pred=torch.cat(preds),
         seg_true=torch.cat(truths),
         used=torch.cat(used),
+        has_seg=torch.cat(segs_on),
+        has_label=torch.cat(labels_on),
     )
 
 
@@ -146,7 +169,9 @@ class SubsetReport:
         modalities: the model's modalities.
         subsets: evaluated subsets, in evaluation order.
         rows: ``name -> {metric -> value}`` for every subset name plus ``all`` (if the full set was evaluated),
-            ``mean`` and ``worst``; every row also has ``cases``.
+            ``mean`` and ``worst``; every row also has ``cases``, ``cases-seg`` and ``cases-label`` (how many cases
+            the segmentation and the classification metrics are over).
+        notes: what could not be measured and why (e.g. no case carries a label: classification metrics NaN).
         monotonicity_violations: share of violating (S, S ∪ {m}) pairs (NaN without pairs).
         monotonicity_pairs: number of pairs checked.
         seconds: wall time of the evaluation.
@@ -160,6 +185,7 @@ class SubsetReport:
     tolerance: float = MONOTONICITY_TOLERANCE
     seconds: float = 0.0
     metric_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_flat(self) -> dict[str, float]:
         """``<row>/<metric> -> value`` for every row and metric, plus ``monotonicity-violations``."""
@@ -181,6 +207,7 @@ class SubsetReport:
             "monotonicity_pairs": self.monotonicity_pairs,
             "monotonicity_tolerance": self.tolerance,
             "seconds": self.seconds,
+            "notes": list(self.notes),
         }
 
     def to_table(self, metrics: Sequence[str] | None = None, title: str | None = None) -> Any:
@@ -209,6 +236,7 @@ class SubsetReport:
         table.caption = (
             f"monotonicity violations (adding a modality lowers dice-whole by > {self.tolerance:g}): "
             f"{_fmt(self.monotonicity_violations)} of {self.monotonicity_pairs} pairs"
+            + "".join(f"\n{note}" for note in self.notes)
         )
         return table
 
@@ -274,12 +302,17 @@ def evaluate_subsets(
     inner = getattr(model, "_module", model)  # an Opacus wrapper's plain module: no hooks needed at inference
     shared = shared_encoding and hasattr(inner, "forward_subsets")
 
-    def record(s: tuple[str, ...], seg_logits: Tensor, class_logits: Tensor, seg_true: Tensor, label: Tensor) -> None:
-        pred = seg_logits.argmax(dim=1).cpu()
-        for k, v in segmentation_metrics(pred, seg_true, hd95=want_hd[s]).items():
-            per_case[s].setdefault(k, []).append(v)
-        probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu())
-        labels[s].append(label)
+    cases: dict[tuple[str, ...], int] = {s: 0 for s in wanted}
+
+    def record(s: tuple[str, ...], seg_logits: Tensor, class_logits: Tensor, seg_true: Tensor, label: Tensor,
+               seg_on: Tensor, label_on: Tensor) -> None:
+        cases[s] += int(label.numel())
+        if bool(seg_on.any()):  # segmentation metrics over the cases with a segmentation only
+            pred = seg_logits.argmax(dim=1).cpu()[seg_on]
+            for k, v in segmentation_metrics(pred, seg_true[seg_on], hd95=want_hd[s]).items():
+                per_case[s].setdefault(k, []).append(v)
+        probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu()[label_on])
+        labels[s].append(label[label_on])
 
     for batch in loader:
         image, mask, seg, label = unpack_batch(batch)
@@ -291,6 +324,7 @@ def evaluate_subsets(
         mask = mask.to(device).float()
         seg_cpu = seg.cpu().long()
         label_cpu = label.reshape(-1).cpu().long()
+        seg_on, label_on = _batch_flags(batch, int(image.shape[0]))
         whole: list[tuple[str, ...]] = []  # subsets that leave every case of the batch some modality
         for s in wanted:
             m = mask * keeps[s]
@@ -304,20 +338,21 @@ def evaluate_subsets(
             x, m = (image, m) if bool(ok.all()) else (image[ok], m[ok])
             seg_logits, class_logits = model(mask_channels(x, m), m)
             ok_cpu = ok.cpu()
-            record(s, seg_logits, class_logits, seg_cpu[ok_cpu], label_cpu[ok_cpu])
+            record(s, seg_logits, class_logits, seg_cpu[ok_cpu], label_cpu[ok_cpu], seg_on[ok_cpu], label_on[ok_cpu])
         if whole:
             # Encoders once per batch, fusion + decoder per subset (FusionNet.forward_subsets).
             stacked = torch.stack([keeps[s] for s in whole])
             outputs = inner.forward_subsets(image, mask, stacked, subset_batch=subset_batch)
             for s, (seg_logits, class_logits) in zip(whole, outputs):
-                record(s, seg_logits, class_logits, seg_cpu, label_cpu)
+                record(s, seg_logits, class_logits, seg_cpu, label_cpu, seg_on, label_on)
 
     seg_names = seg_metric_names(hd95=True)
     metric_names = seg_names + list(CLS_METRICS)
     rows: dict[str, dict[str, float]] = {}
     for s in wanted:
         row: dict[str, float] = {}
-        n = sum(int(t.numel()) for t in labels[s])
+        n = sum(int(t.numel()) for t in labels[s])  # labelled cases
+        n_seg = sum(int(t.numel()) for t in per_case[s].get("dice-whole", []))  # segmented cases
         for k in seg_names:
             vals = per_case[s].get(k)
             if vals:
@@ -328,10 +363,17 @@ def evaluate_subsets(
             row.update(classification_metrics(torch.cat(probs[s]), torch.cat(labels[s]), threshold))
         else:
             row.update(classification_metrics(torch.empty(0), torch.empty(0, dtype=torch.long), threshold))
-        row["cases"] = float(n)
+        row["cases"] = float(cases[s])
+        row["cases-seg"] = float(n_seg)
+        row["cases-label"] = float(n)
         rows[subset_name(s)] = row
     if not any(r["cases"] for r in rows.values()):
         raise ValueError("the evaluation loader yielded no usable cases")
+    notes = []
+    if not any(r["cases-label"] for r in rows.values()):
+        notes.append("no evaluated case carries a label (labels.csv): classification metrics are undefined (NaN)")
+    if not any(r["cases-seg"] for r in rows.values()):
+        notes.append("no evaluated case carries a segmentation: segmentation metrics are undefined (NaN)")
 
     subset_rows = [rows[subset_name(s)] for s in wanted]
     mean_row: dict[str, float] = {}
@@ -342,7 +384,8 @@ def evaluate_subsets(
         vals = [r[k] for r in subset_rows if math.isfinite(r[k])]
         mean_row[k] = sum(vals) / len(vals) if vals else math.nan
         worst_row[k] = (max(vals) if lower_is_better(k) else min(vals)) if vals else math.nan
-    mean_row["cases"] = worst_row["cases"] = min(r["cases"] for r in subset_rows)
+    for k in ("cases", "cases-seg", "cases-label"):
+        mean_row[k] = worst_row[k] = min(r[k] for r in subset_rows)
     if full in wanted:
         rows["all"] = dict(rows[subset_name(full)])
     rows["mean"] = mean_row
@@ -360,6 +403,7 @@ def evaluate_subsets(
         tolerance=tolerance,
         seconds=time.perf_counter() - t0,
         metric_names=metric_names,
+        notes=notes,
     )
 
 

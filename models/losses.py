@@ -10,6 +10,17 @@ gradients by the expected batch size, so the per-case gradients it clips are the
 For Opacus's ghost clipping (which needs per-case losses), set ``loss.reduction = "none"``: the call then returns
 the per-case totals ``(B,)`` only (Opacus's ``DPLossFastGradientClipping`` protocol) instead of ``(total, parts)``.
 
+Mixed supervision (``has_seg``, ``has_label``: per-case 0/1 flags of the dataset's items). Case ``i``'s loss is
+``seg_weight * has_seg_i * seg_i + cls_weight * has_label_i * cls_i``: a part whose target the case lacks is
+*selected out* (``torch.where``, so its placeholder target gets exactly zero gradient and cannot leak a NaN), and the
+batch loss is still the mean of these per-case losses over **all** ``B`` cases. Not a mean over the cases that carry
+the target: that divisor is a batch statistic, so each case's gradient would depend on the other cases' flags, and
+the per-case gradients Opacus clips would no longer be each case's own (DP-SGD's sensitivity analysis assumes they
+are). The price is that a part's gradient is scaled by the share of cases carrying its target; the Adam-type
+optimizers fedfusion trains with are insensitive to such a scale. A batch without any target of a part gets 0 for it.
+The reported ``parts`` (logging only, never differentiated) are means over the cases that carry each target, with
+their counts ``seg-cases`` / ``cls-cases``.
+
 ``include_background=False`` for the Dice part (BraTS practice): the background Dice is ~1 on every case and would
 dilute the gradient of the small lesion classes; the cross-entropy term still covers the background voxels, so
 false positives there are penalised.
@@ -71,8 +82,11 @@ class MultiTaskLoss(nn.Module):
             mean.
 
     Call with ``seg_logits (B, C_seg, *S)``, ``class_logits (B, C)``, ``seg (B, *S)`` int64 labels in
-    ``[0, C_seg)``, ``label (B,)`` int64 in ``[0, C)``; returns ``(total, parts)`` where ``total`` is a scalar tensor
-    (with grad) and ``parts`` holds detached scalars ``seg``, ``cls`` (unweighted).
+    ``[0, C_seg)``, ``label (B,)`` int64 in ``[0, C)`` and optionally ``has_seg (B,)`` / ``has_label (B,)`` 0/1
+    flags (float or bool; default every case has both targets; see the module docstring); returns ``(total, parts)``
+    where ``total`` is a scalar tensor (with grad) and ``parts`` holds detached scalars ``seg``, ``cls``
+    (unweighted means over the cases carrying that target, 0 when none does) and ``seg-cases``, ``cls-cases``
+    (how many cases carry it).
     """
 
     def __init__(
@@ -106,7 +120,8 @@ class MultiTaskLoss(nn.Module):
             include_background=include_background, to_onehot_y=True, softmax=True, reduction="none", batch=False
         )
 
-    def _check(self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor) -> None:
+    def _check(self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor,
+               has_seg: Tensor | None = None, has_label: Tensor | None = None) -> None:
         if seg_logits.dim() < 3 or tuple(seg.shape) != (seg_logits.shape[0], *seg_logits.shape[2:]):
             raise ValueError(
                 f"seg must be (B, *S) matching seg_logits (B, C, *S); got seg {tuple(seg.shape)} and seg_logits "
@@ -117,6 +132,10 @@ class MultiTaskLoss(nn.Module):
                 f"label must be (B,) matching class_logits (B, C); got label {tuple(label.shape)} and class_logits "
                 f"{tuple(class_logits.shape)}"
             )
+        for name, flags in (("has_seg", has_seg), ("has_label", has_label)):
+            if flags is not None and tuple(flags.shape) != (class_logits.shape[0],):
+                raise ValueError(f"{name} must be (B,) flags, one per case; got shape {tuple(flags.shape)} for "
+                                 f"B={class_logits.shape[0]}")
         if self._log_prior is not None and class_logits.shape[1] != len(self._log_prior):
             raise ValueError(
                 f"class_prior has {len(self._log_prior)} classes but class_logits has {class_logits.shape[1]}"
@@ -147,16 +166,41 @@ class MultiTaskLoss(nn.Module):
         cls = F.cross_entropy(self._adjusted(class_logits), label.long(), reduction="none")
         return dice + self._voxel_ce(seg_logits, seg.long()), cls
 
-    def forward(  # type: ignore[override]
-        self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
-        if self.reduction == "none":
-            seg_l, cls_l = self.per_case(seg_logits, class_logits, seg, label)
-            return self.seg_weight * seg_l + self.cls_weight * cls_l
-        if self.reduction != "mean":
-            raise ValueError(f"MultiTaskLoss.reduction must be 'mean' or 'none', got {self.reduction!r}")
+    def masked_per_case(
+        self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor,
+        has_seg: Tensor | None = None, has_label: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(seg (B,), cls (B,), seg_on (B,) bool, cls_on (B,) bool)``: the unweighted per-case losses with the
+        parts a case has no target for set to exactly 0 (selected out, so no gradient reaches them)."""
+        self._check(seg_logits, class_logits, seg, label, has_seg, has_label)
         seg_l, cls_l = self.per_case(seg_logits, class_logits, seg, label)
-        seg_loss, cls_loss = seg_l.mean(), cls_l.mean()
-        total = self.seg_weight * seg_loss + self.cls_weight * cls_loss
-        return total, {"seg": seg_loss.detach(), "cls": cls_loss.detach()}
+        seg_on = _flags(has_seg, seg_l)
+        cls_on = _flags(has_label, cls_l)
+        zero = torch.zeros((), dtype=seg_l.dtype, device=seg_l.device)
+        return torch.where(seg_on, seg_l, zero), torch.where(cls_on, cls_l, zero.to(cls_l.dtype)), seg_on, cls_on
+
+    def forward(  # type: ignore[override]
+        self, seg_logits: Tensor, class_logits: Tensor, seg: Tensor, label: Tensor,
+        has_seg: Tensor | None = None, has_label: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+        if self.reduction not in ("mean", "none"):
+            raise ValueError(f"MultiTaskLoss.reduction must be 'mean' or 'none', got {self.reduction!r}")
+        seg_l, cls_l, seg_on, cls_on = self.masked_per_case(seg_logits, class_logits, seg, label, has_seg, has_label)
+        per_case = self.seg_weight * seg_l + self.cls_weight * cls_l
+        if self.reduction == "none":
+            return per_case
+        # the mean over all B cases, never over the cases with a target (module docstring: per-case gradients)
+        total = per_case.mean()
+        n_seg, n_cls = seg_on.sum().detach(), cls_on.sum().detach()
+        seg_mean = seg_l.detach().sum() / n_seg.clamp_min(1)
+        cls_mean = cls_l.detach().sum() / n_cls.clamp_min(1)
+        return total, {"seg": seg_mean, "cls": cls_mean, "seg-cases": n_seg.to(seg_mean.dtype),
+                       "cls-cases": n_cls.to(cls_mean.dtype)}
+
+
+def _flags(flags: Tensor | None, like: Tensor) -> Tensor:
+    """``(B,)`` bool of per-case 0/1 flags (all True when ``None``), on ``like``'s device."""
+    if flags is None:
+        return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
+    return flags.to(like.device).reshape(-1) > 0
 

@@ -1,7 +1,11 @@
 """The one training loop of fedfusion: used by the site client (plain, DP-SGD, FedProx) and centralized training.
 
-Batches may be dicts (``image, mask, seg, label[, case_id]``, the dataset's items collated) or tuples/lists
-``(image, mask, seg, label)``. Opacus's Poisson-sampling loader can yield **empty** batches (size 0):
+Batches may be dicts (``image, mask, seg, label[, has_seg, has_label, case_id]``, the dataset's items collated) or
+tuples/lists ``(image, mask, seg, label)``. The optional ``has_seg``/``has_label`` flags (mixed supervision: a case
+may lack a segmentation or a label) are passed on to the loss as keyword arguments, which masks each part per case
+(:class:`models.losses.MultiTaskLoss`); without them every case has both targets.
+
+Opacus's Poisson-sampling loader can yield **empty** batches (size 0):
 
 * with a plain optimizer they are skipped (no forward, no step);
 * with an Opacus ``DPOptimizer`` they still take a *noise-only* step (zero clipped gradient + Gaussian noise), which
@@ -166,6 +170,17 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
+def target_flags(batch: Any) -> tuple[Tensor, Tensor] | None:
+    """``(has_seg (B,), has_label (B,))`` float flags of a dict batch that carries them, else ``None`` (every case
+    then has both targets). A batch with one flag but not the other gets ones for the missing one."""
+    if not isinstance(batch, Mapping) or not ({"has_seg", "has_label"} & set(batch)):
+        return None
+    b = int(batch["image"].shape[0])
+    ones = torch.ones(b)
+    return (torch.as_tensor(batch.get("has_seg", ones)).float().reshape(-1),
+            torch.as_tensor(batch.get("has_label", ones)).float().reshape(-1))
+
+
 def is_dp_optimizer(optimizer: Any) -> bool:
     """Whether ``optimizer`` is an Opacus ``DPOptimizer`` (it wraps ``original_optimizer`` and adds noise)."""
     return hasattr(optimizer, "original_optimizer") and hasattr(optimizer, "add_noise")
@@ -209,8 +224,9 @@ def train_epoch(
             Opacus ``GradSampleModule``).
         loader: batches as dicts or tuples (see module docstring); empty batches allowed.
         optimizer: a torch optimizer or an Opacus ``DPOptimizer``.
-        loss_fn: ``loss_fn(seg_logits, class_logits, seg, label)`` returning ``(total, parts)`` (e.g.
-            :class:`models.losses.MultiTaskLoss`) or just a loss tensor (e.g. Opacus's ghost-clipping wrapper).
+        loss_fn: ``loss_fn(seg_logits, class_logits, seg, label[, has_seg=, has_label=])`` returning ``(total,
+            parts)`` (e.g. :class:`models.losses.MultiTaskLoss`) or just a loss tensor (e.g. Opacus's ghost-clipping
+            wrapper, which passes the keyword flags on); the flags are passed only for batches that carry them.
         device: where to compute.
         modality_dropout: per-present-modality drop probability per batch (``apply_modality_dropout``); dropped
             channels are zeroed and their mask set to 0. 0 disables.
@@ -224,8 +240,9 @@ def train_epoch(
         start_step: the global step of this epoch's first optimizer step (steps of earlier epochs and rounds).
 
     Returns:
-        ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, NaN when the loss
-        gives no parts), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
+        ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, means over the cases
+        carrying that target when the loss counts them; NaN when the loss gives no parts or no case had the
+        target), ``loss-proximal`` (mean penalty per step, 0 without FedProx), ``num-examples``, ``steps``
         (optimizer steps, noise-only DP steps included: the next epoch starts at ``start_step + steps``),
         ``empty-batches``, ``lr`` (the learning rate of the last step).
     """
@@ -244,12 +261,15 @@ def train_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seg_sum = torch.zeros((), dtype=torch.float64, device=device)
     cls_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seg_n = torch.zeros((), dtype=torch.float64, device=device)  # cases the seg part was averaged over
+    cls_n = torch.zeros((), dtype=torch.float64, device=device)
     prox_sum = 0.0
     have_parts = True
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         image, mask, seg, label = unpack_batch(batch)
+        flags = target_flags(batch)
         b = int(image.shape[0])
         if schedule is not None and (b > 0 or dp):
             schedule.apply(optimizer, start_step + steps)
@@ -267,11 +287,12 @@ def train_epoch(
         image = mask_channels(image, mask)
         seg = seg.to(device, non_blocking=True).long()
         label = label.to(device, non_blocking=True).long().reshape(-1)
+        targets = {} if flags is None else {"has_seg": flags[0].to(device), "has_label": flags[1].to(device)}
 
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             seg_logits, class_logits = model(image, mask)
-            out = loss_fn(seg_logits, class_logits, seg, label)
+            out = loss_fn(seg_logits, class_logits, seg, label, **targets)
         if isinstance(out, tuple):
             total, parts = out
         else:
@@ -294,8 +315,13 @@ def train_epoch(
         # Opacus's ghost-clipping loss is not a tensor; .detach() gives its scalar mean.
         loss_sum += total.detach().reshape(()).to(torch.float64) * b
         if parts is not None and "seg" in parts and "cls" in parts:
-            seg_sum += parts["seg"].detach().to(torch.float64) * b
-            cls_sum += parts["cls"].detach().to(torch.float64) * b
+            # parts averaged over the cases with that target (counted), or over the whole batch
+            n_s = parts["seg-cases"].detach().to(torch.float64) if "seg-cases" in parts else float(b)
+            n_c = parts["cls-cases"].detach().to(torch.float64) if "cls-cases" in parts else float(b)
+            seg_sum += parts["seg"].detach().to(torch.float64) * n_s
+            cls_sum += parts["cls"].detach().to(torch.float64) * n_c
+            seg_n += n_s
+            cls_n += n_c
         else:
             have_parts = False
         n_examples += b
@@ -305,8 +331,8 @@ def train_epoch(
     denom = max(n_examples, 1)
     return {
         "loss": float(loss_sum) / denom if n_examples else nan,
-        "loss-seg": float(seg_sum) / denom if n_examples and have_parts else nan,
-        "loss-cls": float(cls_sum) / denom if n_examples and have_parts else nan,
+        "loss-seg": float(seg_sum) / float(seg_n) if have_parts and float(seg_n) > 0 else nan,
+        "loss-cls": float(cls_sum) / float(cls_n) if have_parts and float(cls_n) > 0 else nan,
         "loss-proximal": prox_sum / max(steps, 1),
         "num-examples": float(n_examples),
         "steps": float(steps),

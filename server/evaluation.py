@@ -47,7 +47,9 @@ class GlobalEvaluator:
 
     Args:
         model_config: the run's model config (the held-out volumes are resampled to its ``spatial_size``).
-        test_dir: a site-layout folder (case folders + labels.csv) holding all modalities.
+        test_dir: a site-layout folder (case folders, optional labels.csv) holding all modalities; the
+            segmentation metrics are over its cases with a segmentation, the classification metrics over its
+            labelled cases (rows count both: ``cases-seg``, ``cases-label``).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         batch_size: held-out cases per forward pass.
         subsets: modality subsets to evaluate (``None`` = all ``2**M - 1``).
@@ -146,6 +148,8 @@ class GlobalEvaluator:
         except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
             logger.exception("global evaluation failed: %s", exc)
             return None
+        for note in report.notes:  # e.g. a held-out set without labels.csv: classification metrics NaN
+            logger.info("global evaluation: %s", note)
         flat = {k: float(v) for k, v in report.to_flat().items()}
         if subsets not in (None, "all"):
             flat = {k: v for k, v in flat.items()

@@ -216,7 +216,8 @@ def train_central(settings: CentralSettings) -> CentralResult:
     steps_per_epoch = len(train_loader) if s.max_batches is None else min(len(train_loader), s.max_batches)
     total_steps = s.epochs * steps_per_epoch
     schedule = LRSchedule.for_run(s.lr, total_steps, s.lr_schedule, s.lr_warmup)
-    loss_fn = MultiTaskLoss(class_prior=label_prior(train_ds.labels()) if s.balance_classes else None)
+    known = train_ds.known_labels()  # unlabelled cases' placeholder labels never count
+    loss_fn = MultiTaskLoss(class_prior=label_prior(known) if s.balance_classes and known else None)
     dropout_gen = torch.Generator().manual_seed(s.seed + 1)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     result = CentralResult(run_dir=out)

@@ -3,7 +3,8 @@
 Layout (docs/architecture.md)::
 
     OUT/phantoms.json                      manifest: scenario, seed, shape, format, per-site modalities/cases/balance
-    OUT/site-01/labels.csv                 case_id,label
+    OUT/site-01/labels.csv                 case_id,label (rows left out for unlabelled cases; none at all when every
+                                           case is: generate(unlabelled_fraction=...), mixed supervision)
     OUT/site-01/case-0001/005_t1_se_tra_post_Gd/IM0001.dcm ...   (DICOM: one folder per series, one file per slice)
     OUT/site-01/case-0001/case-0001_seg.nii.gz
     OUT/site-01/case-0002/case-0002_t1.nii.gz ... case-0002_seg.nii.gz                     (NIfTI layout)
@@ -164,7 +165,8 @@ def _stored_pixels(vol: np.ndarray, modality_tag: str) -> tuple[np.ndarray, str,
     return stored, slope_text, "0", 0
 
 
-def write_case_dicom(case: PhantomCase, case_dir: Path, site: SiteProfile | None = None, uid_seed: int = 0) -> None:
+def write_case_dicom(case: PhantomCase, case_dir: Path, site: SiteProfile | None = None, uid_seed: int = 0,
+                     with_seg: bool = True) -> None:
     """Write each acquired modality of ``case`` as a DICOM series (one file per slice) plus the NIfTI seg.
 
     Series go to ``case_dir/<SeriesNumber:03d>_<SeriesDescription>/IM0001.dcm ...``; the segmentation to
@@ -287,19 +289,21 @@ def write_case_dicom(case: PhantomCase, case_dir: Path, site: SiteProfile | None
             )
             (series_dir / f"IM{k + 1:04d}.dcm").write_bytes(data)
 
-    save_nifti(case.seg.astype(np.uint8), case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
+    if with_seg:
+        save_nifti(case.seg.astype(np.uint8), case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
 
 
-def write_case_nifti(case: PhantomCase, case_dir: Path) -> None:
+def write_case_nifti(case: PhantomCase, case_dir: Path, with_seg: bool = True) -> None:
     """BraTS layout: ``case_dir/<case_id>_<modality>.nii.gz`` (float32) for each acquired modality, plus
-    ``<case_id>_seg.nii.gz`` (uint8), all with ``case.affine``."""
+    ``<case_id>_seg.nii.gz`` (uint8, unless ``with_seg`` is False), all with ``case.affine``."""
     case_dir = Path(case_dir)
     case_dir.mkdir(parents=True, exist_ok=True)
     for modality in MODALITIES:
         if modality in case.volumes:
             save_nifti(case.volumes[modality].astype(np.float32), case.affine,
                        case_dir / f"{case.case_id}_{modality}.nii.gz")
-    save_nifti(case.seg.astype(np.uint8), case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
+    if with_seg:
+        save_nifti(case.seg.astype(np.uint8), case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,6 +421,26 @@ def plan_site(site: SiteProfile, rng: np.random.Generator) -> list[tuple[str, in
     return plan
 
 
+def partial_supervision(n_cases: int, unlabelled_fraction: float, unsegmented_fraction: float,
+                        rng: np.random.Generator) -> tuple[set[int], set[int]]:
+    """Which of a site's ``n_cases`` cases lack a label and which lack a segmentation: ``round(fraction * n)`` each,
+    drawn without overlap (a case with neither would have nothing to train on), from ``rng``.
+
+    Raises:
+        ValueError: a fraction outside [0, 1], or fractions summing past 1.
+    """
+    for name, f in (("unlabelled_fraction", unlabelled_fraction), ("unsegmented_fraction", unsegmented_fraction)):
+        if not 0.0 <= float(f) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {f}")
+    if unlabelled_fraction + unsegmented_fraction > 1.0 + 1e-9:
+        raise ValueError(f"unlabelled_fraction + unsegmented_fraction must be at most 1 (every case keeps a target), "
+                         f"got {unlabelled_fraction} + {unsegmented_fraction}")
+    n_unlabelled = int(round(unlabelled_fraction * n_cases))
+    n_unsegmented = min(int(round(unsegmented_fraction * n_cases)), n_cases - n_unlabelled)
+    order = [int(i) for i in rng.permutation(n_cases)]
+    return set(order[:n_unlabelled]), set(order[n_unlabelled : n_unlabelled + n_unsegmented])
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse to clobber anything that is not an earlier phantom generation."""
     if (out / MANIFEST).exists():
@@ -458,6 +482,8 @@ def generate(
     missing_fraction: float | None = None,
     validation_cases: int | None = None,
     unseen_cases: int | None = None,
+    unlabelled_fraction: float = 0.0,
+    unsegmented_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Generate a federation of phantom sites plus its held-out cohorts under ``out``; return the manifest.
 
@@ -480,6 +506,10 @@ def generate(
         overwrite: replace an earlier phantom generation in ``out``.
         missing_fraction: if given, each site lacks this share of the modalities (site level, exact; see
             :func:`simulations.scenarios.with_missing_fraction`), overriding the scenario's modality choice.
+        unlabelled_fraction, unsegmented_fraction: mixed supervision (docs/site.md): this share of each hospital
+            site's cases is left out of its ``labels.csv`` / written without a segmentation (disjoint cases,
+            :func:`partial_supervision`; a site whose every case is unlabelled gets no ``labels.csv`` at all). The
+            held-out cohorts keep both targets. Default 0: nothing changes (same cases, same files).
 
     Returns:
         the manifest, also written to ``out/phantoms.json``.
@@ -491,6 +521,7 @@ def generate(
     if len(shape_t) != 3 or min(shape_t) < 8:
         raise ValueError(f"--shape must be three sizes D H W of at least 8 voxels each, got {tuple(shape)}")
     cohorts = _cohort_sizes(heldout_cases, validation_cases, unseen_cases)
+    partial_supervision(0, unlabelled_fraction, unsegmented_fraction, np.random.default_rng(0))  # checks the fractions
     profiles = site_profiles(scenario, sites, cases_per_site, seed, missing_fraction=missing_fraction)
     groups: list[tuple[int, SiteProfile]] = list(enumerate(profiles))
     # negative indices are cohorts; each group draws from stream ``index + 1`` (sites 1.., heldout 0 as in earlier
@@ -526,7 +557,8 @@ def generate(
         "format": fmt,
         "modalities": list(MODALITIES),
         # what was asked for, so that :func:`ensure` reuses this folder only for the same request
-        "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, cohorts, missing_fraction),
+        "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, cohorts, missing_fraction,
+                            unlabelled_fraction, unsegmented_fraction),
         "sites": {},
         "heldout": None,
         "cohorts": {},
@@ -538,21 +570,30 @@ def generate(
             site_dir.mkdir(parents=True, exist_ok=True)
             rows = []
             counts = {m: 0 for m in MODALITIES}
+            unlabelled, unsegmented = set(), set()
+            if index >= 0 and (unlabelled_fraction or unsegmented_fraction):
+                # its own stream: the cases themselves are the same as without partial supervision
+                unlabelled, unsegmented = partial_supervision(
+                    len(plan), unlabelled_fraction, unsegmented_fraction,
+                    np.random.default_rng(np.random.SeedSequence([int(seed), 4, stream(index)])))
             for ci, (cid, label, mods) in enumerate(plan):
                 rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1, stream(index), ci]))
                 case = make_case(rng, cid, shape_t, site=site, modalities=mods, label=label)
                 if fmt == "dicom":
-                    write_case_dicom(case, site_dir / cid, site=site, uid_seed=int(seed))
+                    write_case_dicom(case, site_dir / cid, site=site, uid_seed=int(seed),
+                                     with_seg=ci not in unsegmented)
                 else:
-                    write_case_nifti(case, site_dir / cid)
+                    write_case_nifti(case, site_dir / cid, with_seg=ci not in unsegmented)
                 rows.append((cid, case.label))
                 for m in case.volumes:
                     counts[m] += 1
                 advance(site.name)
-            with open(site_dir / "labels.csv", "w", newline="") as fh:
-                writer = csv.writer(fh, lineterminator="\n")
-                writer.writerow(["case_id", "label"])
-                writer.writerows(rows)
+            labelled_rows = [row for ci, row in enumerate(rows) if ci not in unlabelled]
+            if labelled_rows or not rows:
+                with open(site_dir / "labels.csv", "w", newline="") as fh:
+                    writer = csv.writer(fh, lineterminator="\n")
+                    writer.writerow(["case_id", "label"])
+                    writer.writerows(labelled_rows)
             n_mal = sum(label for _, label in rows)
             entry = {
                 "modalities": list(site.modalities),
@@ -569,6 +610,9 @@ def generate(
                 "noise": round(site.noise, 4),
                 "gain": {m: round(g, 4) for m, g in site.gain.items()},
             }
+            if unlabelled or unsegmented:
+                entry["unlabelled"] = sorted(rows[ci][0] for ci in unlabelled)
+                entry["unsegmented"] = sorted(rows[ci][0] for ci in unsegmented)
             if index < 0:
                 manifest["cohorts"][site.name] = entry
                 if site.name == HELDOUT_NAME:
@@ -604,21 +648,27 @@ def _cohort_sizes(heldout: int, validation: int | None, unseen: int | None) -> d
 
 
 def _request(sites: int, cases_per_site: int, seed: int, scenario: str, shape: Sequence[int], fmt: str,
-             cohorts: dict[str, int], missing_fraction: float | None) -> dict[str, Any]:
-    return {"sites": int(sites), "cases_per_site": int(cases_per_site), "seed": int(seed), "scenario": scenario,
-            "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "cohorts": dict(cohorts),
-            "missing_fraction": missing_fraction}
+             cohorts: dict[str, int], missing_fraction: float | None, unlabelled_fraction: float = 0.0,
+             unsegmented_fraction: float = 0.0) -> dict[str, Any]:
+    out = {"sites": int(sites), "cases_per_site": int(cases_per_site), "seed": int(seed), "scenario": scenario,
+           "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "cohorts": dict(cohorts),
+           "missing_fraction": missing_fraction}
+    if unlabelled_fraction or unsegmented_fraction:  # absent at 0: earlier generations' requests stay equal
+        out.update(unlabelled_fraction=float(unlabelled_fraction), unsegmented_fraction=float(unsegmented_fraction))
+    return out
 
 
 def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0, scenario: str = "realistic",
            shape: Sequence[int] = (32, 64, 64), fmt: str = "dicom", heldout_cases: int = 12, progress: bool = False,
            missing_fraction: float | None = None, validation_cases: int | None = None,
-           unseen_cases: int | None = None) -> tuple[dict[str, Any], bool]:
+           unseen_cases: int | None = None, unlabelled_fraction: float = 0.0,
+           unsegmented_fraction: float = 0.0) -> tuple[dict[str, Any], bool]:
     """The phantoms of :func:`generate` for this request in ``out``: reused when a complete earlier generation there
     was asked for with the same arguments, (re)generated otherwise. Returns ``(manifest, reused)``."""
     out = Path(out)
     request = _request(sites, cases_per_site, seed, scenario, shape, fmt,
-                       _cohort_sizes(heldout_cases, validation_cases, unseen_cases), missing_fraction)
+                       _cohort_sizes(heldout_cases, validation_cases, unseen_cases), missing_fraction,
+                       unlabelled_fraction, unsegmented_fraction)
     if (out / MANIFEST).is_file() and not (out / PARTIAL_MARKER).exists():
         try:
             manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -629,5 +679,6 @@ def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0
     manifest = generate(out, sites=sites, cases_per_site=cases_per_site, seed=seed, scenario=scenario, shape=shape,
                         fmt=fmt, heldout_cases=heldout_cases, progress=progress, overwrite=True,
                         missing_fraction=missing_fraction, validation_cases=validation_cases,
-                        unseen_cases=unseen_cases)
+                        unseen_cases=unseen_cases, unlabelled_fraction=unlabelled_fraction,
+                        unsegmented_fraction=unsegmented_fraction)
     return manifest, False

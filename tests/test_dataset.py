@@ -36,7 +36,8 @@ def test_item_contract_and_missing_modalities(readers_nifti_site: Path) -> None:
     assert len(ds) == 3
     assert ds.modality_counts() == {"t1": 2, "t2": 3, "flair": 2, "ct": 1}
     item = ds[[c for _, c in ds.cases].index("case-b")]
-    assert set(item) == {"image", "mask", "seg", "label", "case_id"}
+    assert set(item) == {"image", "mask", "seg", "label", "has_seg", "has_label", "case_id"}
+    assert float(item["has_seg"]) == 1.0 and float(item["has_label"]) == 1.0 and item["has_seg"].shape == ()
     assert item["image"].dtype == torch.float32 and item["image"].shape == (4, 4, 8, 8)
     assert item["mask"].dtype == torch.float32 and item["mask"].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert item["seg"].dtype == torch.int64 and item["seg"].shape == (4, 8, 8)
@@ -169,10 +170,11 @@ def test_no_header_string_or_path_reaches_an_item(tmp_path: Path, augment: bool)
                       {"case-0001": 1}, simple_affine(), fmt="dicom", seg={"case-0001": seg})
     ds = CaseDataset([root], modalities=("t1", "ct"), spatial_size=(4, 8, 8), augment=augment)
     item = ds[0]
-    assert set(item) == {"image", "mask", "seg", "label", "case_id"}
+    assert set(item) == {"image", "mask", "seg", "label", "has_seg", "has_label", "case_id"}
+    assert float(item["has_seg"]) == 1.0 and float(item["has_label"]) == 1.0 and item["has_seg"].shape == ()
     found: list[str] = []
     _strings(item, found)
-    assert sorted(found) == sorted(["image", "mask", "seg", "label", "case_id", "case-0001"])
+    assert sorted(found) == sorted(["image", "mask", "seg", "label", "has_seg", "has_label", "case_id", "case-0001"])
     for s in found:
         assert str(tmp_path) not in s and "/" not in s
         assert not any(phi.lower() in s.lower() for phi in PHI_STRINGS)
@@ -197,6 +199,6 @@ def test_phantom_dicom_site_headers_stay_out_of_items(tmp_path: Path) -> None:
     item = CaseDataset([site], modalities=("t1", "ct"), spatial_size=(8, 16, 16))[0]
     found: list[str] = []
     _strings(item, found)
-    assert sorted(found) == sorted(["image", "mask", "seg", "label", "case_id", "case-0001"])
+    assert sorted(found) == sorted(["image", "mask", "seg", "label", "has_seg", "has_label", "case_id", "case-0001"])
     assert not any(h and h in s for h in header_strings for s in found)
     assert int(item["label"]) == case.label

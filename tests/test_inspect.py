@@ -51,19 +51,24 @@ def test_report_lists_sites_cases_and_every_problem(readers_messy_root: Path) ->
     cases = {c.case_id: c for c in site.cases}
     assert set(cases) == {"case-good", "case-noseg", "case-bad", "case-unlabelled"}
     assert cases["case-good"].usable and cases["case-good"].modalities == ["t1", "ct"]
-    assert not cases["case-noseg"].usable and not cases["case-noseg"].has_seg
-    assert cases["case-unlabelled"].label is None and not cases["case-unlabelled"].usable
+    # mixed supervision: a labelled case without a segmentation trains its classification
+    assert cases["case-noseg"].usable and not cases["case-noseg"].has_seg
+    assert cases["case-unlabelled"].label is None and not cases["case-unlabelled"].usable  # neither target
     assert cases["case-bad"].modalities == ["t2"]  # one slice interpolated, still readable
     kinds = {(p.case_id, p.kind) for p in site.all_problems()}
     for expected in [("case-bad", "unreadable-file"), ("case-bad", "truncated-file"),
                      ("case-bad", "non-image-dicom"), ("case-bad", "missing-slices"),
                      ("case-bad", "unknown-series"), ("case-noseg", "missing-seg"),
-                     ("case-unlabelled", "missing-label"), ("case-gone", "label-without-case")]:
+                     ("case-unlabelled", "missing-label"), ("case-unlabelled", "no-targets"),
+                     ("case-gone", "label-without-case")]:
         assert expected in kinds, expected
     unknown = next(p for p in site.all_problems() if p.kind == "unknown-series")
     assert "SITE_PROTO_7" in unknown.reason
-    assert site.label_counts() == {"benign": 0, "malignant": 1, "unlabelled": 0}
-    assert report.usable_cases == 2 and report.ok
+    assert site.label_counts() == {"benign": 2, "malignant": 1, "unlabelled": 0}
+    assert site.target_counts() == {"segmentation": 1, "label": 3, "both": 1, "neither": 1}
+    assert report.usable_cases == 4 and report.ok
+    strict = inspect_data(readers_messy_root, require_seg=True)  # the old rule: segmented cases only
+    assert strict.usable_cases == 2
 
     mapped = inspect_data(readers_messy_root / "site-01", series_mapping={"t1": "proto_7"})
     assert "t1" in {c.case_id: c for c in mapped.sites[0].cases}["case-bad"].modalities
@@ -77,7 +82,11 @@ def test_cli_json_and_exit_codes(readers_messy_root: Path, tmp_path: Path) -> No
                                  "--modalities", "flair"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["modalities"] == ["t1", "t2", "flair"] and data["usable_cases"] == 2
+    assert data["modalities"] == ["t1", "t2", "flair"] and data["usable_cases"] == 4
+    site = next(s for s in data["sites"] if s["name"] == "site-01")
+    assert site["target_counts"] == {"segmentation": 1, "label": 3, "both": 1, "neither": 1}
+    strict = runner.invoke(app, ["inspect", str(readers_messy_root), "--json", "--require-seg", "--no-plan"])
+    assert json.loads(strict.stdout)["usable_cases"] == 2
     held = next(s for s in data["sites"] if s["name"] == "heldout")
     assert held["heldout"] and held["cases_usable"] == 1
 

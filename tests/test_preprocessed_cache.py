@@ -34,14 +34,14 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = dataset_module.CaseDataset._load_arrays
     real_preprocess = dataset_module.preprocess_case
 
-    def load_arrays(self: CaseDataset, case_dir: Path, report: bool = True) -> dict:
+    def load_arrays(self: CaseDataset, case_dir: Path, report: bool = True, has_label: bool = True) -> dict:
         def counting(*args: object, **kwargs: object) -> dict:
             seen.append(case_dir.name)
             return real_preprocess(*args, **kwargs)
 
         monkeypatch.setattr(dataset_module, "preprocess_case", counting)
         try:
-            return original(self, case_dir, report)
+            return original(self, case_dir, report, has_label)
         finally:
             monkeypatch.setattr(dataset_module, "preprocess_case", real_preprocess)
 

@@ -299,7 +299,8 @@ def test_private_loader_samples_from_the_rounds_stream_and_builds_empty_batches(
 
     parts.randomness = Nobody()
     batches = list(parts.loader)
-    assert len(batches) == 3 and all(set(b) == set(CasesOnly.KEYS) and b["image"].shape[0] == 0 for b in batches)
+    assert len(batches) == 3
+    assert all(set(b) == {*CasesOnly.KEYS, *CasesOnly.FLAGS} and b["image"].shape[0] == 0 for b in batches)
 
 
 def test_dp_noise_is_drawn_from_the_rounds_stream_not_a_torch_generator() -> None:

@@ -109,10 +109,12 @@ class CasesOnly(Dataset):
 
     Opacus's Poisson loader must be able to build an *empty* batch of the same structure (only tensors allowed),
     and strings from data have no business in a training batch anyway. Items: ``image (M, *S)`` float32,
-    ``mask (M,)`` float32, ``seg (*S)`` int64, ``label ()`` int64.
+    ``mask (M,)`` float32, ``seg (*S)`` int64, ``label ()`` int64, ``has_seg ()`` / ``has_label ()`` float32 target
+    flags (1 when the wrapped item has none: every batch keeps one structure, which Opacus's empty batches copy).
     """
 
     KEYS = ("image", "mask", "seg", "label")
+    FLAGS = ("has_seg", "has_label")
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -122,7 +124,10 @@ class CasesOnly(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.dataset[i]
-        return {k: torch.as_tensor(item[k]) for k in self.KEYS}
+        out = {k: torch.as_tensor(item[k]) for k in self.KEYS}
+        for k in self.FLAGS:
+            out[k] = torch.as_tensor(item.get(k, 1.0), dtype=torch.float32).reshape(())
+        return out
 
 
 class PerCaseGradModule(nn.Module):

@@ -2,11 +2,20 @@
 
 Each item (docs/architecture.md, "Dataset item") is a dict with exactly these keys::
 
-    image    float32 (M, *spatial_size)  normalised per present channel; a missing modality is all zeros
-    mask     float32 (M,)                1 = modality acquired and usable, 0 = missing
-    seg      int64   (*spatial_size)     labels 0..3 (background, oedema, non-enhancing core, enhancing rim)
-    label    int64   ()                  case label, 0 benign / 1 malignant (labels.csv)
-    case_id  str                         site-local case id (the case folder's name)
+    image      float32 (M, *spatial_size)  normalised per present channel; a missing modality is all zeros
+    mask       float32 (M,)                1 = modality acquired and usable, 0 = missing
+    seg        int64   (*spatial_size)     labels 0..3 (background, oedema, non-enhancing core, enhancing rim);
+                                           all zeros (a placeholder) when ``has_seg`` is 0
+    label      int64   ()                  case label, 0 benign / 1 malignant (labels.csv); 0 (a placeholder)
+                                           when ``has_label`` is 0
+    has_seg    float32 ()                  1 = ``seg`` is the case's segmentation, 0 = the case has none
+    has_label  float32 ()                  1 = ``label`` is the case's label, 0 = the case is unlabelled
+    case_id    str                         site-local case id (the case folder's name)
+
+Mixed supervision: a case may carry a segmentation, a label or both (a public segmentation data set has no labels,
+many hospital cases have a diagnosis but no segmentation). The flags say which targets are real; a placeholder
+target is never used (:class:`models.losses.MultiTaskLoss` masks each part per case, the metrics skip it). A case
+with neither is skipped (``no-targets``), and a site without ``labels.csv`` is valid: all its cases are unlabelled.
 
 Nothing from DICOM headers and no path is ever put in an item.
 
@@ -32,6 +41,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +54,26 @@ from models.modalities import MODALITIES, canonical
 
 from .case_files import case_id_of, list_case_files, site_of_case
 from .limits import DEFAULT_LIMITS, ReaderLimits
-from .problems import ERROR, Problem
+from .problems import ERROR, INFO, Problem
 from .series_mapping import MappingSource, load_series_mapping
-from .site import CaseError, discover_sites, list_cases, load_case, read_labels, read_patient_ids
+from .site import (
+    CaseError,
+    bad_label_rows,
+    discover_sites,
+    labels_unusable,
+    list_cases,
+    load_case,
+    read_labels,
+    read_patient_ids,
+)
 from .site_settings import site_settings_fingerprint
 
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes so stale on-disk cache entries are not reused (3: patient keys stored, and label
 #: conventions, so BraTS 2023 files cached with fedfusion's label meaning are rebuilt; 4: per-kind intensity
-#: normalisation like nnU-Net).
-CACHE_VERSION = 4
+#: normalisation like nnU-Net; 5: ``has_seg`` stored, cases without a segmentation kept for classification).
+CACHE_VERSION = 5
 
 
 def _lesion_slice(seg: np.ndarray | None, depth: int) -> int:
@@ -79,7 +98,8 @@ def preprocess_case(
         spatial_size: ``(D, H, W)`` for 3D items or ``(H, W)`` for 2D items (axial slice, see module doc).
 
     Returns:
-        ``{"image": (M, *spatial_size) float32, "mask": (M,) float32, "seg": (*spatial_size) int64}``.
+        ``{"image": (M, *spatial_size) float32, "mask": (M,) float32, "seg": (*spatial_size) int64,
+        "has_seg": () float32}`` (``seg`` all zeros and ``has_seg`` 0 when ``seg`` was ``None``).
     """
     from monai.transforms import Resize
 
@@ -87,6 +107,7 @@ def preprocess_case(
 
     size = tuple(int(s) for s in spatial_size)
     shape = next(iter(images.values())).shape
+    has_seg = np.float32(seg is not None)
     if seg is None:
         seg = np.zeros(shape, dtype=np.uint8)
     mask = np.asarray([1.0 if m in images else 0.0 for m in modalities], dtype=np.float32)
@@ -106,6 +127,7 @@ def preprocess_case(
         "image": image.numpy().astype(np.float32),
         "mask": mask,
         "seg": torch.as_tensor(seg_t)[0].round().numpy().astype(np.int64),
+        "has_seg": np.asarray(has_seg, dtype=np.float32),
     }
 
 
@@ -128,16 +150,17 @@ class CaseDataset(Dataset):
         series_mapping: SeriesDescription mapping (dict, JSON/TOML path or SeriesMapping; see series_mapping).
         cache_dir: optional on-disk cache of preprocessed arrays (``.npz`` named by a hash of the case's file
             names, sizes and mtimes and of the preprocessing settings; holds arrays only).
-        require_seg: skip cases without a usable segmentation (default). With ``False`` such cases get an
-            all-background segmentation.
+        require_seg: skip cases without a usable segmentation. Default ``False`` (mixed supervision): a labelled
+            case without one trains its classification only (``has_seg`` 0, placeholder ``seg`` of zeros).
         seed: seed of the augmentation random state.
         limits: what one file, series and case folder may cost the readers (see :mod:`common.data.limits`); the
             site's own choice, never taken from a run config.
         patient_salt: the secret that keys patient identifiers (a site passes its own, see
             :func:`common.data.dicom_reader.patient_key`); it only changes the keys, not the grouping.
 
-    Unusable cases (unreadable, no requested modality, missing label or segmentation) are skipped with a log
-    line and listed in :attr:`problems`; iteration never raises for them (they are found at construction).
+    Unusable cases (unreadable, no requested modality, neither a label nor a segmentation, an invalid label row or
+    an unusable ``labels.csv``) are skipped with a log line and listed in :attr:`problems`; iteration never raises
+    for them (they are found at construction). Cases with one target only are used and noted (severity ``info``).
 
     Raises:
         ValueError: naming the folders when no usable case remains.
@@ -152,7 +175,7 @@ class CaseDataset(Dataset):
         cache: bool = True,
         series_mapping: MappingSource = None,
         cache_dir: Path | str | None = None,
-        require_seg: bool = True,
+        require_seg: bool = False,
         seed: int = 0,
         limits: ReaderLimits = DEFAULT_LIMITS,
         patient_salt: bytes = b"",
@@ -174,7 +197,9 @@ class CaseDataset(Dataset):
         #: (site name, case id) of every usable case, in item order (not part of items)
         self.cases: list[tuple[str, str]] = []
         self._case_dirs: list[Path] = []
-        self._labels: list[int] = []
+        self._labels: list[int] = []  # 0 (placeholder) for unlabelled cases
+        self._has_label: list[bool] = []
+        self._has_seg: list[bool] = []
         self._masks: list[np.ndarray] = []
         self._patients: list[frozenset[str]] = []  # keyed patient identifiers of each case (may be empty)
         self._items: list[dict[str, np.ndarray] | None] = []
@@ -201,15 +226,22 @@ class CaseDataset(Dataset):
     def _add_site(self, site_name: str, site_dir: Path) -> None:
         labels, label_problems = read_labels(site_dir)
         self._report(label_problems)
+        broken, bad_rows = labels_unusable(label_problems), bad_label_rows(label_problems)
+        has_labels_file = not any(p.kind == "no-labels-file" for p in label_problems)
         listed_patients = read_patient_ids(site_dir, self.patient_salt)
         for case_dir in list_cases(site_dir):
             case_id = case_id_of(case_dir)
-            if case_id not in labels:
-                self._report([Problem(str(case_dir), "missing-label", "case not in labels.csv; skipped", ERROR,
-                                      case_id)])
+            if broken or case_id in bad_rows:
+                # a label the site meant to give but that cannot be read: not trained as if unlabelled
+                self._report([Problem(str(case_dir), "missing-label", "its labels.csv row (or the file) is unusable; "
+                                      "case skipped until it is fixed", ERROR, case_id)])
                 continue
+            has_label = case_id in labels
+            if not has_label and has_labels_file:
+                self._report([Problem(str(case_dir), "missing-label", "case not in labels.csv: unlabelled, trains "
+                                      "its segmentation only", INFO, case_id)])
             try:
-                arrays = self._load_arrays(case_dir)
+                arrays = self._load_arrays(case_dir, has_label=has_label)
             except CaseError as exc:
                 self._report(exc.problems)
                 log.warning("skipping case %s: %s", case_dir, exc)
@@ -221,7 +253,9 @@ class CaseDataset(Dataset):
                 continue
             self.cases.append((site_name, case_id))
             self._case_dirs.append(case_dir)
-            self._labels.append(labels[case_id])
+            self._labels.append(labels.get(case_id, 0))
+            self._has_label.append(has_label)
+            self._has_seg.append(bool(arrays["has_seg"] > 0))
             self._masks.append(arrays["mask"])
             keys = {str(k) for k in arrays["patients"].tolist()}
             if case_id in listed_patients:
@@ -261,22 +295,38 @@ class CaseDataset(Dataset):
         })
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _load_arrays(self, case_dir: Path, report: bool = True) -> dict[str, np.ndarray]:
-        """Preprocessed arrays of one case (``image``, ``mask``, ``seg`` and the keyed patient identifiers
-        ``patients``, a 1-D string array), from the disk cache when valid. Raises CaseError if unusable."""
+    def _load_arrays(self, case_dir: Path, report: bool = True, has_label: bool = True) -> dict[str, np.ndarray]:
+        """Preprocessed arrays of one case (``image``, ``mask``, ``seg``, ``has_seg`` and the keyed patient
+        identifiers ``patients``, a 1-D string array), from the disk cache when valid.
+
+        Raises:
+            CaseError: the case is unusable (no readable image; or no segmentation while ``require_seg`` or while
+                the case has no label either: ``has_label`` says whether it has one).
+        """
         path = None
         if self.cache_dir is not None:
             path = self.cache_dir / f"{self._cache_key(case_dir)}.npz"
             if path.is_file():
                 try:
                     with np.load(path) as data:
-                        return {k: data[k] for k in ("image", "mask", "seg", "patients")}
+                        cached = {k: data[k] for k in ("image", "mask", "seg", "has_seg", "patients")}
+                    if has_label or cached["has_seg"] > 0:
+                        return cached
                 except Exception as exc:  # a damaged cache file is rebuilt, not fatal
                     log.info("rebuilding damaged cache entry %s (%s)", path, exc)
         case = load_case(case_dir, self.modalities, self.mapping, require_seg=self.require_seg, limits=self.limits,
                          patient_salt=self.patient_salt)
+        problems = case.problems
+        if case.seg is None:
+            if not has_label:
+                raise CaseError(f"{case_dir}: neither a segmentation nor a label", [*problems, Problem(
+                    str(case_dir), "no-targets", "neither a segmentation nor a label in labels.csv: nothing to train "
+                    "on; case skipped (add either)", ERROR, case_id_of(case_dir))])
+            # a labelled case without a segmentation trains its classification: a note, not an error
+            problems = [replace(p, severity=INFO, reason=f"{p.reason}; the case trains its classification only")
+                        if p.kind == "missing-seg" else p for p in problems]
         if report:
-            self._report(case.problems)
+            self._report(problems)
         arrays = preprocess_case(case.images, case.seg, self.modalities, self.spatial_size)
         arrays["patients"] = np.asarray(sorted(case.patients), dtype=np.str_).reshape(-1)
         if path is not None:  # atomic: a concurrent reader never sees half a file
@@ -307,6 +357,7 @@ class CaseDataset(Dataset):
         image = torch.from_numpy(np.array(arrays["image"], dtype=np.float32))
         mask = torch.from_numpy(np.array(arrays["mask"], dtype=np.float32))
         seg = torch.from_numpy(np.array(arrays["seg"], dtype=np.int64))
+        has_seg = self._has_seg[index]
         if self._augment_transform is not None:
             out = self._augment_transform({"image": image, "seg": seg[None]})
             image = _plain(out["image"]).float()
@@ -317,6 +368,8 @@ class CaseDataset(Dataset):
             "mask": mask,
             "seg": seg.contiguous(),
             "label": torch.tensor(self._labels[index], dtype=torch.int64),
+            "has_seg": torch.tensor(1.0 if has_seg else 0.0, dtype=torch.float32),
+            "has_label": torch.tensor(1.0 if self._has_label[index] else 0.0, dtype=torch.float32),
             "case_id": self.cases[index][1],
         }
 
@@ -358,8 +411,32 @@ class CaseDataset(Dataset):
         return f"{site}/{case_id}"
 
     def labels(self) -> list[int]:
-        """The case labels in item order (read from labels.csv at construction; no item is loaded)."""
+        """The case labels in item order (read from labels.csv at construction; no item is loaded); 0, a
+        placeholder, for unlabelled cases (see :meth:`has_label`)."""
         return list(self._labels)
+
+    def has_label(self) -> list[bool]:
+        """Per item (in order), whether the case has a label in labels.csv."""
+        return list(self._has_label)
+
+    def has_seg(self) -> list[bool]:
+        """Per item (in order), whether the case has a usable segmentation."""
+        return list(self._has_seg)
+
+    def known_labels(self, indices: Sequence[int] | None = None) -> list[int]:
+        """The labels of the labelled cases among ``indices`` (default all), in order: what class shares and
+        priors are computed from (placeholders never count)."""
+        chosen = range(len(self._labels)) if indices is None else indices
+        return [self._labels[i] for i in chosen if self._has_label[i]]
+
+    def target_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
+        """How many cases (of ``indices``, default all) carry a segmentation and/or a label: keys ``cases``,
+        ``seg``, ``label``, ``both``."""
+        chosen = list(range(len(self._labels)) if indices is None else indices)
+        seg = [self._has_seg[i] for i in chosen]
+        lab = [self._has_label[i] for i in chosen]
+        return {"cases": len(chosen), "seg": sum(seg), "label": sum(lab),
+                "both": sum(a and b for a, b in zip(seg, lab))}
 
     def modality_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
         """How many usable cases (of ``indices``, default all) carry each modality (every modality of

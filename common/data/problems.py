@@ -18,15 +18,18 @@ PROBLEM_KINDS: dict[str, str] = {
     "unknown-series": "series description not mapped to a modality",
     "unsupported-series": "series that cannot be turned into a volume",
     "duplicate-series": "more than one series for the same modality",
-    "missing-label": "case not in labels.csv (or label invalid)",
-    "missing-seg": "case has no segmentation (<case>_seg.nii[.gz], a DICOM SEG, or a Decathlon labelsTr file)",
+    "missing-label": "case not in labels.csv (or label invalid); an unlabelled case still trains its segmentation",
+    "missing-seg": "case has no segmentation (<case>_seg.nii[.gz], a DICOM SEG, or a Decathlon labelsTr file); a "
+                   "labelled case still trains its classification",
+    "no-targets": "case has neither a segmentation nor a label: nothing to train or evaluate on; skipped",
+    "no-labels-file": "the site has no labels.csv: every case is unlabelled (segmentation only)",
     "bad-seg": "segmentation unreadable, over a reader limit, with values its label convention does not have, or a "
                "DICOM SEG that cannot be placed on its source series",
     "unknown-segment": "DICOM SEG segment whose name maps to no fedfusion sub-region; the SEG is not used",
     "ambiguous-convention": "a case's files follow more than one label convention (or a stated convention does not "
                             "fit the layout); its segmentation is not used",
     "bad-site-settings": "fedfusion-site.toml or a Decathlon dataset.json unreadable or invalid; nothing is read",
-    "bad-labels-file": "labels.csv missing or malformed",
+    "bad-labels-file": "labels.csv malformed, unreadable or a link out of the site (its cases are then skipped)",
     "no-images": "case has no usable image of the requested modalities",
     "label-without-case": "labels.csv names a case folder that does not exist",
     "unknown-file": "NIfTI file whose name maps to no modality",
@@ -41,6 +44,7 @@ SEG_PROBLEM_KINDS = frozenset({"bad-seg", "unknown-segment", "ambiguous-conventi
 
 ERROR = "error"  # the file/series/case was skipped
 WARNING = "warning"  # used, with a caveat (e.g. one missing slice interpolated)
+INFO = "info"  # nothing wrong: a note on what is used (e.g. an unlabelled case trains its segmentation only)
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class Problem:
         path: the file or folder concerned (local path, as a string).
         kind: one of :data:`PROBLEM_KINDS`.
         reason: human-readable explanation, including what was done about it.
-        severity: ``"error"`` (skipped) or ``"warning"`` (used with a caveat).
+        severity: ``"error"`` (skipped), ``"warning"`` (used with a caveat) or ``"info"`` (a note, e.g. a case
+            that trains only the target it has).
         case_id: site-local case id (folder name), ``""`` for site-level problems.
     """
 

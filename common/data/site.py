@@ -2,8 +2,8 @@
 
 ```
 DATA/                 a data root: site-* folders and heldout/
-  site-01/            a site: labels.csv + one folder per case (folder name = site-local case id)
-    labels.csv        case_id,label[,patient_id]  (0 benign / 1 malignant; patient_id optional, see below)
+  site-01/            a site: one folder per case (folder name = site-local case id), optionally labels.csv
+    labels.csv        optional: case_id,label[,patient_id]  (0 benign / 1 malignant; patient_id optional, see below)
     fedfusion-site.toml   optional: what the site states about its data (label convention; site_settings.py)
     case-0001/        DICOM files at any depth (a DICOM SEG among them) and/or NIfTI files, <case>_seg.nii.gz
   heldout/            the server's held-out set, same layout as a site
@@ -40,7 +40,7 @@ from .geometry import Grid, reorient_grid, resample_to_grid
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .msd_reader import read_msd_case
 from .nifti_reader import NiftiCase, is_nifti, read_nifti_case
-from .problems import ERROR, SEG_PROBLEM_KINDS, WARNING, Problem
+from .problems import ERROR, INFO, SEG_PROBLEM_KINDS, WARNING, Problem
 from .series_mapping import MappingSource, load_series_mapping
 from .site_settings import read_site_settings
 
@@ -125,16 +125,26 @@ def list_cases(site_dir: Path) -> list[Path]:
 def read_labels(site_dir: Path) -> tuple[dict[str, int], list[Problem]]:
     """Read ``labels.csv`` (columns ``case_id,label``; label 0/1 or ``benign``/``malignant``).
 
+    The file is optional: a site without it (a public segmentation data set) has only unlabelled cases, which train
+    their segmentation (docs/site.md, "What a site folder may hold").
+
     Returns:
-        ``(labels, problems)``; a missing or malformed file gives an empty dict and a ``bad-labels-file``
-        problem, a bad row a ``missing-label`` problem for that case.
+        ``(labels, problems)``; a missing file gives an empty dict and a ``no-labels-file`` note (severity
+        ``info``); a malformed or unsafe one an empty dict and a ``bad-labels-file`` error (:func:`labels_unusable`:
+        its cases are not trained, rather than silently trained as unlabelled); a bad row a ``missing-label``
+        error for that case.
     """
     path = Path(site_dir) / LABELS_FILE
     problems: list[Problem] = []
     labels: dict[str, int] = {}
+    if not os.path.lexists(path):
+        return labels, [Problem(str(path), "no-labels-file",
+                                f"no {LABELS_FILE}: every case is unlabelled and trains its segmentation only; write "
+                                "one with a header line 'case_id,label' to train classification too", INFO)]
     if not path.is_file():
         return labels, [Problem(str(path), "bad-labels-file",
-                                f"no {LABELS_FILE}; write one with a header line 'case_id,label'", ERROR)]
+                                f"{LABELS_FILE} is not a regular file (or a dangling link); replace it with a CSV "
+                                "file with a header line 'case_id,label'", ERROR)]
     target = os.path.realpath(path)
     if not is_inside(target, os.path.realpath(site_dir)):
         return labels, [Problem(str(path), "unsafe-path",
@@ -167,6 +177,18 @@ def read_labels(site_dir: Path) -> tuple[dict[str, int], list[Problem]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return {}, [Problem(str(path), "bad-labels-file", f"cannot read: {exc}", ERROR)]
     return labels, problems
+
+
+def labels_unusable(problems: Sequence[Problem]) -> bool:
+    """Whether :func:`read_labels`' ``problems`` say ``labels.csv`` exists but cannot be used (then no case of the
+    site is trained: a broken file must not turn labelled cases into unlabelled ones unnoticed)."""
+    return any(p.kind in ("bad-labels-file", "unsafe-path") and p.severity == ERROR and not p.case_id
+               for p in problems)
+
+
+def bad_label_rows(problems: Sequence[Problem]) -> set[str]:
+    """Case ids whose ``labels.csv`` row holds an invalid label (not trained: the row says the case is labelled)."""
+    return {p.case_id for p in problems if p.kind == "missing-label" and p.case_id}
 
 
 #: Optional ``labels.csv`` column naming each study's patient (NIfTI sites: they have no DICOM PatientID).

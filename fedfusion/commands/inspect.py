@@ -11,7 +11,8 @@ import typer
 
 
 def command(
-    directory: Annotated[Path, typer.Argument(help="A site folder (case folders + labels.csv) or a data root.")],
+    directory: Annotated[Path, typer.Argument(help="A site folder (case folders, optional labels.csv) or a data "
+                                              "root.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     modalities: Annotated[
         Optional[list[str]],
@@ -24,8 +25,10 @@ def command(
     headers_only: Annotated[
         bool, typer.Option("--headers-only", help="Read DICOM headers only (faster; misses pixel-level problems).")
     ] = False,
-    allow_missing_seg: Annotated[
-        bool, typer.Option("--allow-missing-seg", help="Count cases without a segmentation as usable.")
+    require_seg: Annotated[
+        bool, typer.Option("--require-seg/--allow-missing-seg",
+                           help="Count only cases with a segmentation as usable (default: a labelled case without "
+                                "one is usable, it trains its classification).")
     ] = False,
     state: Annotated[
         Optional[Path],
@@ -39,7 +42,8 @@ def command(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Run config key for the plan: --set "
                                                       "dp-target-epsilon=3 (repeatable).")] = None,
 ) -> None:
-    """Report cases, modalities, label balance and every problem, and what epsilon each site's case count affords
+    """Report cases, modalities, label balance, which targets the cases carry (segmentation, label, both,
+    neither) and every problem, and what epsilon each site's case count affords
     (privacy plan); exit 1 when no usable case remains."""
     from rich.console import Console
 
@@ -49,7 +53,7 @@ def command(
     err = Console(stderr=True)
     try:
         mods = canonical([m for arg in modalities for m in arg.split(",") if m.strip()]) if modalities else MODALITIES
-        report = inspect_data(directory, mods, series_map, require_seg=not allow_missing_seg,
+        report = inspect_data(directory, mods, series_map, require_seg=require_seg,
                               read_pixels=not headers_only)
         plans = _plans(report, set_) if plan else {}
     except ValueError as exc:  # bad --modalities, --series-map or --set
@@ -144,6 +148,11 @@ def _print_report(report: "object", console: "object") -> None:
             + ", ".join(f"{k} {v}" for k, v in counts.items() if v or k != "unlabelled")
             + "   modalities: " + ", ".join(f"{m} {n}" for m, n in mod_counts.items())
         )
+        console.print(  # type: ignore[attr-defined]
+            "  targets: " + ", ".join(f"{k} {v}" for k, v in site.target_counts().items())
+            + ("   (no labels.csv: every case is unlabelled)"
+               if any(p.kind == "no-labels-file" for p in site.problems) else "")
+        )
         problems = site.all_problems()
         if problems:
             ptable = Table(title=escape(f"{site.name}: {len(problems)} problem(s)"), title_justify="left")
@@ -152,7 +161,7 @@ def _print_report(report: "object", console: "object") -> None:
             ptable.add_column("path", overflow="fold")
             ptable.add_column("reason", overflow="fold")
             for p in problems:
-                colour = "red" if p.severity == "error" else "yellow"
+                colour = {"error": "red", "warning": "yellow"}.get(p.severity, "blue")
                 ptable.add_row(f"[{colour}]{p.severity}[/{colour}]", p.kind, escape(p.path), escape(p.reason))
             console.print(ptable)  # type: ignore[attr-defined]
     console.print(  # type: ignore[attr-defined]

@@ -29,6 +29,10 @@ def command(
                                                             "selection set (default: as --heldout-cases).")] = None,
     unseen_cases: Annotated[Optional[int], typer.Option(help="Cases of heldout-unseen/, a cohort from a scanner "
                                                         "vendor no site has (default: as --heldout-cases).")] = None,
+    unlabelled_fraction: Annotated[float, typer.Option(help="Share of each site's cases left out of its labels.csv "
+                                                       "(mixed supervision; 1: no labels.csv).")] = 0.0,
+    unsegmented_fraction: Annotated[float, typer.Option(help="Share of each site's cases written without a "
+                                                        "segmentation (disjoint from the unlabelled ones).")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace phantoms generated earlier in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -55,6 +59,8 @@ def command(
             heldout_cases=heldout_cases,
             validation_cases=validation_cases,
             unseen_cases=unseen_cases,
+            unlabelled_fraction=unlabelled_fraction,
+            unsegmented_fraction=unsegmented_fraction,
             progress=progress,
             overwrite=overwrite,
         )
