@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -56,6 +57,8 @@ def connect(init_args: dict[str, Any], cpus_per_site: float | None, address: str
     Raises:
         RayClusterError: nothing answers at ``address``, or Ray fails to start.
     """
+    if address:
+        _check_reachable(address)
     import ray
 
     if ray.is_initialized():
@@ -74,6 +77,20 @@ def connect(init_args: dict[str, Any], cpus_per_site: float | None, address: str
         hint = (" (is `ray start --head` running there, and is this the address it printed?)" if address else "")
         raise RayClusterError(f"could not start or join {where}: {exc}{hint}") from exc
     return dict(ray.cluster_resources())
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    # Ray's own client retries a dead address for minutes before it gives up (and installs signal handlers in the
+    # meantime): a TCP connect says at once whether anything listens there
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayClusterError(f"Ray address {address!r} is not HOST:PORT (as `ray start --head` prints it)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RayClusterError(f"nothing answers at the Ray cluster address {address} ({exc}); is `ray start --head` "
+                              "running there, and is this the address it printed?") from exc
 
 
 def disconnect() -> None:

@@ -96,13 +96,15 @@ def test_only_the_sites_entropy_source_feeds_the_noise(phantoms: Path, tmp_path:
     updates = []
     for seed, server_round, extra in ((0, 1, {}), (12345, 7, {"seed": 99, "noise-seed": 4})):
         monkeypatch.setattr(randomness, "system_entropy", fake_entropy("site"))
-        rc = run_config(seed=seed)
+        # a constant learning rate: the run's schedule is a public function of the round, not randomness
+        rc = run_config(seed=seed, **{"lr-schedule": "constant", "lr-warmup": 0.0})
         update, _ = _update(_node(phantoms, tmp_path / f"s{seed}"), rc, server_round, extra)
         updates.append(update)
     assert _same(*updates), "a server-side value reached the site's random draws"
     # and the entropy source is really used: another byte stream, another update
     monkeypatch.setattr(randomness, "system_entropy", fake_entropy("another site"))
-    different, _ = _update(_node(phantoms, tmp_path / "other"), run_config())
+    different, _ = _update(_node(phantoms, tmp_path / "other"), run_config(**{"lr-schedule": "constant",
+                                                                              "lr-warmup": 0.0}))
     assert not _same(updates[0], different)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from common import packing
 from common.runconfig import RunConfigError, model_entries
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.network import build_model
@@ -28,10 +29,19 @@ class RecordingSites:
         self.received: dict[int, list[dict[str, torch.Tensor]]] = {}
 
     def __call__(self, node_id: int, msg: Message) -> Message:
+        if msg.metadata.message_type.startswith("query"):  # prepare-sites before round 1 (server/prepare.py)
+            return Message(content=RecordDict({"metrics": MetricRecord({"ready": 1.0, "can-evaluate": 1.0})}),
+                           reply_to=msg)
         rnd = int(msg.content["config"]["server-round"])
         if msg.metadata.message_type.startswith("evaluate"):
             return Message(content=RecordDict({"metrics": MetricRecord(eval_metrics(3, 0.1))}), reply_to=msg)
-        state = msg.content["arrays"].to_torch_state_dict()
+        record = msg.content["arrays"]
+        if packing.is_packed(record):  # the server sends the model as one vector (common/packing.py)
+            layout = packing.model_layout(TINY)
+            assert layout is not None
+            state = {k: torch.from_numpy(v.copy()) for k, v in packing.unpack(record, layout).items()}
+        else:
+            state = record.to_torch_state_dict()
         self.received.setdefault(rnd, []).append(state)
         moved = {k: v + STEP if v.is_floating_point() else v for k, v in state.items()}
         metrics = site_metrics(sum(SITES[node_id].values()), SITES[node_id])

