@@ -69,6 +69,8 @@ def test_rows_over_seeds_mean_sd_and_paired_differences() -> None:
     noisy = paired(rows([0.8, 0.6, 0.9]), rows([0.7, 0.7, 0.7]), "m")  # +0.1, -0.1, +0.2
     assert verdict(noisy) == "tie" and "within two standard errors" in against(noisy)
     assert paired(a, rows([0.5]), "m").n == 1 and cell(summarise(rows([0.5]), "m")) == "0.500"
+    one = paired(a, rows([0.5]), "m")  # a single seed has no noise estimate: never called better or worse
+    assert verdict(one) == "one seed" and "not tested" in against(one)
     assert summarise([Outcome("r", {}, 0.0, "")], "m").n == 0 and verdict(paired([], b, "m")) == "n/a"
 
 

@@ -3,7 +3,7 @@
 A difference counts only when it is outside the noise: :func:`paired` gives the mean and SD of the per-seed
 differences between two rows run on the same seeds (same data, initialisation and training randomness), and
 :func:`verdict` calls it a tie when the mean difference is within two standard errors of zero (or when only one
-seed was run and the difference is smaller than the tolerance given).
+seed was run, when it is reported as untested).
 """
 
 from __future__ import annotations
@@ -52,11 +52,14 @@ def paired(a: Sequence[Outcome], b: Sequence[Outcome], key: str) -> Summary:
 
 def verdict(diff: Summary, margin: float = 0.0) -> str:
     """``"better"``, ``"worse"`` or ``"tie"`` for a paired difference against ``margin``: better when the mean
-    exceeds ``margin`` by more than two standard errors (one seed: by anything), worse when it falls short of it
-    likewise, a tie otherwise (``margin`` 0: is one row better than the other at all)."""
+    exceeds ``margin`` by more than two standard errors, worse when it falls short of it likewise, a tie otherwise
+    (``margin`` 0: is one row better than the other at all); ``"one seed"`` when a single seed gives no noise
+    estimate to test against, ``"n/a"`` when nothing was measured."""
     if diff.n == 0 or not math.isfinite(diff.mean):
         return "n/a"
-    noise = 2 * diff.sem if diff.n > 1 else 0.0
+    if diff.n == 1:
+        return "one seed"
+    noise = 2 * diff.sem
     if diff.mean - noise > margin:
         return "better"
     if diff.mean + noise < margin:
@@ -79,5 +82,6 @@ def against(diff: Summary, margin: float = 0.0) -> str:
         "better": f"above +{margin:g} beyond two standard errors" if margin else "better beyond two standard errors",
         "worse": f"short of +{margin:g} beyond two standard errors" if margin else "worse beyond two standard errors",
         "tie": f"within two standard errors of +{margin:g}" if margin else "a tie (within two standard errors)",
+        "one seed": "one seed: no noise estimate, so not tested",
         "n/a": "not measured",
     }[verdict(diff, margin)]
