@@ -201,3 +201,9 @@ def test_poisson_loader_builds_an_empty_first_batch_of_dict_items() -> None:
     batch = next(iter(loader))
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (0, 2, 4, 4) and batch["label"].dtype == torch.int64
+
+
+def test_seeds_override_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        experiments.run("settings", budget="tiny", seeds=0, work=tmp_path, write=False)
+    assert not any(tmp_path.iterdir())  # nothing generated or trained

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,6 +20,8 @@ def command(
     out: Annotated[Path, typer.Option("--out", help="Work folder for phantoms and run directories.")] = Path(
         "runs/experiments"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, initialisation and site training.")] = 0,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Seeds of the headline rows (default: the "
+                                                 "budget's); the section says how many ran.")] = None,
     results: Annotated[Path, typer.Option("--results", help="Markdown file the table goes to (its own marked "
                                           "section; the rest of the file is kept).")] = Path("docs/results.md"),
     no_write: Annotated[bool, typer.Option("--no-write", help="Print the table only; leave the results file "
@@ -40,7 +42,7 @@ def command(
                                  param_hint="--budget")
     argv = ["fedfusion", *sys.argv[1:]] if sys.argv and "experiment" in sys.argv else [
         "fedfusion", "experiment", name, "--budget", budget, "--seed", str(seed)]
-    text = experiments.run(name, budget=budget, seed=seed, work=out.resolve(), results=results.resolve(),
+    text = experiments.run(name, budget=budget, seed=seed, seeds=seeds, work=out.resolve(), results=results.resolve(),
                            command=shlex.join(argv), progress=progress, write=not no_write)
     if not no_write:
         typer.echo(text)

@@ -40,14 +40,22 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{EXPERIMENTS[key][0]}")
 
 
-def run(name: str, budget: str = "small", seed: int = 0, **context: object) -> str:
+def run(name: str, budget: str = "small", seed: int = 0, seeds: int | None = None, **context: object) -> str:
     """Run experiment ``name`` at ``budget`` with ``seed`` and return the Markdown it wrote.
 
-    Extra keyword arguments go to :class:`simulations.experiments.common.Context` (``work``, ``results``,
-    ``command``, ``progress``, ``write``).
+    ``seeds`` overrides the budget's number of seeds for headline rows (the section says how many ran). Extra keyword
+    arguments go to :class:`simulations.experiments.common.Context` (``work``, ``results``, ``command``,
+    ``progress``, ``write``).
     """
+    from dataclasses import replace
+
     from .common import Context, budget_of
 
     module = get(name)
-    ctx = Context(budget=budget_of(budget), seed=int(seed), **context)  # type: ignore[arg-type]
+    chosen = budget_of(budget)
+    if seeds is not None:
+        if int(seeds) < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        chosen = replace(chosen, seeds=int(seeds))
+    ctx = Context(budget=chosen, seed=int(seed), **context)  # type: ignore[arg-type]
     return module.run(ctx)
