@@ -35,7 +35,7 @@ TRAIN_METRICS: frozenset[str] = frozenset(
 #: What an evaluate reply may report: the (bucketed) case count, the DP-noised sufficient statistics of
 #: :mod:`common.evalstats` and the release's privacy numbers; never the site's own metrics.
 EVALUATE_METRICS: frozenset[str] = frozenset(
-    {WEIGHT_KEY, "eval-noise-multiplier", "epsilon-total", "epsilon-round", *STATISTIC_KEYS}
+    {WEIGHT_KEY, "eval-noise-multiplier", "epsilon-total", "epsilon-round", "delta", *STATISTIC_KEYS}
 )
 
 #: Names older sites send that the server ignores without a warning (``site-index``: the server names a site by
