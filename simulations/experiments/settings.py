@@ -88,7 +88,15 @@ def findings(local: dict[str, list[Outcome]], fed: list[Outcome], pooled: list[O
     if local:
         worst = min(local, key=lambda s: summarise(local[s], key).mean)
         best = max(local, key=lambda s: summarise(local[s], key).mean)
-        out.append(f"- Local-only training at the same steps: {cell(summarise(local[worst], key))} (`{worst}`) to "
-                   f"{cell(summarise(local[best], key))} (`{best}`) mean-region Dice, one seed: what a site gets "
-                   "without the federation.")
+        lo, hi = summarise(local[worst], key).mean, summarise(local[best], key).mean
+        text = (f"- Local-only training at the same steps: {cell(summarise(local[worst], key))} (`{worst}`) to "
+                f"{cell(summarise(local[best], key))} (`{best}`) mean-region Dice, one seed: what a site gets "
+                "without the federation")
+        if p.mean == p.mean and p.mean > 0:
+            text += f" ({lo / p.mean:.2f}-{hi / p.mean:.2f} of pooled"
+            if hi >= p.mean - 2 * p.sd:
+                text += ("; a single site's cases seen more often reach the pooled model at equal steps, so at this "
+                         "budget the step count, not the number of cases, limits the pooled and federated rows")
+            text += ")"
+        out.append(text + ".")
     return out
