@@ -28,6 +28,12 @@ TIMEOUT = 600
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT)]
 
 
+def _worker_ports(taken: list[int], count: int = 200) -> list[str]:
+    """Ray's worker port range, disjoint from the ports given to its other components (Ray refuses an overlap)."""
+    low = max(taken) + 1 if max(taken) + count <= 65535 else min(taken) - count
+    return [f"--min-worker-port={low}", f"--max-worker-port={low + count - 1}"]
+
+
 @pytest.fixture
 def ray_head(tmp_path: Path) -> Iterator[tuple[str, Path, processes.ProcessSet]]:
     """A Ray head on 127.0.0.1 (``HOST:PORT``), its temporary folder and the process set that owns it."""
@@ -42,7 +48,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, Path, processes.ProcessSet]]
     argv = [str(ray), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
             *[f"--{name}={port}" for name, port in zip(names, others)],
-            f"--min-worker-port={others[-1] + 1}", f"--max-worker-port={others[-1] + 200}"]
+            *_worker_ports([gcs, *others])]
     procs = processes.ProcessSet(tmp_path / "logs")
     try:
         procs.start("ray-head", argv)
