@@ -200,9 +200,9 @@ def get_runtime(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
         # per-patient clipping, so under DP it would release label information no ledger entry pays for. A private
         # site trains with plain cross-entropy instead (docs/site.md).
         prior = None
-        known = dataset.known_labels(split.train)  # unlabelled cases' placeholders never count
-        if ts.balance_classes and not dp.enabled and known:
-            prior = label_prior(known)
+        if ts.balance_classes and not dp.enabled:
+            known = dataset.known_labels(split.train)  # unlabelled cases' placeholders never count
+            prior = label_prior(known) if known else None
         rt = SiteRuntime(settings=settings, model_cfg=cfg, train=ts, dp_request=dp, device=device, dataset=dataset,
                          model=model, loss_fn=MultiTaskLoss(class_prior=prior), split=split)
         rt.counts = modality_counts(dataset, split.train)

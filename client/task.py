@@ -110,8 +110,8 @@ def _train(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], float, float]:
     """Load ``state``, run the local epochs; returns the new state (the trainable set only), the non-privacy reply
     metrics, the seconds and the mean training loss (for the site's log only: a loss is not sent)."""
-    from models.trainable import trained_names
     from models.schedule import LRSchedule
+    from models.trainable import trained_names
     from models.training import ProximalTerm, train_epoch
 
     from .privacy.multiplicity import MultiViewLoader

@@ -352,14 +352,17 @@ class FedFusionStrategy(Strategy):
                     msg.content[name] = packed
         return messages
 
+    def _trained_arrays(self) -> dict[str, np.ndarray]:
+        """The global arrays of the run's trainable set (``dp-trainable``), in the global model's order: exactly what
+        a train reply carries."""
+        return {k: self.current[k] for k in self.trained}
+
     def _unpacked(self, msg: Message) -> tuple[Message, str | None]:
         """A packed reply with its arrays named again (laid out as the global model), or the reason it cannot be."""
         arrays = reply_arrays(msg) if not msg.has_error() else None
         if arrays is None or not packing.is_packed(arrays):
             return msg, None
-        # a train reply carries the run's trainable set only (dp-trainable), in the global model's order
-        sent = {k: self.current[k] for k in self.trained} if self.trained else self.current
-        layout = packing.layout_of(sent)
+        layout = packing.layout_of(self._trained_arrays() or self.current)
         if layout is None:
             return msg, "packed arrays, but the global model is never sent packed (several dtypes)"
         try:
@@ -453,7 +456,7 @@ class FedFusionStrategy(Strategy):
         claimed = {node_of(m): metrics for m in to_validate
                    if not m.has_error() and (metrics := reply_metrics(m)) is not None}
         overclaims = self.claims.check("train", rnd, claimed)
-        expected = {k: self.current[k] for k in self.trained}  # replies carry the trainable set, nothing else
+        expected = self._trained_arrays()
         result = self.validator.validate(
             [m for m in to_validate if node_of(m) not in overclaims and node_of(m) not in malformed], expected)
         result.rejected[:0] = [Rejection(node, reason) for node, reason in {**malformed, **overclaims}.items()]

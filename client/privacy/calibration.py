@@ -98,9 +98,13 @@ def _derived_noise(cache_dir: Path | None, request: DPConfig, sample_rate: float
             cached = {}
     if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)):
         return float(cached[key])
-    sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
-                                    sample_rate=sample_rate, steps=steps, accountant=request.accountant)
-    _MEMO[key] = sigma
+    # the search costs seconds; simulated sites of one size served by one worker share it (each still gets the
+    # value in its own state directory below)
+    sigma = _MEMO.get(key)
+    if sigma is None:
+        sigma = derive_noise_multiplier(target_epsilon=request.target_epsilon, delta=request.delta,
+                                        sample_rate=sample_rate, steps=steps, accountant=request.accountant)
+        _MEMO[key] = sigma
     if cache_file is not None:
         table = cached if isinstance(cached, dict) else {}
         table[key] = sigma
