@@ -207,3 +207,21 @@ def test_seeds_override_is_checked_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         experiments.run("settings", budget="tiny", seeds=0, work=tmp_path, write=False)
     assert not any(tmp_path.iterdir())  # nothing generated or trained
+
+
+def test_cached_rows_are_keyed_by_the_resolved_run_config(tmp_path: Path) -> None:
+    """A row cached under one pyproject default is not served once the default changes (the key resolves the
+    overrides against pyproject.toml), while naming the default explicitly is the same row."""
+    from common.runconfig import PROJECT_DIR, defaults
+    from simulations.experiments.common import federated_key
+
+    data = tmp_path / "phantoms"
+    assert federated_key(data, "full", {}) == federated_key(data, "full", {"lr": defaults()["lr"]})
+    assert federated_key(data, "full", {}) != federated_key(data, "full", {"lr": 0.5})
+    other = tmp_path / "project"
+    other.mkdir()
+    text = (PROJECT_DIR / "pyproject.toml").read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith("optimizer-state ="))
+    flipped = "keep" if '"reset"' in line else "reset"
+    (other / "pyproject.toml").write_text(text.replace(line, f'optimizer-state = "{flipped}"'), encoding="utf-8")
+    assert federated_key(data, "full", {}, other) != federated_key(data, "full", {})

@@ -17,14 +17,17 @@ reproducibly from the run's seed (``reproducible-noise = true``; a real site's n
 Real sites keep their own policies; this only stands in for the sites' consent in a simulation.
 
 Reproducibility: the seed fixes the phantoms (anatomy, labels, scanners), the model initialisation and every site's
-training randomness (``seed`` run config key, through the virtual sites' ``reproducible-noise`` policy); each finished run caches its outcome (``RUN/outcome.json``, keyed by the
-run's settings) so an interrupted experiment resumes where it stopped.
+training randomness (``seed`` run config key, through the virtual sites' ``reproducible-noise`` policy). Each
+finished run caches its outcome (``RUN/outcome.json``) so an interrupted experiment resumes where it stopped; the
+key is the row's fully resolved run config (pyproject's defaults included) and a fingerprint of the training and
+evaluation source, so a changed default or a changed network retrains the row instead of serving a stale number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import runconfig
 from common.layout import heldout_dir
 from models.modalities import subset_name
 
@@ -214,8 +218,36 @@ def equal_step_epochs(steps: int, cases: int, batch_size: int) -> int:
     return max(1, round(steps / math.ceil(cases / batch_size)))
 
 
+#: Source that shapes what a row trains and how it is scored: a cached outcome is reused only while these files
+#: are unchanged (a changed loss or network must not be served from a run the old code trained).
+_TRAINING_SOURCES: tuple[str, ...] = ("models", "common", "client", "server", "simulations/central.py",
+                                      "simulations/simulate.py", "simulations/experiments/common.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha1 over the training and evaluation source (:data:`_TRAINING_SOURCES`), file names and contents."""
+    digest = hashlib.sha1()
+    for entry in _TRAINING_SOURCES:
+        path = ROOT / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(ROOT)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _key(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Cache key of a row: its fully resolved settings (pyproject's defaults included, so a changed default
+    invalidates the rows that ran under the old one) and the code that trained it."""
+    payload = {"code": code_fingerprint(), **settings}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def federated_key(data: Path, subsets: str, overrides: Mapping[str, Any],
+                  project_dir: Path = runconfig.PROJECT_DIR) -> str:
+    """Cache key of a federated row: ``overrides`` resolved against ``project_dir``'s pyproject.toml."""
+    return _key({"kind": "federated", "data": str(data), "subsets": subsets,
+                 **runconfig.load(overrides, project_dir)})
 
 
 def _cached(run_dir: Path, key: str) -> Outcome | None:
@@ -264,7 +296,7 @@ def run_federated(ctx: Context, label: str, data: Path, overrides: Mapping[str, 
     seed = ctx.seed if seed is None else int(seed)
     cfg = {**base_overrides(ctx, seed), **overrides}
     run_dir = _run_dir(ctx, label, seed)
-    key = _key({"kind": "federated", "data": str(data), "subsets": subsets, **cfg})
+    key = federated_key(data, subsets, cfg)
     cached = _cached(run_dir, key)
     if cached is not None:
         return cached
