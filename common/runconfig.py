@@ -168,8 +168,8 @@ _KEYS: tuple[Key, ...] = (
         _at_least(0)),
     Key("optimizer", str, "train", "site optimizer: adam, sgd (momentum 0.9) or adam-bc (DP-Adam with the noise "
         "variance taken out of the second moment, Tang et al. 2024)", _one_of(*OPTIMIZERS)),
-    Key("optimizer-state", str, "train", "reset: each round starts a fresh optimizer; keep: the site keeps its "
-        "optimizer state across rounds (tensors in its state directory)", _one_of("reset", "keep")),
+    Key("optimizer-state", str, "train", "keep: the site keeps its optimizer state across the rounds of a run "
+        "(tensors in its state directory); reset: each round starts a fresh optimizer", _one_of("reset", "keep")),
     # patient-level DP
     Key("dp-enabled", bool, "dp", "train with DP-SGD (a site may refuse false)"),
     Key("dp-target-epsilon", float, "dp", "epsilon a site plans to spend over the run", _at_least(0, strict=True)),

@@ -191,6 +191,22 @@ def test_optimizer_state_refuses_another_parameter_set(tmp_path: Path) -> None:
     assert load_state(path, fresh, "sgd", ["w"]) and torch.equal(fresh.state[w]["momentum_buffer"], torch.ones(3))
 
 
+def test_a_site_keeps_only_its_most_recent_optimizer_states(tmp_path: Path) -> None:
+    """A long-lived site takes part in run after run: old runs' states are pruned, the newest ones stay."""
+    import os
+
+    from client.privacy.optimizers import KEEP_STATES, state_file
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    paths = [state_file(tmp_path, f"run-{i}", "sgd", ["w"]) for i in range(KEEP_STATES + 3)]
+    for i, path in enumerate(paths):
+        save_state(path, opt, "sgd", ["w"])
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # distinct write times, whatever the clock's resolution
+    left = sorted(p.name for p in (tmp_path / "optimizer-state").glob("*.pt"))
+    assert left == sorted(p.name for p in paths[-KEEP_STATES:])
+
+
 def test_prv_reads_the_same_ledger_tighter(tmp_path: Path) -> None:
     ledger = PersistentAccountant.load(tmp_path)
     ledger.record(1.95, 0.5, 30, 1e-5)  # the demo's per-site plan for RDP epsilon 8

@@ -14,11 +14,12 @@ Correction)"). The choices:
             the gradient's own scale; without DP (noise variance 0) it is Adam
 ==========  ======================================================================================================
 
-State across rounds: by default (``optimizer-state = reset``) each round starts a fresh optimizer. With ``keep`` the
-site saves the optimizer's state (moments, step counts: tensors and numbers only) after each round to
-``<state-dir>/optimizer-state/<key>.pt`` and loads it before the next (:func:`load_state`, ``weights_only=True``), so
+State across rounds: by default (``optimizer-state = keep``; in docs/results.md ``settings``, resetting Adam each
+round cost 0.03 mean-region Dice at equal steps, beyond the seed noise) the site saves the optimizer's state
+(moments, step counts: tensors and numbers only) after each round to ``<state-dir>/optimizer-state/<key>.pt`` and loads it before the next (:func:`load_state`, ``weights_only=True``), so
 momentum survives a deployed site's fresh process per message. The key is a digest of the run id, the optimizer and
-the names of the parameters it updates; a file that does not fit is ignored (logged), never half-loaded.
+the names of the parameters it updates; a file that does not fit is ignored (logged), never half-loaded. With
+``reset`` each round starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -143,6 +144,23 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, kind: str, names: S
                          for i, s in state.items()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(payload, path)
+    _prune(Path(path).parent, keep=Path(path))
+
+
+#: Optimizer states a site keeps: its most recent runs (a long-lived site daemon takes part in run after run, and a
+#: finished run's state is never read again; a few are kept for runs that overlap).
+KEEP_STATES = 4
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Delete all but the :data:`KEEP_STATES` most recently written states of ``folder`` (never ``keep``)."""
+    files = sorted(folder.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[KEEP_STATES:]:
+        if old != keep:
+            try:
+                old.unlink()
+            except OSError as e:  # another process pruned it first: nothing lost
+                log.debug("could not prune optimizer state %s: %s", old, e)
 
 
 def load_state(path: Path, optimizer: torch.optim.Optimizer, kind: str, names: Sequence[str]) -> bool:
