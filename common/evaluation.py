@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from common.data.dataset import CaseDataset
 from common.data.site import discover_sites
 from common.layout import HELDOUT_NAME, heldout_dir
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, stored_threshold
 from models.config import ModelConfig
 from models.evaluation import SubsetReport, evaluate_subsets, model_modalities
+from models.metrics import DEFAULT_THRESHOLD
 from models.network import FusionNet, build_model
 from models.training import resolve_device
 
@@ -155,6 +156,7 @@ def evaluate_model(
     hd95: bool | str = "full",
     batch_size: int = 4,
     device: str | torch.device = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> SubsetReport:
     """Per-modality-subset metrics of ``model`` on ``heldout`` (:func:`models.evaluation.evaluate_subsets`).
 
@@ -165,11 +167,12 @@ def evaluate_model(
         hd95: ``"full"`` (HD95 for the full modality set only), ``"all"``/True (every subset), ``"none"``/False.
         batch_size: held-out cases per forward pass.
         device: where the model runs (see :func:`load_model`).
+        threshold: decision threshold on P(malignant) of the classification metrics.
     """
     wanted = select_subsets(subsets, model_modalities(model))
     dev = resolve_device(str(device))
     loader = heldout_loader(heldout, batch_size, pin_memory=dev.type == "cuda")
-    return evaluate_subsets(model, loader, dev, wanted, hd95=hd95)
+    return evaluate_subsets(model, loader, dev, wanted, hd95=hd95, threshold=threshold)
 
 
 @dataclass
@@ -193,6 +196,10 @@ class CheckpointEvaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _or_default(threshold: float | None) -> float:
+    return DEFAULT_THRESHOLD if threshold is None else threshold
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     heldout: str | os.PathLike[str],
@@ -203,7 +210,8 @@ def evaluate_checkpoint(
     device: str | torch.device = "auto",
 ) -> CheckpointEvaluation:
     """Load ``checkpoint`` (:func:`load_model`), read the held-out folder with its config (:func:`load_heldout`)
-    and evaluate it for the chosen modality subsets (:func:`evaluate_model`; arguments as there).
+    and evaluate it for the chosen modality subsets (:func:`evaluate_model`; arguments as there), at the decision
+    threshold the checkpoint stores (calibrated on the server's selection set) or the default 0.5.
 
     Raises:
         FileNotFoundError / ValueError: an unusable checkpoint, held-out folder, device or subset choice.
@@ -211,6 +219,7 @@ def evaluate_checkpoint(
     dev = resolve_device(str(device))
     model, cfg, extra = load_model(checkpoint, dev)
     dataset = load_heldout(cfg, heldout)
-    report = evaluate_model(model, dataset, subsets=subsets, hd95=hd95, batch_size=batch_size, device=dev)
+    report = evaluate_model(model, dataset, subsets=subsets, hd95=hd95, batch_size=batch_size, device=dev,
+                            threshold=_or_default(stored_threshold(extra)))
     return CheckpointEvaluation(report=report, config=cfg, heldout=Path(heldout), cases=len(dataset), device=dev,
                                 extra=dict(extra) if isinstance(extra, Mapping) else {})

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from common.layout import PHANTOM_GENERATOR, PHANTOM_MANIFEST, VALIDATION_NAME, resolve_test_dir
+from models.checkpoint import stored_threshold
+from models.metrics import DEFAULT_THRESHOLD
 from models.modalities import subset_name
 from models.runlog import iter_metrics
 
@@ -47,8 +49,6 @@ __all__ = [
     "load_provenance",
 ]
 
-#: Decision threshold on P(malignant) when the checkpoint stores no calibrated one.
-DEFAULT_THRESHOLD = 0.5
 #: Metrics-log phases of held-out evaluations: the ServerApp's per-round one, then centralized training's.
 EVALUATION_PHASES: tuple[str, ...] = ("server-eval", "central-eval")
 
@@ -222,9 +222,9 @@ def _run_id(checkpoint: Path, extra: Mapping[str, Any], run_config: Mapping[str,
 
 
 def _threshold(extra: Mapping[str, Any]) -> tuple[float, str]:
-    value = extra.get("threshold")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
-        return float(value), "calibrated threshold stored in the checkpoint"
+    value = stored_threshold(extra)
+    if value is not None:
+        return value, "calibrated on the selection set, stored in the checkpoint"
     return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD} (the checkpoint stores no calibrated threshold)"
 
 

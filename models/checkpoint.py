@@ -90,6 +90,15 @@ def save_checkpoint(
     atomic_torch_save(payload, path)
 
 
+def stored_threshold(extra: Mapping[str, Any]) -> float | None:
+    """The calibrated decision threshold on P(malignant) a checkpoint's ``extra`` holds (``threshold``, written by
+    the server from its selection set), or ``None`` when it holds none or an unusable value."""
+    value = extra.get("threshold") if isinstance(extra, Mapping) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`, never running code from it (``weights_only=True``).
 

@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 from .metrics import (
     CLS_METRICS,
+    DEFAULT_THRESHOLD,
     classification_metrics,
     lower_is_better,
+    operating_threshold,
     seg_metric_names,
     segmentation_metrics,
 )
@@ -175,6 +177,9 @@ class SubsetReport:
         monotonicity_violations: share of violating (S, S ∪ {m}) pairs (NaN without pairs).
         monotonicity_pairs: number of pairs checked.
         seconds: wall time of the evaluation.
+        operating_threshold: the balanced-accuracy-optimal threshold on this set's full-modality-set probabilities
+            (:func:`models.metrics.operating_threshold`; what a selection set hands to the reported evaluation), or
+            ``None`` when the full set was not evaluated or its cases hold fewer than two classes.
     """
 
     modalities: tuple[str, ...]
@@ -186,6 +191,7 @@ class SubsetReport:
     seconds: float = 0.0
     metric_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    operating_threshold: float | None = None
 
     def to_flat(self) -> dict[str, float]:
         """``<row>/<metric> -> value`` for every row and metric, plus ``monotonicity-violations``."""
@@ -255,7 +261,7 @@ def evaluate_subsets(
     modalities: Sequence[str] | None = None,
     hd95: bool | str = True,
     tolerance: float = MONOTONICITY_TOLERANCE,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     shared_encoding: bool = True,
     subset_batch: int | None = None,
 ) -> SubsetReport:
@@ -394,6 +400,11 @@ def evaluate_subsets(
     violations, pairs = monotonicity(
         {s: rows[subset_name(s)]["dice-whole"] for s in wanted}, mods, tolerance
     )
+    operating = None
+    if full in wanted and labels[full]:
+        full_labels = torch.cat(labels[full])
+        if 0 < int(full_labels.sum()) < full_labels.numel():
+            operating = operating_threshold(torch.cat(probs[full]), full_labels)
     return SubsetReport(
         modalities=mods,
         subsets=wanted,
@@ -404,6 +415,7 @@ def evaluate_subsets(
         seconds=time.perf_counter() - t0,
         metric_names=metric_names,
         notes=notes,
+        operating_threshold=operating,
     )
 
 

@@ -53,6 +53,8 @@ from .config import SEG_REGIONS
 REGIONS: tuple[str, ...] = tuple(SEG_REGIONS)
 #: Segmentation metric kinds; ``hd95`` is lower-is-better.
 SEG_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "hd95")
+#: Decision threshold on P(malignant) when no calibrated one is known (a checkpoint without ``threshold``).
+DEFAULT_THRESHOLD = 0.5
 #: Classification metric names.
 CLS_METRICS: tuple[str, ...] = ("accuracy", "balanced-accuracy", "recall", "specificity", "f1", "auroc", "threshold")
 #: Metrics where smaller is better (everything else: larger is better); ``monotonicity-violations`` is the share of
@@ -160,7 +162,7 @@ def _confusion(probs: Tensor, labels: Tensor, threshold: float) -> Tensor:
 
 
 def classification_metrics(
-    probs: Tensor | Sequence[float], labels: Tensor | Sequence[int], threshold: float = 0.5
+    probs: Tensor | Sequence[float], labels: Tensor | Sequence[int], threshold: float = DEFAULT_THRESHOLD
 ) -> dict[str, float]:
     """Case-level metrics from malignant-class probabilities.
 
@@ -197,6 +199,38 @@ def classification_metrics(
         out["auroc"] = float(compute_roc_auc(p, y))
     out["threshold"] = float(threshold)
     return {k: out[k] for k in CLS_METRICS}
+
+
+def operating_threshold(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int],
+                        default: float = DEFAULT_THRESHOLD) -> float:
+    """The decision threshold that maximises balanced accuracy (Youden's J) on a tuning set.
+
+    The classifier's probabilities rank cases long before their level settles (early in a run, or under DP, a
+    head can order the cases well, AUROC 0.9, while every probability sits on one side of 0.5), so the operating
+    point is chosen on labelled cases the reported numbers do not come from (the server's selection set), as a
+    clinical operating point is. Among equally good cut points the one nearest ``default`` wins; a cut point lies
+    halfway between two neighbouring distinct probabilities, so a case's probability never sits on it.
+
+    Returns:
+        a threshold in [0, 1]; ``default`` when the cases hold one class only (or none).
+    """
+    p = np.asarray(torch.as_tensor(probs, dtype=torch.float64).flatten().cpu())
+    y = np.asarray(torch.as_tensor(labels).flatten().cpu()).astype(int)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} probabilities but {y.size} labels")
+    pos, neg = int((y == 1).sum()), int((y == 0).sum())
+    if pos == 0 or neg == 0:
+        return float(default)
+    levels = np.unique(p)  # ascending
+    cuts = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2.0, [1.0]]) if levels.size > 1 else np.array(
+        [levels[0]])
+    best, best_j = float(default), -math.inf
+    for cut in cuts:
+        pred = p >= cut
+        j = (pred & (y == 1)).sum() / pos + (~pred & (y == 0)).sum() / neg
+        if j > best_j + 1e-12 or (abs(j - best_j) <= 1e-12 and abs(cut - default) < abs(best - default)):
+            best, best_j = float(cut), float(j)
+    return min(max(best, 0.0), 1.0)
 
 
 def roc_points(probs: Tensor | Sequence[float], labels: Tensor | Sequence[int]) -> list[tuple[float, float, float]]:

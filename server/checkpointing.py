@@ -83,9 +83,11 @@ class RunDirectory:
         run_config: Mapping[str, Any],
         best: Mapping[str, Any] | None,
         ema: Mapping[str, torch.Tensor] | None = None,
+        threshold: float | None = None,
     ) -> None:
         """Write ``last.pt`` for the completed ``server_round`` (atomic write-then-rename); ``ema``: the server's
-        moving average of the global weights (:mod:`server.ema`), when the run keeps one."""
+        moving average of the global weights (:mod:`server.ema`), when the run keeps one; ``threshold``: the
+        decision threshold calibrated on the selection set this round (``None``: none was)."""
         save_checkpoint(
             self.last,
             dict(state_dict),
@@ -95,6 +97,7 @@ class RunDirectory:
             run_config=dict(run_config),
             best=dict(best) if best else None,
             **({"ema": dict(ema)} if ema is not None else {}),
+            **({"threshold": float(threshold)} if threshold is not None else {}),
         )
 
     def save_best(
@@ -107,9 +110,10 @@ class RunDirectory:
         value: float,
         run_config: Mapping[str, Any],
         selected_on: str,
+        threshold: float | None = None,
     ) -> None:
         """Write ``best.pt``; ``selected_on`` names the cohort the metric was measured on (the selection set, or the
-        reporting held-out set when there is none)."""
+        reporting held-out set when there is none); ``threshold``: the decision threshold calibrated there."""
         save_checkpoint(
             self.best_path,
             dict(state_dict),
@@ -119,6 +123,7 @@ class RunDirectory:
             value=float(value),
             run_config=dict(run_config),
             selected_on=selected_on,
+            **({"threshold": float(threshold)} if threshold is not None else {}),
         )
 
     def load_resume(self) -> ResumeState:

@@ -26,6 +26,7 @@ import torch
 
 from common.layout import HELDOUT_NAME, LABELS_FILE, derived_cache_dir
 from models.config import ModelConfig
+from models.metrics import DEFAULT_THRESHOLD
 
 from .aggregation import weighted_metrics
 
@@ -35,11 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 class EvalOutcome:
-    """One global evaluation: the flat metrics (``"<subset>/<metric>"`` -> value) and the per-subset table."""
+    """One global evaluation: the flat metrics (``"<subset>/<metric>"`` -> value), the per-subset table, and the
+    balanced-accuracy-optimal decision threshold on this cohort's full-modality-set cases (``None``: fewer than two
+    classes, or the full set not evaluated)."""
 
-    def __init__(self, flat: dict[str, float], table: Any) -> None:
+    def __init__(self, flat: dict[str, float], table: Any, operating_threshold: float | None = None) -> None:
         self.flat = flat
         self.table = table
+        self.operating_threshold = operating_threshold
 
 
 class GlobalEvaluator:
@@ -119,8 +123,10 @@ class GlobalEvaluator:
                 return False
         return True
 
-    def evaluate(self, state_dict: Mapping[str, torch.Tensor], subsets: str | None = None) -> EvalOutcome | None:
-        """Evaluate ``state_dict`` (the plain model's names) on the held-out set.
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor], subsets: str | None = None,
+                 threshold: float = DEFAULT_THRESHOLD) -> EvalOutcome | None:
+        """Evaluate ``state_dict`` (the plain model's names) on the held-out set, classifying at ``threshold``
+        (the operating point the selection set chose, :class:`EvalOutcome`).
 
         ``subsets``: a name of :data:`common.evaluation.SUBSET_CHOICES` for this evaluation instead of the
         evaluator's own subsets (run config ``eval-subsets`` for the rounds before the last). With fewer than every
@@ -144,7 +150,7 @@ class GlobalEvaluator:
             model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
             model.to(device)
             report = evaluate_model(model, self._dataset, subsets=subsets or self.subsets, hd95=self.hd95,
-                                    batch_size=self.batch_size, device=device)
+                                    batch_size=self.batch_size, device=device, threshold=threshold)
         except Exception as exc:  # noqa: BLE001 - log and go on: evaluation must not kill the server
             logger.exception("global evaluation failed: %s", exc)
             return None
@@ -154,4 +160,4 @@ class GlobalEvaluator:
         if subsets not in (None, "all"):
             flat = {k: v for k, v in flat.items()
                     if not k.startswith(("mean/", "worst/")) and k != "monotonicity-violations"}
-        return EvalOutcome(flat, report.to_table())
+        return EvalOutcome(flat, report.to_table(), report.operating_threshold)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import runconfig, timings
 from common.layout import HELDOUT_NAME, UNSEEN_NAME, VALIDATION_NAME, resolve_cohort_dir, resolve_test_dir
 from models.config import ModelConfig
+from models.metrics import DEFAULT_THRESHOLD
 from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
@@ -143,30 +144,38 @@ def _run(
         evaluated = ema.update(state_dict) if ema is not None else state_dict
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
+        # The selection set goes first: it chooses best.pt and the classifier's operating point (the threshold
+        # maximising balanced accuracy there), which the reported held-out numbers are then computed at. Without a
+        # selection set the threshold stays at the default: tuning it on the reporting set would flatter it.
+        selection: dict[str, float] | None = None
+        threshold: float | None = None
+        if due and selector is not None:
+            chosen = selector.evaluate(evaluated)
+            if chosen is not None:
+                selection, threshold = chosen.flat, chosen.operating_threshold
+                mlog.write(rnd, "server-select", "global", selection)
+        at = DEFAULT_THRESHOLD if threshold is None else threshold
         if due:
             # every modality subset at the last round; before it, the cheaper eval-subsets (63 subsets of 6
             # modalities cost as much CPU as half the sites' training of a round)
             subsets = None if rnd == settings.num_server_rounds else settings.eval_subsets
             with timings.phase("server", "server-eval", round=rnd):
-                outcome = evaluator.evaluate(evaluated, subsets=subsets)
+                outcome = evaluator.evaluate(evaluated, subsets=subsets, threshold=at)
             if outcome is not None:
                 flat = outcome.flat
                 mlog.write(rnd, "server-eval", "global", flat)
                 logger.info("round %d global evaluation per modality subset:\n%s", rnd, render(outcome.table))
                 print_round(rnd, flat)
-        selection = flat
-        if due and selector is not None:
-            chosen = selector.evaluate(evaluated)
-            selection = chosen.flat if chosen is not None else None
-            if selection is not None:
-                mlog.write(rnd, "server-select", "global", selection)
+        if selector is None:
+            selection = flat
         if selection is not None and best.update(rnd, selection):
             run_dir.save_best(rnd, evaluated, model_config, metric=settings.best_metric,
                               value=float(best.value or 0.0), run_config=resolved,
-                              selected_on=VALIDATION_NAME if selector is not None else HELDOUT_NAME)
+                              selected_on=VALIDATION_NAME if selector is not None else HELDOUT_NAME,
+                              threshold=threshold)
             logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
         if unseen is not None and rnd == settings.num_server_rounds:
-            other = unseen.evaluate(evaluated)
+            other = unseen.evaluate(evaluated, threshold=at)
             if other is not None:
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
@@ -175,7 +184,7 @@ def _run(
         run_dir.save_round(
             rnd, state_dict, model_config,
             strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
-            ema=ema.state_dict() if ema is not None else None,
+            ema=ema.state_dict() if ema is not None else None, threshold=threshold,
         )
         timings.done(started, "server", "checkpoint", round=rnd)
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)

@@ -113,3 +113,13 @@ def test_mean_contribution_over_batches_equals_one_batch_of_every_case(checkpoin
         assert set(per) == set(one[m]) - {"cases"}
         for k, v in per.items():
             assert v == pytest.approx(one[m][k], abs=1e-6), (m, k)
+
+
+def test_checkpoint_evaluation_classifies_at_the_stored_threshold(checkpoint_and_heldout, tmp_path: Path) -> None:
+    """`evaluate` (and the experiments) report a server checkpoint at the operating point its selection set chose."""
+    _, heldout, state = checkpoint_and_heldout
+    save_checkpoint(tmp_path / "calibrated.pt", state, CFG, round=4, threshold=0.0)
+    row = evaluate_checkpoint(tmp_path / "calibrated.pt", heldout, subsets="full", hd95=False, device="cpu").report
+    assert row.rows["all"]["threshold"] == 0.0 and row.rows["all"]["recall"] == 1.0  # everything called malignant
+    plain = evaluate_checkpoint(checkpoint_and_heldout[0], heldout, subsets="full", hd95=False, device="cpu").report
+    assert plain.rows["all"]["threshold"] == 0.5

@@ -10,6 +10,7 @@ import torch
 from models.losses import MultiTaskLoss, label_prior
 from models.metrics import (
     classification_metrics,
+    operating_threshold,
     region_masks,
     roc_points,
     seg_metric_names,
@@ -173,3 +174,21 @@ def test_roc_points_cover_both_ends() -> None:
     assert [p[0] for p in pts[1:]] == sorted(probs, reverse=True)
     sens = [p[1] for p in pts]
     assert sens == sorted(sens)  # sensitivity never falls as the threshold drops
+
+
+def test_operating_threshold_maximises_balanced_accuracy_on_the_tuning_cases() -> None:
+    # a head that ranks perfectly while every probability sits above 0.5 (early in a run, or under DP)
+    probs = torch.tensor([0.61, 0.64, 0.66, 0.71, 0.74, 0.80])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert classification_metrics(probs, labels)["balanced-accuracy"] == 0.5  # at the default 0.5: constant
+    t = operating_threshold(probs, labels)
+    assert t == pytest.approx((0.66 + 0.71) / 2)  # halfway between the neighbours, no case sits on it
+    assert classification_metrics(probs, labels, t)["balanced-accuracy"] == 1.0
+    # ties: of the equally good cut points the one nearest the default wins
+    tied = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)  # cuts 0.2 and 0.75 both reach J = 1.5
+    assert operating_threshold(tied, torch.tensor([0, 1, 0, 1])) == pytest.approx(0.75)
+    # one class only (or nothing): no operating point can be chosen, the default stays
+    assert operating_threshold(torch.tensor([0.2, 0.9]), torch.tensor([1, 1])) == 0.5
+    assert operating_threshold(torch.empty(0), torch.empty(0, dtype=torch.long)) == 0.5
+    with pytest.raises(ValueError, match="3 probabilities but 2 labels"):
+        operating_threshold(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1]))

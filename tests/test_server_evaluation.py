@@ -98,6 +98,9 @@ def test_every_evaluated_round_has_the_subset_table(tmp_path: Path, capsys) -> N
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert extra["round"] == max(dice, key=lambda k: dice[k])
     assert (run_dir / "config.json").is_file()
+    # no selection set: the operating point is not tuned on the reporting set, it stays at the default
+    assert "threshold" not in extra and "threshold" not in load_checkpoint(run_dir / "checkpoints" / "last.pt")[2]
+    assert {r["value"] for r in records if r["phase"] == "server-eval" and r["metric"] == "all/threshold"} == {0.5}
 
     # export: plain state dict + model config that rebuild the network
     out = tmp_path / "model.pt"
@@ -176,3 +179,16 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     report_md = __import__("simulations.report", fromlist=["build_report"]).build_report(run_dir)
     text = report_md.read_text()
     assert "chosen on the separate selection set" in text and "unseen scanner (`heldout-unseen/`)" in text
+
+    # The classifier's operating point is chosen on the selection set and the reported numbers use it: the
+    # threshold in last.pt is the balanced-accuracy optimum of the last model on validation/, not of heldout/.
+    from common.evaluation import evaluate_model, load_heldout, load_model
+
+    model, cfg, last = load_model(run_dir / "checkpoints" / "last.pt", "cpu")
+    on_validation = evaluate_model(model, load_heldout(cfg, data / "validation"), subsets="full", hd95=False,
+                                   device="cpu")
+    assert on_validation.operating_threshold is not None
+    assert last["threshold"] == pytest.approx(on_validation.operating_threshold)
+    assert report[2]["all/threshold"] == pytest.approx(last["threshold"])
+    assert unseen[2]["all/threshold"] == pytest.approx(last["threshold"])
+    assert extra["threshold"] == pytest.approx(report[chosen]["all/threshold"])  # best.pt: its own round's
