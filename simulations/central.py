@@ -6,7 +6,9 @@ same loop as a site (:func:`models.training.train_epoch`) and is evaluated on ``
 ``metrics.jsonl`` (round = epoch; phase ``central-train`` / ``central-eval`` (the held-out set the numbers are
 reported on) / ``central-select`` (the ``validation/`` selection set), scope ``global``; round 0 is the untrained
 model when ``initial_eval``), ``checkpoints/last.pt`` and ``checkpoints/best.pt`` (best ``all/dice-whole`` on the
-selection set; on the held-out set itself, with a warning, when the data root has no ``validation/``).
+selection set; on the held-out set itself, with a warning, when the data root has no ``validation/``). The
+selection set also sets the classifier's decision threshold (its balanced-accuracy optimum, stored in both
+checkpoints as ``threshold``); the held-out numbers are computed at it, or at 0.5 without a selection set.
 
 Evaluation cost: evaluating every modality subset is ``2^M - 1`` forwards per held-out case. By default the
 per-epoch evaluations use only the full modality set (``eval_subsets="full"``) and the last epoch evaluates every
@@ -229,10 +231,10 @@ def train_central(settings: CentralSettings) -> CentralResult:
               "select-dir": str(select_dir) if select_ds is not None else str(held_dir)}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    def evaluate(subsets_kind: str, dataset: Any = held_ds) -> Any:
+    def evaluate(subsets_kind: str, dataset: Any = held_ds, threshold: float | None = None) -> Any:
         # heldout_loader leaves torch's global RNG alone: training's dropout draws the same with or without evals
         return evaluate_model(model, dataset, subsets=subsets_kind, hd95=s.hd95, batch_size=max(s.batch_size, 4),
-                              device=device)
+                              device=device, **({} if threshold is None else {"threshold": threshold}))
 
     progress = _progress(s.progress)
     with progress:
@@ -250,24 +252,31 @@ def train_central(settings: CentralSettings) -> CentralResult:
             metrics_log.write(epoch, "central-train", "global", train)
             entry: dict[str, Any] = {"epoch": epoch, **train, "eval": {}}
             last = epoch == s.epochs
+            # like the ServerApp: the selection set chooses best.pt and the classifier's operating point, and the
+            # held-out numbers are computed at that threshold (without a selection set it stays the default)
+            calibrated: dict[str, float] = {}
             if last or (s.eval_every > 0 and epoch % s.eval_every == 0):
-                report = evaluate(s.final_subsets if last else s.eval_subsets)
+                selected = evaluate("full", select_ds) if select_ds is not None else None
+                if selected is not None and selected.operating_threshold is not None:
+                    calibrated = {"threshold": selected.operating_threshold}
+                report = evaluate(s.final_subsets if last else s.eval_subsets, threshold=calibrated.get("threshold"))
                 flat = report.to_flat()
                 metrics_log.write(epoch, "central-eval", "global", flat)
                 entry["eval"] = flat
                 result.final = report
                 selection = flat
-                if select_ds is not None:
-                    selection = evaluate("full", select_ds).to_flat()
+                if selected is not None:
+                    selection = selected.to_flat()
                     metrics_log.write(epoch, "central-select", "global", selection)
                 value = selection.get(BEST_METRIC, math.nan)
                 if math.isfinite(value) and value > result.best_value:
                     result.best_value, result.best_epoch = value, epoch
                     save_checkpoint(out / "checkpoints" / "best.pt", model.state_dict(), model_cfg, epoch=epoch,
                                     round=epoch, metrics=flat, best_metric=BEST_METRIC,
-                                    selected_on=VALIDATION_NAME if select_ds is not None else HELDOUT_NAME)
+                                    selected_on=VALIDATION_NAME if select_ds is not None else HELDOUT_NAME,
+                                    **calibrated)
             save_checkpoint(out / "checkpoints" / "last.pt", model.state_dict(), model_cfg, epoch=epoch,
-                            round=epoch, metrics=entry["eval"], optimizer=optimizer.state_dict())
+                            round=epoch, metrics=entry["eval"], optimizer=optimizer.state_dict(), **calibrated)
             result.history.append(entry)
             dice = entry["eval"].get(BEST_METRIC)
             progress.update(task, advance=1, status=f"loss {train['loss']:.3f}"

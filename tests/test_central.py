@@ -64,6 +64,24 @@ def test_central_run_directory(central_run) -> None:
     assert best["epoch"] == result.best_epoch
 
 
+def test_central_operating_point_comes_from_the_selection_set(central_run, phantoms: Path) -> None:
+    """As in the ServerApp: the threshold is the balanced-accuracy optimum on validation/, the held-out numbers are
+    computed at it, and the checkpoints store it for evaluate and predict."""
+    from common.evaluation import evaluate_model, load_heldout, load_model
+    from models.runlog import iter_metrics
+
+    settings, _ = central_run
+    run = Path(settings.out)
+    model, cfg, extra = load_model(run / "checkpoints" / "last.pt", "cpu")
+    expected = evaluate_model(model, load_heldout(cfg, phantoms / "validation"), subsets="full", hd95=False,
+                              device="cpu").operating_threshold
+    assert expected is not None  # the fixture's selection set holds both classes
+    assert extra["threshold"] == pytest.approx(expected)
+    reported = {r["round"]: r["value"] for r in iter_metrics(run / "metrics.jsonl")
+                if r["phase"] == "central-eval" and r["metric"] == "all/threshold"}
+    assert reported[10] == pytest.approx(expected) and reported[0] == 0.5  # round 0: nothing calibrated yet
+
+
 def test_central_is_deterministic(central_run, phantoms: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
