@@ -184,7 +184,9 @@ def _run(
         run_dir.save_round(
             rnd, state_dict, model_config,
             strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
-            ema=ema.state_dict() if ema is not None else None, threshold=threshold,
+            ema=ema.state_dict() if ema is not None else None,
+            # the threshold belongs to the evaluated model: with EMA that is the average, not last.pt's raw weights
+            threshold=threshold if ema is None else None,
         )
         timings.done(started, "server", "checkpoint", round=rnd)
         logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
