@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval-every": 0, "batch-size": 4, "lr": 3e-3,
     }
     if not args.server_eval:
-        overrides["test-dir"] = str(work / "no-server-eval")
+        # every server cohort off: the reporting set, and the selection and unseen-scanner sets that the last round
+        # evaluates too (left on, they were 6.7 s of the last round's server phase)
+        for key in ("test-dir", "select-dir", "unseen-dir"):
+            overrides[key] = str(work / "no-server-eval")
     overrides.update(parse_assignments(args.extra))
     timed = run_timed(work / "run", data, overrides)
     parallel = parallel_sites(args.sites)
