@@ -196,10 +196,6 @@ class CheckpointEvaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _or_default(threshold: float | None) -> float:
-    return DEFAULT_THRESHOLD if threshold is None else threshold
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     heldout: str | os.PathLike[str],
@@ -220,6 +216,6 @@ def evaluate_checkpoint(
     model, cfg, extra = load_model(checkpoint, dev)
     dataset = load_heldout(cfg, heldout)
     report = evaluate_model(model, dataset, subsets=subsets, hd95=hd95, batch_size=batch_size, device=dev,
-                            threshold=_or_default(stored_threshold(extra)))
+                            threshold=stored_threshold(extra, DEFAULT_THRESHOLD))
     return CheckpointEvaluation(report=report, config=cfg, heldout=Path(heldout), cases=len(dataset), device=dev,
                                 extra=dict(extra) if isinstance(extra, Mapping) else {})

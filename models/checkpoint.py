@@ -90,13 +90,13 @@ def save_checkpoint(
     atomic_torch_save(payload, path)
 
 
-def stored_threshold(extra: Mapping[str, Any]) -> float | None:
+def stored_threshold(extra: Mapping[str, Any], default: float | None = None) -> float | None:
     """The calibrated decision threshold on P(malignant) a checkpoint's ``extra`` holds (``threshold``, written by
-    the server from its selection set), or ``None`` when it holds none or an unusable value."""
+    the server from its selection set), or ``default`` when it holds none or an unusable value."""
     value = extra.get("threshold") if isinstance(extra, Mapping) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
         return float(value)
-    return None
+    return default
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:

@@ -173,6 +173,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
     from models.checkpoint import save_checkpoint
     from models.fast_conv import set_conv_backward
     from models.losses import MultiTaskLoss, label_prior
+    from models.metrics import DEFAULT_THRESHOLD
     from models.network import build_model
     from models.runlog import MetricsLog
     from models.schedule import LRSchedule
@@ -231,10 +232,10 @@ def train_central(settings: CentralSettings) -> CentralResult:
               "select-dir": str(select_dir) if select_ds is not None else str(held_dir)}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    def evaluate(subsets_kind: str, dataset: Any = held_ds, threshold: float | None = None) -> Any:
+    def evaluate(subsets_kind: str, dataset: Any = held_ds, threshold: float = DEFAULT_THRESHOLD) -> Any:
         # heldout_loader leaves torch's global RNG alone: training's dropout draws the same with or without evals
         return evaluate_model(model, dataset, subsets=subsets_kind, hd95=s.hd95, batch_size=max(s.batch_size, 4),
-                              device=device, **({} if threshold is None else {"threshold": threshold}))
+                              device=device, threshold=threshold)
 
     progress = _progress(s.progress)
     with progress:
@@ -259,7 +260,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
                 selected = evaluate("full", select_ds) if select_ds is not None else None
                 if selected is not None and selected.operating_threshold is not None:
                     calibrated = {"threshold": selected.operating_threshold}
-                report = evaluate(s.final_subsets if last else s.eval_subsets, threshold=calibrated.get("threshold"))
+                report = evaluate(s.final_subsets if last else s.eval_subsets, threshold=calibrated.get("threshold", DEFAULT_THRESHOLD))
                 flat = report.to_flat()
                 metrics_log.write(epoch, "central-eval", "global", flat)
                 entry["eval"] = flat

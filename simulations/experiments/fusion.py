@@ -75,20 +75,15 @@ def _body(ctx: Context, families: tuple[str, ...], best: str, fused: dict[str, l
     cols = [("all/dice-whole", "Dice whole"), ("all/dice-core", "Dice core"), ("all/dice-enhancing", "Dice enh."),
             ("all/mean-region-dice", "mean-region Dice"), ("all/accuracy", "accuracy"),
             ("all/balanced-accuracy", "balanced acc."), ("all/auroc", "AUROC")]
-    family_rows = []
-    for f in families:
-        rows = fused[f]
+
+    def family_row(label: str, rows: list[Outcome]) -> list[str]:
         share = summarise(rows, "subsets-mean/mean-region-dice").mean / summarise(rows, "all/mean-region-dice").mean
-        family_rows.append([f"{f} fusion" + (" (best)" if f == best else ""), str(len(rows)),
-                            *[cell(summarise(rows, k)) for k, _ in cols], fmt(share, 2),
-                            cell(summarise(rows, "unseen/mean-region-dice")),
-                            f"{summarise(rows, 'optimizer-steps').mean:.0f}"])
-    for rows in [ablation] if ablation else []:
-        share = summarise(rows, "subsets-mean/mean-region-dice").mean / summarise(rows, "all/mean-region-dice").mean
-        family_rows.append([f"{best} fusion, modality dropout {dropout:g} (ablation)", str(len(rows)),
-                            *[cell(summarise(rows, k)) for k, _ in cols], fmt(share, 2),
-                            cell(summarise(rows, "unseen/mean-region-dice")),
-                            f"{summarise(rows, 'optimizer-steps').mean:.0f}"])
+        return [label, str(len(rows)), *[cell(summarise(rows, k)) for k, _ in cols], fmt(share, 2),
+                cell(summarise(rows, "unseen/mean-region-dice")), f"{summarise(rows, 'optimizer-steps').mean:.0f}"]
+
+    family_rows = [family_row(f"{f} fusion" + (" (best)" if f == best else ""), fused[f]) for f in families]
+    if ablation:
+        family_rows.append(family_row(f"{best} fusion, modality dropout {dropout:g} (ablation)", ablation))
     single_rows = [[f"{best}, {m} only", str(len(rows)), *[cell(summarise(rows, k)) for k, _ in cols], "—",
                     cell(summarise(rows, "unseen/mean-region-dice")), f"{summarise(rows, 'optimizer-steps').mean:.0f}"]
                    for m, rows in single.items()]
