@@ -137,11 +137,15 @@ def _run(
 
     def after_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls this after every round (and with 0 before the first): evaluate, log, checkpoint."""
-        if local_round == 0:
-            return None  # no baseline evaluation: round 0 of a resumed run was evaluated before the stop
+        if local_round == 0 and (start_round > 0 or not settings.init_checkpoint):
+            # a resumed run evaluated its round 0 before the stop; weights fresh from the seed tell nothing
+            return None
         rnd = start_round + local_round
+        # round 0 of a run from init-checkpoint: the distributed starting point (e.g. public pretraining),
+        # evaluated so the report shows what the federation added to it; best.pt may be it, last.pt is not written
+        baseline = local_round == 0
         state_dict = round_arrays.to_torch_state_dict()  # what the sites train from next round
-        evaluated = ema.update(state_dict) if ema is not None else state_dict
+        evaluated = ema.update(state_dict) if ema is not None and not baseline else state_dict
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
         # The selection set goes first: it chooses best.pt and the classifier's operating point (the threshold
@@ -179,6 +183,8 @@ def _run(
             if other is not None:
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
+        if baseline:
+            return None if flat is None else MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
         # last.pt goes last: once it names round r, everything of round r is on disk.
         started = timings.clock()
         run_dir.save_round(

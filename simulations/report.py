@@ -372,10 +372,16 @@ def _dice_rose(run: Run) -> str:
     (r0, v0), (r1, v1) = s[0], s[-1]
     best_r, best_v = max(s, key=lambda p: p[1])
     verdict = "**rose**" if v1 > v0 else "**did not rise**"
-    return (
-        f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}) → "
+    start = " = the init checkpoint, before any site trained" if r0 == 0 else ""
+    line = (
+        f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}{start}) → "
         f"{v1:.3f} (round {r1}); best {best_v:.3f} at round {best_r}"
     )
+    auroc = [(r, v) for r, v in run.records.series("server-eval", "global", f"{_top(run)}/auroc") if v is not None]
+    if len(auroc) >= 2:
+        line += f"\n- global AUROC (classification): {auroc[0][1]:.3f} (round {auroc[0][0]}) → {auroc[-1][1]:.3f} " \
+                f"(round {auroc[-1][0]})"
+    return line
 
 
 def _top(run: Run) -> str:

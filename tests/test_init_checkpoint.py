@@ -81,6 +81,17 @@ def test_init_checkpoint_is_the_round_0_global_model_and_its_provenance_is_recor
     record = json.loads((tmp_path / "run" / PROVENANCE_FILE).read_text())
     assert record["sha256"] == sha256_of(ckpt) and record["provenance"] == {"kind": "test", "data": "public"}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["init-checkpoint"] == str(ckpt)
+    # round 0 is evaluated (the report shows what the federation added to the checkpoint); last.pt is round 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows if r.get("phase") == "server-eval"} == {0, 1}
+    _, _, extra = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert int(extra["round"]) == 1
+
+
+def test_a_run_from_the_seed_does_not_evaluate_round_0(tmp_path: Path) -> None:
+    _serve(tmp_path, **{"num-server-rounds": 1})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows if r.get("phase") == "server-eval"} == {1}
 
 
 def test_init_checkpoint_of_another_network_is_refused_naming_the_difference(tmp_path: Path) -> None:
@@ -106,5 +117,6 @@ def test_server_ema_is_evaluated_and_saved_while_sites_train_from_the_raw_model(
     expected = start[name].double() + 1.25 * STEP
     assert np.allclose(extra["ema"][name].numpy(), expected.numpy())
     best, _, best_extra = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    averages = {1: start[name] + 0.5 * STEP, 2: start[name] + 1.25 * STEP}  # eval stub: both rounds tie
+    # round 0 (the checkpoint itself) is a candidate too: the stub data may tie every round
+    averages = {0: start[name], 1: start[name] + 0.5 * STEP, 2: start[name] + 1.25 * STEP}
     assert torch.allclose(best[name], averages[int(best_extra["round"])])
