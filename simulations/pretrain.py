@@ -36,7 +36,8 @@ from common import runconfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "PUBLIC_SCENARIO", "PretrainResult", "PretrainSettings", "pretrain", "public_phantoms"]
+__all__ = ["MODES", "PUBLIC_CASES", "PUBLIC_SCENARIO", "PUBLIC_SEED", "PUBLIC_SITES", "PretrainResult",
+           "PretrainSettings", "pretrain", "public_phantoms", "public_start"]
 
 #: Pretraining modes (see the module docstring).
 MODES: tuple[str, ...] = ("supervised", "masked")
@@ -44,6 +45,9 @@ MODES: tuple[str, ...] = ("supervised", "masked")
 PUBLIC_SCENARIO = "scanner-skew"
 #: Default seed of a public phantom cohort (any seed but the federation's).
 PUBLIC_SEED = 1_000_003
+#: Default size of a public phantom cohort: sites (folders) x cases per site.
+PUBLIC_SITES = 2
+PUBLIC_CASES = 64
 
 
 def public_phantoms(data: Path, *, sites: int, cases: int, seed: int, federation_seed: int,
@@ -231,3 +235,35 @@ def _count_cases(data: Path) -> int:
     from common.data.site import discover_sites, list_cases
 
     return sum(len(list_cases(site.path)) for site in discover_sites(data) if not site.heldout)
+
+
+def public_start(folder: Path, run_config: Mapping[str, Any], *, progress: bool = False) -> Path:
+    """The checkpoint a simulation starts from when it uses public pretraining (``fedfusion simulate``'s default
+    under DP): a public phantom cohort of :data:`PUBLIC_SITES` x :data:`PUBLIC_CASES` cases (seed
+    :data:`PUBLIC_SEED`, never the federation's) in ``folder/data``, and the run's network pretrained on it
+    (supervised, :class:`PretrainSettings`' epochs) to ``folder/pretrained.pt``. Made once and reused while the
+    cohort request and the network are the same, so a rerun pays nothing.
+
+    ``run_config``: the run's keys (its network, seed, lr and batch size are used for pretraining).
+    """
+    from models.checkpoint import load_checkpoint
+
+    rc = runconfig.load(run_config)
+    request = {"sites": PUBLIC_SITES, "cases": PUBLIC_CASES, "seed": PUBLIC_SEED}
+    out = Path(folder) / "pretrained.pt"
+    if out.is_file():
+        try:
+            _, cfg, extra = load_checkpoint(out)
+            if (cfg == runconfig.model_config(rc)
+                    and extra.get("provenance", {}).get("phantoms") == json.dumps(request, sort_keys=True)):
+                log.info("public pretraining: reusing %s", out)
+                return out
+        except Exception as exc:  # an unreadable or foreign file is rebuilt, never trusted
+            log.warning("public pretraining: %s is not reusable (%s); pretraining again", out, exc)
+    public_phantoms(Path(folder) / "data", sites=PUBLIC_SITES, cases=PUBLIC_CASES, seed=PUBLIC_SEED,
+                    federation_seed=int(rc["seed"]), progress=progress)
+    keys = {k: v for k, v in rc.items() if k.startswith("model-") or k in ("seed", "lr", "batch-size")}
+    result = pretrain(PretrainSettings(data=Path(folder) / "data", out=out, run_config=keys, progress=progress,
+                                       phantoms=request))
+    log.info("public pretraining: %s in %.0f s", out, result.seconds)
+    return out

@@ -161,6 +161,7 @@ def simulate(
     engine: str = "inprocess",
     client_app: str = CLIENT_APP,
     ray_address: str | None = None,
+    public_pretrain: bool | None = False,
 ) -> SimulationResult:
     """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``.
 
@@ -169,6 +170,10 @@ def simulate(
     ClientApp ``"module:attribute"`` the in-process engine runs (the ``flwr`` engine runs pyproject's).
     ``ray_address``: the in-process engine's virtual sites run on the existing Ray cluster with its head at this
     ``HOST:PORT`` (see :mod:`simulations.ray_cluster` for what every node needs).
+    ``public_pretrain``: start from a network pretrained on a generated public phantom cohort in ``OUT/public``
+    (:func:`simulations.pretrain.public_start`; made once, reused by reruns) instead of the seed's weights;
+    ``None`` = when DP is on, phantoms are generated and neither ``init-checkpoint`` nor ``resume`` is set
+    (DP-SGD from scratch at a few dozen cases per site does not learn: docs/results.md, ``privacy``).
     """
     if engine not in ("inprocess", "flwr"):
         raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
@@ -189,6 +194,12 @@ def simulate(
 
         ensure(data, sites=sites, cases_per_site=cases_per_site, seed=int(config["seed"]), scenario=scenario,
                shape=shape, fmt=data_format, heldout_cases=heldout_cases, progress=progress)
+    if public_pretrain is None:
+        public_pretrain = bool(generate and config["dp-enabled"])
+    if public_pretrain and not config["init-checkpoint"] and not config["resume"]:
+        from .pretrain import public_start
+
+        config["init-checkpoint"] = str(public_start(out / "public", config, progress=progress).resolve())
     sites_found = site_dirs(data)
     # A federation smaller than the strategy's minimums would wait forever: cap them to the sites we have.
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):

@@ -18,8 +18,10 @@ def command(
                                       "masked-volume reconstruction of the encoders, no labels).")] = "supervised",
     phantoms: Annotated[bool, typer.Option("--phantoms", help="Generate a public phantom cohort in --data (another "
                                            "seed and scanners than any site).")] = False,
-    public_sites: Annotated[int, typer.Option(help="--phantoms: public sites (folders) to generate.")] = 2,
-    cases: Annotated[int, typer.Option(help="--phantoms: cases per public site.")] = 64,
+    public_sites: Annotated[Optional[int], typer.Option(help="--phantoms: public sites (folders) to generate "
+                                                        "(default: the cohort `fedfusion simulate` pretrains on).")] = None,
+    cases: Annotated[Optional[int], typer.Option(help="--phantoms: cases per public site (default: as for "
+                                                 "public-sites).")] = None,
     public_seed: Annotated[Optional[int], typer.Option(help="--phantoms: seed of the public cohort (must differ "
                                                        "from the run config's seed, the sites').")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the public cases.")] = 10,
@@ -35,7 +37,8 @@ def command(
 
     from common import runconfig
     from common.runconfig import RunConfigError, parse_assignments
-    from simulations.pretrain import PUBLIC_SEED, PretrainSettings, pretrain, public_phantoms
+    from simulations.pretrain import (PUBLIC_CASES, PUBLIC_SEED, PUBLIC_SITES, PretrainSettings, pretrain,
+                                      public_phantoms)
 
     console = Console()
     try:
@@ -43,6 +46,8 @@ def command(
         request = None
         if phantoms:
             seed = PUBLIC_SEED if public_seed is None else public_seed
+            public_sites = PUBLIC_SITES if public_sites is None else public_sites
+            cases = PUBLIC_CASES if cases is None else cases
             rc = runconfig.load(overrides)
             public_phantoms(data, sites=public_sites, cases=cases, seed=seed, federation_seed=int(rc["seed"]),
                             progress=progress)

@@ -63,6 +63,15 @@ def command(
             "same path and the data and run folders on a shared filesystem.",
         ),
     ] = None,
+    public_pretrain: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--public-pretrain/--no-public-pretrain",
+            help="Start from a network pretrained on a generated public phantom cohort (another seed and "
+            "scanners than any site; made once in OUT/public) rather than the seed's weights. Default: on when DP "
+            "is on, phantoms are generated and no --init/--resume is given.",
+        ),
+    ] = None,
 ) -> None:
     """Generate phantom hospital sites (unless --data), run a federated simulation with the real ServerApp and
     ClientApp on Flower's simulation engine, and write a report to OUT/report.md."""
@@ -115,6 +124,7 @@ def command(
             report=report,
             engine=engine,
             ray_address=ray_address,
+            public_pretrain=public_pretrain,
         )
     except (KeyError, ValueError, FileNotFoundError, FlwrRunError, RayClusterError) as exc:
         console.print(f"[red]fedfusion simulate: {exc}[/red]")
