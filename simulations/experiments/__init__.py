@@ -6,7 +6,7 @@ name          what it compares
 ============  =====================================================================================================
 ``fusion``    the five fusion families vs single-modality baselines, federated
 ``missing``   0-75 % missing modalities per site x plain vs modality-aware aggregation x modality dropout on/off
-``privacy``   target epsilon 1, 3, 8, inf (no DP) vs Dice and accuracy
+``privacy``   cases per site x target epsilon (1-8, inf = no DP) x from scratch / public pretraining
 ``settings``  local-only at each site vs federated vs centralized pooled (upper bound), same data and epochs
 ============  =====================================================================================================
 
@@ -23,7 +23,7 @@ from types import ModuleType
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fusion": ("fusion", "five fusion families vs single-modality baselines, federated"),
     "missing": ("missing", "missing modalities per site (0-75 %) x plain/modality-aware aggregation x dropout"),
-    "privacy": ("privacy", "epsilon in {1, 3, 8, inf} vs Dice and accuracy"),
+    "privacy": ("privacy", "cases per site x epsilon x scratch / public pretraining, DP-SGD"),
     "settings": ("settings", "local-only vs federated vs centralized pooled training"),
 }
 

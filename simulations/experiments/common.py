@@ -545,7 +545,7 @@ def budget_notes(outcomes: Sequence[Outcome]) -> list[str]:
         out.append(
             "- No row's classifier has left a constant prediction at this budget: accuracy is 0.500 everywhere, the "
             "base rate of the balanced held-out set (AUROC, computed from the probabilities, still varies but on "
-            "few cases). The classification columns do not rank the rows here; `--budget full` trains longer."
+            "few cases). The classification columns do not rank the rows here; `--budget standard` trains longer."
         )
     sub = [max(o.get("all/dice-core"), o.get("all/dice-enhancing")) for o in outcomes]
     if sub and all(math.isfinite(s) and s < 0.1 for s in sub):
