@@ -15,6 +15,12 @@ fedfusion's ``microbatch`` (one batch-1 pass per case).
     .venv/bin/python bench/dp_overhead.py                      # default model, 48 phantom cases, run-config batch
     .venv/bin/python bench/dp_overhead.py --write-docs         # also update docs/benchmarks.md
     .venv/bin/python bench/dp_overhead.py --profile            # where a DP step's time goes, per conv layer too
+    .venv/bin/python bench/dp_overhead.py --multiplicity 4 --modes hooks --write-docs   # K augmented views per case
+
+With ``--multiplicity K`` (run config ``augment-multiplicity``) both sides train on K augmented views of every case
+(the site's :class:`client.privacy.multiplicity.MultiViewLoader`; DP-SGD averages each case's K view gradients
+before clipping, as the site does), so the ratio counts DP's cost per view: K views cost K times the compute in
+either case, and what is left is what privacy adds.
 
 Time per epoch is scaled to exactly N cases (a Poisson epoch trains on N cases only in expectation; see run_epoch).
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation at the start of an epoch; on CPU the peak
@@ -142,7 +148,8 @@ def probe_memory(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cfg, _ = default_model(args.model)
     dataset = load_data(cfg, Path(args.probe_data))
-    setup = make_setup(args.probe_memory, cfg, dataset, args.batch_size, torch.device("cpu"), noise=1.0, seed=0)
+    setup = make_setup(args.probe_memory, cfg, dataset, args.batch_size, torch.device("cpu"), noise=1.0, seed=0,
+                       views=args.multiplicity)
     with PeakRSS() as rss:
         for _ in range(2):
             run_epoch(setup, torch.device("cpu"))
@@ -154,7 +161,8 @@ def child_memory(mode: str, args: argparse.Namespace, site: Path) -> float:
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", mode, "--probe-data", str(site),
-           "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+           "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "--multiplicity", str(args.multiplicity)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in res.stdout.splitlines():
         if line.startswith("PEAK_MIB "):
@@ -164,9 +172,11 @@ def child_memory(mode: str, args: argparse.Namespace, site: Path) -> float:
 
 
 def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.device, noise: float,
-               seed: int) -> dict[str, Any]:
-    """Model, optimizer, loader and loss for ``mode`` (``none`` = non-private)."""
+               seed: int, views: int = 0) -> dict[str, Any]:
+    """Model, optimizer, loader and loss for ``mode`` (``none`` = non-private); ``views`` > 0: that many augmented
+    views per case, averaged per case before clipping under DP (as the site does)."""
     from client.privacy.engine import CasesOnly, make_private
+    from client.privacy.multiplicity import MultiViewLoader, install_view_averaging
     from client.privacy.randomness import RandomStream
     from models.losses import MultiTaskLoss
     from models.network import build_model
@@ -177,15 +187,22 @@ def make_setup(mode: str, cfg: Any, dataset: Any, batch: int, device: torch.devi
     opt = make_optimizer(model, lr=1e-3)
     loader = DataLoader(CasesOnly(dataset), batch_size=batch, shuffle=True)
     loss = MultiTaskLoss()
+    rows = len(dataset) * max(1, views)  # what one epoch trains on: cases x views
     if mode == "none":
-        return {"mode": mode, "model": model, "module": model, "optimizer": opt, "loader": loader, "loss": loss}
+        return {"mode": mode, "model": model, "module": model, "optimizer": opt, "rows": rows,
+                "loader": MultiViewLoader(loader, views, torch.Generator().manual_seed(seed)) if views else loader,
+                "loss": loss}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         parts = make_private(model, opt, loader, loss, noise_multiplier=noise, max_grad_norm=1.0,
                              grad_sample_mode=variant(mode)[0],
                              randomness=RandomStream.reproducible(seed))
-    return {"mode": mode, "model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": parts.loader,
-            "loss": parts.loss_fn}
+    dp_loader: Any = parts.loader
+    if views:
+        dp_loader = MultiViewLoader(parts.loader, views, torch.Generator().manual_seed(seed))
+        install_view_averaging(parts.optimizer, dp_loader)
+    return {"mode": mode, "model": model, "module": parts.module, "optimizer": parts.optimizer, "loader": dp_loader,
+            "loss": parts.loss_fn, "rows": rows}
 
 
 def run_epoch(setup: dict[str, Any], device: torch.device) -> float:
@@ -207,8 +224,7 @@ def run_epoch(setup: dict[str, Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    cases = len(setup["loader"].dataset)
-    return seconds * cases / max(stats["num-examples"], 1.0)
+    return seconds * setup["rows"] / max(stats["num-examples"], 1.0)
 
 
 def reference_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], clip: float,
@@ -436,6 +452,8 @@ def main() -> None:
     ap.add_argument("--slow-repeats", type=int, default=1,
                     help="timed epochs for modes slower than 5x non-private after the first repeat")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--multiplicity", type=int, default=0,
+                    help="augmented views per case on both sides (augment-multiplicity); 0 = none")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--write-docs", action="store_true", help="update the table in docs/benchmarks.md")
     ap.add_argument("--profile", action="store_true",
@@ -464,7 +482,9 @@ def main() -> None:
     model_desc = (f"{'run-config' if args.model == 'run' else 'wide (channels ' + WIDE_CHANNELS + ')'} model: {cfg.family} fusion, "
                   f"{len(cfg.modalities)} modalities, {cfg.spatial_dims}D {'x'.join(map(str, cfg.spatial_size))}, "
                   f"channels {','.join(map(str, cfg.channels))}, {params:,} parameters")
-    print(f"{model_desc}; {len(dataset)} cases, batch {args.batch_size}, device {device}, {args.threads} threads")
+    views = f", {args.multiplicity} augmented views per case" if args.multiplicity else ""
+    print(f"{model_desc}; {len(dataset)} cases{views}, batch {args.batch_size}, device {device}, "
+          f"{args.threads} threads")
 
     tokens = linear_tokens(cfg)
     correct: dict[str, tuple[bool, str]] = {}
@@ -481,7 +501,8 @@ def main() -> None:
                                        f"{memory_gib():.0f} GiB here")
             print(f"  ghost: {correct['ghost'][1]}", flush=True)
     runnable = ["none", *[m for m in modes if correct[m][0]]]
-    setups = {m: make_setup(m, cfg, dataset, args.batch_size, device, noise=1.0, seed=0) for m in runnable}
+    setups = {m: make_setup(m, cfg, dataset, args.batch_size, device, noise=1.0, seed=0, views=args.multiplicity)
+              for m in runnable}
     for m in runnable:  # warm-up epoch (allocator, lazy init)
         run_epoch(setups[m], device)
     times: dict[str, list[float]] = {m: [] for m in runnable}
@@ -517,7 +538,8 @@ def main() -> None:
     mem_label = ("peak GPU memory above start, MiB" if device.type == "cuda"
                  else "peak RSS growth (fresh process, 2 epochs), MiB")
     lines = [
-        f"| mode | s / epoch of N cases | ratio vs non-private | {mem_label} | note |",
+        f"| mode | s / epoch of N cases{' x K views' if args.multiplicity else ''} | ratio vs non-private | "
+        f"{mem_label} | note |",
         "|---|---|---|---|---|",
     ]
     for m, t, ratio, mb, note in rows:
@@ -535,10 +557,11 @@ def main() -> None:
     if args.write_docs:
         header = (
             f"`bench/dp_overhead.py` ({time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-            f"device {device}, {args.threads} threads, {len(dataset)} phantom cases, batch {args.batch_size}, "
+            f"device {device}, {args.threads} threads, {len(dataset)} phantom cases{views}, batch {args.batch_size}, "
             f"median of {args.repeats} interleaved epochs; modes slower than 5x timed once). {model_desc}:"
         )
-        write_docs(header + "\n\n" + table + "\n", "dp-overhead" if args.model == "run" else "dp-overhead-wide")
+        name = "dp-overhead" if args.model == "run" else "dp-overhead-wide"
+        write_docs(header + "\n\n" + table + "\n", name + ("-multiplicity" if args.multiplicity else ""))
 
 
 def write_docs(section: str, name: str) -> None:
