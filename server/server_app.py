@@ -183,19 +183,18 @@ def _run(
             if other is not None:
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))
-        if baseline:
-            return None if flat is None else MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
-        # last.pt goes last: once it names round r, everything of round r is on disk.
-        started = timings.clock()
-        run_dir.save_round(
-            rnd, state_dict, model_config,
-            strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
-            ema=ema.state_dict() if ema is not None else None,
-            # the threshold belongs to the evaluated model: with EMA that is the average, not last.pt's raw weights
-            threshold=threshold if ema is None else None,
-        )
-        timings.done(started, "server", "checkpoint", round=rnd)
-        logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
+        if not baseline:
+            # last.pt goes last: once it names round r, everything of round r is on disk.
+            started = timings.clock()
+            run_dir.save_round(
+                rnd, state_dict, model_config,
+                strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
+                ema=ema.state_dict() if ema is not None else None,
+                # the threshold belongs to the evaluated model: with EMA the average, not last.pt's raw weights
+                threshold=threshold if ema is None else None,
+            )
+            timings.done(started, "server", "checkpoint", round=rnd)
+            logger.info("round %d of %d complete; checkpoint %s", rnd, settings.num_server_rounds, run_dir.last)
         if flat is None:
             return None
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})

@@ -237,19 +237,24 @@ def _count_cases(data: Path) -> int:
     return sum(len(list_cases(site.path)) for site in discover_sites(data) if not site.heldout)
 
 
-def public_start(folder: Path, run_config: Mapping[str, Any], *, progress: bool = False) -> Path:
-    """The checkpoint a simulation starts from when it uses public pretraining (``fedfusion simulate``'s default
-    under DP): a public phantom cohort of :data:`PUBLIC_SITES` x :data:`PUBLIC_CASES` cases (seed
-    :data:`PUBLIC_SEED`, never the federation's) in ``folder/data``, and the run's network pretrained on it
-    (supervised, :class:`PretrainSettings`' epochs) to ``folder/pretrained.pt``. Made once and reused while the
-    cohort request and the network are the same, so a rerun pays nothing.
+def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | None = None, cases: int | None = None,
+                 shape: tuple[int, int, int] | None = None, heldout_cases: int | None = None,
+                 epochs: int | None = None, progress: bool = False) -> Path:
+    """The checkpoint a run starts from when it uses public pretraining (``fedfusion simulate``'s default under DP,
+    the ``privacy`` experiment): a public phantom cohort of ``sites`` x ``cases`` cases (default
+    :data:`PUBLIC_SITES` x :data:`PUBLIC_CASES`; seed :data:`PUBLIC_SEED`, never the federation's; ``shape`` and
+    ``heldout_cases`` default to :func:`public_phantoms`') in ``folder/data``, and the run's network pretrained on
+    it (supervised, ``epochs`` or :class:`PretrainSettings`' default) to ``folder/pretrained.pt``. Made once and
+    reused while the cohort request and the network are the same, so a rerun pays nothing.
 
     ``run_config``: the run's keys (its network, seed, lr and batch size are used for pretraining).
     """
     from models.checkpoint import load_checkpoint
 
     rc = runconfig.load(run_config)
-    request = {"sites": PUBLIC_SITES, "cases": PUBLIC_CASES, "seed": PUBLIC_SEED}
+    sites = PUBLIC_SITES if sites is None else sites
+    cases = PUBLIC_CASES if cases is None else cases
+    request = {"sites": sites, "cases": cases, "seed": PUBLIC_SEED}
     out = Path(folder) / "pretrained.pt"
     if out.is_file():
         try:
@@ -260,10 +265,11 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, progress: bool 
                 return out
         except Exception as exc:  # an unreadable or foreign file is rebuilt, never trusted
             log.warning("public pretraining: %s is not reusable (%s); pretraining again", out, exc)
-    public_phantoms(Path(folder) / "data", sites=PUBLIC_SITES, cases=PUBLIC_CASES, seed=PUBLIC_SEED,
-                    federation_seed=int(rc["seed"]), progress=progress)
+    cohort = {k: v for k, v in (("shape", shape), ("heldout_cases", heldout_cases)) if v is not None}
+    public_phantoms(Path(folder) / "data", sites=sites, cases=cases, seed=PUBLIC_SEED,
+                    federation_seed=int(rc["seed"]), progress=progress, **cohort)
     keys = {k: v for k, v in rc.items() if k.startswith("model-") or k in ("seed", "lr", "batch-size")}
     result = pretrain(PretrainSettings(data=Path(folder) / "data", out=out, run_config=keys, progress=progress,
-                                       phantoms=request))
+                                       phantoms=request, **({} if epochs is None else {"epochs": epochs})))
     log.info("public pretraining: %s in %.0f s", out, result.seconds)
     return out

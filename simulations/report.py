@@ -373,15 +373,18 @@ def _dice_rose(run: Run) -> str:
     best_r, best_v = max(s, key=lambda p: p[1])
     verdict = "**rose**" if v1 > v0 else "**did not rise**"
     start = " = the init checkpoint, before any site trained" if r0 == 0 else ""
-    line = (
+    return (
         f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}{start}) → "
         f"{v1:.3f} (round {r1}); best {best_v:.3f} at round {best_r}"
     )
-    auroc = [(r, v) for r, v in run.records.series("server-eval", "global", f"{_top(run)}/auroc") if v is not None]
-    if len(auroc) >= 2:
-        line += f"\n- global AUROC (classification): {auroc[0][1]:.3f} (round {auroc[0][0]}) → {auroc[-1][1]:.3f} " \
-                f"(round {auroc[-1][0]})"
-    return line
+
+
+def _auroc_trend(run: Run) -> list[str]:
+    """The classifier's AUROC from the first to the last evaluated round (nothing when fewer than two)."""
+    s = [(r, v) for r, v in run.records.series("server-eval", "global", f"{_top(run)}/auroc") if v is not None]
+    if len(s) < 2:
+        return []
+    return [f"- global AUROC (classification): {s[0][1]:.3f} (round {s[0][0]}) → {s[-1][1]:.3f} (round {s[-1][0]})"]
 
 
 def _top(run: Run) -> str:
@@ -414,7 +417,7 @@ def _header(ctx: _Ctx) -> list[str]:
             f"worst subset: Dice whole {_fmt(flat.get('worst/dice-whole'))}."
         )
         lines.append("")
-    lines += [_dice_rose(run), ""]
+    lines += [_dice_rose(run), *_auroc_trend(run), ""]
     if run.notes:
         lines += ["Notes:", *[f"- {n}" for n in run.notes], ""]
     return lines

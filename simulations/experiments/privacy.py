@@ -15,20 +15,20 @@ derive their noise multiplier from the target epsilon over the run (delta 1e-5, 
 RDP accountant); ``epsilon spent`` is the highest total a site's ledger reports. Beside each private row, the
 feasibility planner's prediction for the same settings (:func:`client.privacy.planner.plan`: its noise-to-signal
 ratio ``r_run`` and verdict, a rule fixed before any measurement) and whether the measurement agrees with it
-("learns" measured = mean-region Dice >= 0.5 x the non-private row of the same ``N`` and start).
+("learns" measured: from scratch, mean-region Dice >= 0.5 x the non-private row of the same ``N``; from a pretrained
+start, a gain over the public model alone >= 0.5 x the non-private row's gain).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .common import (Context, Outcome, base_overrides, evaluate_checkpoint, fmt, markdown_table, phantoms,
                      run_federated, write_result)
-from .stats import Summary, against, cell, paired, summarise
+from .stats import Summary, against, cell, of_values, paired, summarise
 
 NAME = "privacy"
 TITLE = "Experiment `privacy`: DP-SGD from scratch and from public pretraining, by cases per site and epsilon"
@@ -43,18 +43,17 @@ MIN_GAIN = 0.01
 
 @dataclass(frozen=True)
 class Grid:
-    """Cells of one budget: the full ``cases x epsilons x STARTS`` grid plus extra ``(N, start, epsilon)`` cells;
-    ``headline`` cells run every seed of the budget, the others its first."""
+    """Cells of one budget: the full ``cases x epsilons x STARTS`` grid plus ``headline`` ``(N, start, epsilon)``
+    cells, which run every seed of the budget (the others run its first)."""
 
     cases: tuple[int, ...]
     epsilons: tuple[float, ...]
-    extra: tuple[tuple[int, str, float], ...] = ()
     headline: tuple[tuple[int, str, float], ...] = ()
     public_epochs: int = 10
 
     def cells(self) -> list[tuple[int, str, float]]:
         full = [(n, start, eps) for n in self.cases for start in STARTS for eps in self.epsilons]
-        return full + [c for c in (*self.extra, *self.headline) if c not in full]
+        return full + [c for c in self.headline if c not in full]
 
 
 GRID: dict[str, Grid] = {
@@ -68,29 +67,27 @@ GRID: dict[str, Grid] = {
 
 
 def public_checkpoint(ctx: Context, epochs: int) -> tuple[Path, dict[str, Any]]:
-    """The public pretraining checkpoint of this budget (generated and trained once, then reused)."""
-    from simulations.pretrain import PUBLIC_SEED, PretrainSettings, pretrain, public_phantoms
+    """The public pretraining checkpoint of this budget (:func:`simulations.pretrain.public_start`: generated and
+    trained once, then reused) and its provenance."""
+    from models.checkpoint import load_checkpoint
+    from simulations.pretrain import public_start
 
     b = ctx.budget
     root = ctx.work / "public" / f"{b.name}-s2x{b.cases_per_site}-{'x'.join(map(str, b.shape))}-e{epochs}"
-    out = root / "pretrained.pt"
-    request = {"sites": 2, "cases": b.cases_per_site, "seed": PUBLIC_SEED}
-    if not out.exists():
-        public_phantoms(root / "data", sites=2, cases=b.cases_per_site, seed=PUBLIC_SEED, federation_seed=ctx.seed,
-                        shape=b.shape, heldout_cases=max(4, b.cases_per_site // 8))
-        overrides = {k: v for k, v in base_overrides(ctx, ctx.seed).items()
-                     if k.startswith("model-") or k in ("seed", "batch-size")}
-        pretrain(PretrainSettings(data=root / "data", out=out, run_config=overrides, epochs=epochs,
-                                  progress=ctx.progress, phantoms=request))
-    from models.checkpoint import load_checkpoint
-
+    out = public_start(root, base_overrides(ctx, ctx.seed), sites=2, cases=b.cases_per_site, shape=b.shape,
+                       heldout_cases=max(4, b.cases_per_site // 8), epochs=epochs, progress=ctx.progress)
     _, _, extra = load_checkpoint(out)
     return out, dict(extra.get("provenance", {}))
 
 
+def batch_of(n: int) -> int:
+    """A cell's batch at ``n`` cases per site: sampling rate 0.25."""
+    return max(1, n // 4)
+
+
 def row_overrides(n: int, start: str, eps: float, ckpt: Path | None) -> dict[str, Any]:
     """Run-config keys of one cell (on top of the budget's)."""
-    over: dict[str, Any] = {"model-family": "attention", "batch-size": max(1, n // 4)}
+    over: dict[str, Any] = {"model-family": "attention", "batch-size": batch_of(n)}
     if math.isinf(eps):
         over["dp-enabled"] = False
     else:
@@ -105,8 +102,7 @@ def planner_prediction(ctx: Context, cfg: dict[str, Any], n: int) -> tuple[float
     """The planner's ``(r_run, verdict)`` for a row's run config at ``n`` cases per site."""
     from client.privacy.planner import plan
 
-    keys = {k: v for k, v in cfg.items() if k not in ("init-checkpoint",)}
-    p = plan({**base_overrides(ctx, ctx.seed), **keys}, patients=n, sites=ctx.budget.sites)
+    p = plan({**base_overrides(ctx, ctx.seed), **cfg}, patients=n, sites=ctx.budget.sites)
     return p.run_ratio, p.verdict
 
 
@@ -145,11 +141,7 @@ def run(ctx: Context) -> str:
 def ratio(outs: list[Outcome], refs: list[Outcome] | None, key: str) -> Summary:
     """Per-seed ``key`` of ``outs`` over the same seed's ``refs`` row (mean ± SD over the seeds both ran)."""
     by_seed = {o.seed: o.get(key) for o in refs or []}
-    values = [o.get(key) / by_seed[o.seed] for o in outs if by_seed.get(o.seed)]
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return Summary(math.nan, math.nan, 0)
-    return Summary(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+    return of_values(o.get(key) / by_seed[o.seed] for o in outs if by_seed.get(o.seed))
 
 
 def gain_ratio(outs: list[Outcome], refs: list[Outcome] | None, base: list[Outcome] | None, key: str) -> Summary:
@@ -157,12 +149,8 @@ def gain_ratio(outs: list[Outcome], refs: list[Outcome] | None, base: list[Outco
     model alone that the private row kept (seeds whose non-private gain is below :data:`MIN_GAIN` are left out)."""
     start = {o.seed: o.get(key) for o in base or []}
     ref = {o.seed: o.get(key) for o in refs or []}
-    values = [(o.get(key) - start[o.seed]) / (ref[o.seed] - start[o.seed]) for o in outs
-              if o.seed in start and o.seed in ref and ref[o.seed] - start[o.seed] >= MIN_GAIN]
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return Summary(math.nan, math.nan, 0)
-    return Summary(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+    return of_values((o.get(key) - start[o.seed]) / (ref[o.seed] - start[o.seed]) for o in outs
+                     if o.seed in start and o.seed in ref and ref[o.seed] - start[o.seed] >= MIN_GAIN)
 
 
 def render(ctx: Context, results: dict[tuple[int, str, float], list[Outcome]],
@@ -206,7 +194,7 @@ def render(ctx: Context, results: dict[tuple[int, str, float], list[Outcome]],
                 agree.append(learns == (planned == "learns"))
             else:
                 measured = f"untestable (non-private gain < {MIN_GAIN:g})"
-        site_steps = ctx.budget.rounds * ctx.budget.local_epochs * math.ceil(n / max(1, n // 4))
+        site_steps = ctx.budget.rounds * ctx.budget.local_epochs * math.ceil(n / batch_of(n))
         rows.append(((n, STARTS.index(start), eps), [str(n), start, f"{eps:g}" if dp else "∞ (no DP)", str(len(outs)),
                      cell(summarise(outs, "epsilon-spent"), 2) if dp else "—",
                      cell(summarise(outs, "noise-multiplier"), 2) if dp else "—", *metrics(outs),

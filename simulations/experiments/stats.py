@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .common import Outcome
 
-__all__ = ["Summary", "against", "cell", "paired", "summarise", "verdict"]
+__all__ = ["Summary", "against", "cell", "of_values", "paired", "summarise", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,23 @@ class Summary:
         return self.sd / math.sqrt(self.n) if self.n > 1 else math.nan
 
 
+def of_values(values: Iterable[float]) -> Summary:
+    """Mean, sample SD and count of the finite ``values`` (NaN mean when none is)."""
+    kept = [v for v in values if math.isfinite(v)]
+    if not kept:
+        return Summary(math.nan, math.nan, 0)
+    return Summary(statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0, len(kept))
+
+
 def summarise(outcomes: Iterable[Outcome], key: str) -> Summary:
     """Mean, sample SD and count of ``key`` over the outcomes where it is finite (NaN mean when none is)."""
-    values = [o.get(key) for o in outcomes]
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return Summary(math.nan, math.nan, 0)
-    return Summary(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+    return of_values(o.get(key) for o in outcomes)
 
 
 def paired(a: Sequence[Outcome], b: Sequence[Outcome], key: str) -> Summary:
     """``key`` of ``a`` minus ``b`` over the seeds both rows ran (per-seed differences, then mean and SD)."""
     by_seed = {o.seed: o.get(key) for o in b}
-    diffs = [o.get(key) - by_seed[o.seed] for o in a if o.seed in by_seed]
-    diffs = [d for d in diffs if math.isfinite(d)]
-    if not diffs:
-        return Summary(math.nan, math.nan, 0)
-    return Summary(statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs))
+    return of_values(o.get(key) - by_seed[o.seed] for o in a if o.seed in by_seed)
 
 
 def verdict(diff: Summary, margin: float = 0.0) -> str:
