@@ -173,6 +173,7 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     select, report, unseen = rows("server-select"), rows("server-eval"), rows("server-eval-unseen")
     assert set(select) == {1, 2} and set(report) == {1, 2} and set(unseen) == {2}
     assert "all/dice-whole" in select[1] and not any(k.startswith(("t1/", "ct/")) for k in select[1])  # full set only
+    assert "all/dice-whole" in unseen[2] and not any(k.startswith(("t1/", "ct/")) for k in unseen[2])  # full set only
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     chosen = max(select, key=lambda rnd: select[rnd]["all/dice-whole"])
     assert extra["selected_on"] == "validation" and extra["round"] == chosen
