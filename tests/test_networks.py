@@ -270,3 +270,22 @@ def test_summary_counts() -> None:
     assert flops > 0 and model.training  # mode restored
     bigger = build_model(cfg.replace(channels=(8, 16)))
     assert estimate_flops(bigger, bigger.config) > flops
+
+
+def test_attention_softmax_equals_torch_softmax_with_masked_keys() -> None:
+    """The attention's elementwise softmax (models.fusion.attention.softmax_last) gives torch.softmax's values and
+    gradients, masked keys included (weight exactly 0), at the default model's level-0 shape."""
+    from models.fusion.attention import softmax_last
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 64, 2, 6, 6, generator=g, dtype=torch.float64) * 4
+    present = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    masked = scores.masked_fill(~present[:, None, None, None, :], float("-inf"))
+    upstream = torch.randn(masked.shape, generator=g, dtype=torch.float64)
+    ours_in, ref_in = masked.clone().requires_grad_(), masked.clone().requires_grad_()
+    ours, ref = softmax_last(ours_in), ref_in.softmax(dim=-1)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-10, atol=1e-12)
+    assert torch.all(ours[~present[:, None, None, None, :].expand_as(ours)] == 0)
