@@ -82,8 +82,24 @@ def region_masks(labels: Tensor) -> Tensor:
     Returns:
         (B, R, *S) float32 0/1, R = ``len(REGIONS)`` in :data:`REGIONS` order.
     """
-    regions = [torch.isin(labels, torch.tensor(v, device=labels.device)) for v in SEG_REGIONS.values()]
-    return torch.stack(regions, dim=1).float()
+    # one table lookup instead of one isin per region (isin was 6 % of the every-subset held-out evaluation); labels
+    # outside the table's range belong to no region, as with isin
+    table = _REGION_TABLE.to(labels.device)
+    top = table.shape[0] - 1
+    index = torch.where((labels >= 0) & (labels < top), labels, top)
+    return table[index].movedim(-1, 1)
+
+
+def _region_table() -> Tensor:
+    """(max label + 2, R) float32: row ``v`` holds 1 for each region containing label ``v``; the last row is 0."""
+    top = max(v for values in SEG_REGIONS.values() for v in values) + 1
+    table = torch.zeros(top + 1, len(SEG_REGIONS))
+    for r, values in enumerate(SEG_REGIONS.values()):
+        table[list(values), r] = 1.0
+    return table
+
+
+_REGION_TABLE = _region_table()
 
 
 def segmentation_metrics(pred: Tensor, truth: Tensor, *, hd95: bool = True) -> dict[str, Tensor]:

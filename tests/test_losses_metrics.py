@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from models.config import SEG_REGIONS
 from models.losses import MultiTaskLoss, label_prior
 from models.metrics import (
     classification_metrics,
@@ -70,6 +71,12 @@ def test_region_masks_follow_seg_regions() -> None:
     labels = torch.tensor([[0, 1, 2, 3]])
     r = region_masks(labels)  # (1, 4 regions, 4)
     assert r[0].tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 1, 1]]
+
+    # the lookup equals one isin per region, labels outside the known ones (negative, too large) in no region
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randint(-2, 7, (2, 3, 5, 7), generator=g)
+    by_isin = torch.stack([torch.isin(noisy, torch.tensor(v)) for v in SEG_REGIONS.values()], dim=1).float()
+    assert torch.equal(region_masks(noisy), by_isin)
 
 
 def test_dice_iou_precision_match_hand_computation() -> None:
