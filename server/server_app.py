@@ -30,6 +30,7 @@ from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
 from .ema import WeightAverage
 from .evaluation import GlobalEvaluator
+from .grid import prompt
 from .prepare import prepare_sites
 from .initial import initial_state
 from .settings import ServerSettings
@@ -63,7 +64,8 @@ def run_server(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(settings.resume or settings.run_dir)
     handler = _server_logging(run_dir.path)
     try:
-        _run(grid, settings, model_config, run_config, run_dir)
+        # Flower's deployed grid polls for replies every 3 s: up to 6 s of idle wait per round
+        _run(prompt(grid), settings, model_config, run_config, run_dir)
     finally:
         logging.getLogger("server").removeHandler(handler)
         handler.close()

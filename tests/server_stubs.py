@@ -97,9 +97,14 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:  # noqa: D102
         out = []
-        for mid in message_ids:
-            msg = self._pending.pop(mid)
-            out.append(self.site(int(msg.metadata.dst_node_id), msg))
+        for mid in list(message_ids):
+            msg = self._pending.pop(mid, None)
+            if msg is None:  # pulled before: a real grid returns each reply once
+                continue
+            reply = self.site(int(msg.metadata.dst_node_id), msg)
+            # as the SuperLink does: a reply names the message it answers (PromptGrid matches them by it)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            out.append(reply)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
