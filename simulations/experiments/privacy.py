@@ -43,26 +43,31 @@ MIN_GAIN = 0.01
 
 @dataclass(frozen=True)
 class Grid:
-    """Cells of one budget: the full ``cases x epsilons x STARTS`` grid plus ``headline`` ``(N, start, epsilon)``
-    cells, which run every seed of the budget (the others run its first)."""
+    """Cells of one budget: the full ``cases x epsilons x STARTS`` grid, ``headline`` ``(N, start, epsilon)``
+    cells, which run every seed of the budget, and ``single`` cells outside the grid, which run its first seed
+    like the grid's."""
 
     cases: tuple[int, ...]
     epsilons: tuple[float, ...]
     headline: tuple[tuple[int, str, float], ...] = ()
+    single: tuple[tuple[int, str, float], ...] = ()
     public_epochs: int = 10
 
     def cells(self) -> list[tuple[int, str, float]]:
         full = [(n, start, eps) for n in self.cases for start in STARTS for eps in self.epsilons]
-        return full + [c for c in self.headline if c not in full]
+        return full + [c for c in (*self.headline, *self.single) if c not in full]
 
 
 GRID: dict[str, Grid] = {
     "tiny": Grid(cases=(4,), epsilons=(8.0, math.inf), public_epochs=1),
     "small": Grid(cases=(16,), epsilons=(1.0, 3.0, 8.0, math.inf), public_epochs=5),
     # N = 24 and 64 over the whole grid; N = 128 for the issue's headline cell (pretrained, epsilon 8) and its
-    # reference, with every seed of the budget (N = 256 and the rest of 128 did not fit 2 cores yet)
+    # reference, with every seed of the budget; N = 256 (one seed) for the issue's other two targets (pretrained
+    # epsilon 3, scratch epsilon 8) and their references (the rest of 128 and 256 did not fit 2 cores yet)
     "standard": Grid(cases=(24, 64), epsilons=(1.0, 3.0, 8.0, math.inf),
-                     headline=((128, "pretrained", 8.0), (128, "pretrained", math.inf))),
+                     headline=((128, "pretrained", 8.0), (128, "pretrained", math.inf)),
+                     single=((256, "pretrained", 3.0), (256, "pretrained", math.inf), (256, "scratch", 8.0),
+                             (256, "scratch", math.inf))),
 }
 
 
