@@ -86,7 +86,8 @@ def region_masks(labels: Tensor) -> Tensor:
     # outside the table's range belong to no region, as with isin
     table = _REGION_TABLE.to(labels.device)
     top = table.shape[0] - 1
-    index = torch.where((labels >= 0) & (labels < top), labels, top)
+    # long indices: a uint8 or bool label map would otherwise index as a mask
+    index = torch.where((labels >= 0) & (labels < top), labels.long(), top)
     return table[index].movedim(-1, 1)
 
 

@@ -77,6 +77,8 @@ def test_region_masks_follow_seg_regions() -> None:
     noisy = torch.randint(-2, 7, (2, 3, 5, 7), generator=g)
     by_isin = torch.stack([torch.isin(noisy, torch.tensor(v)) for v in SEG_REGIONS.values()], dim=1).float()
     assert torch.equal(region_masks(noisy), by_isin)
+    small = noisy.clamp(min=0).to(torch.uint8)  # label maps also come as uint8 (saved predictions)
+    assert torch.equal(region_masks(small), region_masks(small.long()))
 
 
 def test_dice_iou_precision_match_hand_computation() -> None:
