@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -119,6 +120,8 @@ def run_mode(work: Path, data: Path, mode: str, run: dict, timeout: float) -> li
     env = {timings.ENV: str(tfile), "FLWR_LOG_LEVEL": "DEBUG"}
     if mode == "cold":
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"  # Flower's default, as before the daemon set 0.25 s
+    # a fresh federation folder: the sites' privacy ledgers of an earlier bench run would decline the later rounds
+    shutil.rmtree(work / mode, ignore_errors=True)
     fed = LoopbackFederation(work / mode, data, 2, site_flags=MODES[mode], env=env)
     with fed:
         run_id = fed.submit(tiny_run_config(fed.workdir, data, **run))
