@@ -4,8 +4,9 @@ Generates (or reuses) the demo's phantoms first, untimed: 3 sites, 24 cases per 
 realistic scenario, DICOM on a 32x64x64 grid, 12 held-out cases; and the public pretraining the demo starts from
 (:func:`simulations.pretrain.public_start`, made once in ``WORK/public``, untimed). Then runs the simulation as
 ``scripts/demo.sh`` does (``fedfusion simulate`` with the script's ``--set`` keys, read from it; every other key
-its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every round) and reports the whole simulation's wall time, its ideal (the sites' summed local
-training over the sites that train at once) and where the time went (:mod:`simulations.round_phases`), then the
+its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every round) and reports the
+whole simulation's wall time, its ideal (the sites' summed local training over the sites that train at once) and
+where the time went (:mod:`simulations.round_phases`), then the
 report's build time (not part of the target). Target (issue 15): simulation <= 1.5 x ideal. Results go to
 docs/benchmarks.md (section ``demo``).
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
            fmt="dicom", heldout_cases=12)
     if args.fresh_cache:
         shutil.rmtree(data / DERIVED_CACHE, ignore_errors=True)
-    overrides = {**demo_overrides(), **parse_assignments(args.extra)}
+    demo = demo_overrides()
+    overrides = {**demo, **parse_assignments(args.extra)}
     if not overrides.get("init-checkpoint"):
         # as `fedfusion simulate` does under DP (simulations.simulate): made once in WORK/public, reused, untimed
         from simulations.pretrain import public_start
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`{shlex.join(['bench/demo_time.py', *(argv if argv is not None else sys.argv[1:])])}` "
         f"({_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, load "
         f"average {timed.load_before:.1f} at the start and {timed.load_after:.1f} at the end; `scripts/demo.sh`'s "
-        f"settings ({', '.join(f'{k} = {v}' for k, v in demo_overrides().items())}, the rest run-config defaults) "
+        f"settings ({', '.join(f'{k} = {v}' for k, v in demo.items())}, the rest run-config defaults) "
         f"from its public pretraining: {sites} sites, DICOM phantoms reused"
         f"{', preprocessed cache deleted first' if args.fresh_cache else ''}):",
         "",

@@ -72,8 +72,7 @@ class PromptGrid:
 
 def prompt(grid: Grid) -> Grid:
     """``grid`` wrapped in :class:`PromptGrid` unless it polls at a short interval of its own (simulation's
-    ``InMemoryGrid``) or cannot be pulled from: in practice the deployed SuperLink's grid, which sleeps 3 s
-    between pulls."""
-    if hasattr(grid, "pull_interval") or not hasattr(grid, "pull_messages"):
+    ``InMemoryGrid``): in practice the deployed SuperLink's grid, which sleeps 3 s between pulls."""
+    if hasattr(grid, "pull_interval"):
         return grid
     return PromptGrid(grid)  # type: ignore[return-value]

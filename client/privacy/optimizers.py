@@ -120,7 +120,7 @@ def _floor(group: dict[str, Any], t: float) -> float:
     if noise_var <= 0:
         return float(group["gamma"])
     b2 = group["betas"][1]
-    samples = (1 + b2) / (1 - b2) * (1 - b2**t) ** 2 / (1 - b2 ** (2 * t)) if b2 > 0 else 1.0
+    samples = (1 + b2) / (1 - b2) * (1 - b2**t) ** 2 / (1 - b2 ** (2 * t))
     return max(float(group["gamma"]), noise_var * math.sqrt(2.0 / samples))
 
 
