@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .metrics import label_map
 from .training import unpack_batch
 
 
@@ -81,7 +82,7 @@ def contribution_per_sample(
         ref_class = label.long() if label is not None else prob_full.argmax(dim=1)
         pick = ref_class[:, None]
         p_full = prob_full.gather(1, pick)[:, 0]
-        pred_full = seg_full.argmax(dim=1)
+        pred_full = label_map(seg_full)
         dice_full = _whole_dice(pred_full, seg) if seg is not None else torch.ones_like(p_full)
         attn = inner.attention_weights() if hasattr(inner, "attention_weights") else None
         gates = inner.fusion_weights() if hasattr(inner, "fusion_weights") else None
@@ -99,7 +100,7 @@ def contribution_per_sample(
                 safe = torch.where(runnable[:, None], drop_mask, mask)
                 seg_wo, cls_wo = inner.decode(features, safe)
                 p_wo = torch.where(runnable, cls_wo.softmax(dim=1).gather(1, pick)[:, 0], p_wo)
-                pred_wo = torch.where(runnable.reshape(-1, *[1] * (pred_full.dim() - 1)), seg_wo.argmax(dim=1), pred_wo)
+                pred_wo = torch.where(runnable.reshape(-1, *[1] * (pred_full.dim() - 1)), label_map(seg_wo), pred_wo)
             if seg is not None:
                 dice_drop = dice_full - _whole_dice(pred_wo, seg)
             else:

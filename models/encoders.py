@@ -134,7 +134,11 @@ def masked_mean(features: Sequence[Tensor], mask: Tensor) -> Tensor:
     Returns:
         (B, C, *S). A missing modality's features are multiplied by exactly 0, so they never contribute.
     """
-    stacked = torch.stack(list(features), dim=1)  # (B, M, C, *S)
+    return masked_mean_stacked(torch.stack(list(features), dim=1), mask)
+
+
+def masked_mean_stacked(stacked: Tensor, mask: Tensor) -> Tensor:
+    """:func:`masked_mean` of features already stacked along dim 1: (B, M, C, *S), mask (B, M) -> (B, C, *S)."""
     w = mask.reshape(*mask.shape, *([1] * (stacked.dim() - 2))).to(stacked.dtype)
     count = mask.sum(dim=1).clamp_min(1.0).reshape(-1, *([1] * (stacked.dim() - 2))).to(stacked.dtype)
     return (stacked * w).sum(dim=1) / count

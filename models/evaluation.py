@@ -40,6 +40,7 @@ from .metrics import (
     CLS_METRICS,
     DEFAULT_THRESHOLD,
     classification_metrics,
+    label_map,
     lower_is_better,
     operating_threshold,
     seg_metric_names,
@@ -140,7 +141,7 @@ def predict(
         if bool(ok.any()):
             seg_logits, class_logits = model(mask_channels(image[ok], mask[ok]), mask[ok])
             prob[ok.cpu()] = torch.softmax(class_logits.float(), dim=1)[:, 1].cpu()
-            pred[ok.cpu()] = seg_logits.argmax(dim=1).to(torch.uint8).cpu()
+            pred[ok.cpu()] = label_map(seg_logits).to(torch.uint8).cpu()
         probs.append(prob)
         preds.append(pred)
         truths.append(seg.to(torch.uint8).cpu())
@@ -314,7 +315,7 @@ def evaluate_subsets(
                seg_on: Tensor, label_on: Tensor) -> None:
         cases[s] += int(label.numel())
         if bool(seg_on.any()):  # segmentation metrics over the cases with a segmentation only
-            pred = seg_logits.argmax(dim=1).cpu()[seg_on]
+            pred = label_map(seg_logits).cpu()[seg_on]
             for k, v in segmentation_metrics(pred, seg_true[seg_on], hd95=want_hd[s]).items():
                 per_case[s].setdefault(k, []).append(v)
         probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu()[label_on])

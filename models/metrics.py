@@ -39,9 +39,7 @@ import numpy as np
 import torch
 from monai.metrics import (
     compute_confusion_matrix_metric,
-    compute_dice,
     compute_hausdorff_distance,
-    compute_iou,
     compute_roc_auc,
     get_confusion_matrix,
 )
@@ -103,6 +101,26 @@ def _region_table() -> Tensor:
 _REGION_TABLE = _region_table()
 
 
+def label_map(logits: Tensor) -> Tensor:
+    """(B, K, *S) segmentation logits -> (B, *S) int64 labels: ``logits.argmax(dim=1)``, by a running comparison.
+
+    PyTorch's CPU argmax over a non-last axis of a few classes is slow: on (2, 4, 32, 64, 64) logits it took 20-27 ms
+    against 2 ms for this (a softmax over the same axis takes 0.4 ms). Equal to ``argmax(dim=1)`` for finite logits,
+    ties included (the first maximum wins); where a logit is NaN the label is that of the largest non-NaN logit
+    before it, not argmax's NaN position (both are meaningless labels of a broken model).
+    """
+    if logits.dim() < 2 or logits.shape[1] < 1:
+        raise ValueError(f"segmentation logits must be (B, K, *S) with K >= 1, got shape {tuple(logits.shape)}")
+    best = logits[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.long, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        candidate = logits[:, k]
+        higher = candidate > best
+        labels = torch.where(higher, k, labels)
+        best = torch.where(higher, candidate, best)
+    return labels
+
+
 def segmentation_metrics(pred: Tensor, truth: Tensor, *, hd95: bool = True) -> dict[str, Tensor]:
     """Per-case segmentation metrics of predicted vs true label maps.
 
@@ -119,14 +137,17 @@ def segmentation_metrics(pred: Tensor, truth: Tensor, *, hd95: bool = True) -> d
         raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} label maps differ in shape")
     p = region_masks(pred.detach().cpu())
     t = region_masks(truth.detach().cpu())
-    # ignore_empty=False gives exactly our convention: empty truth -> 1 if prediction empty else 0.
-    dice = compute_dice(p, t, include_background=True, ignore_empty=False).double()
-    iou = compute_iou(p, t, include_background=True, ignore_empty=False).double()
+    # One confusion matrix for all three: Dice is the F1 score and IoU the threat score of the same counts (what
+    # compute_dice / compute_iou count again, each in its own pass over the masks; tests compare with them). Their
+    # only 0/0 is "prediction and truth both empty", which our convention scores 1 (compute_dice's
+    # ignore_empty=False); precision's other 0/0, an empty prediction of a non-empty truth, scores 0.
     cm = get_confusion_matrix(p, t, include_background=True)  # (B, R, 4): tp, fp, tn, fn
-    precision = compute_confusion_matrix_metric("precision", cm).double()
-    p_empty = p.flatten(2).sum(-1) == 0
-    t_empty = t.flatten(2).sum(-1) == 0
-    precision = torch.where(p_empty, (t_empty).double(), precision)  # 0/0: 1 if both empty, else 0
+    both_empty = (cm[..., 0] + cm[..., 1] + cm[..., 3]) == 0
+    p_empty = (cm[..., 0] + cm[..., 1]) == 0
+    one = torch.ones((), dtype=torch.float64)
+    dice = torch.where(both_empty, one, compute_confusion_matrix_metric("f1 score", cm).double())
+    iou = torch.where(both_empty, one, compute_confusion_matrix_metric("threat score", cm).double())
+    precision = torch.where(p_empty, both_empty.double(), compute_confusion_matrix_metric("precision", cm).double())
     out: dict[str, Tensor] = {}
     for i, r in enumerate(REGIONS):
         out[f"dice-{r}"] = dice[:, i]

@@ -85,8 +85,10 @@ class FusionNet(nn.Module):
         Returns:
             Opaque features for :meth:`decode`: ``(image, per_modality)``, the masked image (B, M, *S) (the
             classifier pools it inside the predicted regions) and one entry per modality: ``input``: stem outputs (B, C_0, *S), ``None`` for
-            modalities declared absent by :meth:`set_site_modalities`; ``single``/``hierarchical``/``attention``:
-            encoder pyramids ``[H^0..H^{L-1}]`` (zeros when declared absent); ``output``: the modality's own
+            modalities declared absent by :meth:`set_site_modalities`; ``single``/``hierarchical``: encoder pyramids
+            ``[H^0..H^{L-1}]`` (zeros when declared absent); ``attention``: those pyramids after the fusion's
+            mask-independent work (``Fusion.prepare``: per level the stacked features, attention scores and
+            values); ``output``: the modality's own
             ``(seg logits, class logits)`` (``None`` when declared absent).
         """
         self._check_inputs(image, mask)
@@ -103,7 +105,7 @@ class FusionNet(nn.Module):
         ]
         if self.fusion.late:
             return x, self.fusion.modality_predictions(x, pyramids, self.decoder)
-        return x, pyramids
+        return x, self.fusion.prepare(pyramids)
 
     def decode(self, features: tuple[Tensor, list[Any]], mask: Tensor) -> tuple[Tensor, Tensor]:
         """Fuse :meth:`encode`'s features under ``mask`` (B, M) and predict: ``(seg logits (B, K, *S), class
@@ -116,7 +118,7 @@ class FusionNet(nn.Module):
             return self._heads(self.fusion.fuse_stems(per_modality, mask), image, mask)
         if self.fusion.late:
             return self.fusion.combine(per_modality, mask)
-        return self._heads(self.fusion(per_modality, mask), image, mask)
+        return self._heads(self.fusion.fuse(per_modality, mask), image, mask)
 
     def forward_subsets(
         self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None

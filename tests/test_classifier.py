@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from models.classifier import REGION_MAPS, LesionClassifier, pool_regions, region_weights, volume_shares
+from models.classifier import (
+    REGION_MAPS,
+    LesionClassifier,
+    channel_statistics,
+    pool_regions,
+    region_weights,
+    volume_shares,
+)
 from models.modalities import owner_modality
 
 torch.set_num_threads(1)
@@ -36,6 +43,16 @@ def test_pool_regions_is_the_weighted_mean_and_log_std_inside_each_region() -> N
     assert float(out[0, 3]) == pytest.approx(expected, rel=1e-2)
     with pytest.raises(ValueError, match="differ in grid"):
         pool_regions(torch.ones(2, 1, 1, 1, 1), weights)
+
+
+def test_channel_statistics_equal_pooling_each_channel_alone() -> None:
+    """The classifier pools every modality in one pass; row c equals pooling channel c on its own."""
+    seg_logits, image = _inputs(b=2, seed=4)
+    weights = region_weights(seg_logits)
+    stats = channel_statistics(image, weights)
+    assert stats.shape == (2, len(MODS), 2 * len(REGION_MAPS))
+    for c in range(len(MODS)):
+        torch.testing.assert_close(stats[:, c], pool_regions(image[:, c : c + 1], weights, std=True))
 
 
 def test_region_weights_and_volume_shares() -> None:

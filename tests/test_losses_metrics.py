@@ -11,6 +11,7 @@ from models.config import SEG_REGIONS
 from models.losses import MultiTaskLoss, label_prior
 from models.metrics import (
     classification_metrics,
+    label_map,
     operating_threshold,
     region_masks,
     roc_points,
@@ -201,3 +202,37 @@ def test_operating_threshold_maximises_balanced_accuracy_on_the_tuning_cases() -
     assert operating_threshold(torch.empty(0), torch.empty(0, dtype=torch.long)) == 0.5
     with pytest.raises(ValueError, match="3 probabilities but 2 labels"):
         operating_threshold(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1]))
+
+
+def test_label_map_equals_argmax_ties_included() -> None:
+    """label_map (a running comparison) gives argmax(dim=1) exactly: random logits, ties (the first maximum wins,
+    as argmax's), 2D and 3D, one class."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 4, 3, 5, 6), (3, 3, 7, 7), (1, 1, 4, 4)):
+        logits = torch.randn(shape, generator=g)
+        assert torch.equal(label_map(logits), logits.argmax(dim=1))
+    tied = torch.randint(0, 3, (2, 4, 5, 5), generator=g).float()  # many exact ties
+    assert torch.equal(label_map(tied), tied.argmax(dim=1))
+    with pytest.raises(ValueError, match="logits must be"):
+        label_map(torch.zeros(4))
+
+
+def test_dice_and_iou_from_one_confusion_matrix_equal_monai_compute_dice_and_iou() -> None:
+    """segmentation_metrics computes Dice and IoU from one confusion matrix; they equal MONAI's compute_dice and
+    compute_iou (ignore_empty=False) on random label maps with empty regions in prediction, truth and both."""
+    from monai.metrics import compute_dice, compute_iou
+
+    g = torch.Generator().manual_seed(3)
+    truth = torch.randint(0, 4, (6, 4, 6, 6), generator=g)
+    pred = torch.randint(0, 4, (6, 4, 6, 6), generator=g)
+    truth[0] = 0  # empty truth, non-empty prediction
+    pred[1] = 0  # empty prediction
+    truth[2] = pred[2] = 0  # both empty
+    pred[3] = torch.where(pred[3] == 3, 1, pred[3])  # no enhancing predicted
+    m = segmentation_metrics(pred, truth, hd95=False)
+    p, t = region_masks(pred), region_masks(truth)
+    dice = compute_dice(p, t, include_background=True, ignore_empty=False).double()
+    iou = compute_iou(p, t, include_background=True, ignore_empty=False).double()
+    for i, r in enumerate(SEG_REGIONS):
+        torch.testing.assert_close(m[f"dice-{r}"], dice[:, i])
+        torch.testing.assert_close(m[f"iou-{r}"], iou[:, i])

@@ -289,3 +289,71 @@ def test_attention_softmax_equals_torch_softmax_with_masked_keys() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-10, atol=1e-12)
     assert torch.all(ours[~present[:, None, None, None, :].expand_as(ours)] == 0)
+
+
+def _reference_attention_fusion(fusion, pyramids, mask):
+    """The attention family's formula as first written (update per modality, output projection and upsampling per
+    modality, then the masked mean), from the module's own layers: what the pooled computation must equal."""
+    import math as _math
+
+    import torch.nn.functional as F
+
+    fused = []
+    for l, attn in enumerate(fusion.levels):
+        stacked = torch.stack([p[l] for p in pyramids], dim=1)
+        b, m, c = stacked.shape[:3]
+        spatial = stacked.shape[3:]
+        src = stacked
+        if fusion.pools[l] > 1:
+            src = F.avg_pool3d(stacked.flatten(1, 2), fusion.pools[l]).unflatten(1, (m, c))
+        tokens = src.flatten(3).permute(0, 3, 1, 2)
+        p = tokens.shape[1]
+        index = torch.zeros(b, 1, dtype=torch.long)
+        emb = torch.cat([attn.embeddings[n](index) for n in attn.modalities], dim=1)
+        qkv = attn.qkv(attn.norm(tokens + emb[:, None]).reshape(b, p * m, c))
+        q, k, v = qkv.reshape(b, p, m, 3, attn.heads, c // attn.heads).unbind(dim=3)
+        q, k, v = (x.transpose(2, 3) for x in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / _math.sqrt(c // attn.heads)
+        scores = scores.masked_fill(~(mask > 0)[:, None, None, None, :], float("-inf"))
+        mixed = (scores.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, p, m, c)
+        delta = attn.out(mixed.reshape(b, p * m, c)).reshape(b, p, m, c)
+        delta = delta.permute(0, 2, 3, 1).reshape(b, m * c, *src.shape[3:])
+        if fusion.pools[l] > 1:
+            delta = F.interpolate(delta, size=tuple(spatial), mode="nearest")
+        u = stacked + delta.reshape(b, m, c, *spatial)
+        w = mask.reshape(b, m, *([1] * (u.dim() - 2)))
+        fused.append((u * w).sum(dim=1) / mask.sum(dim=1).reshape(b, *([1] * (u.dim() - 2))))
+    return fused
+
+
+def test_attention_fusion_pooled_form_equals_the_per_modality_formula() -> None:
+    """The attention fusion averages over modalities before its output projection, value mixing and upsampling
+    (models/fusion/attention.py); outputs and gradients equal the per-modality formula's, masks of 1..M modalities,
+    and prepare() + fuse() under several masks equals forward() under each."""
+    cfg = tiny("attention", 3, ("t1", "t1ce", "flair", "ct")).replace(dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    fusion = model.fusion
+    g = torch.Generator().manual_seed(1)
+    pyramids = [[torch.randn(3, c, *(s // 2**l for s in cfg.spatial_size), generator=g, dtype=torch.float64)
+                 .requires_grad_() for l, c in enumerate(cfg.channels)] for _ in cfg.modalities]
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.float64)
+    ours = fusion(pyramids, mask)
+    ref = _reference_attention_fusion(fusion, pyramids, mask)
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ours]
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+    params = [p for p in fusion.parameters()] + [p for pp in pyramids for p in pp]
+    g_ours = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ours, upstream)), params, allow_unused=True)
+    g_ref = torch.autograd.grad(sum((r * u).sum() for r, u in zip(ref, upstream)), params, allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    prepared = fusion.prepare(pyramids)
+    for keep in ([0, 0, 1, 0], [1, 0, 1, 1], [1, 1, 1, 1]):
+        sub = mask.clone() * torch.tensor(keep, dtype=torch.float64)
+        sub[sub.sum(dim=1) == 0, 2] = 1.0
+        for f, r in zip(fusion.fuse(prepared, sub), _reference_attention_fusion(fusion, pyramids, sub)):
+            torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)

@@ -7,6 +7,17 @@ own query outputs are ignored by the final masked mean over modalities, which gi
 
     delta = W_o MHA(LN(H + e));   u_i = H_i + delta_i;   F = sum_i m_i u_i / sum_i m_i
 
+How it is computed (the same function, fewer operations): the masked mean is taken before the output projection and
+the upsampling, which are linear, and before the value mixing: with ``s_i = m_i / sum_j m_j`` and ``A`` the
+attention of one head,
+
+    sum_i s_i delta_i = W_o (sum_j a_j v_j) + b_o,   a_j = sum_i s_i A_ij,
+
+so the output projection and the level-0 upsampling run on one token per position instead of M, and the M x M
+mixing becomes a weighted sum. The mask-independent part (layer norm, query/key/value projections and the scores
+``q k^T``) is :meth:`AttentionFusion.prepare`; only the masking, softmax and the mean depend on the mask
+(:meth:`AttentionFusion.fuse`), so evaluating many modality subsets (``FusionNet.forward_subsets``) pays it once.
+
 Cost: attention is over M tokens per position, O(P M^2 C), linear in the number of positions P. At the
 full-resolution level 0 (when the network has more than one level) it runs on 2x average-pooled tokens and its
 update ``delta`` is upsampled back (nearest), which cuts that level's attention cost 4x (2D) / 8x (3D); the coarser
@@ -25,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import Fusion, masked_mean
+from .base import Fusion, masked_mean_stacked
 
 
 def softmax_last(scores: Tensor) -> Tensor:
@@ -44,6 +55,9 @@ def softmax_last(scores: Tensor) -> Tensor:
 class ModalityAttention(nn.Module):
     """Multi-head attention across modality tokens at each position, missing modalities masked out of the keys.
 
+    Split in two for subset evaluation: :meth:`scores` (independent of the mask) and :meth:`pooled_update` (the
+    masked softmax and the mean over present query modalities).
+
     Args:
         channels: token width C.
         heads: attention heads; must divide ``channels``.
@@ -61,9 +75,9 @@ class ModalityAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``tokens`` (B, P, M, C), ``mask`` (B, M) -> (update ``delta`` (B, P, M, C), attention (B, M, M) averaged
-        over heads and positions; rows of missing query modalities are zero)."""
+    def scores(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``tokens`` (B, P, M, C) -> (scaled scores ``q k^T / sqrt(d)`` (B, P, h, Mq, Mk), values (B, P, h, M, d)),
+        ``d = C / h``; nothing here depends on which modalities are present."""
         b, p, m, c = tokens.shape
         # (B, 1) indices, not (B,): Opacus's expanded-weights mode needs a batch *and* a feature dimension
         index = torch.zeros(b, 1, dtype=torch.long, device=tokens.device)
@@ -72,13 +86,39 @@ class ModalityAttention(nn.Module):
         qkv = self.qkv(self.norm(tokens + emb[:, None]).reshape(b, p * m, c))
         q, k, v = qkv.reshape(b, p, m, 3, self.heads, c // self.heads).unbind(dim=3)
         q, k, v = (x.transpose(2, 3) for x in (q, k, v))  # (B, P, h, M, d)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads)  # (B, P, h, Mq, Mk)
+        return q @ k.transpose(-1, -2) / math.sqrt(c // self.heads), v
+
+    def pooled_update(self, scores: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The update averaged over the present modalities, ``sum_i s_i delta_i`` (module docstring).
+
+        Args:
+            scores, values: :meth:`scores`' outputs.
+            mask: (B, M) float availability; every sample needs a present modality.
+
+        Returns:
+            (pooled update (B, P, C), attention (B, M, M) averaged over heads and positions; rows of missing query
+            modalities are zero).
+        """
+        b, p, h, m, d = values.shape
         present = mask > 0
-        scores = scores.masked_fill(~present[:, None, None, None, :], float("-inf"))
-        attn = softmax_last(scores)
-        mixed = (attn @ v).transpose(2, 3).reshape(b, p, m, c)
+        attn = softmax_last(scores.masked_fill(~present[:, None, None, None, :], float("-inf")))
+        share = (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).to(attn.dtype)  # s_i, (B, M)
+        # a_j = sum_i s_i A_ij, then sum_j a_j v_j: elementwise products and sums over M <= 6, which the CPU runs
+        # faster than batched (1 x M) @ (M x d) products (as for the softmax)
+        keys = (attn * share[:, None, None, :, None]).sum(dim=3)  # (B, P, h, Mk)
+        mixed = (keys[..., None] * values).sum(dim=3)  # (B, P, h, d)
         weights = attn.detach().mean(dim=(1, 2)) * mask.to(attn.dtype)[:, :, None]
-        return self.out(mixed.reshape(b, p * m, c)).reshape(b, p, m, c), weights
+        return self.out(mixed.reshape(b, p, h * d)), weights
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``tokens`` (B, P, M, C), ``mask`` (B, M) -> :meth:`pooled_update` (pooled update (B, P, C), attention
+        (B, M, M))."""
+        return self.pooled_update(*self.scores(tokens), mask)
+
+
+#: One level's mask-independent work (:meth:`AttentionFusion.prepare`): the stacked features (B, M, C, *S), the
+#: scores (B, P, h, M, M) and the values (B, P, h, M, d) of the (pooled) tokens.
+Prepared = tuple[Tensor, Tensor, Tensor]
 
 
 class AttentionFusion(Fusion):
@@ -102,26 +142,37 @@ class AttentionFusion(Fusion):
         self.pools: tuple[int, ...] = tuple(2 if l == 0 and depth > 1 else 1 for l in range(depth))
         self.last_attention: Tensor | None = None
 
-    def forward(self, pyramids: Sequence[Sequence[Tensor]], mask: Tensor) -> list[Tensor]:
-        """``pyramids[i][l]`` (B, C_l, *S_l) -> fused ``[F^0, ..., F^{L-1}]``; stores the attention (B, M, M)
-        averaged over levels, heads and positions in :attr:`last_attention`."""
-        fused: list[Tensor] = []
-        weights: list[Tensor] = []
+    def prepare(self, pyramids: Sequence[Sequence[Tensor]]) -> list[Prepared]:
+        """``pyramids[i][l]`` (B, C_l, *S_l) -> per level ``(stacked, scores, values)``: everything of the fusion
+        that does not depend on the mask."""
+        prepared: list[Prepared] = []
         for l, attn in enumerate(self.levels):
             stacked = torch.stack([p[l] for p in pyramids], dim=1)  # (B, M, C, *S)
-            b, m, c = stacked.shape[:3]
-            spatial = stacked.shape[3:]
             src = stacked
             if self.pools[l] > 1:
+                m, c = stacked.shape[1:3]
                 pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
                 src = pool(stacked.flatten(1, 2), self.pools[l]).unflatten(1, (m, c))
-            coarse = src.shape[3:]
-            delta, w = attn(src.flatten(3).permute(0, 3, 1, 2), mask)  # tokens (B, P, M, C)
-            delta = delta.permute(0, 2, 3, 1).reshape(b, m * c, *coarse)
+            prepared.append((stacked, *attn.scores(src.flatten(3).permute(0, 3, 1, 2))))  # tokens (B, P, M, C)
+        return prepared
+
+    def fuse(self, prepared: Sequence[Prepared], mask: Tensor) -> list[Tensor]:
+        """:meth:`prepare`'s output and ``mask`` (B, M) -> fused ``[F^0, ..., F^{L-1}]``, ``F^l`` (B, C_l, *S_l);
+        stores the attention (B, M, M) averaged over levels, heads and positions in :attr:`last_attention`."""
+        fused: list[Tensor] = []
+        weights: list[Tensor] = []
+        for l, (attn, (stacked, scores, values)) in enumerate(zip(self.levels, prepared)):
+            b, _, c = stacked.shape[:3]
+            spatial = stacked.shape[3:]
+            update, w = attn.pooled_update(scores, values, mask)  # (B, P, C)
+            delta = update.transpose(1, 2).reshape(b, c, *(s // self.pools[l] for s in spatial))
             if self.pools[l] > 1:
                 delta = F.interpolate(delta, size=tuple(spatial), mode="nearest")
-            u = stacked + delta.reshape(b, m, c, *spatial)
-            fused.append(masked_mean(u.unbind(dim=1), mask))
+            fused.append(masked_mean_stacked(stacked, mask) + delta)
             weights.append(w)
         self.last_attention = torch.stack(weights).mean(dim=0)
         return fused
+
+    def forward(self, pyramids: Sequence[Sequence[Tensor]], mask: Tensor) -> list[Tensor]:
+        """``pyramids[i][l]`` (B, C_l, *S_l) -> fused ``[F^0, ..., F^{L-1}]`` (:meth:`prepare` then :meth:`fuse`)."""
+        return self.fuse(self.prepare(pyramids), mask)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..encoders import masked_mean
+from ..encoders import masked_mean, masked_mean_stacked
 
-__all__ = ["Fusion", "masked_mean", "renormalised_concat", "present_count"]
+__all__ = ["Fusion", "masked_mean", "masked_mean_stacked", "renormalised_concat", "present_count"]
 
 
 class Fusion(nn.Module):
@@ -26,6 +27,10 @@ class Fusion(nn.Module):
     Contract for every family: a modality whose mask is 0 never contributes (its features are multiplied by
     exactly 0 or masked out of attention keys), and every parameter takes part in every forward so that Opacus's
     per-sample gradients exist for all of them (zero for a modality missing from a sample).
+
+    Subset evaluation: :meth:`prepare` does the part of the fusion that does not depend on the mask and :meth:`fuse`
+    the rest, ``forward(pyramids, mask) == fuse(prepare(pyramids), mask)``; ``FusionNet.forward_subsets`` prepares
+    once and fuses per subset. By default everything is in :meth:`fuse`.
     """
 
     family: str = ""
@@ -39,6 +44,14 @@ class Fusion(nn.Module):
         self.spatial_dims: int = cfg.spatial_dims
         #: modalities declared absent at this site (``FusionNet.set_site_modalities``): their branches are skipped.
         self.skip: frozenset[str] = frozenset()
+
+    def prepare(self, pyramids: Any) -> Any:
+        """The mask-independent work on the per-modality features (a nested list/tuple of tensors, batch first)."""
+        return pyramids
+
+    def fuse(self, prepared: Any, mask: Tensor) -> Any:
+        """:meth:`forward` on :meth:`prepare`'s output."""
+        return self(prepared, mask)
 
 
 def present_count(mask: Tensor) -> Tensor:
