@@ -154,7 +154,8 @@ def _train(
     for _ in range(rt.train.local_epochs):
         # amp="auto": mixed precision on a GPU without DP; float32 on the CPU and always under DP
         stats = train_epoch(module, loader, optimizer, loss_fn, rt.device,
-                            modality_dropout=rt.model_cfg.modality_dropout, generator=generator, proximal=prox,
+                            modality_dropout=rt.model_cfg.modality_dropout,
+                            modality_dropout_mode=rt.model_cfg.modality_dropout_mode, generator=generator, proximal=prox,
                             amp="auto", schedule=schedule, start_step=step)
         step += int(stats.get("steps", 0))
         losses.append(float(stats.get("loss", math.nan)))

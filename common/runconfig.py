@@ -191,6 +191,9 @@ _KEYS: tuple[Key, ...] = (
     Key("model-attention-heads", int, "model", "cross-modal attention heads", _at_least(1)),
     Key("model-modality-dropout", float, "model", "training probability of dropping a present modality",
         _within(0, 1, high_open=True)),
+    Key("model-modality-dropout-mode", str, "model", "independent (each present modality dropped with the dropout "
+        "probability) or subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases)",
+        _one_of("independent", "subsets")),
     Key("model-dropout", float, "model", "dropout before the classifier", _within(0, 1, high_open=True)),
     # server
     Key("strategy", str, "server", "Flower strategy (the server's registry: server.strategies)", _non_empty),
@@ -464,6 +467,7 @@ def model_config(run_config: Mapping[str, Any]) -> ModelConfig:
             attention_heads=int(rc["model-attention-heads"]),
             modality_dropout=float(rc["model-modality-dropout"]),
             dropout=float(rc["model-dropout"]),
+            modality_dropout_mode=str(rc["model-modality-dropout-mode"]),
         )
     except ValueError as exc:
         raise RunConfigError("model-*", str(exc)) from exc
@@ -479,6 +483,7 @@ def model_entries(cfg: ModelConfig) -> dict[str, ConfigValue]:
         "model-channels": ",".join(str(c) for c in cfg.channels),
         "model-attention-heads": cfg.attention_heads,
         "model-modality-dropout": cfg.modality_dropout,
+        "model-modality-dropout-mode": cfg.modality_dropout_mode,
         "model-dropout": cfg.dropout,
     }
 

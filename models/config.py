@@ -43,6 +43,8 @@ class ModelConfig:
         attention_heads: heads of the cross-modal attention (``attention`` family).
         modality_dropout: training-time probability of dropping each present modality (never all).
         dropout: dropout before the classifier.
+        modality_dropout_mode: how modalities are dropped (``models.network.apply_modality_dropout``); configs
+            saved before the choice existed trained ``independent``, which is why it alone has a default here.
     """
 
     family: str
@@ -53,6 +55,7 @@ class ModelConfig:
     attention_heads: int
     modality_dropout: float
     dropout: float
+    modality_dropout_mode: str = "independent"
     # facts of the label sets, not run-config choices
     num_seg_classes: int = len(SEG_LABELS)
     num_classes: int = len(CLASS_NAMES)
@@ -79,6 +82,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.modality_dropout_mode not in ("independent", "subsets"):
+            raise ValueError(f"modality_dropout_mode must be independent or subsets, got {self.modality_dropout_mode!r}")
         if self.channels[-1] % self.attention_heads:
             raise ValueError(
                 f"fused width {self.channels[-1]} must be divisible by attention_heads {self.attention_heads}"

@@ -271,26 +271,56 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> F
     return model.to(device) if device is not None else model
 
 
-def apply_modality_dropout(mask: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """Training-time modality dropout: drop each present modality with probability ``p``, never all of a sample's.
+#: How training drops modalities (run config ``model-modality-dropout-mode``), see :func:`apply_modality_dropout`.
+MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets")
+
+
+def apply_modality_dropout(
+    mask: Tensor, p: float, generator: torch.Generator | None = None, mode: str = "independent"
+) -> Tensor:
+    """Training-time modality dropout: a random subset of each sample's present modalities, never none.
+
+    Modes:
+
+    - ``independent``: drop each present modality with probability ``p``; a sample whose every present modality was
+      drawn for dropping keeps one of them, chosen uniformly.
+    - ``subsets``: with probability ``min(1, 2 p)`` a sample keeps a uniformly drawn non-empty subset of its present
+      modalities (each of the ``2^k - 1`` equally likely), else all of them. This trains on the distribution the
+      every-subset evaluation averages over (the 63 subsets of 6 modalities hold 3 on average), where independent
+      drops at 0.25 mostly remove one or two; the share ``2 p`` keeps the expected number of kept modalities of
+      the independent mode (4.5 of 6 at ``p`` = 0.25, 3 at 0.5).
 
     Args:
         mask: (B, M) float 0/1 availability.
-        p: drop probability per present modality, in [0, 1).
+        p: the dropout probability, in [0, 1).
         generator: optional torch generator (on the mask's device) for reproducible draws.
+        mode: one of :data:`MODALITY_DROPOUT_MODES`.
 
     Returns:
-        A new (B, M) mask, a subset of ``mask``: missing modalities stay missing; a sample whose every present
-        modality was drawn for dropping keeps one of them, chosen uniformly. The network zeroes the image channels of
-        dropped modalities itself, so the caller only passes the new mask to ``forward``.
+        A new (B, M) mask, a subset of ``mask``: missing modalities stay missing and a sample with a present modality
+        keeps at least one. The network zeroes the image channels of dropped modalities itself, so the caller only
+        passes the new mask to ``forward``.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"modality dropout probability must be in [0, 1), got {p}")
+    if mode not in MODALITY_DROPOUT_MODES:
+        raise ValueError(f"modality dropout mode {mode!r} is not one of {', '.join(MODALITY_DROPOUT_MODES)}")
     if mask.dim() != 2:
         raise ValueError(f"mask must be (B, M), got shape {tuple(mask.shape)}")
     present = mask > 0
     if p == 0.0:
         return mask.clone()
+    if mode == "subsets":
+        chosen = torch.rand(mask.shape[0], generator=generator, device=mask.device) < min(1.0, 2.0 * p)
+        keep = present.clone()
+        todo = chosen & present.any(dim=1)
+        # rejection sampling: fair coins on the present modalities, redrawn for the rows that kept none (a row with
+        # k present redraws with probability 2^-k), which makes every non-empty subset equally likely
+        while bool(todo.any()):
+            coins = (torch.rand(mask.shape, generator=generator, device=mask.device) < 0.5) & present
+            keep = torch.where(todo[:, None], coins, keep)
+            todo = todo & ~coins.any(dim=1)
+        return keep.to(mask.dtype)
     draw = torch.rand(mask.shape, generator=generator, device=mask.device)
     keep = present & (draw >= p)
     emptied = present.any(dim=1) & ~keep.any(dim=1)

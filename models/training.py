@@ -210,6 +210,7 @@ def train_epoch(
     device: torch.device | str,
     *,
     modality_dropout: float = 0.0,
+    modality_dropout_mode: str = "independent",
     generator: torch.Generator | None = None,
     proximal: ProximalTerm | None = None,
     max_batches: int | None = None,
@@ -230,6 +231,8 @@ def train_epoch(
         device: where to compute.
         modality_dropout: per-present-modality drop probability per batch (``apply_modality_dropout``); dropped
             channels are zeroed and their mask set to 0. 0 disables.
+        modality_dropout_mode: how (``apply_modality_dropout``'s modes; the model config's
+            ``modality_dropout_mode``).
         generator: CPU torch generator for the dropout draws (reproducible runs).
         proximal: FedProx term (see module docstring for its DP handling).
         max_batches: stop after this many batches (empty ones included); None = whole loader.
@@ -281,7 +284,8 @@ def train_epoch(
             continue
         mask = mask.float()
         if modality_dropout > 0:
-            mask = apply_modality_dropout(mask.cpu(), modality_dropout, generator=generator)
+            mask = apply_modality_dropout(mask.cpu(), modality_dropout, generator=generator,
+                                          mode=modality_dropout_mode)
         image = image.to(device, non_blocking=True).float()
         mask = mask.to(device, non_blocking=True)
         image = mask_channels(image, mask)

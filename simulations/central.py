@@ -247,7 +247,8 @@ def train_central(settings: CentralSettings) -> CentralResult:
             metrics_log.write(0, "central-eval", "global", result.initial)
         for epoch in range(1, s.epochs + 1):
             train = train_epoch(model, train_loader, optimizer, loss_fn, device,
-                                modality_dropout=model_cfg.modality_dropout, generator=dropout_gen,
+                                modality_dropout=model_cfg.modality_dropout,
+                                modality_dropout_mode=model_cfg.modality_dropout_mode, generator=dropout_gen,
                                 max_batches=s.max_batches, schedule=schedule, start_step=step)
             step += int(train["steps"])
             metrics_log.write(epoch, "central-train", "global", train)

@@ -261,6 +261,49 @@ def test_modality_dropout_never_drops_all_and_respects_missing() -> None:
         apply_modality_dropout(mask, 1.0)
 
 
+def test_subset_modality_dropout_draws_uniform_non_empty_subsets_of_the_present_modalities() -> None:
+    """mode="subsets": a share min(1, 2p) of the samples keeps a uniformly drawn non-empty subset of its present
+    modalities (the distribution the every-subset evaluation averages over), the rest keep all; missing stays
+    missing, nothing is emptied, draws are reproducible, and an unknown mode is a named error."""
+    from collections import Counter
+
+    n = 20000
+    mask = torch.ones(n, 3)
+    mask[: n // 2, 2] = 0.0  # half the samples lack the third modality
+    out = apply_modality_dropout(mask, 0.25, generator=torch.Generator().manual_seed(0), mode="subsets")
+    assert (out <= mask).all() and (out.sum(1) >= 1).all()
+    changed = (out != mask).any(dim=1).float()
+    # a chosen sample (share 0.5) keeps all of its k modalities with probability 1 / (2^k - 1)
+    expected_changed = 0.5 * (0.5 * (1 - 1 / 7) + 0.5 * (1 - 1 / 3))
+    assert abs(float(changed.mean()) - expected_changed) < 0.02
+    counts = Counter(tuple(int(v) for v in row) for row in out[n // 2 :].tolist())
+    # among the samples with all 3 present: all-kept = unchosen (0.5) + chosen and drawn full (0.5 / 7); the other
+    # six non-empty subsets 0.5 / 7 each
+    total = n // 2
+    for subset, c in counts.items():
+        want = 0.5 + 0.5 / 7 if subset == (1, 1, 1) else 0.5 / 7
+        assert abs(c / total - want) < 0.02, (subset, c / total)
+    assert len(counts) == 7
+    assert torch.equal(apply_modality_dropout(mask, 0.6, generator=torch.Generator().manual_seed(3), mode="subsets"),
+                       apply_modality_dropout(mask, 0.6, generator=torch.Generator().manual_seed(3), mode="subsets"))
+    every = apply_modality_dropout(mask, 0.6, generator=torch.Generator().manual_seed(3), mode="subsets")
+    assert abs(float((every != mask).any(dim=1).float().mean()) - (0.5 * 6 / 7 + 0.5 * 2 / 3)) < 0.02  # share 1
+    empty = torch.zeros(2, 3)
+    assert torch.equal(apply_modality_dropout(empty, 0.4, mode="subsets"), empty)
+    with pytest.raises(ValueError, match="mode 'sometimes' is not one of independent, subsets"):
+        apply_modality_dropout(mask, 0.25, mode="sometimes")
+
+
+def test_model_configs_saved_before_the_dropout_mode_existed_load_as_independent() -> None:
+    cfg = tiny("attention").replace(modality_dropout_mode="subsets")
+    data = cfg.to_dict()
+    assert ModelConfig.from_dict(data) == cfg
+    del data["modality_dropout_mode"]
+    assert ModelConfig.from_dict(data).modality_dropout_mode == "independent"
+    with pytest.raises(ValueError, match="modality_dropout_mode"):
+        cfg.replace(modality_dropout_mode="random")
+
+
 def test_summary_counts() -> None:
     cfg = tiny("hierarchical", 2)
     model = build_model(cfg)
