@@ -43,8 +43,7 @@ class ModelConfig:
         attention_heads: heads of the cross-modal attention (``attention`` family).
         modality_dropout: training-time probability of dropping each present modality (never all).
         dropout: dropout before the classifier.
-        modality_dropout_mode: how modalities are dropped (``models.network.apply_modality_dropout``); configs
-            saved before the choice existed trained ``independent``, which is why it alone has a default here.
+        modality_dropout_mode: how modalities are dropped (``models.network.apply_modality_dropout``).
     """
 
     family: str
@@ -55,7 +54,7 @@ class ModelConfig:
     attention_heads: int
     modality_dropout: float
     dropout: float
-    modality_dropout_mode: str = "independent"
+    modality_dropout_mode: str
     # facts of the label sets, not run-config choices
     num_seg_classes: int = len(SEG_LABELS)
     num_classes: int = len(CLASS_NAMES)
@@ -97,6 +96,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Rebuild from :meth:`to_dict` output; unknown keys are an error naming them."""
+        # configs saved before the mode existed trained with the only mode there was (a fact, not a default)
+        data = {"modality_dropout_mode": "independent", **data}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
