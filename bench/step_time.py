@@ -137,6 +137,7 @@ def make_step(mode: str, cfg: Any, batch: int, device: torch.device, seed: int =
     from torch.utils.data import DataLoader, TensorDataset
 
     from client.privacy.engine import make_private
+    from client.privacy.randomness import RandomStream
     from models.fast_conv import set_conv_backward
     from models.losses import MultiTaskLoss
     from models.network import build_model
@@ -153,7 +154,8 @@ def make_step(mode: str, cfg: Any, batch: int, device: torch.device, seed: int =
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             parts = make_private(model, opt, DataLoader(TensorDataset(inputs[0].cpu()), batch_size=batch), loss_fn,
-                                 noise_multiplier=1.0, max_grad_norm=1.0, seed=seed)
+                                 noise_multiplier=1.0, max_grad_norm=1.0,
+                                 randomness=RandomStream.reproducible(seed))
         module, opt, loss_fn = parts.module, parts.optimizer, parts.loss_fn
     return Step(model, module, opt, loss_fn, MixedPrecision.resolve(amp, device, private=private), inputs, device)
 
