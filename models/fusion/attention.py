@@ -18,8 +18,8 @@ mixing becomes a weighted sum. The mask-independent part (layer norm, query/key/
 ``q k^T``) is :meth:`AttentionFusion.prepare`; only the masking, softmax and the mean depend on the mask
 (:meth:`AttentionFusion.fuse`), so evaluating many modality subsets (``FusionNet.forward_subsets``) pays it once.
 Measured at the default training shape (batch 12, 16x32x32, 6 modalities, 2 threads): the fusion's forward +
-backward takes 0.84x the CPU time of the per-modality form, whose outputs and gradients it equals
-(``tests/test_networks.py``).
+backward took 0.84x the CPU time of the per-modality form (one-off, both modules interleaved in one process), whose
+outputs and gradients it equals (``tests/test_networks.py``).
 
 Cost: attention is over M tokens per position, O(P M^2 C), linear in the number of positions P. At the
 full-resolution level 0 (when the network has more than one level) it runs on 2x average-pooled tokens and its
