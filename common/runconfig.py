@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from models.config import ModelConfig
+from models.config import MODALITY_DROPOUT_MODES, ModelConfig
 from models.fast_conv import CONV_BACKWARDS
 from models.modalities import MODALITIES
 from models.trainable import TRAINABLE_SETS
@@ -193,7 +193,7 @@ _KEYS: tuple[Key, ...] = (
         _within(0, 1, high_open=True)),
     Key("model-modality-dropout-mode", str, "model", "independent (each present modality dropped with the dropout "
         "probability) or subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases)",
-        _one_of("independent", "subsets")),
+        _one_of(*MODALITY_DROPOUT_MODES)),
     Key("model-dropout", float, "model", "dropout before the classifier", _within(0, 1, high_open=True)),
     # server
     Key("strategy", str, "server", "Flower strategy (the server's registry: server.strategies)", _non_empty),

@@ -28,6 +28,10 @@ SEG_REGIONS: dict[str, tuple[int, ...]] = {
 CLASS_NAMES: tuple[str, ...] = ("benign", "malignant")
 
 
+#: How training drops modalities (run config ``model-modality-dropout-mode``; ``models.network.apply_modality_dropout``).
+MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a fusion network.
@@ -81,8 +85,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
-        if self.modality_dropout_mode not in ("independent", "subsets"):
-            raise ValueError(f"modality_dropout_mode must be independent or subsets, got {self.modality_dropout_mode!r}")
+        if self.modality_dropout_mode not in MODALITY_DROPOUT_MODES:
+            raise ValueError(f"modality_dropout_mode must be one of {', '.join(MODALITY_DROPOUT_MODES)}, got "
+                             f"{self.modality_dropout_mode!r}")
         if self.channels[-1] % self.attention_heads:
             raise ValueError(
                 f"fused width {self.channels[-1]} must be divisible by attention_heads {self.attention_heads}"

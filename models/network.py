@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .classifier import LesionClassifier
-from .config import ModelConfig
+from .config import MODALITY_DROPOUT_MODES, ModelConfig
 from .decoder import Decoder
 from .encoders import Encoder
 from .fusion import build_fusion
@@ -271,10 +271,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> F
     return model.to(device) if device is not None else model
 
 
-#: How training drops modalities (run config ``model-modality-dropout-mode``), see :func:`apply_modality_dropout`.
-MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets")
-
-
 def apply_modality_dropout(
     mask: Tensor, p: float, generator: torch.Generator | None = None, mode: str = "independent"
 ) -> Tensor:
@@ -294,7 +290,7 @@ def apply_modality_dropout(
         mask: (B, M) float 0/1 availability.
         p: the dropout probability, in [0, 1).
         generator: optional torch generator (on the mask's device) for reproducible draws.
-        mode: one of :data:`MODALITY_DROPOUT_MODES`.
+        mode: one of :data:`models.config.MODALITY_DROPOUT_MODES`.
 
     Returns:
         A new (B, M) mask, a subset of ``mask``: missing modalities stay missing and a sample with a present modality
