@@ -44,6 +44,7 @@ __all__ = [
     "load_heldout",
     "load_model",
     "select_subsets",
+    "selection_threshold",
 ]
 
 #: Named subset selections of :func:`select_subsets`.
@@ -204,10 +205,12 @@ def evaluate_checkpoint(
     hd95: bool | str = "full",
     batch_size: int = 4,
     device: str | torch.device = "auto",
+    threshold: float | None = None,
 ) -> CheckpointEvaluation:
     """Load ``checkpoint`` (:func:`load_model`), read the held-out folder with its config (:func:`load_heldout`)
-    and evaluate it for the chosen modality subsets (:func:`evaluate_model`; arguments as there), at the decision
-    threshold the checkpoint stores (calibrated on the server's selection set) or the default 0.5.
+    and evaluate it for the chosen modality subsets (:func:`evaluate_model`; arguments as there), at ``threshold``
+    (e.g. :func:`selection_threshold`'s), else the decision threshold the checkpoint stores (calibrated on the
+    server's selection set), else the default 0.5.
 
     Raises:
         FileNotFoundError / ValueError: an unusable checkpoint, held-out folder, device or subset choice.
@@ -215,7 +218,35 @@ def evaluate_checkpoint(
     dev = resolve_device(str(device))
     model, cfg, extra = load_model(checkpoint, dev)
     dataset = load_heldout(cfg, heldout)
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"a decision threshold is a probability in [0, 1], got {threshold}")
+    cut = float(threshold) if threshold is not None else stored_threshold(extra, DEFAULT_THRESHOLD)
     report = evaluate_model(model, dataset, subsets=subsets, hd95=hd95, batch_size=batch_size, device=dev,
-                            threshold=stored_threshold(extra, DEFAULT_THRESHOLD))
+                            threshold=cut)
     return CheckpointEvaluation(report=report, config=cfg, heldout=Path(heldout), cases=len(dataset), device=dev,
                                 extra=dict(extra) if isinstance(extra, Mapping) else {})
+
+
+def selection_threshold(
+    checkpoint: str | os.PathLike[str],
+    select: str | os.PathLike[str],
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+) -> tuple[float, int]:
+    """The classifier's operating point for ``checkpoint`` chosen on a selection folder ``select`` (labelled cases
+    the reported numbers do not come from): the balanced-accuracy-optimal threshold of its full-modality-set
+    probabilities (:func:`models.metrics.operating_threshold`, what the server does with its ``validation/``
+    set). Returns ``(threshold, cases read)``.
+
+    Raises:
+        ValueError: the selection folder holds cases of one class only (no operating point can be chosen on it),
+            or an unusable checkpoint or folder (as :func:`evaluate_checkpoint`).
+    """
+    result = evaluate_checkpoint(checkpoint, select, subsets="full", hd95=False, batch_size=batch_size,
+                                 device=device)
+    if result.report.operating_threshold is None:
+        raise ValueError(f"selection set {select}: its {result.cases} cases do not hold both classes with all of the "
+                         "model's modalities, so no operating point can be chosen on it; give a labelled cohort "
+                         "of both classes")
+    return float(result.report.operating_threshold), result.cases

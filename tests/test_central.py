@@ -108,3 +108,37 @@ def test_evaluate_command_json(central_run, phantoms: Path) -> None:
     assert data["rows"]["all"]["dice-whole"] == pytest.approx(result.final.rows["all"]["dice-whole"], abs=1e-6)
     bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt) + ".missing", "--data", str(phantoms)])
     assert bad.exit_code != 0 and "does not exist" in " ".join(bad.output.split())
+
+
+def test_evaluate_command_chooses_the_operating_point_on_a_selection_folder(central_run, phantoms: Path) -> None:
+    """`evaluate --select`: the threshold is the balanced-accuracy optimum on the selection folder (a checkpoint's
+    stored one is overridden), the held-out numbers are at it, and the held-out folder itself is refused."""
+    from typer.testing import CliRunner
+
+    from common.evaluation import evaluate_model, load_heldout, load_model
+    from fedfusion.cli import app
+
+    settings, _ = central_run
+    ckpt = Path(settings.out) / "checkpoints" / "last.pt"
+    model, cfg, _ = load_model(ckpt, "cpu")
+    heldout = load_heldout(cfg, phantoms / "heldout")
+    # the held-out folder as the selection set, by hand: a different operating point from the validation one
+    on_heldout = evaluate_model(model, heldout, subsets="full", hd95=False, device="cpu").operating_threshold
+    select = phantoms.parent / "select-copy"
+    if not select.exists():
+        import shutil
+
+        shutil.copytree(phantoms / "heldout", select)  # the held-out cases under another path: the threshold is known
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(phantoms), "--json", "--subsets", "full",
+            "--no-hd95", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*args, "--select", str(select)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["select"] == str(select) and data["select_cases"] == 6
+    assert data["rows"]["all"]["threshold"] == pytest.approx(on_heldout)
+    expected = evaluate_model(model, heldout, subsets="full", hd95=False, device="cpu", threshold=on_heldout)
+    assert data["rows"]["all"]["balanced-accuracy"] == pytest.approx(expected.rows["all"]["balanced-accuracy"])
+    same = CliRunner().invoke(app, [*args, "--select", str(phantoms / "heldout")])
+    assert same.exit_code == 2 and "is the held-out folder itself" in " ".join(same.output.split())
+    text = CliRunner().invoke(app, [a for a in args if a != "--json"] + ["--select", str(select)])
+    assert text.exit_code == 0 and f"chosen on {select}" in " ".join(text.output.split())

@@ -123,3 +123,25 @@ def test_checkpoint_evaluation_classifies_at_the_stored_threshold(checkpoint_and
     assert row.rows["all"]["threshold"] == 0.0 and row.rows["all"]["recall"] == 1.0  # everything called malignant
     plain = evaluate_checkpoint(checkpoint_and_heldout[0], heldout, subsets="full", hd95=False, device="cpu").report
     assert plain.rows["all"]["threshold"] == 0.5
+
+
+def test_evaluation_at_a_given_threshold_and_one_chosen_on_a_selection_set(checkpoint_and_heldout,
+                                                                            tmp_path: Path) -> None:
+    """`threshold=` overrides the stored one; `selection_threshold` is the report's balanced-accuracy optimum on
+    the selection cohort; a selection cohort of one class, and a threshold outside [0, 1], are refused by name."""
+    from common.evaluation import selection_threshold
+
+    ckpt, heldout, state = checkpoint_and_heldout
+    save_checkpoint(tmp_path / "calibrated.pt", state, CFG, round=4, threshold=0.0)
+    row = evaluate_checkpoint(tmp_path / "calibrated.pt", heldout, subsets="full", hd95=False, device="cpu",
+                              threshold=1.0).report.rows["all"]
+    assert row["threshold"] == 1.0 and row["recall"] == 0.0  # nothing called malignant: the given cut, not 0.0
+    select = write_heldout(tmp_path / "select", CFG.modalities, n_cases=4, shape=CFG.spatial_size, seed=5)
+    cut, cases = selection_threshold(ckpt, select, device="cpu")
+    report = evaluate_checkpoint(ckpt, select, subsets="full", hd95=False, device="cpu").report
+    assert cases == 4 and cut == report.operating_threshold
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+        evaluate_checkpoint(ckpt, heldout, subsets="full", hd95=False, device="cpu", threshold=1.5)
+    one_class = write_heldout(tmp_path / "benign", CFG.modalities, n_cases=1, shape=CFG.spatial_size)
+    with pytest.raises(ValueError, match="benign: its 1 cases do not hold both classes"):
+        selection_threshold(ckpt, one_class, device="cpu")

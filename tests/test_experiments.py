@@ -176,6 +176,20 @@ def test_evaluate_checkpoint_reports_full_single_subset_and_unseen_rows(tmp_path
                                                        + m["all/dice-enhancing"]) / 3)
     assert m["single-mean/dice-whole"] == pytest.approx((m["t1/dice-whole"] + m["ct/dice-whole"]) / 2)
     assert m["single-worst/dice-whole"] == min(m["t1/dice-whole"], m["ct/dice-whole"])
+    # the operating point comes from the selection cohort, never from the reporting set
+    from common.evaluation import evaluate_checkpoint as evaluate_at
+    from common.evaluation import selection_threshold
+
+    chosen, _ = selection_threshold(tmp_path / "last.pt", tmp_path / "data" / "validation", device="cpu")
+    assert m["all/threshold"] == chosen
+    at = evaluate_at(tmp_path / "last.pt", tmp_path / "data" / "heldout", subsets="full", hd95=False, device="cpu",
+                     threshold=chosen).report.rows["all"]
+    assert m["all/balanced-accuracy"] == at["balanced-accuracy"] and m["all/accuracy"] == at["accuracy"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "validation")
+    plain = evaluate_checkpoint(tmp_path / "last.pt", tmp_path / "data", batch_size=2, device="cpu")
+    assert plain["all/threshold"] == 0.5
 
 
 # ---------------------------------------------------------------------- small DP sites (found by bench/scale.py)

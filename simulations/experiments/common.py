@@ -176,10 +176,11 @@ def phantoms(ctx: Context, scenario: str, *, seed: int | None = None, sites: int
     data = ctx.work / "data" / (
         f"{scenario}{tag}-s{n}x{k}-h{b.heldout_cases}-u{b.unseen_cases}-{'x'.join(map(str, b.shape))}-seed{seed}"
     )
-    # no validation/ cohort: experiments evaluate the last checkpoint at equal steps, nothing is selected
+    # experiments evaluate the last checkpoint at equal steps (no checkpoint is selected); the validation/ cohort,
+    # as large as the reporting set and drawn from its own stream, chooses only the classifier's operating point
     ensure(data, sites=n, cases_per_site=k, seed=seed, scenario=scenario, shape=b.shape,
-           fmt="nifti", heldout_cases=b.heldout_cases, missing_fraction=missing_fraction, validation_cases=0,
-           unseen_cases=b.unseen_cases)
+           fmt="nifti", heldout_cases=b.heldout_cases, missing_fraction=missing_fraction,
+           validation_cases=b.heldout_cases, unseen_cases=b.unseen_cases)
     return data
 
 
@@ -394,6 +395,10 @@ def run_central(ctx: Context, label: str, data: Path, *, seed: int | None = None
 #: Metrics kept per evaluated subset (models.metrics names).
 KEPT = ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "balanced-accuracy", "auroc", "f1", "recall",
         "specificity")
+#: How every experiment row is evaluated (:func:`evaluate_checkpoint`), as its section says.
+EVALUATION_NOTE = ("last checkpoint (none is selected); the classifier at the operating point chosen on a selection "
+                   "cohort as large as the held-out set (`validation/`, its own draws: the threshold that maximises "
+                   "balanced accuracy there, never tuned on the reported cases)")
 #: The regions whose mean is the tables' "mean-region Dice".
 MEAN_REGIONS = ("whole", "core", "enhancing")
 
@@ -406,13 +411,22 @@ def evaluate_checkpoint(ckpt: Path, data: Path, *, subsets: str = "full+singles"
     Keys: ``all/<metric>`` (all the model's modalities), ``<modality>/<metric>`` (one modality present),
     ``single-mean/dice-whole`` / ``single-worst/dice-whole`` (over the single modalities), ``all/mean-region-dice``
     (mean of whole, core and enhancing Dice), with ``subsets="all"`` also ``subsets-mean/dice-whole`` and
-    ``subsets-mean/mean-region-dice`` (mean over every modality subset), ``unseen/<metric>``, ``held-out-cases``.
+    ``subsets-mean/mean-region-dice`` (mean over every modality subset), ``unseen/<metric>``, ``held-out-cases``,
+    ``all/threshold`` (the decision threshold the classification metrics are at: the balanced-accuracy optimum on
+    the data root's selection cohort ``validation/`` when it has one).
     """
     from common.evaluation import evaluate_checkpoint as evaluate
-    from common.layout import UNSEEN_NAME
+    from common.evaluation import selection_threshold
+    from common.layout import UNSEEN_NAME, VALIDATION_NAME
 
     data = Path(data)
-    result = evaluate(ckpt, heldout_dir(data), subsets=subsets, hd95=False, batch_size=batch_size, device=device)
+    # the classifier's operating point: chosen on the selection cohort when the data has one (as the ServerApp
+    # does), never on the reporting set; without one, what the checkpoint stores, else 0.5
+    threshold: float | None = None
+    if (data / VALIDATION_NAME).is_dir():
+        threshold, _ = selection_threshold(ckpt, data / VALIDATION_NAME, batch_size=batch_size, device=device)
+    result = evaluate(ckpt, heldout_dir(data), subsets=subsets, hd95=False, batch_size=batch_size, device=device,
+                      threshold=threshold)
     mods = result.config.modalities
     rows = result.report.rows
     out: dict[str, float] = {}
@@ -434,8 +448,10 @@ def evaluate_checkpoint(ckpt: Path, data: Path, *, subsets: str = "full+singles"
         out["subsets-mean/dice-whole"] = float(rows["mean"].get("dice-whole", math.nan))
         out["subsets-mean/mean-region-dice"] = float(sum(_mean_region(r) for r in named) / len(named))
     out["held-out-cases"] = float(result.cases)
+    out["all/threshold"] = float(rows[subset_name(mods)].get("threshold", math.nan))
     if (data / UNSEEN_NAME).is_dir():
-        unseen = evaluate(ckpt, data / UNSEEN_NAME, subsets="full", hd95=False, batch_size=batch_size, device=device)
+        unseen = evaluate(ckpt, data / UNSEEN_NAME, subsets="full", hd95=False, batch_size=batch_size, device=device,
+                          threshold=threshold)
         row = unseen.report.rows[subset_name(mods)]
         for k in KEPT:
             out[f"unseen/{k}"] = float(row.get(k, math.nan))

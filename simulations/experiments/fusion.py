@@ -3,8 +3,9 @@
 The multimodal paper's claim (Table I: fused Dice 0.89 vs at most 0.82 for one modality; Table II: accuracy 0.92 vs
 0.86) rebuilt on phantoms with numbers that rank. Every row trains centrally on the same pooled phantom sites
 (scenario ``scanner-skew``: every site has all six modalities, scanners differ) for the same number of optimizer
-steps, with the run config's model, optimizer and schedule; it is evaluated (last checkpoint, nothing selected) on
-the held-out set and on the unseen-scanner cohort. The single-modality rows are the best family at the same size
+steps, with the run config's model, optimizer and schedule; it is evaluated (last checkpoint, the classifier's
+operating point chosen on the selection cohort: :data:`common.EVALUATION_NOTE`) on the held-out set and on the
+unseen-scanner cohort. The single-modality rows are the best family at the same size
 given one modality, with the same modality-dropout setting (with one input it never drops it). The best family and
 the single modalities run every seed of the budget; the other families the first seed.
 """
@@ -15,7 +16,8 @@ from common import runconfig
 from models.fusion import FUSIONS
 from models.modalities import MODALITIES
 
-from .common import Context, Outcome, fmt, markdown_table, phantoms, run_central, write_result
+from .common import (EVALUATION_NOTE, Context, Outcome, fmt, markdown_table, phantoms, run_central,
+                     write_result)
 from .stats import against, cell, paired, summarise
 
 NAME = "fusion"
@@ -74,7 +76,7 @@ def _body(ctx: Context, families: tuple[str, ...], best: str, fused: dict[str, l
           single: dict[str, list[Outcome]], ablation: list[Outcome], dropout: float) -> list[str]:
     cols = [("all/dice-whole", "Dice whole"), ("all/dice-core", "Dice core"), ("all/dice-enhancing", "Dice enh."),
             ("all/mean-region-dice", "mean-region Dice"), ("all/accuracy", "accuracy"),
-            ("all/balanced-accuracy", "balanced acc."), ("all/auroc", "AUROC")]
+            ("all/balanced-accuracy", "balanced acc."), ("all/auroc", "AUROC"), ("all/threshold", "threshold")]
 
     def family_row(label: str, rows: list[Outcome]) -> list[str]:
         share = summarise(rows, "subsets-mean/mean-region-dice").mean / summarise(rows, "all/mean-region-dice").mean
@@ -91,8 +93,8 @@ def _body(ctx: Context, families: tuple[str, ...], best: str, fused: dict[str, l
                "unseen scanner: mean-region Dice", "steps"]
     return [
         f"{ctx.budget.sites} phantom sites pooled (scenario `scanner-skew`), the run config's model and optimizer, "
-        "every row the same optimizer steps; last checkpoint on the held-out set (all of the row's modalities) and on "
-        "the unseen-scanner cohort. mean ± SD over seeds where a row ran several. \"mean-region Dice\" = mean of "
+        f"every row the same optimizer steps; {EVALUATION_NOTE}; on the held-out set (all of the row's modalities) "
+        "and on the unseen-scanner cohort. mean ± SD over seeds where a row ran several. \"mean-region Dice\" = mean of "
         "whole, core and enhancing.",
         "",
         markdown_table(headers, family_rows + single_rows, align_right_from=1),

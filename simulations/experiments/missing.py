@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import Context, Outcome, markdown_table, phantoms, run_federated, write_result
+from .common import EVALUATION_NOTE, Context, Outcome, markdown_table, phantoms, run_federated, write_result
 from .stats import against, cell, paired, summarise
 
 NAME = "missing"
@@ -95,7 +95,8 @@ def run(ctx: Context) -> str:
     body = [
         f"{n_sites} phantom sites of {cases} cases (scenario `iid` plus site-level missing modalities), the run "
         "config's model, FedAvg, no DP, equal optimizer steps; held-out cases have every modality (\"one modality\" "
-        "= the mean over single series, where an encoder trained at few sites shows). mean ± SD over seeds.",
+        f"= the mean over single series, where an encoder trained at few sites shows); {EVALUATION_NOTE}. mean ± SD "
+        "over seeds.",
         "",
         "Modalities per site (sites separated by ·, first seed):",
         "",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import (Context, Outcome, base_overrides, evaluate_checkpoint, fmt, markdown_table, phantoms,
+from .common import (EVALUATION_NOTE, Context, Outcome, base_overrides, evaluate_checkpoint, fmt, markdown_table, phantoms,
                      run_federated, write_result)
 from .stats import Summary, against, cell, of_values, paired, summarise
 
@@ -210,8 +210,8 @@ def render(ctx: Context, results: dict[tuple[int, str, float], list[Outcome]],
     body = [
         f"{ctx.budget.sites} phantom sites (scenario `scanner-skew`), attention fusion over six modalities, "
         "modality-aware FedAvg, batch = N / 4 (sampling rate 0.25), delta 1e-5, clipping norm 1.0, Poisson "
-        "sampling, RDP accountant; evaluated on the held-out set with all six series (last checkpoint, threshold "
-        "0.5). `scratch`: every parameter trained from the seed's weights; `pretrained`: round 0 from public "
+        f"sampling, RDP accountant; evaluated on the held-out set with all six series ({EVALUATION_NOTE}). "
+        "`scratch`: every parameter trained from the seed's weights; `pretrained`: round 0 from public "
         f"pretraining ({pre}; a phantom cohort of another seed and scanners, one checkpoint for every seed), "
         "modality encoders frozen (`dp-trainable = shared`). Ratios are to the non-private row of the same N and "
         "start, per seed. `planner`: `fedfusion privacy-plan`'s prediction for the row's settings, its rule fixed "

@@ -4,7 +4,7 @@ Same phantom federation (``scanner-skew``: all six modalities, scanners differ),
 and schedule, the same batch and the same number of optimizer steps for every row: federated = ``rounds`` rounds of
 ``local_epochs`` epochs at every site (steps summed over the sites); pooled = as many steps on the pooled cases;
 local-only = as many steps on one site's cases. No DP anywhere (the privacy experiment measures its cost). Every
-row's last checkpoint is evaluated on the held-out set (a reference scanner) and on the unseen-scanner cohort (a
+row's last checkpoint is evaluated (:data:`common.EVALUATION_NOTE`) on the held-out set (a reference scanner) and on the unseen-scanner cohort (a
 vendor and settings no site has). Federated and pooled rows run every seed of the budget, local-only the first.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from common.layout import site_dirs
 
-from .common import Context, Outcome, markdown_table, phantoms, run_central, run_federated, write_result
+from .common import (EVALUATION_NOTE, Context, Outcome, markdown_table, phantoms, run_central, run_federated,
+                     write_result)
 from .stats import against, cell, paired, summarise
 
 NAME = "settings"
@@ -44,7 +45,8 @@ def run(ctx: Context) -> str:
     pooled = [run_central(ctx, "settings-pooled", data[s], seed=s) for s in ctx.seeds]
 
     cols = [("all/dice-whole", "Dice whole"), ("all/dice-core", "Dice core"), ("all/dice-enhancing", "Dice enh."),
-            ("all/mean-region-dice", "mean-region Dice"), ("all/accuracy", "accuracy"), ("all/auroc", "AUROC"),
+            ("all/mean-region-dice", "mean-region Dice"), ("all/accuracy", "accuracy"),
+            ("all/balanced-accuracy", "balanced acc."), ("all/auroc", "AUROC"), ("all/threshold", "threshold"),
             ("unseen/mean-region-dice", "unseen: mean-region Dice"), ("unseen/accuracy", "unseen: accuracy")]
 
     def row(name: str, rows: list[Outcome]) -> list[str]:
@@ -57,7 +59,7 @@ def run(ctx: Context) -> str:
               row("centralized pooled (upper bound)", pooled)]
     body = [
         f"{len(sites)} phantom sites (scenario `scanner-skew`), the run config's model and optimizer, no DP, every row "
-        "the same optimizer steps; last checkpoint, nothing selected. mean ± SD over seeds where a row ran several.",
+        f"the same optimizer steps; {EVALUATION_NOTE}. mean ± SD over seeds where a row ran several.",
         "",
         markdown_table(["setting", "seeds", *[name for _, name in cols], "steps"], table, align_right_from=1),
         "",
