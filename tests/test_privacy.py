@@ -97,6 +97,32 @@ def test_derived_noise_meets_the_target_over_the_planned_steps() -> None:
         derive_noise_multiplier(target_epsilon=0.0, delta=1e-5, sample_rate=q, steps=steps)
 
 
+@pytest.mark.parametrize(("target", "q", "steps", "accountant"), [
+    (8.0, 1 / 6, 30, "rdp"), (3.0, 0.25, 44, "rdp"), (1.0, 0.5, 10, "rdp"), (50.0, 0.25, 10, "rdp"),
+    (0.5, 0.01, 1000, "rdp"), (8.0, 1 / 6, 30, "prv"),
+])
+def test_derived_noise_keeps_opacus_contract(target: float, q: float, steps: int, accountant: str) -> None:
+    """The search (regula falsi, not Opacus's bisection) gives what get_noise_multiplier promises: epsilon within
+    0.01 below the target, read with the same accountant, and so a multiplier within a hair of Opacus's."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sigma = derive_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                                    accountant=accountant)
+    eps = epsilon_of([(sigma, q, steps)], 1e-5, accountant)
+    assert target - 0.01 <= eps <= target
+    extra = {"eps_error": 0.01} if accountant == "prv" else {}
+    theirs = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
+                                  accountant=accountant, **extra)
+    # inside the tolerance window the multiplier is pinned only as well as epsilon's slope allows (flat at low epsilon)
+    assert sigma == pytest.approx(theirs, rel=0.03)
+
+
+def test_an_unreachable_target_is_refused_by_name() -> None:
+    # below the RDP accountant's floor at this delta (about 0.1): more noise stops helping, said without a 1e6 walk
+    with pytest.raises(ValueError, match=r"cannot reach epsilon=0.05 .* stops falling .* Raise dp-target-epsilon"):
+        derive_noise_multiplier(target_epsilon=0.05, delta=1e-5, sample_rate=0.25, steps=10)
+
+
 def _batch(b: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     image = torch.randn(b, len(TINY.modalities), *TINY.spatial_size, generator=g)

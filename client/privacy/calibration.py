@@ -58,7 +58,7 @@ def plan_noise(request: DPConfig, *, num_units: int, batch_size: int, local_epoc
                min_noise_multiplier: float = 0.0, cache_dir: Path | None = None) -> NoisePlan:
     """The noise and sampling of a run of ``num_rounds`` rounds over ``num_units`` privacy units.
 
-    ``cache_dir`` (a site's state directory) remembers derived multipliers on disk: the binary search costs
+    ``cache_dir`` (a site's state directory) remembers derived multipliers on disk: the search costs
     seconds (PRV: tens), and a deployed ClientApp process lives for one message.
 
     Raises:
@@ -81,13 +81,17 @@ def plan_noise(request: DPConfig, *, num_units: int, batch_size: int, local_epoc
                      raised_to_floor=raised)
 
 
+#: Version of :func:`client.privacy.engine.derive_noise_multiplier`'s search (2: regula falsi, was Opacus's bisection).
+_SEARCH = "search-2"
 #: Derivations of this process (a planner over several sites without a state directory).
 _MEMO: dict[str, float] = {}
 
 
 def _derived_noise(cache_dir: Path | None, request: DPConfig, sample_rate: float, steps: int) -> float:
     cache_file = Path(cache_dir) / NOISE_CACHE if cache_dir is not None else None
-    key = f"{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
+    # the search's version leads the key: a multiplier another search derived (valid too, but a hair different)
+    # is not served, so the planner and the site always agree
+    key = f"{_SEARCH}|{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
     if cache_file is None and key in _MEMO:
         return _MEMO[key]
     cached: object = {}
