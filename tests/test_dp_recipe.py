@@ -235,3 +235,45 @@ def test_prv_reads_the_same_ledger_tighter(tmp_path: Path) -> None:
     assert prv < rdp
     with pytest.raises(ValueError, match="choose one of rdp, prv"):
         epsilon_of(ledger.history, 1e-5, "pld")
+
+
+def test_keep_shared_restarts_the_encoders_optimizer_state_each_round(phantoms: Path, tmp_path: Path) -> None:
+    """optimizer-state = keep-shared: after two rounds the shared layers' Adam state counts both rounds' steps, the
+    modality encoders' only the second's (their moments were dropped when round 2 loaded the state)."""
+    from models.modalities import owner_modality
+
+    rc = run_config(**{"optimizer": "adam", "optimizer-state": "keep-shared"})
+    node = _node(phantoms, tmp_path)
+    first = train(message("train", initial_state(), 1), context(node, rc))
+    assert not first.has_error(), first.error
+    saved = list((tmp_path / "state" / STATE_DIR).glob("*.pt"))
+    assert len(saved) == 1
+    one = torch.load(saved[0], weights_only=True)
+    steps_one_round = {int(s["step"]) for s in one["state"].values()}
+    assert len(steps_one_round) == 1
+    clear_cache()
+    second = train(message("train", first.content["arrays"].to_torch_state_dict(), 2), context(node, rc))
+    assert not second.has_error(), second.error
+    two = torch.load(saved[0], weights_only=True)
+    names = two["names"]
+    owned = {int(s["step"]) for i, s in two["state"].items() if owner_modality(names[int(i)]) is not None}
+    shared = {int(s["step"]) for i, s in two["state"].items() if owner_modality(names[int(i)]) is None}
+    (k,) = steps_one_round
+    assert owned == {k} and shared == {2 * k}
+
+
+def test_forget_owned_state_drops_only_modality_owned_parameters() -> None:
+    from client.privacy.optimizers import forget_owned_state
+    from models.modalities import owner_modality
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    params = dict(model.named_parameters())
+    owned = [n for n in params if owner_modality(n) is not None]
+    assert owned and len(owned) < len(params)
+    assert forget_owned_state(opt, params) == len(owned)
+    assert all((params[n] in opt.state) == (owner_modality(n) is None) for n in params)
