@@ -115,7 +115,7 @@ def _train(
     from models.training import ProximalTerm, train_epoch
 
     from .privacy.multiplicity import MultiViewLoader
-    from .privacy.optimizers import forget_owned_state, load_state, save_state, state_file
+    from .privacy.optimizers import load_state, save_state, state_file
 
     _load(rt, state)
     # Every random draw of the round (DP noise, Poisson sampling, modality dropout, nn.Dropout) comes from the OS
@@ -139,11 +139,10 @@ def _train(
     # optimizer's state), unless the run keeps the site's optimizer state across rounds (saved in its state dir)
     optimizer.state.clear()
     kept = None
-    if rt.train.optimizer_state in ("keep", "keep-shared"):
+    if rt.train.optimizer_state == "keep":
         updated = [n for n, p in rt.model.named_parameters() if p.requires_grad]
         kept = state_file(rt.settings.state_dir, run_id, rt.train.optimizer, updated)
-        if load_state(kept, optimizer, rt.train.optimizer, updated) and rt.train.optimizer_state == "keep-shared":
-            forget_owned_state(optimizer, dict(rt.model.named_parameters()))
+        load_state(kept, optimizer, rt.train.optimizer, updated)
     # the learning rate follows the run's schedule over the site's steps of all rounds (the same on every round's
     # fresh process: it depends on the round number and the plan only)
     per_round = rt.dp.steps_per_round if rt.dp is not None else len(loader) * rt.train.local_epochs

@@ -63,8 +63,6 @@ Check = Callable[[Any], "str | None"]  # returns what is wrong, or None
 
 #: Site optimizers (run-config key ``optimizer``; built by :mod:`client.privacy.optimizers`).
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "adam-bc")
-#: What a site keeps of its optimizer state between rounds (``optimizer-state``; client/privacy/optimizers.py).
-OPTIMIZER_STATES: tuple[str, ...] = ("keep", "keep-shared", "reset")
 #: Privacy accountants a site's ledger can be read with (run-config key ``dp-accountant``;
 #: :mod:`client.privacy.accountant`).
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
@@ -171,8 +169,7 @@ _KEYS: tuple[Key, ...] = (
     Key("optimizer", str, "train", "site optimizer: adam, sgd (momentum 0.9) or adam-bc (DP-Adam with the noise "
         "variance taken out of the second moment, Tang et al. 2024)", _one_of(*OPTIMIZERS)),
     Key("optimizer-state", str, "train", "keep: the site keeps its optimizer state across the rounds of a run "
-        "(tensors in its state directory); keep-shared: only the shared layers' (the modality encoders' start each "
-        "round afresh); reset: each round starts a fresh optimizer", _one_of(*OPTIMIZER_STATES)),
+        "(tensors in its state directory); reset: each round starts a fresh optimizer", _one_of("reset", "keep")),
     # patient-level DP
     Key("dp-enabled", bool, "dp", "train with DP-SGD (a site may refuse false)"),
     Key("dp-target-epsilon", float, "dp", "epsilon a site plans to spend over the run", _at_least(0, strict=True)),

@@ -19,10 +19,7 @@ round cost 0.03 mean-region Dice at equal steps, beyond the seed noise) the site
 (moments, step counts: tensors and numbers only) after each round to ``<state-dir>/optimizer-state/<key>.pt`` and loads it before the next (:func:`load_state`, ``weights_only=True``), so
 momentum survives a deployed site's fresh process per message. The key is a digest of the run id, the optimizer and
 the names of the parameters it updates; a file that does not fit is ignored (logged), never half-loaded. With
-``reset`` each round starts a fresh optimizer. ``keep-shared`` keeps the shared layers' state and starts the
-modality encoders' afresh each round (:func:`forget_owned_state`): under modality-aware aggregation an encoder's
-global update is its owners' mean alone, not damped by the sites without the modality, and momentum kept across
-rounds compounds it (docs/results.md, ``missing``).
+``reset`` each round starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ from common.runconfig import OPTIMIZERS
 
 log = logging.getLogger("fedfusion.site")
 
-__all__ = ["AdamBC", "OPTIMIZERS", "STATE_DIR", "build_optimizer", "forget_owned_state", "load_state", "save_state",
-           "set_noise_std", "state_file"]
+__all__ = ["AdamBC", "OPTIMIZERS", "STATE_DIR", "build_optimizer", "load_state", "save_state", "set_noise_std",
+           "state_file"]
 
 #: Folder of saved optimizer states inside a site's state directory.
 STATE_DIR = "optimizer-state"
@@ -215,14 +212,3 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer, kind: str, names: S
         inner.state.clear()
         return False
     return True
-
-
-def forget_owned_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> int:
-    """Drop the optimizer state (moments, step counts) of every modality-owned parameter in ``params`` (name ->
-    parameter; :func:`models.modalities.owner_modality`), so those start the round afresh while the shared layers
-    keep theirs. Returns how many parameters were reset."""
-    from models.modalities import owner_modality
-
-    inner = getattr(optimizer, "original_optimizer", optimizer)
-    owned = [p for name, p in params.items() if owner_modality(name) is not None]
-    return sum(inner.state.pop(p, None) is not None for p in owned)
