@@ -28,7 +28,8 @@ SEG_REGIONS: dict[str, tuple[int, ...]] = {
 CLASS_NAMES: tuple[str, ...] = ("benign", "malignant")
 
 
-#: How training drops modalities (run config ``model-modality-dropout-mode``; ``models.network.apply_modality_dropout``).
+#: How training drops modalities (run config ``model-modality-dropout-mode``;
+#: ``models.network.apply_modality_dropout``).
 MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets")
 
 

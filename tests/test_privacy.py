@@ -347,3 +347,18 @@ def test_dp_noise_is_drawn_from_the_rounds_stream_not_a_torch_generator() -> Non
     for p, s in zip(opt.params, summed):
         noise = expected.gaussian(s.shape, 1.3 * 0.7).to(s.dtype)
         torch.testing.assert_close(p.grad.view_as(s) - s, noise, rtol=0, atol=1e-6)
+
+
+def test_a_noise_cache_entry_of_another_search_is_not_served(tmp_path: Path) -> None:
+    """The site's noise cache keys on the search's version: a value an earlier search stored under the old key
+    (here a planted one) is ignored, so the site trains with what the planner computes now."""
+    from client.privacy.calibration import NOISE_CACHE, plan_noise
+
+    request = dp_request({"dp-noise-multiplier": 0.0, "dp-target-epsilon": 8.0})
+    q, steps = sample_rate_of(24, 6), 5 * steps_per_epoch(24, 6)
+    old_key = f"{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{q!r}|{steps}"
+    (tmp_path / NOISE_CACHE).write_text(json.dumps({old_key: 99.0}))
+    got = plan_noise(request, num_units=24, batch_size=6, local_epochs=1, num_rounds=5, cache_dir=tmp_path)
+    fresh = derive_noise_multiplier(target_epsilon=8.0, delta=request.delta, sample_rate=q, steps=steps)
+    assert got.noise_multiplier == fresh != 99.0
+    assert fresh in json.loads((tmp_path / NOISE_CACHE).read_text()).values()  # stored under the new key

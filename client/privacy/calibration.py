@@ -19,7 +19,8 @@ from pathlib import Path
 from common.runconfig import DPConfig
 from models.atomic import atomic_write_text
 
-from .engine import derive_noise_multiplier, expected_batch_size, sample_rate_of, steps_per_epoch
+from .engine import (NOISE_SEARCH, derive_noise_multiplier, expected_batch_size, sample_rate_of,
+                     steps_per_epoch)
 
 log = logging.getLogger("fedfusion.site")
 
@@ -81,8 +82,6 @@ def plan_noise(request: DPConfig, *, num_units: int, batch_size: int, local_epoc
                      raised_to_floor=raised)
 
 
-#: Version of :func:`client.privacy.engine.derive_noise_multiplier`'s search (2: regula falsi, was Opacus's bisection).
-_SEARCH = "search-2"
 #: Derivations of this process (a planner over several sites without a state directory).
 _MEMO: dict[str, float] = {}
 
@@ -91,7 +90,7 @@ def _derived_noise(cache_dir: Path | None, request: DPConfig, sample_rate: float
     cache_file = Path(cache_dir) / NOISE_CACHE if cache_dir is not None else None
     # the search's version leads the key: a multiplier another search derived (valid too, but a hair different)
     # is not served, so the planner and the site always agree
-    key = f"{_SEARCH}|{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
+    key = f"{NOISE_SEARCH}|{request.accountant}|{request.target_epsilon!r}|{request.delta!r}|{sample_rate!r}|{steps}"
     if cache_file is None and key in _MEMO:
         return _MEMO[key]
     cached: object = {}

@@ -69,6 +69,9 @@ def expected_batch_size(num_cases: int, batch_size: int) -> int:
 #: The search's tolerance: the derived multiplier's epsilon lies in ``[target - EPSILON_TOLERANCE, target]`` (what
 #: :func:`opacus.accountants.utils.get_noise_multiplier` guarantees with its default tolerance).
 EPSILON_TOLERANCE = 0.01
+#: Version of :func:`derive_noise_multiplier`'s search (2: regula falsi, was Opacus's bisection); the site's noise
+#: cache keys on it, so a multiplier another search derived is never served.
+NOISE_SEARCH = "search-2"
 #: Noise multipliers beyond this are refused as unreachable (Opacus's ``MAX_SIGMA``).
 _MAX_SIGMA = 1e6
 #: Four times the noise lowering epsilon by less than 1 %: the accountant's floor, the target is unreachable.
@@ -83,9 +86,9 @@ def derive_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate:
 
     ``steps`` is the run's plan: ``num-server-rounds * local-epochs * steps_per_epoch``. The contract is Opacus's
     ``get_noise_multiplier``'s (epsilon in ``[target - 0.01, target]``), but the search is not its bisection over
-    ``[0, 20]`` (about 16 accountant calls, 2.6 s with RDP at the demo's sizes): epsilon falls smoothly with the
-    noise, so a bracket around ``sigma = 1`` (powers of 4) and regula falsi on ``(log sigma, log epsilon)`` (Illinois variant) reach
-    the tolerance in about 6 calls. Every candidate is read with the same accountant as the ledger.
+    ``[0, 20]`` (about 16 accountant calls): epsilon falls smoothly with the noise, so a bracket around
+    ``sigma = 1`` (powers of 4) and regula falsi on ``(log sigma, log epsilon)`` (Illinois variant) reach the
+    tolerance in 4-6 calls. Every candidate is read with the same accountant as the ledger.
 
     Raises:
         ValueError: a non-positive target, or one no noise below ``1e6`` reaches (the message says what to change).

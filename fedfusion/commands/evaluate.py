@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from common.layout import HELDOUT_NAME, VALIDATION_NAME
+
+if TYPE_CHECKING:
+    from models.evaluation import SubsetReport
 
 
 def command(
@@ -78,7 +81,6 @@ def command(
                   f"classification at threshold {_threshold_of(report):.3f} ({source})")
 
 
-def _threshold_of(report: object) -> float:
+def _threshold_of(report: SubsetReport) -> float:
     """The decision threshold the report's classification metrics are at (every row holds the same one)."""
-    rows = getattr(report, "rows", {})
-    return float(next((r["threshold"] for r in rows.values() if "threshold" in r), float("nan")))
+    return float(next((r["threshold"] for r in report.rows.values() if "threshold" in r), float("nan")))

@@ -94,8 +94,8 @@ def _body(ctx: Context, families: tuple[str, ...], best: str, fused: dict[str, l
     return [
         f"{ctx.budget.sites} phantom sites pooled (scenario `scanner-skew`), the run config's model and optimizer, "
         f"every row the same optimizer steps; {EVALUATION_NOTE}; on the held-out set (all of the row's modalities) "
-        "and on the unseen-scanner cohort. mean ± SD over seeds where a row ran several. \"mean-region Dice\" = mean of "
-        "whole, core and enhancing.",
+        "and on the unseen-scanner cohort. mean ± SD over seeds where a row ran several. \"mean-region Dice\" = "
+        "mean of whole, core and enhancing.",
         "",
         markdown_table(headers, family_rows + single_rows, align_right_from=1),
         "",

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import (EVALUATION_NOTE, Context, Outcome, base_overrides, evaluate_checkpoint, fmt, markdown_table, phantoms,
-                     run_federated, write_result)
+from .common import (EVALUATION_NOTE, Context, Outcome, base_overrides, evaluate_checkpoint, fmt, markdown_table,
+                     phantoms, run_federated, write_result)
 from .stats import Summary, against, cell, of_values, paired, summarise
 
 NAME = "privacy"

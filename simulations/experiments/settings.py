@@ -4,8 +4,9 @@ Same phantom federation (``scanner-skew``: all six modalities, scanners differ),
 and schedule, the same batch and the same number of optimizer steps for every row: federated = ``rounds`` rounds of
 ``local_epochs`` epochs at every site (steps summed over the sites); pooled = as many steps on the pooled cases;
 local-only = as many steps on one site's cases. No DP anywhere (the privacy experiment measures its cost). Every
-row's last checkpoint is evaluated (:data:`common.EVALUATION_NOTE`) on the held-out set (a reference scanner) and on the unseen-scanner cohort (a
-vendor and settings no site has). Federated and pooled rows run every seed of the budget, local-only the first.
+row's last checkpoint is evaluated (:data:`common.EVALUATION_NOTE`) on the held-out set (a reference scanner) and
+on the unseen-scanner cohort (a vendor and settings no site has). Federated and pooled rows run every seed of the
+budget, local-only the first.
 """
 
 from __future__ import annotations
