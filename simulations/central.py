@@ -145,6 +145,16 @@ class CentralResult:
     seconds: float = 0.0
 
 
+def selection_dir(data: Path, held_dir: Path) -> Path | None:
+    """The selection cohort for central training: ``validation/`` of the data root, or, when ``data`` is one site
+    folder (local-only training), of the root holding the held-out folder; never the held-out folder itself."""
+    for root in (data, held_dir.parent):
+        found = resolve_cohort_dir("", root, VALIDATION_NAME)
+        if found is not None and found.resolve() != held_dir.resolve():
+            return found
+    return None
+
+
 def split_data_root(data: Path, heldout: Path | None = None) -> tuple[list[Path], Path | None]:
     """(training site folders, held-out folder or None) of a data root or a single site folder."""
     from common.data.site import discover_sites
@@ -203,7 +213,7 @@ def train_central(settings: CentralSettings) -> CentralResult:
                            cache=True, seed=s.seed)
     held_ds = load_heldout(model_cfg, held_dir)
     # best.pt is chosen on the selection set, never on the set the numbers are reported on (when there is one)
-    select_dir = resolve_cohort_dir("", Path(s.data), VALIDATION_NAME) if s.heldout is None else None
+    select_dir = selection_dir(Path(s.data), held_dir)
     select_ds = load_heldout(model_cfg, select_dir) if select_dir is not None else None
     if select_ds is None:
         log.warning("central training: no %s/ selection set in %s; best.pt is chosen on the held-out set itself "

@@ -142,3 +142,18 @@ def test_evaluate_command_chooses_the_operating_point_on_a_selection_folder(cent
     assert same.exit_code == 2 and "is the held-out folder itself" in " ".join(same.output.split())
     text = CliRunner().invoke(app, [a for a in args if a != "--json"] + ["--select", str(select)])
     assert text.exit_code == 0 and f"chosen on {select}" in " ".join(text.output.split())
+
+
+def test_selection_cohort_is_found_beside_an_explicit_held_out_folder(tmp_path: Path) -> None:
+    # the experiments pass heldout= explicitly and local-only rows train on one site folder: the data root's
+    # validation/ still chooses best.pt and the threshold, and the held-out folder is never its own selection set
+    from simulations.central import selection_dir
+
+    root = tmp_path / "data"
+    for name in ("site-01", "heldout", "validation"):
+        (root / name).mkdir(parents=True)
+    assert selection_dir(root, root / "heldout") == root / "validation"
+    assert selection_dir(root / "site-01", root / "heldout") == root / "validation"
+    assert selection_dir(root, root / "validation") is None
+    (root / "validation").rmdir()
+    assert selection_dir(root, root / "heldout") is None
