@@ -39,6 +39,33 @@ def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:
     assert set(AGGREGATIONS) == {"plain", "modality-aware"} and set(TARGETS) <= set(HEADLINE)
 
 
+def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_against_none() -> None:
+    from simulations.experiments.common import Outcome
+    from simulations.experiments.missing import PROXIMAL_MU, VARIANTS, findings
+
+    suffix, keys, headline_only = VARIANTS["FedProx"]
+    assert keys == {"proximal-mu": PROXIMAL_MU} and PROXIMAL_MU > 0 and headline_only and suffix
+
+    def rows(values: list[float], drift: float) -> list[Outcome]:
+        return [Outcome("x", {"all/mean-region-dice": v, "encoder-drift": drift}, 1.0, "", seed)
+                for seed, v in enumerate(values)]
+
+    results = {
+        (0.5, "plain", ""): rows([0.70, 0.72, 0.71], 0.3),
+        (0.5, "modality-aware", ""): rows([0.69, 0.70, 0.70], 0.6),
+        (0.5, "plain", "FedProx"): rows([0.71, 0.73, 0.72], 0.2),
+        (0.5, "modality-aware", "FedProx"): rows([0.75, 0.76, 0.75], 0.2),
+    }
+    text = "\n".join(findings((0.5,), results))
+    # without FedProx: -0.013 against the +0.03 target; with it (both rows): +0.033, met
+    assert "50% missing: modality-aware minus plain mean-region Dice -0.013" in text
+    assert "missed by 0.043" in text
+    assert f"50% missing (both with FedProx, μ = {PROXIMAL_MU:g}): modality-aware minus plain" in text
+    assert "Dice 0.033" in text and "target ≥ +0.03: met" in text
+    assert "50% missing, modality-aware: FedProx (μ = 0.1) minus none 0.057" in text
+    assert "encoder drift 0.60 → 0.20" in text
+
+
 def test_every_row_takes_the_same_optimizer_steps() -> None:
     """Federated (summed over sites), pooled and local-only rows of a budget take the same steps, not epochs."""
     from simulations.experiments.common import equal_step_epochs, federated_steps

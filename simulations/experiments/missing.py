@@ -8,6 +8,11 @@ every modality. Sites freeze the encoders of modalities they never have (client 
 returns those encoders unchanged: plain FedAvg then averages each encoder's update with (N - n_m) unchanged copies
 (shrinking it by n_m / N), modality-aware aggregation averages it over the n_m owners only. Every run takes the same
 optimizer steps; 50 % and 75 % (the targets) run every seed of the budget, the other fractions the first.
+
+At the headline fractions both aggregations also run with FedProx (run config ``proximal-mu``,
+:data:`PROXIMAL_MU`): with the sites' Adam moments kept across rounds, an owner-only encoder update compounds over
+the rounds under modality-aware aggregation, and the proximal term is what was measured to hold it near the global
+model (docs/results.md, the 2026-11-30 FedProx runs).
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ GRID: dict[str, tuple[tuple[float, ...], int]] = {
     "standard": ((0.25, 0.5, 0.75), 4),
 }
 AGGREGATIONS = ("plain", "modality-aware")
+#: FedProx strength of the proximal rows (the value screened on 2026-11-30; the run config's default stays 0).
+PROXIMAL_MU = 0.1
+#: Variants of the aggregation rows: name -> (label suffix, run-config overrides, headline fractions only).
+VARIANTS: dict[str, tuple[str, dict[str, float], bool]] = {
+    "": ("", {}, False),
+    "FedProx": (f"-prox{PROXIMAL_MU:g}", {"proximal-mu": PROXIMAL_MU}, True),
+}
 #: Fractions run with every seed: where the targets are.
 HEADLINE = (0.5, 0.75)
 #: Targets: modality-aware minus plain mean-region Dice, at 50 % (at least) and 75 % (not below).
@@ -70,28 +82,37 @@ def _layout(data: Path) -> tuple[float, str]:
     return share, " · ".join("+".join(s["modalities"]) for s in sites.values())
 
 
+def _row_name(agg: str, variant: str) -> str:
+    return f"{agg} + {variant} (μ = {PROXIMAL_MU:g})" if variant else agg
+
+
 def run(ctx: Context) -> str:
     """Train every cell of the grid, write the section, return its Markdown body."""
     fractions, n_sites = GRID[ctx.budget.name]
     # as many cases in all as the other experiments' federations, spread over more sites
     cases = max(1, ctx.budget.sites * ctx.budget.cases_per_site // n_sites)
-    results: dict[tuple[float, str], list[Outcome]] = {}
+    results: dict[tuple[float, str, str], list[Outcome]] = {}
     layouts: dict[float, tuple[float, str]] = {}
     for f in fractions:
         for seed in (ctx.seeds if f in HEADLINE else ctx.seeds[:1]):
             data = phantoms(ctx, "iid", seed=seed, sites=n_sites, cases=cases, missing_fraction=f)
             layouts.setdefault(f, _layout(data))
-            for agg in AGGREGATIONS:
-                label = f"missing{int(round(f * 100)):02d}-{agg}"
-                outcome = run_federated(ctx, label, data, {"aggregation": agg}, seed=seed)
-                if "encoder-drift" not in outcome.metrics:
-                    outcome.metrics["encoder-drift"] = encoder_drift(Path(outcome.run_dir), seed)
-                results.setdefault((f, agg), []).append(outcome)
+            for variant, (suffix, keys, headline_only) in VARIANTS.items():
+                if headline_only and f not in HEADLINE:
+                    continue
+                for agg in AGGREGATIONS:
+                    label = f"missing{int(round(f * 100)):02d}-{agg}{suffix}"
+                    outcome = run_federated(ctx, label, data, {"aggregation": agg, **keys}, seed=seed)
+                    if "encoder-drift" not in outcome.metrics:
+                        outcome.metrics["encoder-drift"] = encoder_drift(Path(outcome.run_dir), seed)
+                    results.setdefault((f, agg, variant), []).append(outcome)
     cols = [("all/dice-whole", "Dice whole"), ("all/dice-core", "Dice core"), ("all/dice-enhancing", "Dice enh."),
             ("all/mean-region-dice", "mean-region Dice"), ("single-mean/dice-whole", "Dice whole, one modality"),
             ("all/accuracy", "accuracy"), ("encoder-drift", "encoder drift")]
-    rows = [[f"{f:.0%} (realised {layouts[f][0]:.0%})", agg, str(len(outs)),
-             *[cell(summarise(outs, k)) for k, _ in cols]] for (f, agg), outs in results.items()]
+    # by fraction, then variant; insertion order (plain first) within each
+    ordered = sorted(results.items(), key=lambda kv: (kv[0][0], list(VARIANTS).index(kv[0][2])))
+    rows = [[f"{f:.0%} (realised {layouts[f][0]:.0%})", _row_name(agg, variant), str(len(outs)),
+             *[cell(summarise(outs, k)) for k, _ in cols]] for (f, agg, variant), outs in ordered]
     body = [
         f"{n_sites} phantom sites of {cases} cases (scenario `iid` plus site-level missing modalities), the run "
         "config's model, FedAvg, no DP, equal optimizer steps; held-out cases have every modality (\"one modality\" "
@@ -113,30 +134,46 @@ def run(ctx: Context) -> str:
     return text
 
 
-def findings(fractions: tuple[float, ...], results: dict[tuple[float, str], list[Outcome]]) -> list[str]:
-    """Modality-aware minus plain per fraction, against the targets and the noise."""
+def findings(fractions: tuple[float, ...], results: dict[tuple[float, str, str], list[Outcome]]) -> list[str]:
+    """Modality-aware minus plain per fraction and variant, against the targets and the noise, and what FedProx
+    changed for each aggregation."""
     out: list[str] = []
     key = "all/mean-region-dice"
-    for f in fractions:
-        a, b = results.get((f, "modality-aware")), results.get((f, "plain"))
-        if not (a and b):
-            continue
-        diff = paired(a, b, key)
-        line = (f"- {f:.0%} missing: modality-aware minus plain mean-region Dice {cell(diff)} over {diff.n} seed(s) "
-                f"({against(diff)})")
-        if f in TARGETS:
-            goal = TARGETS[f]
-            met = diff.mean >= goal
-            line += (f"; target {'≥ +' + format(goal, '.2f') if goal else 'no worse than plain'}: "
-                     f"{'met' if met else f'missed by {goal - diff.mean:.3f}'}")
-        drift_a, drift_b = summarise(a, "encoder-drift").mean, summarise(b, "encoder-drift").mean
-        if drift_b == drift_b and drift_b > 0:
-            line += f"; encoders moved {drift_a / drift_b:.1f}x as far under modality-aware aggregation"
-        out.append(line + ".")
+    for variant in VARIANTS:
+        for f in fractions:
+            a, b = results.get((f, "modality-aware", variant)), results.get((f, "plain", variant))
+            if not (a and b):
+                continue
+            diff = paired(a, b, key)
+            both = f" (both with {variant}, μ = {PROXIMAL_MU:g})" if variant else ""
+            line = (f"- {f:.0%} missing{both}: modality-aware minus plain mean-region Dice {cell(diff)} over "
+                    f"{diff.n} seed(s) ({against(diff)})")
+            if f in TARGETS:
+                goal = TARGETS[f]
+                met = diff.mean >= goal
+                line += (f"; target {'≥ +' + format(goal, '.2f') if goal else 'no worse than plain'}: "
+                         f"{'met' if met else f'missed by {goal - diff.mean:.3f}'}")
+            drift_a, drift_b = summarise(a, "encoder-drift").mean, summarise(b, "encoder-drift").mean
+            if drift_b == drift_b and drift_b > 0:
+                line += f"; encoders moved {drift_a / drift_b:.1f}x as far under modality-aware aggregation"
+            out.append(line + ".")
+    for variant in (v for v in VARIANTS if v):
+        for f in fractions:
+            for agg in AGGREGATIONS:
+                with_it, without = results.get((f, agg, variant)), results.get((f, agg, ""))
+                if not (with_it and without):
+                    continue
+                diff = paired(with_it, without, key)
+                out.append(f"- {f:.0%} missing, {agg}: {variant} (μ = {PROXIMAL_MU:g}) minus none {cell(diff)} "
+                           f"over {diff.n} seed(s) ({against(diff)}); encoder drift "
+                           f"{summarise(without, 'encoder-drift').mean:.2f} → "
+                           f"{summarise(with_it, 'encoder-drift').mean:.2f}.")
     out.append(
         "- Mechanism: a site freezes the encoders of modalities it lacks and returns them unchanged, so plain FedAvg "
         "scales an encoder's round update by n_m / N (the share of sites holding m) while modality-aware aggregation "
         "applies the owners' full update; shared layers (fusion, decoder, classifier) are averaged identically by "
-        "both. `encoder drift` = ||w_final - w_init|| / ||w_init|| of the modality encoders (mean over modalities)."
+        "both. `encoder drift` = ||w_final - w_init|| / ||w_init|| of the modality encoders (mean over modalities). "
+        "FedProx adds (μ/2)·||w - w_global||² to each site's loss, which holds the owners' compounding encoder "
+        "updates near the global model."
     )
     return out
