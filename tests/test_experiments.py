@@ -47,7 +47,7 @@ def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_agai
     assert keys == {"proximal-mu": PROXIMAL_MU} and PROXIMAL_MU > 0 and headline_only and suffix
 
     def rows(values: list[float], drift: float) -> list[Outcome]:
-        return [Outcome("x", {"all/mean-region-dice": v, "encoder-drift": drift}, 1.0, "", seed)
+        return [Outcome("x", {"all/mean-region-dice": v, "all/auroc": 0.8, "encoder-drift": drift}, 1.0, "", seed)
                 for seed, v in enumerate(values)]
 
     results = {
@@ -62,8 +62,8 @@ def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_agai
     assert "missed by 0.043" in text
     assert f"50% missing (both with FedProx, μ = {PROXIMAL_MU:g}): modality-aware minus plain" in text
     assert "Dice 0.033" in text and "target ≥ +0.03: met" in text
-    assert "50% missing, modality-aware: FedProx (μ = 0.1) minus none 0.057" in text
-    assert "encoder drift 0.60 → 0.20" in text
+    assert "50% missing, modality-aware: FedProx (μ = 0.1) minus none: mean-region Dice 0.057" in text
+    assert "AUROC 0.000 ± 0.000" in text and "encoder drift 0.60 → 0.20" in text
 
 
 def test_every_row_takes_the_same_optimizer_steps() -> None:

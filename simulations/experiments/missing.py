@@ -108,7 +108,7 @@ def run(ctx: Context) -> str:
                     results.setdefault((f, agg, variant), []).append(outcome)
     cols = [("all/dice-whole", "Dice whole"), ("all/dice-core", "Dice core"), ("all/dice-enhancing", "Dice enh."),
             ("all/mean-region-dice", "mean-region Dice"), ("single-mean/dice-whole", "Dice whole, one modality"),
-            ("all/accuracy", "accuracy"), ("encoder-drift", "encoder drift")]
+            ("all/accuracy", "accuracy"), ("all/auroc", "AUROC"), ("encoder-drift", "encoder drift")]
     # by fraction, then variant; insertion order (plain first) within each
     ordered = sorted(results.items(), key=lambda kv: (kv[0][0], list(VARIANTS).index(kv[0][2])))
     rows = [[f"{f:.0%} (realised {layouts[f][0]:.0%})", _row_name(agg, variant), str(len(outs)),
@@ -164,9 +164,10 @@ def findings(fractions: tuple[float, ...], results: dict[tuple[float, str, str],
                 if not (with_it and without):
                     continue
                 diff = paired(with_it, without, key)
-                out.append(f"- {f:.0%} missing, {agg}: {variant} (μ = {PROXIMAL_MU:g}) minus none {cell(diff)} "
-                           f"over {diff.n} seed(s) ({against(diff)}); encoder drift "
-                           f"{summarise(without, 'encoder-drift').mean:.2f} → "
+                auroc = paired(with_it, without, "all/auroc")
+                out.append(f"- {f:.0%} missing, {agg}: {variant} (μ = {PROXIMAL_MU:g}) minus none: mean-region Dice "
+                           f"{cell(diff)} over {diff.n} seed(s) ({against(diff)}), AUROC {cell(auroc)} "
+                           f"({against(auroc)}); encoder drift {summarise(without, 'encoder-drift').mean:.2f} → "
                            f"{summarise(with_it, 'encoder-drift').mean:.2f}.")
     out.append(
         "- Mechanism: a site freezes the encoders of modalities it lacks and returns them unchanged, so plain FedAvg "
