@@ -12,7 +12,8 @@ optimizer steps; 50 % and 75 % (the targets) run every seed of the budget, the o
 At the headline fractions both aggregations also run with FedProx (run config ``proximal-mu``,
 :data:`PROXIMAL_MU`): with the sites' Adam moments kept across rounds, an owner-only encoder update compounds over
 the rounds under modality-aware aggregation, and the proximal term is what was measured to hold it near the global
-model (docs/results.md, the 2026-11-30 FedProx runs).
+model, at a cost to the classifier (docs/results.md, the 2026-11-30 FedProx runs), hence rows here rather than a
+default.
 """
 
 from __future__ import annotations
