@@ -134,7 +134,8 @@ def _train(
         loader.generator = torch.Generator().manual_seed(randomness.seed64())  # augmentation of the views
     rt.model.train()
     # FedProx: the training loop adds the proximal gradient after DP noise (post-processing) or to the loss.
-    prox = ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu) if rt.train.proximal_mu > 0 else None
+    prox = (ProximalTerm(dict(rt.model.named_parameters()), rt.train.proximal_mu, rt.train.proximal_scope)
+            if rt.train.proximal_mu > 0 else None)
     # each round starts from the received global weights: forget momentum (a DPOptimizer shares its original
     # optimizer's state), unless the run keeps the site's optimizer state across rounds (saved in its state dir)
     optimizer.state.clear()

@@ -33,6 +33,7 @@ from models.config import MODALITY_DROPOUT_MODES, ModelConfig
 from models.fast_conv import CONV_BACKWARDS
 from models.modalities import MODALITIES
 from models.trainable import TRAINABLE_SETS
+from models.training import PROXIMAL_SCOPES
 
 __all__ = [
     "ACCOUNTANTS",
@@ -161,6 +162,8 @@ _KEYS: tuple[Key, ...] = (
     Key("balance-classes", bool, "train", "logit-adjust the classification loss by the site's class shares"),
     Key("batch-size", int, "train", "expected cases per step (DP: Poisson batch)", _at_least(1)),
     Key("proximal-mu", float, "train", "FedProx proximal weight (0 = off)", _at_least(0)),
+    Key("proximal-scope", str, "train", "what the FedProx term holds near the global model: all trainable "
+        "parameters, or only the modality encoders", _one_of(*PROXIMAL_SCOPES)),
     Key("conv-backward", str, "train", "CPU convolution backward: fast (models/fast_conv.py) or stock (PyTorch's); "
         "same gradients", _one_of(*CONV_BACKWARDS)),
     Key("augment-multiplicity", int, "train", "0 = no site augmentation; K >= 1: K augmented views (flips, intensity "
@@ -407,6 +410,7 @@ class TrainConfig:
     balance_classes: bool
     batch_size: int
     proximal_mu: float
+    proximal_scope: str
     conv_backward: str
     seed: int
     num_server_rounds: int

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .modalities import owner_modality
 from .precision import MixedPrecision
 from .schedule import LRSchedule
 
@@ -77,6 +78,10 @@ def _plain_name(name: str) -> str:
     return name[len("_module.") :] if name.startswith("_module.") else name
 
 
+#: What the FedProx term covers (run config ``proximal-scope``).
+PROXIMAL_SCOPES: tuple[str, ...] = ("all", "encoders")
+
+
 class ProximalTerm:
     """FedProx proximal term ``mu/2 * sum ||w - w_global||^2`` over the trainable parameters.
 
@@ -85,12 +90,20 @@ class ProximalTerm:
             ``_module.`` prefix is ignored on both sides, buffers and unknown names are ignored) or a sequence of
             tensors in ``model.parameters()`` order.
         mu: proximal strength (>= 0; 0 makes the term vanish).
+        scope: ``"all"`` trainable parameters, or only the ``"encoders"`` (parameters a modality owns,
+            :func:`models.modalities.owner_modality`): the drift that compounds under modality-aware aggregation is
+            the owners' encoder updates, while holding the shared layers (classifier included) near the global
+            model is what cost the classifier (docs/results.md, `missing`).
     """
 
-    def __init__(self, global_params: Mapping[str, Tensor] | Sequence[Tensor], mu: float) -> None:
+    def __init__(self, global_params: Mapping[str, Tensor] | Sequence[Tensor], mu: float,
+                 scope: str = "all") -> None:
         if mu < 0:
             raise ValueError(f"proximal mu must be >= 0, got {mu}")
+        if scope not in PROXIMAL_SCOPES:
+            raise ValueError(f"proximal scope must be one of {PROXIMAL_SCOPES}, got {scope!r}")
         self.mu = float(mu)
+        self.scope = scope
         if isinstance(global_params, Mapping):
             self._named: dict[str, Tensor] | None = {
                 _plain_name(k): torch.as_tensor(v).detach().clone() for k, v in global_params.items()
@@ -107,9 +120,10 @@ class ProximalTerm:
             return self._cache[1]
         named = list(model.named_parameters())
         out: list[tuple[nn.Parameter, Tensor]] = []
+        keep = (lambda n: True) if self.scope == "all" else (lambda n: owner_modality(_plain_name(n)) is not None)
         if self._named is not None:
             for name, p in named:
-                if not p.requires_grad:
+                if not p.requires_grad or not keep(name):
                     continue
                 ref = self._named.get(_plain_name(name))
                 if ref is None:
@@ -122,7 +136,7 @@ class ProximalTerm:
                     f"ProximalTerm: {len(self._seq)} global tensors for {len(named)} model parameters; pass them in "
                     "model.parameters() order or as a state dict"
                 )
-            out = [(p, self._fit(ref, p, n)) for (n, p), ref in zip(named, self._seq) if p.requires_grad]
+            out = [(p, self._fit(ref, p, n)) for (n, p), ref in zip(named, self._seq) if p.requires_grad and keep(n)]
         self._cache = (id(model), out)
         return out
 

@@ -242,3 +242,32 @@ def test_lr_schedule_shapes_and_global_steps() -> None:
         start += int(out["steps"])
     assert seen == pytest.approx([sched.lr(t) for t in range(9)])
     assert out["lr"] == pytest.approx(sched.lr(8))
+
+
+def test_proximal_term_scoped_to_the_encoders_leaves_shared_layers_free() -> None:
+    from models.modalities import owner_modality
+    from models.network import build_model
+    from tests.client_helpers import TINY
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    full = ProximalTerm(start, mu=1.0)
+    encoders = ProximalTerm(start, mu=1.0, scope="encoders")
+    names = {id(p): n for n, p in model.named_parameters()}
+    covered = {names[id(p)] for p, _ in encoders.pairs(model)}
+    assert covered and all(owner_modality(n) is not None for n in covered)
+    assert {n for n, _ in model.named_parameters() if owner_modality(n) is not None} == covered
+    assert 0 < float(encoders(model)) < float(full(model))
+    model.zero_grad()
+    encoders.add_gradient(model)
+    for n, p in model.named_parameters():
+        if owner_modality(n) is None:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, n
+        else:
+            assert torch.allclose(p.grad, torch.full_like(p, 0.1), atol=1e-6), n
+    with pytest.raises(ValueError, match="proximal scope must be one of"):
+        ProximalTerm(start, mu=1.0, scope="decoder")
