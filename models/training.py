@@ -120,10 +120,9 @@ class ProximalTerm:
             return self._cache[1]
         named = list(model.named_parameters())
         out: list[tuple[nn.Parameter, Tensor]] = []
-        keep = (lambda n: True) if self.scope == "all" else (lambda n: owner_modality(_plain_name(n)) is not None)
         if self._named is not None:
             for name, p in named:
-                if not p.requires_grad or not keep(name):
+                if not p.requires_grad or not self._covers(name):
                     continue
                 ref = self._named.get(_plain_name(name))
                 if ref is None:
@@ -136,9 +135,13 @@ class ProximalTerm:
                     f"ProximalTerm: {len(self._seq)} global tensors for {len(named)} model parameters; pass them in "
                     "model.parameters() order or as a state dict"
                 )
-            out = [(p, self._fit(ref, p, n)) for (n, p), ref in zip(named, self._seq) if p.requires_grad and keep(n)]
+            out = [(p, self._fit(ref, p, n)) for (n, p), ref in zip(named, self._seq)
+                   if p.requires_grad and self._covers(n)]
         self._cache = (id(model), out)
         return out
+
+    def _covers(self, name: str) -> bool:
+        return self.scope == "all" or owner_modality(_plain_name(name)) is not None
 
     @staticmethod
     def _fit(ref: Tensor, p: Tensor, name: str) -> Tensor:
