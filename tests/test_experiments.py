@@ -41,29 +41,35 @@ def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:
 
 def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_against_none() -> None:
     from simulations.experiments.common import Outcome
-    from simulations.experiments.missing import PROXIMAL_MU, VARIANTS, findings
+    from simulations.experiments.missing import PROXIMAL_MU, PROXIMAL_SCOPE, VARIANTS, findings
 
-    suffix, keys, headline_only = VARIANTS["FedProx"]
-    assert keys == {"proximal-mu": PROXIMAL_MU} and PROXIMAL_MU > 0 and headline_only and suffix
+    suffix, keys, headline_only = VARIANTS["encoder FedProx"]
+    assert keys == {"proximal-mu": PROXIMAL_MU, "proximal-scope": PROXIMAL_SCOPE} and PROXIMAL_MU > 0
+    assert PROXIMAL_SCOPE == "encoders" and headline_only and suffix
 
-    def rows(values: list[float], drift: float) -> list[Outcome]:
-        return [Outcome("x", {"all/mean-region-dice": v, "all/auroc": 0.8, "encoder-drift": drift}, 1.0, "", seed)
+    def rows(values: list[float], drift: float, auroc: float = 0.8) -> list[Outcome]:
+        return [Outcome("x", {"all/mean-region-dice": v, "all/auroc": auroc, "encoder-drift": drift}, 1.0, "", seed)
                 for seed, v in enumerate(values)]
 
     results = {
         (0.5, "plain", ""): rows([0.70, 0.72, 0.71], 0.3),
         (0.5, "modality-aware", ""): rows([0.69, 0.70, 0.70], 0.6),
-        (0.5, "plain", "FedProx"): rows([0.71, 0.73, 0.72], 0.2),
-        (0.5, "modality-aware", "FedProx"): rows([0.75, 0.76, 0.75], 0.2),
+        (0.5, "plain", "encoder FedProx"): rows([0.73, 0.74, 0.74], 0.2),
+        (0.5, "modality-aware", "encoder FedProx"): rows([0.75, 0.76, 0.75], 0.2, auroc=0.78),
     }
     text = "\n".join(findings((0.5,), results))
-    # without FedProx: -0.013 against the +0.03 target; with it (both rows): +0.033, met
+    mu = f"μ = {PROXIMAL_MU:g}"
+    # without the proximal term: -0.013 against the +0.03 target; with it for both rows: +0.017, missed
     assert "50% missing: modality-aware minus plain mean-region Dice -0.013" in text
     assert "missed by 0.043" in text
-    assert f"50% missing (both with FedProx, μ = {PROXIMAL_MU:g}): modality-aware minus plain" in text
-    assert "Dice 0.033" in text and "target ≥ +0.03: met" in text
-    assert "50% missing, modality-aware: FedProx (μ = 0.1) minus none: mean-region Dice 0.057" in text
-    assert "AUROC 0.000 ± 0.000" in text and "encoder drift 0.60 → 0.20" in text
+    assert f"50% missing (both with encoder FedProx, {mu}): modality-aware minus plain mean-region Dice 0.017" in text
+    assert "missed by 0.013" in text
+    # the method against the baseline: modality-aware with the term minus plain without it, +0.043: met
+    assert (f"50% missing: modality-aware with encoder FedProx ({mu}) minus plain FedAvg without it: "
+            "mean-region Dice 0.043") in text
+    assert "target ≥ +0.03: met; AUROC -0.020 ± 0.000" in text
+    assert f"50% missing, modality-aware: encoder FedProx ({mu}) minus none: mean-region Dice 0.057" in text
+    assert "AUROC -0.020 ± 0.000" in text and "encoder drift 0.60 → 0.20" in text
 
 
 def test_every_row_takes_the_same_optimizer_steps() -> None:
