@@ -5,7 +5,7 @@ marked section of docs/results.md (``<!-- experiment-NAME:start -->`` ... ``<!--
 name          what it compares
 ============  =====================================================================================================
 ``fusion``    the five fusion families vs single-modality baselines, trained on the pooled sites
-``missing``   25-75 % missing modalities per site x plain vs modality-aware aggregation, with and without FedProx
+``missing``   25-75 % missing modalities per site x plain vs modality-aware aggregation, with and without FedProx on the encoders
 ``privacy``   cases per site x target epsilon (1-8, inf = no DP) x from scratch / public pretraining
 ``settings``  local-only at each site vs federated vs centralized pooled (upper bound), same optimizer steps
 ============  =====================================================================================================
@@ -22,7 +22,7 @@ from types import ModuleType
 #: Experiment name -> (module under simulations.experiments, one-line description).
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fusion": ("fusion", "five fusion families vs single-modality baselines, pooled training"),
-    "missing": ("missing", "missing modalities per site (25-75 %) x plain/modality-aware aggregation x FedProx"),
+    "missing": ("missing", "missing modalities per site (25-75 %) x plain/modality-aware aggregation x encoder FedProx"),
     "privacy": ("privacy", "cases per site x epsilon x scratch / public pretraining, DP-SGD"),
     "settings": ("settings", "local-only vs federated vs centralized pooled training"),
 }
