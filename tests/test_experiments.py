@@ -48,8 +48,8 @@ def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_agai
     assert PROXIMAL_SCOPE == "encoders" and headline_only and suffix
 
     def rows(values: list[float], drift: float, auroc: float = 0.8) -> list[Outcome]:
-        return [Outcome("x", {"all/mean-region-dice": v, "all/auroc": auroc, "encoder-drift": drift}, 1.0, "", seed)
-                for seed, v in enumerate(values)]
+        return [Outcome("x", {"all/mean-region-dice": v, "all/auroc": auroc, "all/accuracy": auroc - 0.1,
+                              "encoder-drift": drift}, 1.0, "", seed) for seed, v in enumerate(values)]
 
     results = {
         (0.5, "plain", ""): rows([0.70, 0.72, 0.71], 0.3),
@@ -67,7 +67,7 @@ def test_missing_findings_compare_aggregations_within_a_variant_and_fedprox_agai
     # the method against the baseline: modality-aware with the term minus plain without it, +0.043: met
     assert (f"50% missing: modality-aware with encoder FedProx ({mu}) minus plain FedAvg without it: "
             "mean-region Dice 0.043") in text
-    assert "target ≥ +0.03: met; AUROC -0.020 ± 0.000" in text
+    assert "target ≥ +0.03: met; AUROC -0.020 ± 0.000" in text and "accuracy -0.020 ± 0.000" in text
     assert f"50% missing, modality-aware: encoder FedProx ({mu}) minus none: mean-region Dice 0.057" in text
     assert "AUROC -0.020 ± 0.000" in text and "encoder drift 0.60 → 0.20" in text
 

@@ -23,10 +23,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from .common import EVALUATION_NOTE, Context, Outcome, markdown_table, phantoms, run_federated, write_result
-from .stats import against, cell, paired, summarise
+from .stats import Summary, against, cell, paired, summarise
 
 NAME = "missing"
 TITLE = "Experiment `missing`: missing modalities per site, plain vs modality-aware aggregation"
@@ -94,7 +93,8 @@ def _row_name(agg: str, variant: str) -> str:
     return f"{agg} + {variant} (μ = {PROXIMAL_MU:g})" if variant else agg
 
 
-def _target_line(f: float, diff: Any) -> str:
+def _target_line(f: float, diff: Summary) -> str:
+    """The verdict of a modality-aware-minus-plain difference at fraction ``f`` against :data:`TARGETS`."""
     goal = TARGETS[f]
     met = diff.mean >= goal
     return (f"; target {'≥ +' + format(goal, '.2f') if goal else 'no worse than plain'}: "
@@ -175,12 +175,12 @@ def findings(fractions: tuple[float, ...], results: dict[tuple[float, str, str],
             a, b = results.get((f, "modality-aware", variant)), results.get((f, "plain", ""))
             if a and b:
                 diff = paired(a, b, key)
-                auroc = paired(a, b, "all/auroc")
+                auroc, acc = paired(a, b, "all/auroc"), paired(a, b, "all/accuracy")
                 line = (f"- {f:.0%} missing: modality-aware with {variant} (μ = {PROXIMAL_MU:g}) minus plain FedAvg "
                         f"without it: mean-region Dice {cell(diff)} over {diff.n} seed(s) ({against(diff)})")
                 if f in TARGETS:
                     line += _target_line(f, diff)
-                out.append(line + f"; AUROC {cell(auroc)} ({against(auroc)}).")
+                out.append(line + f"; AUROC {cell(auroc)} ({against(auroc)}), accuracy {cell(acc)} ({against(acc)}).")
             for agg in AGGREGATIONS:
                 with_it, without = results.get((f, agg, variant)), results.get((f, agg, ""))
                 if not (with_it and without):
