@@ -195,8 +195,7 @@ _KEYS: tuple[Key, ...] = (
     Key("model-modality-dropout", float, "model", "training probability of dropping a present modality",
         _within(0, 1, high_open=True)),
     Key("model-modality-dropout-mode", str, "model", "independent (each present modality dropped with the dropout "
-        "probability), subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases) or singles "
-        "(one of them, for a share dropout of the cases; the rest as independent)",
+        "probability) or subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases)",
         _one_of(*MODALITY_DROPOUT_MODES)),
     Key("model-dropout", float, "model", "dropout before the classifier", _within(0, 1, high_open=True)),
     # server

@@ -30,7 +30,7 @@ CLASS_NAMES: tuple[str, ...] = ("benign", "malignant")
 
 #: How training drops modalities (run config ``model-modality-dropout-mode``;
 #: ``models.network.apply_modality_dropout``).
-MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets", "singles")
+MODALITY_DROPOUT_MODES: tuple[str, ...] = ("independent", "subsets")
 
 
 @dataclass(frozen=True)

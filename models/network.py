@@ -285,10 +285,6 @@ def apply_modality_dropout(
       every-subset evaluation averages over (the 63 subsets of 6 modalities hold 3 on average), where independent
       drops at 0.25 mostly remove one or two; the share ``2 p`` keeps the expected number of kept modalities of
       the independent mode (4.5 of 6 at ``p`` = 0.25, 3 at 0.5).
-    - ``singles``: with probability ``p`` a sample keeps one of its present modalities (uniformly), else its
-      modalities are dropped as in ``independent``. Independent drops at 0.25 leave a single modality to under 1 %
-      of the samples, while single modalities are 6 of the 63 subsets the every-subset evaluation averages over,
-      and the ones a fused model does worst on.
 
     Args:
         mask: (B, M) float 0/1 availability.
@@ -323,10 +319,6 @@ def apply_modality_dropout(
         return keep.to(mask.dtype)
     draw = torch.rand(mask.shape, generator=generator, device=mask.device)
     keep = present & (draw >= p)
-    if mode == "singles":
-        # the rows chosen for one modality are emptied here and keep one present modality below
-        single = torch.rand(mask.shape[0], generator=generator, device=mask.device) < p
-        keep = keep & ~single[:, None]
     emptied = present.any(dim=1) & ~keep.any(dim=1)
     if bool(emptied.any()):
         # Choose one present modality per emptied sample: argmax of random scores restricted to present ones.

@@ -290,34 +290,8 @@ def test_subset_modality_dropout_draws_uniform_non_empty_subsets_of_the_present_
     assert abs(float((every != mask).any(dim=1).float().mean()) - (0.5 * 6 / 7 + 0.5 * 2 / 3)) < 0.02  # share 1
     empty = torch.zeros(2, 3)
     assert torch.equal(apply_modality_dropout(empty, 0.4, mode="subsets"), empty)
-    with pytest.raises(ValueError, match="mode 'sometimes' is not one of independent, subsets, singles"):
+    with pytest.raises(ValueError, match="mode 'sometimes' is not one of independent, subsets"):
         apply_modality_dropout(mask, 0.25, mode="sometimes")
-
-
-def test_singles_modality_dropout_leaves_one_present_modality_to_a_share_p_of_the_samples() -> None:
-    """mode="singles": a share p of the samples keeps exactly one of its present modalities, chosen uniformly;
-    the rest drop independently at p (one left only when every draw dropped); missing stays missing."""
-    from collections import Counter
-
-    n, p = 40000, 0.25
-    mask = torch.ones(n, 4)
-    mask[: n // 2, 3] = 0.0  # half the samples lack the fourth modality
-    out = apply_modality_dropout(mask, p, generator=torch.Generator().manual_seed(1), mode="singles")
-    assert (out <= mask).all() and (out.sum(1) >= 1).all()
-    kept = out.sum(1)
-    # one kept: the chosen share p, plus the unchosen rows whose independent draws left one (or none)
-    one_of_3 = p + (1 - p) * (3 * p**2 * (1 - p) + p**3)
-    one_of_4 = p + (1 - p) * (4 * p**3 * (1 - p) + p**4)
-    assert abs(float((kept[: n // 2] == 1).float().mean()) - one_of_3) < 0.015
-    assert abs(float((kept[n // 2 :] == 1).float().mean()) - one_of_4) < 0.015
-    # the single modality kept is uniform over the present ones, never the missing one
-    singles = Counter(int(row.argmax()) for row in out[: n // 2][kept[: n // 2] == 1])
-    assert set(singles) == {0, 1, 2} and max(singles.values()) / min(singles.values()) < 1.1
-    # the unchosen rows keep all their modalities as often as independent drops do
-    assert abs(float((kept[n // 2 :] == 4).float().mean()) - (1 - p) * (1 - p) ** 4) < 0.015
-    assert torch.equal(apply_modality_dropout(mask, p, generator=torch.Generator().manual_seed(5), mode="singles"),
-                       apply_modality_dropout(mask, p, generator=torch.Generator().manual_seed(5), mode="singles"))
-    assert torch.equal(apply_modality_dropout(mask, 0.0, mode="singles"), mask)
 
 
 def test_model_configs_saved_before_the_dropout_mode_existed_load_as_independent() -> None:
