@@ -90,7 +90,12 @@ def _layout(data: Path) -> tuple[float, str]:
 
 
 def _row_name(agg: str, variant: str) -> str:
-    return f"{agg} + {variant} (μ = {PROXIMAL_MU:g})" if variant else agg
+    return f"{agg} + {_variant_name(variant)}" if variant else agg
+
+
+def _variant_name(variant: str) -> str:
+    """A variant as the table and the findings name it, with its proximal strength."""
+    return f"{variant} (μ = {PROXIMAL_MU:g})"
 
 
 def _target_line(f: float, diff: Summary) -> str:
@@ -176,7 +181,7 @@ def findings(fractions: tuple[float, ...], results: dict[tuple[float, str, str],
             if a and b:
                 diff = paired(a, b, key)
                 auroc, acc = paired(a, b, "all/auroc"), paired(a, b, "all/accuracy")
-                line = (f"- {f:.0%} missing: modality-aware with {variant} (μ = {PROXIMAL_MU:g}) minus plain FedAvg "
+                line = (f"- {f:.0%} missing: modality-aware with {_variant_name(variant)} minus plain FedAvg "
                         f"without it: mean-region Dice {cell(diff)} over {diff.n} seed(s) ({against(diff)})")
                 if f in TARGETS:
                     line += _target_line(f, diff)
@@ -187,7 +192,7 @@ def findings(fractions: tuple[float, ...], results: dict[tuple[float, str, str],
                     continue
                 diff = paired(with_it, without, key)
                 auroc = paired(with_it, without, "all/auroc")
-                out.append(f"- {f:.0%} missing, {agg}: {variant} (μ = {PROXIMAL_MU:g}) minus none: mean-region Dice "
+                out.append(f"- {f:.0%} missing, {agg}: {_variant_name(variant)} minus none: mean-region Dice "
                            f"{cell(diff)} over {diff.n} seed(s) ({against(diff)}), AUROC {cell(auroc)} "
                            f"({against(auroc)}); encoder drift {summarise(without, 'encoder-drift').mean:.2f} → "
                            f"{summarise(with_it, 'encoder-drift').mean:.2f}.")
