@@ -5,6 +5,7 @@ accountant on the same ledger."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from client.client_app import train
 from client.privacy.accountant import PersistentAccountant, epsilon_of
 from client.privacy.engine import CasesOnly, make_private
 from client.privacy.multiplicity import MultiViewLoader, augment_batch, average_views, install_view_averaging
-from client.privacy.optimizers import AdamBC, STATE_DIR, load_state, save_state
+from client.privacy.optimizers import AdamBC, STATE_DIR, load_state, read_state, save_state
 from client.runtime import clear_cache
 from models.losses import MultiTaskLoss
 from models.network import build_model
@@ -143,6 +144,13 @@ def test_view_averaging_runs_before_the_clip() -> None:
     assert calls == ["clip"] and p.grad_sample.tolist() == [[2, 2, 2], [6, 6, 6]]  # type: ignore[attr-defined]
 
 
+def _saved_state(path: Path) -> dict[int, dict[str, object]]:
+    """The per-parameter optimizer state a site saved (for the parameter names it saved it under)."""
+    state = read_state(path, "sgd", torch.load(path, weights_only=True)["names"])
+    assert state is not None
+    return state
+
+
 def test_site_trains_with_multiplicity_sgd_and_kept_optimizer_state(phantoms: Path, tmp_path: Path) -> None:
     rc = run_config(**{"augment-multiplicity": 2, "optimizer": "sgd", "optimizer-state": "keep"})
     node = _node(phantoms, tmp_path)
@@ -150,12 +158,12 @@ def test_site_trains_with_multiplicity_sgd_and_kept_optimizer_state(phantoms: Pa
     assert not first.has_error(), first.error
     saved = list((tmp_path / "state" / STATE_DIR).glob("*.pt"))
     assert len(saved) == 1
-    before = torch.load(saved[0], weights_only=True)["state"]
+    before = _saved_state(saved[0])
     assert before and all("momentum_buffer" in s for s in before.values())
     clear_cache()  # a deployed site's next message is a new process: the state comes from disk
     second = train(message("train", first.content["arrays"].to_torch_state_dict(), 2), context(node, rc))
     assert not second.has_error(), second.error
-    after = torch.load(saved[0], weights_only=True)["state"]
+    after = _saved_state(saved[0])
     assert any(not torch.equal(after[i]["momentum_buffer"], before[i]["momentum_buffer"]) for i in before)
 
 
@@ -205,6 +213,42 @@ def test_optimizer_state_refuses_another_parameter_set(tmp_path: Path) -> None:
     fresh = torch.optim.SGD([w], lr=0.1, momentum=0.9)
     assert not load_state(path, fresh, "sgd", ["other"]) and not fresh.state
     assert load_state(path, fresh, "sgd", ["w"]) and torch.equal(fresh.state[w]["momentum_buffer"], torch.ones(3))
+
+
+def test_optimizer_state_round_trips_flat_and_refuses_damaged_or_old_files(tmp_path: Path) -> None:
+    """Adam's moments and step counts come back exactly from the flat layout; a truncated slot, an entry naming no
+    slot and a version-1 file (one tensor per parameter) each leave the optimizer fresh instead of half-loaded."""
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(()))]
+    opt = torch.optim.Adam(ws, lr=0.01)
+    for _ in range(3):
+        for w in ws:
+            w.grad = torch.randn_like(w)
+        opt.step()
+    path, names = tmp_path / "s.pt", ["a", "b", "c"]
+    save_state(path, opt, "adam", names)
+    fresh = torch.optim.Adam(ws, lr=0.01)
+    assert load_state(path, fresh, "adam", names)
+    for w in ws:
+        assert set(fresh.state[w]) == set(opt.state[w])
+        for key, value in opt.state[w].items():
+            assert torch.equal(fresh.state[w][key], value) and fresh.state[w][key].shape == value.shape
+    payload = torch.load(path, weights_only=True)
+    assert len(payload["slots"]) <= 3  # step, exp_avg, exp_avg_sq: one flat tensor each, not one per parameter
+
+    damaged = copy.deepcopy(payload)
+    slot = next(k for k in damaged["slots"] if k.startswith("exp_avg_sq"))
+    damaged["slots"][slot] = damaged["slots"][slot][:-1]
+    foreign = copy.deepcopy(payload)
+    entries = json.loads(foreign["entries"])
+    entries[0][2] = "nowhere/float32"
+    foreign["entries"] = json.dumps(entries)
+    old = {"format": "fedfusion-optimizer-state/1", "optimizer": "adam", "names": names,
+           "state": opt.state_dict()["state"]}
+    for bad in (damaged, foreign, old):
+        torch.save(bad, path)
+        fresh = torch.optim.Adam(ws, lr=0.01)
+        assert not load_state(path, fresh, "adam", names) and not fresh.state
 
 
 def test_a_site_keeps_only_its_most_recent_optimizer_states(tmp_path: Path) -> None:
