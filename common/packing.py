@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from common.arrays import values
 from models.config import ModelConfig
 
 __all__ = ["PACKED_PREFIX", "Layout", "is_packed", "layout_of", "model_layout", "pack", "unpack"]
@@ -52,7 +53,7 @@ class Layout:
 
 def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, Array):
-        return value.numpy()
+        return values(value)
     if hasattr(value, "detach"):  # a torch tensor
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -105,7 +106,7 @@ def unpack(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
     if not is_packed(record):
         raise ValueError("the arrays are not packed (expected one Array named fedfusion-packed:<layout>)")
     (key,) = list(record.keys())
-    flat = record[key].numpy()
+    flat = values(record[key])
     if flat.ndim != 1 or flat.size != layout.size or flat.dtype.str != layout.dtype:
         raise ValueError(f"wrong shape: the packed arrays hold {flat.size} values of {flat.dtype} in {flat.ndim} "
                          f"dimension(s); the model has {layout.size} values of {np.dtype(layout.dtype)} in one")

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from common.arrays import DecodedArray, record_of, values
 from models.modalities import MODALITIES, owner_modality
 
 from .validation import WEIGHT_KEY, reply_arrays, reply_metrics
@@ -92,7 +93,7 @@ def group_reply(msg: Message, names: Sequence[str], weight: float) -> Message:
     assert arrays is not None
     content = RecordDict(
         {
-            "arrays": ArrayRecord({n: arrays[n] for n in names}),
+            "arrays": record_of({n: arrays[n] for n in names}),
             "metrics": MetricRecord({WEIGHT_KEY: float(weight)}),
         }
     )
@@ -142,7 +143,7 @@ class ModalityAwareStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._current = {k: v.numpy() for k, v in arrays.items()}
+        self._current = {k: np.array(values(v)) for k, v in arrays.items()}
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -190,7 +191,7 @@ class ModalityAwareStrategy(Strategy):
             return None, None
         current: dict[str, np.ndarray] | None = getattr(self, "_current", None)
         if current is None:
-            current = {k: v.numpy() for k, v in first.items()}  # used only if no site has some modality
+            current = {k: np.array(values(v)) for k, v in first.items()}  # used only if no site has some modality
         names = list(first.keys())
         groups = ownership_groups(names)
         out: dict[str, Array] = {}
@@ -210,13 +211,13 @@ class ModalityAwareStrategy(Strategy):
             if not sub:
                 absent.append(group)
                 for n in group_names:
-                    out[n] = Array(np.asarray(current[n]))
+                    out[n] = DecodedArray(current[n])
                 continue
             combined = self._combine(server_round, sub)
             if combined is None:
                 absent.append(group)
                 for n in group_names:
-                    out[n] = Array(np.asarray(current[n]))
+                    out[n] = DecodedArray(current[n])
                 continue
             for n in group_names:
                 out[n] = combined[n]
@@ -228,7 +229,7 @@ class ModalityAwareStrategy(Strategy):
             if group != SHARED:
                 logger.debug("round %d: %s aggregated over nodes %s", server_round, group, nodes)
 
-        averaged = ArrayRecord({n: out[n] for n in names})
+        averaged = record_of({n: out[n] for n in names})
         if isinstance(self.strategy, FedOpt):
             averaged = self._server_step(server_round, replies[0], averaged, absent, groups)
 

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from common import evalstats, packing, timings
+from common.arrays import DecodedArray, record_of, values as array_values
 from common import replies as site_replies
 from common.reply_metrics import DECLINE_METRICS, EVALUATE_METRICS, TRAIN_METRICS, known_numbers
 from models.modalities import MODALITIES
@@ -312,7 +313,7 @@ class FedFusionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
-        self.current = {k: v.numpy() for k, v in arrays.items()}
+        self.current = {k: np.array(array_values(v)) for k, v in arrays.items()}
         self.trained = trained_names(self.current, self.trainable)
         self.scopes.refresh(grid)
         minimum = max(self.base.min_available_nodes, self.base.min_train_nodes)
@@ -369,7 +370,8 @@ class FedFusionStrategy(Strategy):
             named = packing.unpack(arrays, layout)
         except ValueError as exc:
             return msg, str(exc)
-        content = RecordDict({name: (ArrayRecord({k: Array(v) for k, v in named.items()})
+        # DecodedArray: validation and the strategy's mean read these arrays again; they keep their values
+        content = RecordDict({name: (record_of({k: DecodedArray(v) for k, v in named.items()})
                                      if isinstance(record, ArrayRecord) else record)
                               for name, record in msg.content.items()})
         return Message(content=content, metadata=msg.metadata), None
@@ -389,7 +391,7 @@ class FedFusionStrategy(Strategy):
                 keep[f"has-{m}"] = 1.0 if keep[f"cases-{m}"] > 0 else 0.0
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: arrays[k] if k in arrays else Array(np.asarray(v))
+                "arrays": record_of({k: arrays[k] if k in arrays else DecodedArray(v)
                                        for k, v in self.current.items()}),
                 "metrics": MetricRecord(keep),
             }
@@ -518,16 +520,16 @@ class FedFusionStrategy(Strategy):
                 logger.error("round %d: aggregate lacks %s; the global model is kept", rnd, name)
                 return None
             if name in frozen:
-                out[name] = Array(np.asarray(ref))
+                out[name] = DecodedArray(ref)
                 continue
-            value = aggregated[name].numpy()
+            value = array_values(aggregated[name])
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 logger.error("round %d: aggregate of %s is not finite; the global model is kept", rnd, name)
                 return None
             if ref.dtype.kind in "iub":
                 value = np.rint(value)
-            out[name] = Array(np.asarray(value, dtype=ref.dtype).reshape(ref.shape))
-        return ArrayRecord(out)
+            out[name] = DecodedArray(np.asarray(value, dtype=ref.dtype).reshape(ref.shape))
+        return record_of(out)
 
     # -- evaluation --------------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

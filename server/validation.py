@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from common.arrays import values
 from common.reply_metrics import WEIGHT_KEY
 
 from .claims import low_median, weight_problem
@@ -146,7 +147,11 @@ class UpdateValidator:
             arr = arrays[name]
             if tuple(arr.shape) != tuple(ref.shape):
                 return f"wrong shape for {name}: {tuple(arr.shape)} (global model has {tuple(ref.shape)})"
-            if np.dtype(arr.dtype) != ref.dtype:
+            try:
+                dtype = np.dtype(arr.dtype)
+            except TypeError:  # a string numpy does not know: a sender's, so shortened
+                return f"wrong dtype for {name}: {str(arr.dtype)[:40]!r} is not a dtype (global model has {ref.dtype})"
+            if dtype != ref.dtype:
                 return f"wrong dtype for {name}: {arr.dtype} (global model has {ref.dtype})"
         return None
 
@@ -160,10 +165,13 @@ class UpdateValidator:
         """
         total = 0.0
         for name, ref in global64.items():
-            values = arrays[name].numpy()  # decodes the bytes: once per array per reply
-            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            try:
+                got = values(arrays[name])  # a DecodedArray keeps its values; any other header is parsed once
+            except ValueError as exc:  # bytes that do not match the declared dtype/shape passed the shape check
+                return f"unreadable values in {name}: {exc}"
+            if got.dtype.kind in "fc" and not np.isfinite(got).all():
                 return f"non-finite values (NaN or Inf) in {name}"
-            diff = values.astype(np.float64) - ref
+            diff = got.astype(np.float64) - ref
             total += float(np.dot(diff.ravel(), diff.ravel()))
         return math.sqrt(total)
 

@@ -78,6 +78,28 @@ def test_bad_updates_rejected_round_completes(caplog):
     assert arrays["decoder.num_batches_tracked"].numpy().dtype == np.int64
 
 
+def test_arrays_whose_bytes_contradict_their_metadata_are_rejected_not_a_crash():
+    """A site controls an Array's declared dtype and shape and its bytes: declared (3, 4) over bytes of shape (12,)
+    passed the shape check and broke the norm's arithmetic, and a dtype string numpy does not know broke the dtype
+    check; both raised out of aggregate_train (the ServerApp's round) before the check named them."""
+    glob = _global()
+    chain = _chain()
+    _start_round(chain, glob, [1, 2, 3, 4])
+    metrics = site_metrics(10, {"t1": 10, "ct": 10})
+    replies = [reply(n, _update(glob, n), metrics) for n in (1, 2, 3, 4)]
+    flat = Array(np.full(12, 5.0, dtype=np.float32))
+    replies[2].content["arrays"]["decoder.w"] = Array(dtype="float32", shape=(3, 4), stype=flat.stype, data=flat.data)
+    replies[3].content["arrays"]["decoder.w"] = Array(dtype="no-such-dtype", shape=(3, 4), stype=flat.stype,
+                                                      data=flat.data)
+    arrays, agg_metrics = chain.aggregate_train(1, replies)
+    reasons = chain.rejections[1]
+    assert set(reasons) == {3, 4}
+    assert "declares float32 of shape (3, 4)" in reasons[3] and "is not a dtype" in reasons[4]
+    assert arrays is not None and agg_metrics["sites-accepted"] == 2
+    np.testing.assert_allclose(arrays["decoder.w"].numpy(),
+                               np.mean([_update(glob, n)["decoder.w"] for n in (1, 2)], axis=0), rtol=1e-5)
+
+
 def test_wrong_dtype_and_missing_weight_rejected():
     glob = _global()
     validator = UpdateValidator()
