@@ -7,10 +7,13 @@ whatever the sites' compute. :class:`PromptGrid` polls at an interval that grows
 fixed share of it, between a floor and a cap): a reply is noticed within that share of the phase's duration, and a
 long phase costs few pulls. Every other call goes to the wrapped grid unchanged.
 
-:func:`prompt` wraps only grids without their own short interval: in simulation, polling faster than Flower's
-0.1 s made later rounds slower (``bench/round_overhead.py``, 4 sites on 2 cores, alternating runs: wall / ideal
-1.24 and 1.27 with a 0.02 s floor against 1.19 and 1.19 without), the driver's pulls competing with the sites
-for the cores.
+:func:`prompt` wraps only grids without their own short interval. Simulation's ``InMemoryGrid`` keeps its fixed
+interval, shortened from Flower's 0.1 s to :data:`SIMULATION_POLL_S`: once the sites' handlers and the server's
+aggregation had lost their own overhead (flat optimizer state, arrays decoded once), the poll was most of what
+was left between the last reply and the aggregation (``bench/round_overhead.py --rounds 6``, 4 sites on 2 cores,
+three alternating pairs of runs: later rounds' median wall / ideal 1.08, 1.07, 1.07 at 0.02 s against 1.09,
+1.11, 1.08 at 0.1 s). Earlier, with 0.3 s more overhead per round, a 0.02 s floor had made rounds slower (1.24
+and 1.27 against 1.19 and 1.19): the driver's pulls then competed with longer site handlers for the cores.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-__all__ = ["PromptGrid", "poll_interval", "prompt"]
+__all__ = ["PromptGrid", "SIMULATION_POLL_S", "poll_interval", "prompt"]
 
 #: The poll interval's floor and cap (s), and the share of the time waited so far it follows in between.
 FLOOR_S, CAP_S, SHARE = 0.1, 1.0, 0.05
+#: Simulation's in-memory grid: its fixed poll interval (s; Flower's default 0.1)
+SIMULATION_POLL_S = 0.02
 
 
 def poll_interval(waited: float) -> float:
@@ -72,7 +77,9 @@ class PromptGrid:
 
 def prompt(grid: Grid) -> Grid:
     """``grid`` wrapped in :class:`PromptGrid` unless it polls at a short interval of its own (simulation's
-    ``InMemoryGrid``): in practice the deployed SuperLink's grid, which sleeps 3 s between pulls."""
+    ``InMemoryGrid``, whose interval is set to :data:`SIMULATION_POLL_S`): in practice the deployed SuperLink's
+    grid, which sleeps 3 s between pulls."""
     if hasattr(grid, "pull_interval"):
+        grid.pull_interval = min(float(grid.pull_interval), SIMULATION_POLL_S)
         return grid
     return PromptGrid(grid)  # type: ignore[return-value]

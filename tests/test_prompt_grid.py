@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.grid import CAP_S, FLOOR_S, PromptGrid, poll_interval, prompt
+from server.grid import CAP_S, FLOOR_S, SIMULATION_POLL_S, PromptGrid, poll_interval, prompt
 
 
 class ClockGrid:
@@ -70,12 +70,12 @@ def test_a_long_phase_costs_few_pulls_and_other_calls_pass_through() -> None:
 
 
 def test_only_grids_without_a_short_interval_of_their_own_are_wrapped() -> None:
-    """Simulation's InMemoryGrid polls every 0.1 s already (faster polling there competed with the sites for the
-    cores, measured); the deployed grid (no pull_interval, 3 s sleeps) is wrapped."""
+    """Simulation's InMemoryGrid keeps its own fixed interval, shortened to SIMULATION_POLL_S (measured in
+    bench/round_overhead.py); the deployed grid (no pull_interval, 3 s sleeps) is wrapped."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     deployed = ClockGrid([1.0])
     assert isinstance(prompt(deployed), PromptGrid)  # type: ignore[arg-type]
     simulated = InMemoryGrid.__new__(InMemoryGrid)
     simulated.pull_interval = 0.1
-    assert prompt(simulated) is simulated
+    assert prompt(simulated) is simulated and simulated.pull_interval == SIMULATION_POLL_S
