@@ -11,7 +11,7 @@ docs/benchmarks.md (section ``round-overhead``).
 
 Usage::
 
-    .venv/bin/python bench/round_overhead.py                  # 4 sites x 8 cases, 3 rounds, no DP
+    .venv/bin/python bench/round_overhead.py                  # 4 sites x 8 cases, 6 rounds (5 later ones to judge), no DP
     .venv/bin/python bench/round_overhead.py --dp --rounds 3  # with DP-SGD at the sites
 """
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases-per-site", type=int, default=8)
     p.add_argument("--shape", type=int, nargs=3, default=(16, 32, 32), help="phantom grid = model input D H W")
     p.add_argument("--channels", default="4,8,16")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--dp", action="store_true", help="DP-SGD at the sites (target epsilon 8)")
     p.add_argument("--server-eval", action="store_true",
                    help="also run the server's held-out evaluation after the last round (off: not federation cost)")
