@@ -4,7 +4,7 @@ A Flower ``Array`` holds its values as the bytes of an ``.npy`` file; every ``Ar
 (with ``ast.literal_eval``) and copies the values out. The server reads each array of each train reply several
 times in a round (update validation, the strategy's weighted mean, the finiteness check of the aggregate), about
 2,200 parses a round for 4 sites with the default network: 0.13 s of a round's 0.2 s of aggregation on 2 cores
-(docs/benchmarks.md, round-overhead section). Two remedies, both exact:
+(docs/benchmarks.md, round-overhead section). Three remedies, all exact:
 
 * :class:`DecodedArray`: an Array that keeps the values it was made from (the server unpacks every packed reply
   into these), so ``numpy()`` is a copy instead of a parse;

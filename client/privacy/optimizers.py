@@ -191,7 +191,7 @@ def _unflatten(payload: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 4):
             raise ValueError(f"malformed entry {entry!r:.60}")
-        index, key, slot, shape = entry
+        index, key, slot, shape = entry  # for a number (slot None) the last field is its value
         if slot is None:
             state.setdefault(int(index), {})[str(key)] = shape
             continue
