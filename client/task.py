@@ -157,7 +157,9 @@ def _train(
         stats = train_epoch(module, loader, optimizer, loss_fn, rt.device,
                             modality_dropout=rt.model_cfg.modality_dropout,
                             modality_dropout_mode=rt.model_cfg.modality_dropout_mode, generator=generator, proximal=prox,
-                            amp="auto", schedule=schedule, start_step=step)
+                            amp="auto", schedule=schedule, start_step=step,
+                            # DP-SGD's per-case gradients take one pass per layer: the single-modality term is off
+                            single_modality_loss=0.0 if rt.dp is not None else rt.model_cfg.single_modality_loss)
         step += int(stats.get("steps", 0))
         losses.append(float(stats.get("loss", math.nan)))
     seconds = time.perf_counter() - t0

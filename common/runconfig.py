@@ -197,6 +197,8 @@ _KEYS: tuple[Key, ...] = (
     Key("model-modality-dropout-mode", str, "model", "independent (each present modality dropped with the dropout "
         "probability) or subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases)",
         _one_of(*MODALITY_DROPOUT_MODES)),
+    Key("model-single-modality-loss", float, "model", "weight of the training loss on one present modality per case "
+        "(fusion and decoder run again on it alone; 0 = off; non-private training only)", _at_least(0)),
     Key("model-dropout", float, "model", "dropout before the classifier", _within(0, 1, high_open=True)),
     # server
     Key("strategy", str, "server", "Flower strategy (the server's registry: server.strategies)", _non_empty),
@@ -472,6 +474,7 @@ def model_config(run_config: Mapping[str, Any]) -> ModelConfig:
             modality_dropout=float(rc["model-modality-dropout"]),
             dropout=float(rc["model-dropout"]),
             modality_dropout_mode=str(rc["model-modality-dropout-mode"]),
+            single_modality_loss=float(rc["model-single-modality-loss"]),
         )
     except ValueError as exc:
         raise RunConfigError("model-*", str(exc)) from exc
@@ -488,6 +491,7 @@ def model_entries(cfg: ModelConfig) -> dict[str, ConfigValue]:
         "model-attention-heads": cfg.attention_heads,
         "model-modality-dropout": cfg.modality_dropout,
         "model-modality-dropout-mode": cfg.modality_dropout_mode,
+        "model-single-modality-loss": cfg.single_modality_loss,
         "model-dropout": cfg.dropout,
     }
 

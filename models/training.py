@@ -219,6 +219,27 @@ def mask_channels(image: Tensor, mask: Tensor) -> Tensor:
     return torch.where(keep, image, torch.zeros((), dtype=image.dtype, device=image.device))
 
 
+def single_modality_mask(mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One present modality per case, drawn uniformly among those ``mask`` (B, M) marks present: a 0/1 (B, M) mask
+    of ``mask``'s dtype and device. Every row of ``mask`` needs a present modality."""
+    draws = torch.rand(mask.shape, generator=generator).to(mask.device)
+    pick = torch.where(mask > 0, draws + 1.0, torch.zeros_like(draws)).argmax(dim=1)  # absent ones never win
+    return torch.nn.functional.one_hot(pick, mask.shape[1]).to(mask.dtype)
+
+
+def _forward(model: nn.Module, image: Tensor, mask: Tensor, single: Tensor | None) -> tuple[Any, Any]:
+    """``model(image, mask)``, and with ``single`` also the prediction from the single-modality mask ``single``,
+    sharing the encoders (:meth:`models.network.FusionNet.encode` / ``decode``: equal to a second forward)."""
+    if single is None:
+        return model(image, mask), None
+    features = model.encode(image, mask)
+    return model.decode(features, mask), model.decode(features, single)
+
+
+def _loss_total(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[Any],
@@ -234,6 +255,7 @@ def train_epoch(
     amp: str | MixedPrecision = "off",
     schedule: LRSchedule | None = None,
     start_step: int = 0,
+    single_modality_loss: float = 0.0,
 ) -> dict[str, float]:
     """One pass over ``loader``, one optimizer step per batch.
 
@@ -258,6 +280,10 @@ def train_epoch(
             scale); always float32 under DP-SGD.
         schedule: learning rate per global step (:class:`models.schedule.LRSchedule`); None keeps the optimizer's.
         start_step: the global step of this epoch's first optimizer step (steps of earlier epochs and rounds).
+        single_modality_loss: weight of a second loss term on the prediction from one present modality per case
+            (after modality dropout; :func:`single_modality_mask`, drawn with ``generator``), the encoders run once
+            (the model config's ``single_modality_loss``). 0 = off. Not with a DP optimizer: Opacus's per-case
+            gradients assume one pass through each layer.
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, means over the cases
@@ -274,6 +300,9 @@ def train_epoch(
     if dp and precision.enabled:
         raise ValueError("mixed precision with DP-SGD: per-case gradients and clipping must stay float32 "
                          "(models/precision.py); pass amp='off' or 'auto'")
+    if single_modality_loss > 0 and dp:
+        raise ValueError("the single-modality loss needs two passes through the fusion and decoder, which DP-SGD's "
+                         "per-case gradients do not support; pass single_modality_loss=0 under DP")
     model.train()
     n_examples = 0
     steps = 0
@@ -310,19 +339,21 @@ def train_epoch(
         label = label.to(device, non_blocking=True).long().reshape(-1)
         targets = {} if flags is None else {"has_seg": flags[0].to(device), "has_label": flags[1].to(device)}
 
+        single = single_modality_mask(mask, generator) if single_modality_loss > 0 else None
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            seg_logits, class_logits = model(image, mask)
+            (seg_logits, class_logits), alone = _forward(model, image, mask, single)
             out = loss_fn(seg_logits, class_logits, seg, label, **targets)
+            extra = None if alone is None else _loss_total(loss_fn(*alone, seg, label, **targets))
         if isinstance(out, tuple):
             total, parts = out
         else:
             total, parts = out, None
-        backward_loss = total
+        backward_loss = total if extra is None else total + single_modality_loss * extra
         if proximal is not None and proximal.mu > 0 and not dp:
             penalty = proximal.penalty(model)
             prox_sum += float(penalty.detach())
-            backward_loss = total + penalty
+            backward_loss = backward_loss + penalty
         precision.backward(backward_loss)
         if dp and proximal is not None and proximal.mu > 0:
             # Clip + noise, then the data-independent proximal gradient, then the update (see module docstring).

@@ -259,7 +259,8 @@ def train_central(settings: CentralSettings) -> CentralResult:
             train = train_epoch(model, train_loader, optimizer, loss_fn, device,
                                 modality_dropout=model_cfg.modality_dropout,
                                 modality_dropout_mode=model_cfg.modality_dropout_mode, generator=dropout_gen,
-                                max_batches=s.max_batches, schedule=schedule, start_step=step)
+                                max_batches=s.max_batches, schedule=schedule, start_step=step,
+                                single_modality_loss=model_cfg.single_modality_loss)
             step += int(train["steps"])
             metrics_log.write(epoch, "central-train", "global", train)
             entry: dict[str, Any] = {"epoch": epoch, **train, "eval": {}}

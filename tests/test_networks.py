@@ -302,6 +302,11 @@ def test_model_configs_saved_before_the_dropout_mode_existed_load_as_independent
     assert ModelConfig.from_dict(data).modality_dropout_mode == "independent"
     with pytest.raises(ValueError, match="modality_dropout_mode"):
         cfg.replace(modality_dropout_mode="random")
+    del data["single_modality_loss"]  # saved before the single-modality loss existed: trained without it
+    assert ModelConfig.from_dict(data).single_modality_loss == 0.0
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="single_modality_loss"):
+            cfg.replace(single_modality_loss=bad)
 
 
 def test_summary_counts() -> None:

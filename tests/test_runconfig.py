@@ -43,7 +43,7 @@ def test_no_default_is_restated_in_code() -> None:
         with_default = [f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING]
         assert not with_default, f"{cls.__name__} restates defaults for {with_default}"
     run_fields = {"family", "modalities", "spatial_dims", "spatial_size", "channels", "attention_heads",
-                  "modality_dropout", "dropout", "modality_dropout_mode"}
+                  "modality_dropout", "dropout", "modality_dropout_mode", "single_modality_loss"}
     assert not [f.name for f in fields(ModelConfig) if f.name in run_fields and f.default is not MISSING]
 
 

@@ -271,3 +271,54 @@ def test_proximal_term_scoped_to_the_encoders_leaves_shared_layers_free() -> Non
             assert torch.allclose(p.grad, torch.full_like(p, 0.1), atol=1e-6), n
     with pytest.raises(ValueError, match="proximal scope must be one of"):
         ProximalTerm(start, mu=1.0, scope="decoder")
+
+
+def test_single_modality_mask_keeps_one_present_modality_drawn_uniformly() -> None:
+    from models.training import single_modality_mask
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]).repeat(2000, 1)
+    single = single_modality_mask(mask, torch.Generator().manual_seed(0))
+    assert torch.equal(single.sum(dim=1), torch.ones(len(mask))) and bool((single <= mask).all())
+    share = single.reshape(2000, 3, 3).mean(dim=0)  # per row pattern: how often each modality was kept
+    torch.testing.assert_close(share[0], torch.tensor([0.5, 0.5, 0.0]), atol=0.04, rtol=0)
+    torch.testing.assert_close(share[1], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(share[2], torch.full((3,), 1 / 3), atol=0.04, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["hierarchical", "attention"])
+def test_single_modality_loss_is_the_loss_of_a_lone_modality_forward(family: str) -> None:
+    """With one modality per case, the lone-modality prediction is the prediction itself: the step with weight w is
+    (1 + w) times the step without (plain SGD, no dropout), so the term really trains that pass, through the shared
+    encoders once."""
+    from models.network import build_model
+
+    cfg = default_model_config(family=family, modalities=MODS, spatial_size=(8, 16, 16), channels=(4, 8),
+                               dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(4, len(MODS), 8, 16, 16, generator=g)
+    seg = (torch.rand(4, 8, 16, 16, generator=g) > 0.7).long()
+    mask = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), len(MODS)).float()
+    batch = [{"image": image, "mask": mask, "seg": seg, "label": torch.tensor([0, 1, 0, 1])}]
+    deltas = []
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        train_epoch(model, batch, opt, MultiTaskLoss(), "cpu", single_modality_loss=weight,
+                    generator=torch.Generator().manual_seed(0))
+        deltas.append(torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]))
+    assert deltas[0].abs().sum() > 0
+    torch.testing.assert_close(deltas[1], 1.5 * deltas[0], rtol=1e-4, atol=1e-6)  # float rounding only
+
+
+def test_single_modality_loss_is_refused_under_dp_sgd() -> None:
+    class FakeDP(torch.optim.SGD):
+        original_optimizer = None
+
+        def add_noise(self) -> None: ...
+
+    model = TinyNet()
+    with pytest.raises(ValueError, match="DP-SGD"):
+        train_epoch(model, _dict_batches(_cases(2)), FakeDP(model.parameters(), lr=0.1), MultiTaskLoss(), "cpu",
+                    single_modality_loss=0.5)
