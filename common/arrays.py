@@ -97,11 +97,16 @@ def values(array: Array) -> np.ndarray:
     """
     if isinstance(array, DecodedArray):
         return array.__dict__["_values"]
-    out = _decode(array)
+    try:
+        out = _decode(array)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a sender's header: numpy's parser raises SyntaxError, TokenError, ...
+        raise ValueError(f"the array's bytes are not a readable .npy stream ({type(exc).__name__})") from exc
     try:
         declared = np.dtype(array.dtype), tuple(int(n) for n in array.shape)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"the array declares an unusable dtype or shape ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a sender's dtype string: TypeError, ValueError, SyntaxError, ...
+        raise ValueError(f"the array declares an unusable dtype or shape ({type(exc).__name__})") from exc
     if (out.dtype, out.shape) != declared:
         raise ValueError(f"the array's bytes hold {out.dtype} values of shape {out.shape}, but it declares "
                          f"{declared[0]} of shape {declared[1]}")
@@ -124,7 +129,7 @@ def _decode(array: Array) -> np.ndarray:
     if parsed is None:
         try:
             parsed = _parse_header(header)
-        except (ValueError, EOFError):
+        except Exception:  # noqa: BLE001 - whatever the header is, Flower's own reader says what is wrong with it
             return array.numpy()
         if parsed[0].hasobject:
             return array.numpy()  # refuses pickled objects, as it should

@@ -149,7 +149,7 @@ class UpdateValidator:
                 return f"wrong shape for {name}: {tuple(arr.shape)} (global model has {tuple(ref.shape)})"
             try:
                 dtype = np.dtype(arr.dtype)
-            except TypeError:  # a string numpy does not know: a sender's, so shortened
+            except Exception:  # noqa: BLE001 - a sender's string numpy cannot parse (TypeError, SyntaxError, ...)
                 return f"wrong dtype for {name}: {str(arr.dtype)[:40]!r} is not a dtype (global model has {ref.dtype})"
             if dtype != ref.dtype:
                 return f"wrong dtype for {name}: {arr.dtype} (global model has {ref.dtype})"

@@ -65,3 +65,10 @@ def test_bytes_that_contradict_the_declared_array_are_refused() -> None:
                     data=honest.data.replace(b"'<f4'", b"'|O' "))
     with pytest.raises(ValueError):
         values(pickled)  # an object array would need pickle: refused, as Flower refuses it
+    garbled = Array(dtype="float32", shape=(12,), stype=honest.stype,
+                    data=honest.data.replace(b"'descr': '<f4'", b"'descr': (((("))
+    with pytest.raises(ValueError, match="not a readable"):
+        values(garbled)  # numpy's header parser raises TokenError here: still one ValueError for the caller
+    for dtype in ("i8,,", "no-such-dtype"):  # SyntaxError and TypeError from numpy's dtype parser
+        with pytest.raises(ValueError, match="unusable dtype"):
+            values(Array(dtype=dtype, shape=(12,), stype=honest.stype, data=honest.data))

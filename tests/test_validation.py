@@ -80,21 +80,26 @@ def test_bad_updates_rejected_round_completes(caplog):
 
 def test_arrays_whose_bytes_contradict_their_metadata_are_rejected_not_a_crash():
     """A site controls an Array's declared dtype and shape and its bytes: declared (3, 4) over bytes of shape (12,)
-    passed the shape check and broke the norm's arithmetic, and a dtype string numpy does not know broke the dtype
-    check; both raised out of aggregate_train (the ServerApp's round) before the check named them."""
+    passed the shape check and broke the norm's arithmetic; dtype strings numpy cannot parse (TypeError, SyntaxError)
+    broke the dtype check; a garbled .npy header raised TokenError from numpy's reader. Each raised out of
+    aggregate_train (the ServerApp's round) before a check named it."""
     glob = _global()
     chain = _chain()
-    _start_round(chain, glob, [1, 2, 3, 4])
+    _start_round(chain, glob, [1, 2, 3, 4, 5, 6])
     metrics = site_metrics(10, {"t1": 10, "ct": 10})
-    replies = [reply(n, _update(glob, n), metrics) for n in (1, 2, 3, 4)]
+    replies = [reply(n, _update(glob, n), metrics) for n in (1, 2, 3, 4, 5, 6)]
     flat = Array(np.full(12, 5.0, dtype=np.float32))
     replies[2].content["arrays"]["decoder.w"] = Array(dtype="float32", shape=(3, 4), stype=flat.stype, data=flat.data)
     replies[3].content["arrays"]["decoder.w"] = Array(dtype="no-such-dtype", shape=(3, 4), stype=flat.stype,
                                                       data=flat.data)
+    replies[4].content["arrays"]["decoder.w"] = Array(dtype="i8,,", shape=(3, 4), stype=flat.stype, data=flat.data)
+    garbled = flat.data.replace(b"'descr': '<f4'", b"'descr': ((((")
+    replies[5].content["arrays"]["decoder.w"] = Array(dtype="float32", shape=(3, 4), stype=flat.stype, data=garbled)
     arrays, agg_metrics = chain.aggregate_train(1, replies)
     reasons = chain.rejections[1]
-    assert set(reasons) == {3, 4}
+    assert set(reasons) == {3, 4, 5, 6}
     assert "declares float32 of shape (3, 4)" in reasons[3] and "is not a dtype" in reasons[4]
+    assert "is not a dtype" in reasons[5] and "not a readable .npy stream" in reasons[6]
     assert arrays is not None and agg_metrics["sites-accepted"] == 2
     np.testing.assert_allclose(arrays["decoder.w"].numpy(),
                                np.mean([_update(glob, n)["decoder.w"] for n in (1, 2)], axis=0), rtol=1e-5)
