@@ -111,7 +111,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Rebuild from :meth:`to_dict` output; unknown keys are an error naming them."""
-        # configs saved before the mode existed trained with the only mode there was (a fact, not a default)
+        # configs saved before these keys existed trained with the only mode there was and without the single-modality
+        # loss (facts, not defaults)
         data = {"modality_dropout_mode": "independent", "single_modality_loss": 0.0, **data}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
