@@ -143,7 +143,7 @@ class ModalityAwareStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._current = {k: np.array(values(v)) for k, v in arrays.items()}
+        self._current = {k: values(v) for k, v in arrays.items()}  # read-only: kept, not copied, by DecodedArray
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -191,7 +191,7 @@ class ModalityAwareStrategy(Strategy):
             return None, None
         current: dict[str, np.ndarray] | None = getattr(self, "_current", None)
         if current is None:
-            current = {k: np.array(values(v)) for k, v in first.items()}  # used only if no site has some modality
+            current = {k: values(v) for k, v in first.items()}  # used only if no site has some modality
         names = list(first.keys())
         groups = ownership_groups(names)
         out: dict[str, Array] = {}

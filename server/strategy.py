@@ -313,7 +313,8 @@ class FedFusionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.global_round(server_round)
-        self.current = {k: np.array(array_values(v)) for k, v in arrays.items()}
+        # read-only values, never copied: every DecodedArray made from them this round keeps them as they are
+        self.current = {k: array_values(v) for k, v in arrays.items()}
         self.trained = trained_names(self.current, self.trainable)
         self.scopes.refresh(grid)
         minimum = max(self.base.min_available_nodes, self.base.min_train_nodes)
