@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from client.client_app import train
 from client.holdout import validation_size
 from client.privacy.accountant import PersistentAccountant, epsilon_of
-from client.privacy.planner import VERDICT_RULE, plan, plan_client_level, trained_dimension
+from client.privacy.planner import (LEARNS_IF_RUN_RATIO_AT_MOST, NO_GAIN_FROM_START_AT_LEAST, VERDICT_RULE, plan,
+                                    plan_client_level, predicts_learning, trained_dimension, verdict)
 from client.privacy.policy import SitePolicy
 from client.privacy.session import DPSession
 from client.runtime import clear_cache
@@ -81,11 +82,30 @@ def test_noise_to_signal_model_and_verdict_follow_the_printed_rule() -> None:
     assert whole.dimension == sum(p.numel() for p in build_model(cfg).parameters())
     assert whole.step_ratio == pytest.approx(n.noise_multiplier * math.sqrt(whole.dimension) / n.expected_batch)
     assert whole.run_ratio == pytest.approx(whole.step_ratio / math.sqrt(n.total_steps * 3))
-    assert whole.verdict == ("learns" if whole.run_ratio <= 1 else "will not learn")
+    assert whole.verdict == ("learns" if whole.run_ratio <= LEARNS_IF_RUN_RATIO_AT_MOST else "will not learn")
     assert heads.dimension < whole.dimension and heads.run_ratio < whole.run_ratio and heads.verdict == "learns"
     assert VERDICT_RULE in "\n".join(heads.lines())
     # a site without CT does not train the CT encoder: fewer noised coordinates
     assert trained_dimension(cfg, "all", ["t1", "t2"]) < whole.dimension
+
+
+def test_verdict_depends_on_the_start() -> None:
+    # from scratch: version 2's threshold (version 1's 1 was measured pessimistic, docs/results.md)
+    assert verdict(LEARNS_IF_RUN_RATIO_AT_MOST) == "learns" and verdict(1.01 * LEARNS_IF_RUN_RATIO_AT_MOST) == \
+        "will not learn"
+    assert predicts_learning("learns") is True and predicts_learning("will not learn") is False
+    # from a pretrained start: the start is kept; a gain is predicted absent where the grid measured none, and
+    # below that no prediction is made
+    high, low = verdict(NO_GAIN_FROM_START_AT_LEAST, True), verdict(0.9 * NO_GAIN_FROM_START_AT_LEAST, True)
+    assert high.startswith("keeps the start") and low.startswith("keeps the start") and high != low
+    assert predicts_learning(high) is False and predicts_learning(low) is None
+    # the planner reads the start from init-checkpoint, and prints it
+    rc = {**model_entries(default_model_config()), "dp-target-epsilon": 8.0, "dp-trainable": "shared"}
+    scratch, pretrained = plan(rc, patients=64, sites=3), plan({**rc, "init-checkpoint": "public.pt"}, patients=64,
+                                                               sites=3)
+    assert not scratch.pretrained and pretrained.pretrained and scratch.run_ratio == pretrained.run_ratio
+    assert scratch.verdict == verdict(scratch.run_ratio) and pretrained.verdict == verdict(scratch.run_ratio, True)
+    assert "start: a pretrained checkpoint" in "\n".join(pretrained.lines())
 
 
 def test_client_level_plan_uses_the_accountant_over_site_sampling() -> None:

@@ -6,6 +6,7 @@ name          what it compares
 ============  =====================================================================================================
 ``fusion``    the five fusion families vs single-modality baselines, trained on the pooled sites
 ``missing``   25-75 % missing modalities per site x plain vs modality-aware aggregation, with and without FedProx on the encoders
+``planner``   the privacy planner's verdict on private runs at case counts it was not calibrated on
 ``privacy``   cases per site x target epsilon (1-8, inf = no DP) x from scratch / public pretraining
 ``settings``  local-only at each site vs federated vs centralized pooled (upper bound), same optimizer steps
 ============  =====================================================================================================
@@ -23,6 +24,7 @@ from types import ModuleType
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "fusion": ("fusion", "five fusion families vs single-modality baselines, pooled training"),
     "missing": ("missing", "missing modalities per site (25-75 %) x plain/modality-aware aggregation x encoder FedProx"),
+    "planner": ("planner", "the privacy planner's verdict on private runs it was not calibrated on"),
     "privacy": ("privacy", "cases per site x epsilon x scratch / public pretraining, DP-SGD"),
     "settings": ("settings", "local-only vs federated vs centralized pooled training"),
 }
