@@ -29,8 +29,9 @@ on (the ``planner`` experiment):
 * **From scratch** (no ``init-checkpoint``) the run **learns** (mean-region Dice >= 0.5 x the non-private run of
   the same setting) iff ``r_run <= 3.7`` (:data:`LEARNS_IF_RUN_RATIO_AT_MOST`). On the grid the twelve scratch rows'
   Dice ratio falls with ``r_run`` without exception, and 0.5 is crossed between 3.40 (kept 0.54) and 4.11 (0.47);
-  3.7 is their geometric middle. Version 1's 1 was pessimistic by that factor: learning needs the signal to beat
-  the noise only in the few directions the loss is sensitive to, not in all ``d``.
+  3.7 is their geometric middle. Version 1's 1 was pessimistic by that factor; a likely reason (not measured) is
+  that learning needs the signal to beat the noise only in the few directions the loss is sensitive to, not in
+  all ``d``.
 * **From a pretrained start** (``init-checkpoint`` set) the run **keeps the start**: every pretrained row of the
   grid (encoders frozen, N = 24 to 256, epsilon 1 to 8) kept >= 0.98 of the non-private Dice, so the issue's
   "Dice >= 0.5 x non-private" holds whatever the noise. Whether the private sites *add* to the start (keep half of
