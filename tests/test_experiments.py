@@ -32,6 +32,7 @@ def test_registry_names_modules_and_grids() -> None:
 
 def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
     from client.privacy.planner import LEARNS_IF_RUN_RATIO_AT_MOST, verdict
+    from client.privacy.policy import SitePolicy
     from simulations.experiments.common import Outcome
     from simulations.experiments.planner import GRID, render
 
@@ -39,7 +40,9 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
         return Outcome("r", {"all/mean-region-dice": dice, "noise-multiplier": 1.0, "epsilon-spent": 8.0}, 1.0, "")
 
     # the standard cells were chosen on each side of version 2's threshold, where version 1 says "will not learn"
-    assert {n for n, _ in GRID["standard"]} == {48, 96}
+    # ... within what a fresh site's policy accepts (a cell above it is refused by every site)
+    assert {n for n, _ in GRID["standard"]} == {48, 80, 96}
+    assert all(eps <= SitePolicy().max_epsilon for cells in GRID.values() for _, eps in cells)
     results = {(48, float("inf")): out(0.6), (48, 30.0): out(0.4), (48, 5.0): out(0.2),
                (96, float("inf")): out(0.6), (96, 8.0): out(0.1)}
     plans = {(48, 30.0): (2.1, verdict(2.1)), (48, 5.0): (6.2, verdict(6.2)), (96, 8.0): (2.2, verdict(2.2))}
@@ -48,6 +51,11 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
     # measured: 0.67 learns (v2 yes, v1 no), 0.33 does not (both yes), 0.17 does not (v2 no, v1 yes)
     assert "agrees with the measurement in 2 of 3 cells" in text and "version 1 (r_run ≤ 1) in 2 of 3" in text
     assert "| 48 | 30 |" in text and "| 0.67 | 2.10 | learns | will not learn | learns | yes | no |" in text
+    # a cell no site trained (the sites' policy refused it) is not a measurement
+    results[(96, 2.0)] = Outcome("r", {"all/mean-region-dice": 0.05}, 1.0, "")
+    plans[(96, 2.0)] = (6.0, verdict(6.0))
+    text = render(results, plans)
+    assert "no site trained" in text and "in 2 of 3 cells" in text
 
 
 def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:
