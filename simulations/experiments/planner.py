@@ -13,7 +13,6 @@ run. The table prints both versions' verdicts beside the measurement.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
 from .privacy import LEARNS_SHARE, planner_prediction, ratio, row_overrides
@@ -82,7 +81,7 @@ def render(results: dict[tuple[int, float], Outcome], plans: dict[tuple[int, flo
         rows.append([str(n), f"{eps:g}", fmt(out.get("noise-multiplier"), 2), fmt(out.get("epsilon-spent"), 2),
                      cell(summarise([out], key)), cell(summarise([ref], key)) if ref else "—", fmt(share, 2),
                      fmt(r_run, 2), planned, v1, measured, a2, a1])
-    body: list[Any] = [
+    body: list[str] = [
         "Private cells from scratch at case counts the `privacy` grid does not have, each beside the non-private "
         "run of the same N (one seed; the `privacy` experiment's federation, batch N/4, DP-SGD of the whole network, "
         "RDP accountant, delta 1e-5, clipping norm 1). `measured` learns = mean-region Dice ≥ "
