@@ -201,6 +201,11 @@ class PrivacyPlan:
         return out
 
 
+def _starts_pretrained(rc: Mapping[str, Any]) -> bool:
+    """Whether a validated run config starts from a checkpoint (``init-checkpoint``) rather than the seed."""
+    return bool(str(rc["init-checkpoint"]).strip())
+
+
 def _request(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], DPConfig, TrainConfig]:
     rc = runconfig.validate(run_config)
     return rc, DPConfig.from_run_config(rc), TrainConfig.from_run_config(rc)
@@ -236,7 +241,7 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
                        num_rounds=train.num_server_rounds, min_noise_multiplier=pol.min_noise_multiplier)
     d = trained_dimension(runconfig.model_config(rc), dp.trainable, site_modalities)
     sigma, b = noise.noise_multiplier, noise.expected_batch
-    pretrained = bool(str(rc["init-checkpoint"]).strip())
+    pretrained = _starts_pretrained(rc)
     step_ratio = sigma * math.sqrt(d) / b
     run_ratio = step_ratio / math.sqrt(noise.total_steps * sites)
     notes = []
@@ -347,4 +352,4 @@ def plan_client_level(run_config: Mapping[str, Any], *, sites: int) -> ClientLev
     return ClientLevelPlan(mode=mode, sites=sites, rounds=train.num_server_rounds, noise_multiplier=z, clip=clip,
                            sample_rate=q, epsilon=epsilon, delta=dp.delta, dimension=d,
                            noise_std=z * clip / calibrated, round_ratio=round_ratio, run_ratio=run_ratio,
-                           verdict=verdict(run_ratio, bool(str(rc["init-checkpoint"]).strip())), trust=trust)
+                           verdict=verdict(run_ratio, _starts_pretrained(rc)), trust=trust)
