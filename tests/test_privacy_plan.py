@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from client.client_app import train
 from client.holdout import validation_size
 from client.privacy.accountant import PersistentAccountant, epsilon_of
-from client.privacy.planner import (LEARNS_IF_RUN_RATIO_AT_MOST, NO_GAIN_FROM_START_AT_LEAST, VERDICT_RULE, plan,
-                                    plan_client_level, predicts_learning, trained_dimension, verdict)
+from client.privacy.planner import (LEARNS_IF_RUN_RATIO_AT_MOST, NO_GAIN_FROM_START_AT_LEAST, START_ENCODERS,
+                                    START_SEED, START_TRAINED, VERDICT_RULE, plan, plan_client_level,
+                                    predicts_learning, trained_dimension, verdict)
 from client.privacy.policy import SitePolicy
 from client.privacy.session import DPSession
 from client.runtime import clear_cache
@@ -105,7 +106,36 @@ def test_verdict_depends_on_the_start() -> None:
                                                                sites=3)
     assert not scratch.pretrained and pretrained.pretrained and scratch.run_ratio == pretrained.run_ratio
     assert scratch.verdict == verdict(scratch.run_ratio) and pretrained.verdict == verdict(scratch.run_ratio, True)
-    assert "start: a pretrained checkpoint" in "\n".join(pretrained.lines())
+    assert "start: a trained checkpoint" in "\n".join(pretrained.lines())
+    assert any("init-checkpoint not read" in n for n in pretrained.notes)  # public.pt is not on this machine
+
+
+def test_a_self_supervised_start_is_planned_as_from_scratch(tmp_path: Path) -> None:
+    from models.checkpoint import save_checkpoint
+
+    cfg = default_model_config()
+    state = build_model(cfg).state_dict()
+    masked, supervised, run = tmp_path / "masked.pt", tmp_path / "supervised.pt", tmp_path / "last.pt"
+    save_checkpoint(masked, state, cfg, provenance={"kind": "fedfusion-pretrain", "mode": "masked"})
+    save_checkpoint(supervised, state, cfg, provenance={"kind": "fedfusion-pretrain", "mode": "supervised"})
+    save_checkpoint(run, state, cfg, round=5)  # an earlier run's checkpoint: a trained network
+    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0, "dp-trainable": "shared"}
+    plans = {p.name: plan({**rc, "init-checkpoint": str(p)}, patients=24, sites=3)
+             for p in (masked, supervised, run)}
+    # masked-volume pretraining trains the encoders only: what `shared` trains starts at the seed's weights
+    assert plans["masked.pt"].start == START_ENCODERS and not plans["masked.pt"].pretrained
+    assert plans["masked.pt"].verdict == verdict(plans["masked.pt"].run_ratio)
+    assert "planned as from scratch" in "\n".join(plans["masked.pt"].lines())
+    for name in ("supervised.pt", "last.pt"):
+        assert plans[name].start == START_TRAINED and plans[name].pretrained
+        assert plans[name].verdict == verdict(plans[name].run_ratio, True)
+        assert not any("not read" in n for n in plans[name].notes)
+    # a file that is not a fedfusion checkpoint is planned cautiously, and the note names why
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    hostile = plan({**rc, "init-checkpoint": str(bad)}, patients=24, sites=3)
+    assert hostile.start == START_TRAINED and any("bad.pt" in n for n in hostile.notes)
+    assert plan(rc, patients=24, sites=3).start == START_SEED
 
 
 def test_client_level_plan_uses_the_accountant_over_site_sampling() -> None:
