@@ -239,13 +239,14 @@ def _count_cases(data: Path) -> int:
 
 def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | None = None, cases: int | None = None,
                  shape: tuple[int, int, int] | None = None, heldout_cases: int | None = None,
-                 epochs: int | None = None, progress: bool = False) -> Path:
+                 epochs: int | None = None, mode: str = "supervised", progress: bool = False) -> Path:
     """The checkpoint a run starts from when it uses public pretraining (``fedfusion simulate``'s default under DP,
     the ``privacy`` experiment): a public phantom cohort of ``sites`` x ``cases`` cases (default
     :data:`PUBLIC_SITES` x :data:`PUBLIC_CASES`; seed :data:`PUBLIC_SEED`, never the federation's; ``shape`` and
     ``heldout_cases`` default to :func:`public_phantoms`') in ``folder/data``, and the run's network pretrained on
-    it (supervised, ``epochs`` or :class:`PretrainSettings`' default) to ``folder/pretrained.pt``. Made once and
-    reused while the cohort request and the network are the same, so a rerun pays nothing.
+    it (``mode``: supervised, or ``masked`` for the encoders alone without the labels; ``epochs`` or
+    :class:`PretrainSettings`' default) to ``folder/pretrained.pt`` (``folder/masked.pt`` for ``masked``). Made
+    once and reused while the cohort request, the mode and the network are the same, so a rerun pays nothing.
 
     ``run_config``: the run's keys (its network, seed, lr and batch size are used for pretraining).
     """
@@ -255,12 +256,15 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
     sites = PUBLIC_SITES if sites is None else sites
     cases = PUBLIC_CASES if cases is None else cases
     request = {"sites": sites, "cases": cases, "seed": PUBLIC_SEED}
-    out = Path(folder) / "pretrained.pt"
+    if mode not in MODES:
+        raise ValueError(f"unknown pretraining mode {mode!r}; choose one of {', '.join(MODES)}")
+    out = Path(folder) / ("pretrained.pt" if mode == "supervised" else f"{mode}.pt")
     if out.is_file():
         try:
             _, cfg, extra = load_checkpoint(out)
-            if (cfg == runconfig.model_config(rc)
-                    and extra.get("provenance", {}).get("phantoms") == json.dumps(request, sort_keys=True)):
+            provenance = extra.get("provenance", {})
+            if (cfg == runconfig.model_config(rc) and provenance.get("mode") == mode
+                    and provenance.get("phantoms") == json.dumps(request, sort_keys=True)):
                 log.info("public pretraining: reusing %s", out)
                 return out
         except Exception as exc:  # an unreadable or foreign file is rebuilt, never trusted
@@ -270,6 +274,6 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
                     federation_seed=int(rc["seed"]), progress=progress, **cohort)
     keys = {k: v for k, v in rc.items() if k.startswith("model-") or k in ("seed", "lr", "batch-size")}
     result = pretrain(PretrainSettings(data=Path(folder) / "data", out=out, run_config=keys, progress=progress,
-                                       phantoms=request, **({} if epochs is None else {"epochs": epochs})))
+                                       mode=mode, phantoms=request, **({} if epochs is None else {"epochs": epochs})))
     log.info("public pretraining: %s in %.0f s", out, result.seconds)
     return out

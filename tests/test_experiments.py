@@ -41,21 +41,30 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
 
     # the standard cells were chosen on each side of version 2's threshold, where version 1 says "will not learn"
     # ... within what a fresh site's policy accepts (a cell above it is refused by every site)
-    assert {n for n, _ in GRID["standard"]} == {48, 80, 96}
-    assert all(eps <= SitePolicy().max_epsilon for cells in GRID.values() for _, eps in cells)
-    results = {(48, float("inf")): out(0.6), (48, 30.0): out(0.4), (48, 5.0): out(0.2),
-               (96, float("inf")): out(0.6), (96, 8.0): out(0.1)}
-    plans = {(48, 30.0): (2.1, verdict(2.1)), (48, 5.0): (6.2, verdict(6.2)), (96, 8.0): (2.2, verdict(2.2))}
+    assert {n for n, _, s in GRID["standard"] if s == "scratch"} == {48, 80, 96}
+    assert {s for *_, s in GRID["standard"]} == {"scratch", "masked"}
+    assert all(eps <= SitePolicy().max_epsilon for cells in GRID.values() for _, eps, _ in cells)
+    inf = float("inf")
+    results = {(48, inf, "scratch"): out(0.6), (48, 30.0, "scratch"): out(0.4), (48, 5.0, "scratch"): out(0.2),
+               (96, inf, "scratch"): out(0.6), (96, 8.0, "scratch"): out(0.1)}
+    plans = {(48, 30.0, "scratch"): (2.1, verdict(2.1)), (48, 5.0, "scratch"): (6.2, verdict(6.2)),
+             (96, 8.0, "scratch"): (2.2, verdict(2.2))}
     assert 2.1 <= LEARNS_IF_RUN_RATIO_AT_MOST < 6.2
     text = render(results, plans)
     # measured: 0.67 learns (v2 yes, v1 no), 0.33 does not (both yes), 0.17 does not (v2 no, v1 yes)
     assert "agrees with the measurement in 2 of 3 cells" in text and "version 1 (r_run ≤ 1) in 2 of 3" in text
-    assert "| 48 | 30 |" in text and "| 0.67 | 2.10 | learns | will not learn | learns | yes | no |" in text
+    assert "| 48 | scratch | 30 |" in text
+    assert "| 0.67 | 2.10 | learns | will not learn | learns | yes | no |" in text
     # a cell no site trained (the sites' policy refused it) is not a measurement
-    results[(96, 2.0)] = Outcome("r", {"all/mean-region-dice": 0.05}, 1.0, "")
-    plans[(96, 2.0)] = (6.0, verdict(6.0))
+    results[(96, 2.0, "scratch")] = Outcome("r", {"all/mean-region-dice": 0.05}, 1.0, "")
+    plans[(96, 2.0, "scratch")] = (6.0, verdict(6.0))
     text = render(results, plans)
     assert "no site trained" in text and "in 2 of 3 cells" in text
+    # a self-supervised cell is measured against the non-private run from the same start, not the scratch one
+    results |= {(48, inf, "masked"): out(0.2), (48, 5.0, "masked"): out(0.15)}
+    plans[(48, 5.0, "masked")] = (1.8, verdict(1.8))
+    text = render(results, plans)
+    assert "| 48 | self-supervised | 5 |" in text and "| 0.75 | 1.80 | learns |" in text and "in 3 of 4 cells" in text
 
 
 def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:

@@ -8,6 +8,11 @@ chosen before training so that version 2 predicts each side of its threshold abo
 (:func:`simulations.experiments.privacy.row_overrides`: batch N/4, DP-SGD of the whole network, the same
 federation, rounds and accountant), so "learns" is measured as there: mean-region Dice >= 0.5 x the non-private
 run. The table prints both versions' verdicts beside the measurement.
+
+Cells from a self-supervised start (``masked``: the encoders pretrained by masked-volume reconstruction on the
+``privacy`` experiment's public phantom cohort without its labels, frozen; the fusion core, decoder and heads
+trained, ``dp-trainable = shared``, from the seed's weights) check that the planner is right to plan such a start
+as from scratch; their reference is the non-private run from the same start.
 """
 
 from __future__ import annotations
@@ -15,21 +20,32 @@ from __future__ import annotations
 import math
 
 from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
-from .privacy import LEARNS_SHARE, planner_prediction, ratio, row_overrides
+from .privacy import LEARNS_SHARE, planner_prediction, public_checkpoint, ratio, row_overrides
 from .stats import cell, summarise
+
+#: ``(cases per site, target epsilon, start)``.
+Cell = tuple[int, float, str]
+#: How the table names a start.
+START_TEXT = {"scratch": "scratch", "masked": "self-supervised"}
 
 NAME = "planner"
 TITLE = "Experiment `planner`: the privacy planner's verdict on runs it was not calibrated on"
 
-#: Private scratch cells ``(N, epsilon)`` per budget (each N also trains its non-private reference).
-GRID: dict[str, tuple[tuple[int, float], ...]] = {
-    "tiny": ((4, 8.0),),
-    "small": ((16, 3.0), (16, 8.0)),
+#: Private cells ``(N, epsilon, start)`` per budget (each N and start also trains its non-private reference).
+GRID: dict[str, tuple[tuple[int, float, str], ...]] = {
+    "tiny": ((4, 8.0, "scratch"), (4, 8.0, "masked")),
+    "small": ((16, 3.0, "scratch"), (16, 8.0, "scratch")),
     # chosen before training: version 2 predicts "learns" at r_run 2.21 (N 80, eps 10) and 2.15 (N 96, eps 8),
     # "will not learn" at 6.25 (N 48, eps 5) and 6.07 (N 96, eps 2); version 1 predicts "will not learn" for all.
-    # Epsilons stay within a fresh site's max-epsilon (10): a first choice of eps 30 at N 48 was refused by the sites
-    "standard": ((48, 5.0), (80, 10.0), (96, 2.0), (96, 8.0)),
+    # Epsilons stay within a fresh site's max-epsilon (10): a first choice of eps 30 at N 48 was refused by the sites.
+    # The masked cells (added 2026-11-30, chosen before training): `shared` from the self-supervised start, planned
+    # as from scratch: "learns" at r_run 1.81 (N 48, eps 5), "will not learn" at 6.73 (N 48, eps 1)
+    "standard": ((48, 5.0, "scratch"), (80, 10.0, "scratch"), (96, 2.0, "scratch"), (96, 8.0, "scratch"),
+                 (48, 1.0, "masked"), (48, 5.0, "masked")),
 }
+#: Epochs of the masked-volume pretraining behind the ``masked`` cells (the ``privacy`` grid's supervised
+#: pretraining runs as many).
+MASKED_EPOCHS = 10
 #: Version 1 of the rule (fixed before any measurement, superseded): learns iff r_run <= 1.
 V1_THRESHOLD = 1.0
 
@@ -37,33 +53,35 @@ V1_THRESHOLD = 1.0
 def run(ctx: Context) -> str:
     """Train every cell and its reference, write the section, return its Markdown body."""
     cells = GRID[ctx.budget.name]
-    results: dict[tuple[int, float], Outcome] = {}
-    plans: dict[tuple[int, float], tuple[float, str]] = {}
-    for n, eps in sorted({(n, math.inf) for n, _ in cells} | set(cells)):
-        over = row_overrides(n, "scratch", eps, None)
-        label = f"planner-n{n}-eps-{'inf' if math.isinf(eps) else format(eps, 'g')}"
+    ckpt = public_checkpoint(ctx, MASKED_EPOCHS, mode="masked")[0] if any(s == "masked" for *_, s in cells) else None
+    results: dict[Cell, Outcome] = {}
+    plans: dict[Cell, tuple[float, str]] = {}
+    for n, eps, start in sorted({(n, math.inf, s) for n, _, s in cells} | set(cells)):
+        over = row_overrides(n, start, eps, ckpt)
+        label = (f"planner-n{n}{'' if start == 'scratch' else '-' + start}"
+                 f"-eps-{'inf' if math.isinf(eps) else format(eps, 'g')}")
         data = phantoms(ctx, "scanner-skew", cases=n, seed=ctx.seed)
-        results[(n, eps)] = run_federated(ctx, label, data, over, seed=ctx.seed)
+        results[(n, eps, start)] = run_federated(ctx, label, data, over, seed=ctx.seed)
         if not math.isinf(eps):
-            plans[(n, eps)] = planner_prediction(ctx, over, n)
+            plans[(n, eps, start)] = planner_prediction(ctx, over, n)
     text = render(results, plans)
     write_result(ctx, NAME, TITLE, text, list(results.values()))
     return text
 
 
-def render(results: dict[tuple[int, float], Outcome], plans: dict[tuple[int, float], tuple[float, str]]) -> str:
+def render(results: dict[Cell, Outcome], plans: dict[Cell, tuple[float, str]]) -> str:
     """The section body: one row per private cell with both rule versions' verdicts and the measurement."""
     from client.privacy.planner import predicts_learning
 
     key = "all/mean-region-dice"
-    headers = ["cases per site", "target ε", "noise multiplier", "ε spent (max site)", "mean-region Dice",
+    headers = ["cases per site", "start", "target ε", "noise multiplier", "ε spent (max site)", "mean-region Dice",
                "non-private mean-region Dice", "Dice / non-private", "planner r_run", "verdict (version 2)",
                "verdict (version 1: r_run ≤ 1)", "measured", "version 2 agrees", "version 1 agrees"]
     rows: list[list[str]] = []
     agree_v2: list[bool] = []
     agree_v1: list[bool] = []
-    for (n, eps), (r_run, planned) in sorted(plans.items()):
-        out, ref = results[(n, eps)], results.get((n, math.inf))
+    for (n, eps, start), (r_run, planned) in sorted(plans.items(), key=lambda kv: (kv[0][2] != "scratch", kv[0])):
+        out, ref = results[(n, eps, start)], results.get((n, math.inf, start))
         share = ratio([out], [ref] if ref else None, key).mean
         v1 = "learns" if r_run <= V1_THRESHOLD else "will not learn"
         predicted = predicts_learning(planned)
@@ -78,16 +96,20 @@ def render(results: dict[tuple[int, float], Outcome], plans: dict[tuple[int, flo
                 a2 = "yes" if agree_v2[-1] else "no"
             agree_v1.append(learns == (v1 == "learns"))
             a1 = "yes" if agree_v1[-1] else "no"
-        rows.append([str(n), f"{eps:g}", fmt(out.get("noise-multiplier"), 2), fmt(out.get("epsilon-spent"), 2),
-                     cell(summarise([out], key)), cell(summarise([ref], key)) if ref else "—", fmt(share, 2),
-                     fmt(r_run, 2), planned, v1, measured, a2, a1])
+        rows.append([str(n), START_TEXT.get(start, start), f"{eps:g}", fmt(out.get("noise-multiplier"), 2),
+                     fmt(out.get("epsilon-spent"), 2), cell(summarise([out], key)),
+                     cell(summarise([ref], key)) if ref else "—", fmt(share, 2), fmt(r_run, 2), planned, v1, measured,
+                     a2, a1])
     body: list[str] = [
-        "Private cells from scratch at case counts the `privacy` grid does not have, each beside the non-private "
-        "run of the same N (one seed; the `privacy` experiment's federation, batch N/4, DP-SGD of the whole network, "
-        "RDP accountant, delta 1e-5, clipping norm 1). `measured` learns = mean-region Dice ≥ "
+        "Private cells at case counts or starts the `privacy` grid does not have, each beside the non-private "
+        "run of the same N and start (one seed; the `privacy` experiment's federation, batch N/4, RDP accountant, "
+        "delta 1e-5, clipping norm 1). `scratch`: DP-SGD of the whole network from the seed's weights; "
+        "`self-supervised`: the encoders from masked-volume pretraining on the `privacy` experiment's public "
+        "cohort without its labels, frozen, and the rest (`dp-trainable = shared`) trained from the seed's "
+        "weights, which the planner plans as from scratch. `measured` learns = mean-region Dice ≥ "
         f"{LEARNS_SHARE:g} x the non-private run. The planner's rule version 2 (`client/privacy/planner.py`) was "
         "fitted on the `privacy` grid's scratch rows; these cells were chosen before training, at `r_run` about "
-        "1.7x either side of its threshold.",
+        "1.7-2x either side of its threshold.",
         "",
         markdown_table(headers, rows, align_right_from=2),
         "",

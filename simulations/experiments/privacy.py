@@ -70,16 +70,17 @@ GRID: dict[str, Grid] = {
 }
 
 
-def public_checkpoint(ctx: Context, epochs: int) -> tuple[Path, dict[str, Any]]:
+def public_checkpoint(ctx: Context, epochs: int, mode: str = "supervised") -> tuple[Path, dict[str, Any]]:
     """The public pretraining checkpoint of this budget (:func:`simulations.pretrain.public_start`: generated and
-    trained once, then reused) and its provenance."""
+    trained once, then reused; ``mode`` supervised or masked, on the same public cohort) and its provenance."""
     from models.checkpoint import load_checkpoint
     from simulations.pretrain import public_start
 
     b = ctx.budget
     root = ctx.work / "public" / f"{b.name}-s2x{b.cases_per_site}-{'x'.join(map(str, b.shape))}-e{epochs}"
     out = public_start(root, base_overrides(ctx, ctx.seed), sites=2, cases=b.cases_per_site, shape=b.shape,
-                       heldout_cases=max(4, b.cases_per_site // 8), epochs=epochs, progress=ctx.progress)
+                       heldout_cases=max(4, b.cases_per_site // 8), epochs=epochs, mode=mode,
+                       progress=ctx.progress)
     _, _, extra = load_checkpoint(out)
     return out, dict(extra.get("provenance", {}))
 
@@ -98,7 +99,7 @@ def row_overrides(n: int, start: str, eps: float, ckpt: Path | None) -> dict[str
         over["dp-enabled"] = False
     else:
         over.update({"dp-enabled": True, "dp-target-epsilon": eps, "dp-noise-multiplier": 0.0})
-    if start == "pretrained":
+    if start in ("pretrained", "masked"):  # masked: the encoders from self-supervised pretraining alone
         assert ckpt is not None
         over.update({"init-checkpoint": str(ckpt), "dp-trainable": "shared"})
     return over
