@@ -668,7 +668,40 @@ def _privacy_section(ctx: _Ctx) -> list[str]:
         last = run.records.at("train", site, last_r)
         rows.append([site, *[by_round.get(r) for r in rounds], last.get("delta")])
     lines += _table(["site", *[f"round {r}" for r in rounds], "δ"], rows, digits=2)
-    return lines
+    return lines + _planner_lines(run)
+
+
+def _planner_lines(run: Run) -> list[str]:
+    """What ``fedfusion privacy-plan`` predicts for this run's settings at each site, beside what the run did.
+
+    Only where the run's data root is a phantom set (its manifest gives every site's patients and modalities);
+    a deployed server does not know a site's patient count, and a site runs the planner itself.
+    """
+    manifest_path = Path(str(run.config.get("data-dir") or "")) / "phantoms.json"
+    if not manifest_path.is_file():
+        return []
+    from client.privacy.planner import plan
+
+    try:
+        sites = json.loads(manifest_path.read_text(encoding="utf-8"))["sites"]
+        rows, start, rule = [], "", ""
+        for name, site in sorted(sites.items()):
+            p = plan(run.config, patients=int(site["cases"]), sites=len(sites), site_modalities=site["modalities"])
+            rows.append([name, int(site["cases"]), ",".join(site["modalities"]), p.noise.noise_multiplier,
+                         p.run_ratio, p.verdict])
+            start = next(line for line in p.lines() if line.startswith("start: ")).removeprefix("start: ")
+            rule = p.rule
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a stale or foreign manifest costs this part only
+        return ["", f"What the privacy planner predicts for this run: not computed ({type(exc).__name__}: {exc}).", ""]
+    return [
+        "",
+        "### What the privacy planner predicted",
+        "",
+        f"`fedfusion privacy-plan` for this run's settings at each site, {len(sites)} sites averaged per round; the "
+        f"run starts from {start}. The verdict's rule, fixed before this run: {rule}.",
+        "",
+        *_table(["site", "patients", "modalities", "noise multiplier", "r_run", "verdict"], rows, digits=2),
+    ]
 
 
 def _noise_source_lines(run: Run, sites: list[str]) -> list[str]:

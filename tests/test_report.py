@@ -302,6 +302,32 @@ def test_privacy_section_states_which_sites_drew_reproducible_noise(synthetic_ru
             assert "Reproducible" not in section
 
 
+def test_privacy_section_shows_the_planners_prediction_for_each_phantom_site(synthetic_run, tmp_path: Path) -> None:
+    """On a phantom data root the report puts `privacy-plan`'s verdict for the run's settings beside the curves,
+    computed by the planner itself; a broken manifest costs that part only."""
+    from client.privacy.planner import plan
+
+    src, _ = synthetic_run
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("figures", "report.md", "checkpoints"))
+    config = json.loads((run / "config.json").read_text())
+    config["data-dir"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    data.mkdir()
+    sites = {s: {"cases": 12 + 8 * i, "modalities": sorted(SITE_MODALITIES[s])} for i, s in enumerate(SITES)}
+    (data / "phantoms.json").write_text(json.dumps({"sites": sites}))
+    section = build_report(run, device="cpu").read_text().split("### What the privacy planner predicted", 1)[1]
+    for name, site in sites.items():
+        p = plan(config, patients=site["cases"], sites=len(sites), site_modalities=site["modalities"])
+        assert f"| {name} | {site['cases']} | {','.join(site['modalities'])} |" in section
+        assert f"| {p.run_ratio:.2f} | {p.verdict} |" in section
+    assert "the run starts from the seed (from scratch)" in section and "3.7" in section
+    (data / "phantoms.json").write_text("{not json")
+    text = build_report(run, device="cpu").read_text()
+    assert "What the privacy planner predicts for this run: not computed" in text
+    assert "## Privacy spent per site per round" in text and "privacy.png" in text
+
+
 def test_report_of_an_empty_run_directory(tmp_path: Path) -> None:
     text = build_report(tmp_path, device="cpu").read_text()
     assert "config.json is missing" in text
