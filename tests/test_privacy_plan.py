@@ -100,6 +100,9 @@ def test_verdict_depends_on_the_start() -> None:
     high, low = verdict(NO_GAIN_FROM_START_AT_LEAST, True), verdict(0.9 * NO_GAIN_FROM_START_AT_LEAST, True)
     assert high.startswith("keeps the start") and low.startswith("keeps the start") and high != low
     assert predicts_learning(high) is False and predicts_learning(low) is None
+    # the printed rule names both thresholds (no unformatted placeholder)
+    assert f">= {NO_GAIN_FROM_START_AT_LEAST:g}" in VERDICT_RULE and f"<= {LEARNS_IF_RUN_RATIO_AT_MOST:g}" in VERDICT_RULE
+    assert "{" not in VERDICT_RULE
     # the planner reads the start from init-checkpoint, and prints it
     rc = {**model_entries(default_model_config()), "dp-target-epsilon": 8.0, "dp-trainable": "shared"}
     scratch, pretrained = plan(rc, patients=64, sites=3), plan({**rc, "init-checkpoint": "public.pt"}, patients=64,
