@@ -294,7 +294,8 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
     return PrivacyPlan(
         patients=patients, training_patients=training, epsilon=dp.target_epsilon, delta=dp.delta,
         accountant=dp.accountant, noise=noise, max_grad_norm=dp.max_grad_norm, trainable=dp.trainable,
-        pretrained=pretrained, start=start, dimension=d, multiplicity=train.augment_multiplicity, optimizer=train.optimizer,
+        pretrained=pretrained, start=start, dimension=d, multiplicity=train.augment_multiplicity,
+        optimizer=train.optimizer,
         sites=sites, rounds=train.num_server_rounds, noise_std=sigma * dp.max_grad_norm / b, step_ratio=step_ratio,
         run_ratio=run_ratio, verdict=verdict(run_ratio, pretrained), budget=budget, notes=notes,
     )
