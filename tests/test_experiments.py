@@ -36,8 +36,9 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
     from simulations.experiments.common import Outcome
     from simulations.experiments.planner import GRID, render
 
-    def out(dice: float) -> Outcome:
-        return Outcome("r", {"all/mean-region-dice": dice, "noise-multiplier": 1.0, "epsilon-spent": 8.0}, 1.0, "")
+    def out(dice: float, seed: int = 0) -> list[Outcome]:
+        return [Outcome("r", {"all/mean-region-dice": dice, "noise-multiplier": 1.0, "epsilon-spent": 8.0}, 1.0, "",
+                        seed=seed)]
 
     # the standard cells were chosen on each side of version 2's threshold, where version 1 says "will not learn"
     # ... within what a fresh site's policy accepts (a cell above it is refused by every site)
@@ -56,7 +57,7 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
     assert "| 48 | scratch | 30 |" in text
     assert "| 0.67 | 2.10 | learns | will not learn | learns | yes | no |" in text
     # a cell no site trained (the sites' policy refused it) is not a measurement
-    results[(96, 2.0, "scratch")] = Outcome("r", {"all/mean-region-dice": 0.05}, 1.0, "")
+    results[(96, 2.0, "scratch")] = [Outcome("r", {"all/mean-region-dice": 0.05}, 1.0, "")]
     plans[(96, 2.0, "scratch")] = (6.0, verdict(6.0))
     text = render(results, plans)
     assert "no site trained" in text and "in 2 of 3 cells" in text
@@ -64,7 +65,13 @@ def test_planner_experiment_counts_agreement_of_both_rule_versions() -> None:
     results |= {(48, inf, "masked"): out(0.2), (48, 5.0, "masked"): out(0.15)}
     plans[(48, 5.0, "masked")] = (1.8, verdict(1.8))
     text = render(results, plans)
-    assert "| 48 | self-supervised | 5 |" in text and "| 0.75 | 1.80 | learns |" in text and "in 3 of 4 cells" in text
+    assert "| 48 | self-supervised | 5 | 1 |" in text and "| 0.75 | 1.80 | learns |" in text and "in 3 of 4 cells" in text
+    # a cell on several seeds is judged on the mean of its per-seed ratios, and says when the seeds split
+    results |= {(48, 1.0, "masked"): out(0.08) + out(0.13, seed=1), (48, inf, "masked"): out(0.2) + out(0.2, seed=1)}
+    plans[(48, 1.0, "masked")] = (6.7, verdict(6.7))
+    text = render(results, plans)
+    assert "| 48 | self-supervised | 1 | 2 |" in text and "| 0.53 ± 0.18 | 6.70 | will not learn |" in text
+    assert "learns (seeds split: 1 of 2 learn) | no |" in text and "0.40 (seed 0), 0.65 (seed 1)" in text
 
 
 def test_missing_grid_has_the_target_fractions_and_both_aggregations() -> None:
