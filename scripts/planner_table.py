@@ -1,7 +1,7 @@
 """Print docs/site.md's planner table: `fedfusion privacy-plan`'s noise and verdict for the run config's defaults, 3
 sites, by cases per site, epsilon and `dp-trainable` (the same `client.privacy.planner.plan` the command calls):
-`all` from scratch, `shared` and `head` from a pretrained start (`init-checkpoint`), the only start where training
-part of the network makes sense.
+`all` from scratch, `shared` and `head` from a supervised pretrained start (`init-checkpoint`; the name given here
+is no file, which the planner plans as a trained start), the start where training part of the network makes sense.
 
     .venv/bin/python scripts/planner_table.py
 """
