@@ -92,7 +92,9 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
     agree_v1: list[bool] = []
     several: list[str] = []
     for (n, eps, start), (r_run, planned) in sorted(plans.items(), key=lambda kv: (kv[0][2] != "scratch", kv[0])):
-        outs, refs = results[(n, eps, start)], results.get((n, math.inf, start))
+        outs = results[(n, eps, start)]
+        # the reference on the cell's own seeds (a reference may have run on more, for another cell)
+        refs = [r for r in results.get((n, math.inf, start), []) if r.seed in {o.seed for o in outs}]
         shares = ratio(outs, refs, key)
         share = shares.mean
         v1 = "learns" if r_run <= V1_THRESHOLD else "will not learn"
