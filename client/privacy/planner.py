@@ -36,7 +36,8 @@ on (the ``planner`` experiment):
   (read from its provenance) holds reconstruction-trained encoders and the seed's fusion core, decoder and
   classifier, so every part a run can train privately outside the encoders starts untrained, as from the seed.
   (The ``planner`` experiment's two cells from such a start, chosen before training at ``r_run`` 1.81 and 6.73,
-  kept 0.68 and 0.47 of the non-private run from the same start: both as the scratch rule says; docs/results.md.)
+  kept 0.68 (one seed) and 0.49 +- 0.17 (3 seeds) of the non-private run from the same start: both as the scratch
+  rule says; docs/results.md.)
 * **From a pretrained start** (``init-checkpoint`` set to any other checkpoint: supervised pretraining, an earlier
   run) the run **keeps the start**: every pretrained row of the
   grid (encoders frozen, N = 24 to 256, epsilon 1 to 8) kept >= 0.98 of the non-private Dice, so the issue's
