@@ -684,13 +684,13 @@ def _planner_lines(run: Run) -> list[str]:
 
     try:
         sites = json.loads(manifest_path.read_text(encoding="utf-8"))["sites"]
-        rows, start, rule = [], "", ""
-        for name, site in sorted(sites.items()):
-            p = plan(run.config, patients=int(site["cases"]), sites=len(sites), site_modalities=site["modalities"])
-            rows.append([name, int(site["cases"]), ",".join(site["modalities"]), p.noise.noise_multiplier,
-                         p.run_ratio, p.verdict])
-            start = next(line for line in p.lines() if line.startswith("start: ")).removeprefix("start: ")
-            rule = p.rule
+        plans = {name: plan(run.config, patients=int(site["cases"]), sites=len(sites),
+                            site_modalities=site["modalities"]) for name, site in sorted(sites.items())}
+        rows = [[name, p.patients, ",".join(sites[name]["modalities"]), p.noise.noise_multiplier, p.run_ratio,
+                 p.verdict] for name, p in plans.items()]
+        last = next(iter(plans.values()))  # the start and the rule are the run's, the same at every site
+    except StopIteration:
+        return []
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a stale or foreign manifest costs this part only
         return ["", f"What the privacy planner predicts for this run: not computed ({type(exc).__name__}: {exc}).", ""]
     return [
@@ -698,7 +698,7 @@ def _planner_lines(run: Run) -> list[str]:
         "### What the privacy planner predicted",
         "",
         f"`fedfusion privacy-plan` for this run's settings at each site, {len(sites)} sites averaged per round; the "
-        f"run starts from {start}. The verdict's rule, fixed before this run: {rule}.",
+        f"run starts from {last.start_text}. The verdict's rule, fixed before this run: {last.rule}.",
         "",
         *_table(["site", "patients", "modalities", "noise multiplier", "r_run", "verdict"], rows, digits=2),
     ]

@@ -186,6 +186,11 @@ class PrivacyPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def start_text(self) -> str:
+        """What the run starts from, for an operator."""
+        return _START_TEXT.get(self.start, self.start)
+
     def lines(self) -> list[str]:
         """The plan as text for an operator."""
         n = self.noise
@@ -200,7 +205,7 @@ class PrivacyPlan:
             + ("" if n.derived else " (given by dp-noise-multiplier)"),
             f"noise std per coordinate of the averaged gradient sigma*C/B = {self.noise_std:.4g} (C = "
             f"{self.max_grad_norm:g})",
-            f"start: {_START_TEXT.get(self.start, self.start)}",
+            f"start: {self.start_text}",
             f"trained parameters d = {self.dimension} (dp-trainable = {self.trainable}); augmentation multiplicity "
             f"{self.multiplicity} ({max(1, self.multiplicity)}x forward/backward per case, no privacy cost)",
             f"noise-to-signal per step r_step = sigma*sqrt(d)/B = {self.step_ratio:.3g}; over the run with {self.sites} "

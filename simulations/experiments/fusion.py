@@ -6,9 +6,9 @@ The multimodal paper's claim (Table I: fused Dice 0.89 vs at most 0.82 for one m
 steps, with the run config's model, optimizer and schedule; it is evaluated (last checkpoint, the classifier's
 operating point chosen on the selection cohort: :data:`common.EVALUATION_NOTE`) on the held-out set and on the
 unseen-scanner cohort. The single-modality rows are the best family at the same size
-given one modality, with the same modality-dropout setting (with one input it never drops it). The best family and
-every family and every single modality run every seed of the budget, so the families are ranked by their mean
-over seeds and compared with the best one seed by seed (the modality-dropout ablation runs the first seed).
+given one modality, with the same modality-dropout setting (with one input it never drops it). Every family and
+every single modality run every seed of the budget, so the families are ranked by their mean over seeds and
+compared with the best one seed by seed (the modality-dropout ablation runs the first seed).
 """
 
 from __future__ import annotations

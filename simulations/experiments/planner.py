@@ -84,8 +84,8 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
     from client.privacy.planner import predicts_learning
 
     key = "all/mean-region-dice"
-    headers = ["cases per site", "start", "target ε", "seeds", "noise multiplier", "ε spent (max site)", "mean-region Dice",
-               "non-private mean-region Dice", "Dice / non-private", "planner r_run", "verdict (version 2)",
+    headers = ["cases per site", "start", "target ε", "seeds", "noise multiplier", "ε spent (max site)",
+               "mean-region Dice", "non-private mean-region Dice", "Dice / non-private", "planner r_run", "verdict (version 2)",
                "verdict (version 1: r_run ≤ 1)", "measured", "version 2 agrees", "version 1 agrees"]
     rows: list[list[str]] = []
     agree_v2: list[bool] = []
@@ -97,6 +97,8 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
         refs = [r for r in results.get((n, math.inf, start), []) if r.seed in {o.seed for o in outs}]
         shares = ratio(outs, refs, key)
         share = shares.mean
+        ref_of = {r.seed: r.get(key) for r in refs}
+        per_seed = [(o.seed, o.get(key) / ref_of[o.seed]) for o in outs if ref_of.get(o.seed)]
         v1 = "learns" if r_run <= V1_THRESHOLD else "will not learn"
         predicted = predicts_learning(planned)
         measured, a2, a1 = "—", "—", "—"
@@ -105,9 +107,8 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
         elif math.isfinite(share):
             learns = share >= LEARNS_SHARE
             measured = "learns" if learns else "does not learn"
-            per_seed = [o.get(key) / r.get(key) for o in outs for r in refs or [] if r.seed == o.seed and r.get(key)]
-            if len({v >= LEARNS_SHARE for v in per_seed}) > 1:
-                measured += f" (seeds split: {sum(v >= LEARNS_SHARE for v in per_seed)} of {len(per_seed)} learn)"
+            if len({v >= LEARNS_SHARE for _, v in per_seed}) > 1:
+                measured += f" (seeds split: {sum(v >= LEARNS_SHARE for _, v in per_seed)} of {len(per_seed)} learn)"
             if predicted is not None:
                 agree_v2.append(learns == predicted)
                 a2 = "yes" if agree_v2[-1] else "no"
@@ -118,8 +119,7 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
                      cell(summarise(outs, key)), cell(summarise(refs, key)) if refs else "—", cell(shares, 2),
                      fmt(r_run, 2), planned, v1, measured, a2, a1])
         if len(outs) > 1:
-            ratios = ", ".join(f"{o.get(key) / r.get(key):.2f} (seed {o.seed})" for o in outs for r in refs or []
-                               if r.seed == o.seed and r.get(key))
+            ratios = ", ".join(f"{v:.2f} (seed {seed})" for seed, v in per_seed)
             several.append(f"N = {n} {START_TEXT.get(start, start)} at ε = {eps:g}: Dice / non-private {ratios}")
     body: list[str] = [
         "Private cells at case counts or starts the `privacy` grid does not have, each beside the non-private "
