@@ -3,8 +3,8 @@
 Generates (or reuses) the demo's phantoms first, untimed: 3 sites, 24 cases per site (varying per site), the
 realistic scenario, DICOM on a 32x64x64 grid, 12 held-out cases; and the public pretraining the demo starts from
 (:func:`simulations.pretrain.public_start`, made once in ``WORK/public``, untimed). Then runs the simulation as
-``scripts/demo.sh`` does (``fedfusion simulate`` with the script's ``--set`` keys, read from it; every other key
-its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every round) and reports the
+``scripts/demo.sh`` does (``fedfusion simulate`` with the script's ``--set`` keys and ``--public-modalities``, read
+from it; every other key its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every round) and reports the
 whole simulation's wall time, its ideal (the sites' summed local training over the sites that train at once) and
 where the time went (:mod:`simulations.round_phases`), then the
 report's build time (not part of the target). Target (issue 15): simulation <= 1.5 x ideal. Results go to
@@ -45,13 +45,24 @@ SECTION = "demo"
 TARGET = 1.5
 
 
+def _demo_flag(words: list[str], flag: str) -> list[str]:
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == flag]
+
+
 def demo_overrides() -> dict[str, str]:
     """The run-config keys ``scripts/demo.sh`` sets (its ``--set KEY=VALUE`` flags), read from the script so the
     bench times the demo users run."""
     from common.runconfig import parse_assignments
 
     words = shlex.split((ROOT / "scripts" / "demo.sh").read_text(), comments=True)
-    return dict(parse_assignments([words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]))
+    return dict(parse_assignments(_demo_flag(words, "--set")))
+
+
+def demo_public_modalities() -> list[str] | None:
+    """The public cohort's modalities ``scripts/demo.sh`` asks for (``--public-modalities``; None: all six)."""
+    words = shlex.split((ROOT / "scripts" / "demo.sh").read_text(), comments=True)
+    given = _demo_flag(words, "--public-modalities")
+    return [m for m in given[-1].split(",") if m.strip()] if given else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh_cache:
         shutil.rmtree(data / DERIVED_CACHE, ignore_errors=True)
     demo = demo_overrides()
+    public_modalities = demo_public_modalities()
     overrides = {**demo, **parse_assignments(args.extra)}
     if not overrides.get("init-checkpoint"):
         # as `fedfusion simulate` does under DP (simulations.simulate): made once in WORK/public, reused, untimed
         from simulations.pretrain import public_start
 
-        overrides["init-checkpoint"] = str(public_start(work / "public", load(overrides)).resolve())
+        overrides["init-checkpoint"] = str(public_start(work / "public", load(overrides),
+                                                        modalities=public_modalities).resolve())
     timed = run_timed(work / "run", data, overrides, permit=False)
     t0 = time.perf_counter()
     from simulations.report import build_report
@@ -108,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, load "
         f"average {timed.load_before:.1f} at the start and {timed.load_after:.1f} at the end; `scripts/demo.sh`'s "
         f"settings ({', '.join(f'{k} = {v}' for k, v in demo.items())}, the rest run-config defaults) "
-        f"from its public pretraining: {sites} sites, DICOM phantoms reused"
+        f"from its public pretraining"
+        f"{f' on {chr(44).join(public_modalities)} only' if public_modalities else ''}: {sites} sites, DICOM "
+        "phantoms reused"
         f"{', preprocessed cache deleted first' if args.fresh_cache else ''}):",
         "",
         f"**simulation {timed.result.wall_seconds:.0f} s for an ideal of {ideal:.0f} s: {ratio:.2f}x** (target <= "

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from models.config import MODALITY_DROPOUT_MODES, ModelConfig
 from models.fast_conv import CONV_BACKWARDS
 from models.modalities import MODALITIES
-from models.trainable import TRAINABLE_SETS
+from models.trainable import trainable_problem
 from models.training import PROXIMAL_SCOPES
 
 __all__ = [
@@ -181,8 +181,8 @@ _KEYS: tuple[Key, ...] = (
         _at_least(0)),
     Key("dp-max-grad-norm", float, "dp", "per-case clipping norm", _at_least(0, strict=True)),
     Key("dp-trainable", str, "dp", "parameters the sites train (all, shared = not modality-owned, head = prediction "
-        "heads; models/trainable.py); the rest keeps the global values, is not noised and not sent",
-        _one_of(*TRAINABLE_SETS)),
+        "heads; +m adds modality m's parameters, e.g. head+ct+us; models/trainable.py); the rest keeps the global "
+        "values, is not noised and not sent", trainable_problem),
     Key("dp-accountant", str, "dp", "how epsilon is computed from the site's ledger: rdp (Renyi DP) or prv "
         "(Opacus's PRV accountant, tighter)", _one_of(*ACCOUNTANTS)),
     # model
@@ -435,7 +435,7 @@ class DPConfig:
         delta: delta epsilon is computed at.
         noise_multiplier: Gaussian noise std / clipping norm; 0 = derive from ``target_epsilon``.
         max_grad_norm: per-case clipping norm (L2).
-        trainable: the parameter set the sites train (:data:`models.trainable.TRAINABLE_SETS`; also without DP).
+        trainable: the parameter set the sites train (:func:`models.trainable.parse_trainable`; also without DP).
         accountant: how epsilon is computed from the ledger (:data:`ACCOUNTANTS`).
     """
 

@@ -19,6 +19,11 @@ set        parameters trained (every other parameter keeps the global model's va
            ``decoder.head``)
 =========  =====================================================================================================
 
+A set may add modalities: ``head+ct+us`` trains the heads and every parameter owned by ``ct`` or ``us`` (their
+encoders, stems, embeddings and late-fusion heads). That is the start a consortium has when its public data lack
+modalities its sites hold (public brain-tumour sets are MRI only): the pretrained parts stay frozen and only what
+the public data could not train is trained privately.
+
 Frozen parameters get ``requires_grad = False`` before Opacus wraps the model (they are neither clipped nor
 noised), are left out of the site's reply, and the server takes them unchanged from the global model.
 """
@@ -29,9 +34,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .modalities import owner_modality
+from .modalities import MODALITIES, owner_modality
 
-__all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "trained_names", "trained_parameter_count"]
+__all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "parse_trainable", "trainable_problem",
+           "trained_names", "trained_parameter_count"]
 
 #: The values of run-config key ``dp-trainable``.
 TRAINABLE_SETS: tuple[str, ...] = ("all", "shared", "head")
@@ -45,20 +51,50 @@ def _plain(name: str) -> str:
     return name[len("_module."):] if name.startswith("_module.") else name
 
 
+def trainable_problem(which: str) -> str | None:
+    """Why ``which`` is not a trainable set (``base`` or ``base+m1+m2…``, see the module docstring), or ``None``."""
+    base, *added = (part.strip() for part in str(which).split("+"))
+    if base not in TRAINABLE_SETS:
+        return (f"choose one of {', '.join(TRAINABLE_SETS)}, optionally followed by +modality for each modality "
+                "whose parameters are trained too (e.g. head+ct+us)")
+    unknown = [m for m in added if m not in MODALITIES]
+    if unknown:
+        return f"adds unknown modalities {', '.join(map(repr, unknown))}; modalities are {', '.join(MODALITIES)}"
+    if len(set(added)) != len(added):
+        return "names a modality twice"
+    if base == "all" and added:
+        return "'all' already trains every modality; drop the +modality terms"
+    return None
+
+
+def parse_trainable(which: str) -> tuple[str, frozenset[str]]:
+    """Split ``which`` (``base`` or ``base+m1+m2…``) into its base set and the modalities it adds.
+
+    Raises:
+        ValueError: not a trainable set (:func:`trainable_problem`), naming what is valid.
+    """
+    problem = trainable_problem(which)
+    if problem is not None:
+        raise ValueError(f"trainable set {which!r}: {problem} (run config dp-trainable)")
+    base, *added = (part.strip() for part in str(which).split("+"))
+    return base, frozenset(added)
+
+
 def is_trained(name: str, which: str) -> bool:
     """Whether the parameter (or buffer) ``name`` belongs to trainable set ``which`` (see the module docstring).
 
     Raises:
         ValueError: an unknown set, naming the valid ones.
     """
-    if which not in TRAINABLE_SETS:
-        raise ValueError(f"unknown trainable set {which!r}; choose one of {', '.join(TRAINABLE_SETS)} "
-                         "(run config dp-trainable)")
+    base, added = parse_trainable(which)
     plain = _plain(name)
-    if which == "all":
+    if base == "all":
         return True
-    if which == "shared":
-        return owner_modality(plain) is None
+    owner = owner_modality(plain)
+    if owner is not None and owner in added:
+        return True
+    if base == "shared":
+        return owner is None
     return plain.startswith(_HEAD_PREFIXES)
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The main job: install fedfusion, generate phantom hospital sites, pretrain on a generated public cohort (another
-# seed and scanners), then run a federated simulation with patient-level differential privacy (epsilon 8 per site)
-# and missing modalities that fine-tunes the heads privately, and write a report to runs/demo/report.md.
-# Why the heads: at ~24 patients per site DP-SGD's noise drowns the gradient of anything larger (fedfusion
-# privacy-plan; docs/results.md, privacy); the report's round 0 is the public model the sites start from.
+# The main job: install fedfusion, generate phantom hospital sites, pretrain on a generated public cohort that is
+# MRI only (another seed and scanners; public brain-tumour data such as BraTS have no CT or ultrasound), then run a
+# federated simulation with patient-level differential privacy (epsilon 8 per site) and missing modalities, and
+# write a report to runs/demo/report.md.
+# What the sites train privately: the heads, and the CT and ultrasound encoders that no public data could train
+# (dp-trainable = head+ct+us). Everything else stays the public model's: at ~24 patients per site DP-SGD's noise
+# drowns the gradient of a larger part (fedfusion privacy-plan; docs/results.md, privacy). The report's round 0 is
+# the public model, which cannot segment from CT or ultrasound alone; the rounds show the sites teaching it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/fedfusion simulate --out runs/demo --set dp-trainable=head "$@"
+exec .venv/bin/fedfusion simulate --out runs/demo --public-modalities t1,t1ce,t2,flair --set dp-trainable=head+ct+us "$@"

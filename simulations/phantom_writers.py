@@ -29,6 +29,7 @@ import re
 import shutil
 import struct
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -484,6 +485,7 @@ def generate(
     unseen_cases: int | None = None,
     unlabelled_fraction: float = 0.0,
     unsegmented_fraction: float = 0.0,
+    modalities: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Generate a federation of phantom sites plus its held-out cohorts under ``out``; return the manifest.
 
@@ -510,6 +512,8 @@ def generate(
             site's cases is left out of its ``labels.csv`` / written without a segmentation (disjoint cases,
             :func:`partial_supervision`; a site whose every case is unlabelled gets no ``labels.csv`` at all). The
             held-out cohorts keep both targets. Default 0: nothing changes (same cases, same files).
+        modalities: if given, every site and cohort acquires only these of its modalities (e.g. the four MRI
+            sequences for a public cohort like BraTS, which has no CT or ultrasound); ``None``: the scenario's.
 
     Returns:
         the manifest, also written to ``out/phantoms.json``.
@@ -522,6 +526,7 @@ def generate(
         raise ValueError(f"--shape must be three sizes D H W of at least 8 voxels each, got {tuple(shape)}")
     cohorts = _cohort_sizes(heldout_cases, validation_cases, unseen_cases)
     partial_supervision(0, unlabelled_fraction, unsegmented_fraction, np.random.default_rng(0))  # checks the fractions
+    keep = _kept_modalities(modalities)
     profiles = site_profiles(scenario, sites, cases_per_site, seed, missing_fraction=missing_fraction)
     groups: list[tuple[int, SiteProfile]] = list(enumerate(profiles))
     # negative indices are cohorts; each group draws from stream ``index + 1`` (sites 1.., heldout 0 as in earlier
@@ -531,6 +536,8 @@ def generate(
     for k, (name, n) in enumerate(cohorts.items()):
         if n:
             groups.append((-1 - k, cohort_profiles[name](n)))
+    if keep is not None:
+        groups = [(index, _restricted(site, keep)) for index, site in groups]
 
     def stream(index: int) -> int:
         return index + 1 if index >= -1 else 100_000 - index
@@ -555,10 +562,10 @@ def generate(
         "seed": int(seed),
         "shape": list(shape_t),
         "format": fmt,
-        "modalities": list(MODALITIES),
+        "modalities": list(keep or MODALITIES),
         # what was asked for, so that :func:`ensure` reuses this folder only for the same request
         "request": _request(sites, cases_per_site, seed, scenario, shape_t, fmt, cohorts, missing_fraction,
-                            unlabelled_fraction, unsegmented_fraction),
+                            unlabelled_fraction, unsegmented_fraction, keep),
         "sites": {},
         "heldout": None,
         "cohorts": {},
@@ -647,14 +654,40 @@ def _cohort_sizes(heldout: int, validation: int | None, unseen: int | None) -> d
     return {name: int(n) for name, n in sizes.items()}
 
 
+def _kept_modalities(modalities: Sequence[str] | None) -> tuple[str, ...] | None:
+    """``modalities`` in canonical order (``None`` stays ``None``: every modality the scenario gives).
+
+    Raises:
+        ValueError: an unknown or empty list, naming the valid modalities.
+    """
+    if modalities is None:
+        return None
+    chosen = [str(m).strip().lower() for m in modalities if str(m).strip()]
+    unknown = [m for m in chosen if m not in MODALITIES]
+    if unknown or not chosen:
+        raise ValueError(f"phantom modalities must be a non-empty list of {', '.join(MODALITIES)}; got "
+                         f"{', '.join(map(repr, modalities)) or 'none'}")
+    return tuple(m for m in MODALITIES if m in chosen)
+
+
+def _restricted(site: SiteProfile, keep: tuple[str, ...]) -> SiteProfile:
+    kept = tuple(m for m in site.modalities if m in keep)
+    if not kept:
+        raise ValueError(f"{site.name} acquires {', '.join(site.modalities)} and none of the requested modalities "
+                         f"{', '.join(keep)}; choose a scenario whose sites have them (e.g. scanner-skew)")
+    return replace(site, modalities=kept)
+
+
 def _request(sites: int, cases_per_site: int, seed: int, scenario: str, shape: Sequence[int], fmt: str,
              cohorts: dict[str, int], missing_fraction: float | None, unlabelled_fraction: float = 0.0,
-             unsegmented_fraction: float = 0.0) -> dict[str, Any]:
+             unsegmented_fraction: float = 0.0, modalities: tuple[str, ...] | None = None) -> dict[str, Any]:
     out = {"sites": int(sites), "cases_per_site": int(cases_per_site), "seed": int(seed), "scenario": scenario,
            "shape": [int(s) for s in shape], "format": fmt.strip().lower(), "cohorts": dict(cohorts),
            "missing_fraction": missing_fraction}
     if unlabelled_fraction or unsegmented_fraction:  # absent at 0: earlier generations' requests stay equal
         out.update(unlabelled_fraction=float(unlabelled_fraction), unsegmented_fraction=float(unsegmented_fraction))
+    if modalities is not None:  # absent when unrestricted, as above
+        out["modalities"] = list(modalities)
     return out
 
 
@@ -662,13 +695,14 @@ def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0
            shape: Sequence[int] = (32, 64, 64), fmt: str = "dicom", heldout_cases: int = 12, progress: bool = False,
            missing_fraction: float | None = None, validation_cases: int | None = None,
            unseen_cases: int | None = None, unlabelled_fraction: float = 0.0,
-           unsegmented_fraction: float = 0.0) -> tuple[dict[str, Any], bool]:
+           unsegmented_fraction: float = 0.0,
+           modalities: Sequence[str] | None = None) -> tuple[dict[str, Any], bool]:
     """The phantoms of :func:`generate` for this request in ``out``: reused when a complete earlier generation there
     was asked for with the same arguments, (re)generated otherwise. Returns ``(manifest, reused)``."""
     out = Path(out)
     request = _request(sites, cases_per_site, seed, scenario, shape, fmt,
                        _cohort_sizes(heldout_cases, validation_cases, unseen_cases), missing_fraction,
-                       unlabelled_fraction, unsegmented_fraction)
+                       unlabelled_fraction, unsegmented_fraction, _kept_modalities(modalities))
     if (out / MANIFEST).is_file() and not (out / PARTIAL_MARKER).exists():
         try:
             manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -680,5 +714,5 @@ def ensure(out: Path, *, sites: int = 3, cases_per_site: int = 20, seed: int = 0
                         fmt=fmt, heldout_cases=heldout_cases, progress=progress, overwrite=True,
                         missing_fraction=missing_fraction, validation_cases=validation_cases,
                         unseen_cases=unseen_cases, unlabelled_fraction=unlabelled_fraction,
-                        unsegmented_fraction=unsegmented_fraction)
+                        unsegmented_fraction=unsegmented_fraction, modalities=modalities)
     return manifest, False

@@ -27,12 +27,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import runconfig
+from models.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,12 @@ PUBLIC_CASES = 64
 
 def public_phantoms(data: Path, *, sites: int, cases: int, seed: int, federation_seed: int,
                     shape: tuple[int, int, int] = (32, 64, 64), heldout_cases: int = 8,
-                    progress: bool = False) -> dict[str, Any]:
+                    modalities: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """Generate (or reuse, for the same request) a public phantom cohort in ``data``; returns its manifest.
+
+    ``modalities``: the modalities the public cases have (``None``: all six). Public brain-tumour collections
+    (BraTS) hold the four MRI sequences only, so a cohort like them leaves the CT and ultrasound encoders to the
+    federation (``dp-trainable = head+ct+us``, models/trainable.py).
 
     Raises:
         ValueError: ``seed`` equal to the federation's (the "public" cases would then be the sites' own draws).
@@ -64,7 +69,8 @@ def public_phantoms(data: Path, *, sites: int, cases: int, seed: int, federation
     from .phantom_writers import ensure
 
     manifest, _ = ensure(Path(data), sites=sites, cases_per_site=cases, seed=int(seed), scenario=PUBLIC_SCENARIO,
-                         shape=shape, fmt="nifti", heldout_cases=heldout_cases, progress=progress)
+                         shape=shape, fmt="nifti", heldout_cases=heldout_cases, progress=progress,
+                         modalities=modalities)
     return manifest
 
 
@@ -132,6 +138,9 @@ def pretrain(settings: PretrainSettings) -> PretrainResult:
     provenance: dict[str, Any] = {
         "kind": "fedfusion-pretrain", "mode": s.mode, "data": str(Path(s.data).resolve()), "epochs": int(s.epochs),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metric,
+        # which encoders the public cases trained (the rest keep the seed's weights): the privacy planner plans a
+        # run that trains the others as from scratch
+        "modalities": ",".join(seen_modalities(Path(s.data), model_cfg.modalities)),
     }
     manifest = Path(s.data) / "phantoms.json"
     if manifest.is_file():
@@ -231,6 +240,20 @@ def _unlabelled_volumes(data: Path, cfg: Any) -> tuple[Any, Any]:
     return torch.from_numpy(np.stack(images)).float(), torch.from_numpy(np.stack(masks)).float()
 
 
+def seen_modalities(data: Path, modalities: Sequence[str]) -> list[str]:
+    """The ``modalities`` that at least one training case under ``data`` (its ``site-*`` folders, or ``data``
+    itself; never a held-out cohort) has, in ``modalities``' order. Files are listed, not read."""
+    from common.data.site import discover_sites, list_cases, scan_case
+
+    folders = [site.path for site in discover_sites(data) if not site.heldout] or [Path(data)]
+    found: set[str] = set()
+    for case_dir in (c for f in folders for c in list_cases(f)):
+        found.update(scan_case(case_dir, modalities, load_pixels=False).found)
+        if found >= set(modalities):
+            break
+    return [m for m in modalities if m in found]
+
+
 def _count_cases(data: Path) -> int:
     from common.data.site import discover_sites, list_cases
 
@@ -239,7 +262,8 @@ def _count_cases(data: Path) -> int:
 
 def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | None = None, cases: int | None = None,
                  shape: tuple[int, int, int] | None = None, heldout_cases: int | None = None,
-                 epochs: int | None = None, mode: str = "supervised", progress: bool = False) -> Path:
+                 epochs: int | None = None, mode: str = "supervised", modalities: Sequence[str] | None = None,
+                 progress: bool = False) -> Path:
     """The checkpoint a run starts from when it uses public pretraining (``fedfusion simulate``'s default under DP,
     the ``privacy`` experiment): a public phantom cohort of ``sites`` x ``cases`` cases (default
     :data:`PUBLIC_SITES` x :data:`PUBLIC_CASES`; seed :data:`PUBLIC_SEED`, never the federation's; ``shape`` and
@@ -247,6 +271,7 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
     it (``mode``: supervised, or ``masked`` for the encoders alone without the labels; ``epochs`` or
     :class:`PretrainSettings`' default) to ``folder/pretrained.pt`` (``folder/masked.pt`` for ``masked``). Made
     once and reused while the cohort request, the mode and the network are the same, so a rerun pays nothing.
+    ``modalities``: the public cases' modalities (:func:`public_phantoms`; ``None``: all six).
 
     ``run_config``: the run's keys (its network, seed, lr and batch size are used for pretraining).
     """
@@ -255,7 +280,9 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
     rc = runconfig.load(run_config)
     sites = PUBLIC_SITES if sites is None else sites
     cases = PUBLIC_CASES if cases is None else cases
-    request = {"sites": sites, "cases": cases, "seed": PUBLIC_SEED}
+    request: dict[str, Any] = {"sites": sites, "cases": cases, "seed": PUBLIC_SEED}
+    if modalities is not None:  # absent for all six, so earlier checkpoints' requests stay equal
+        request["modalities"] = ",".join(m for m in MODALITIES if m in {str(x).strip().lower() for x in modalities})
     if mode not in MODES:
         raise ValueError(f"unknown pretraining mode {mode!r}; choose one of {', '.join(MODES)}")
     out = Path(folder) / ("pretrained.pt" if mode == "supervised" else f"{mode}.pt")
@@ -271,7 +298,7 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
             log.warning("public pretraining: %s is not reusable (%s); pretraining again", out, exc)
     cohort = {k: v for k, v in (("shape", shape), ("heldout_cases", heldout_cases)) if v is not None}
     public_phantoms(Path(folder) / "data", sites=sites, cases=cases, seed=PUBLIC_SEED,
-                    federation_seed=int(rc["seed"]), progress=progress, **cohort)
+                    federation_seed=int(rc["seed"]), modalities=modalities, progress=progress, **cohort)
     keys = {k: v for k, v in rc.items() if k.startswith("model-") or k in ("seed", "lr", "batch-size")}
     result = pretrain(PretrainSettings(data=Path(folder) / "data", out=out, run_config=keys, progress=progress,
                                        mode=mode, phantoms=request, **({} if epochs is None else {"epochs": epochs})))

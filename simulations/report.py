@@ -379,6 +379,21 @@ def _dice_rose(run: Run) -> str:
     )
 
 
+def _single_modality_trend(run: Run) -> list[str]:
+    """Whole-lesion Dice of each modality alone from the first to the last evaluated round, where it moved by more
+    than 0.05: what the sites taught the network beyond its start (e.g. the CT and ultrasound encoders an MRI-only
+    public start could not train)."""
+    moved = []
+    for m in run.modalities():
+        s = [(r, v) for r, v in run.records.series("server-eval", "global", f"{m}/dice-whole") if v is not None]
+        if len(s) >= 2 and abs(s[-1][1] - s[0][1]) > 0.05:
+            moved.append(f"{m} {s[0][1]:.3f} → {s[-1][1]:.3f}")
+    if not moved:
+        return []
+    return ["- Dice (whole lesion) from one modality alone, first → last evaluated round, where it moved by more "
+            "than 0.05: " + "; ".join(moved)]
+
+
 def _auroc_trend(run: Run) -> list[str]:
     """The classifier's AUROC from the first to the last evaluated round (nothing when fewer than two)."""
     s = [(r, v) for r, v in run.records.series("server-eval", "global", f"{_top(run)}/auroc") if v is not None]
@@ -417,7 +432,7 @@ def _header(ctx: _Ctx) -> list[str]:
             f"worst subset: Dice whole {_fmt(flat.get('worst/dice-whole'))}."
         )
         lines.append("")
-    lines += [_dice_rose(run), *_auroc_trend(run), ""]
+    lines += [_dice_rose(run), *_single_modality_trend(run), *_auroc_trend(run), ""]
     if run.notes:
         lines += ["Notes:", *[f"- {n}" for n in run.notes], ""]
     return lines
@@ -688,19 +703,29 @@ def _planner_lines(run: Run) -> list[str]:
                             site_modalities=site["modalities"]) for name, site in sorted(sites.items())}
         rows = [[name, p.patients, ",".join(sites[name]["modalities"]), p.noise.noise_multiplier, p.run_ratio,
                  p.verdict] for name, p in plans.items()]
-        last = next(iter(plans.values()))  # the start and the rule are the run's, the same at every site
+        last = next(iter(plans.values()))  # the rule is the run's, the same at every site
     except StopIteration:
         return []
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a stale or foreign manifest costs this part only
         return ["", f"What the privacy planner predicts for this run: not computed ({type(exc).__name__}: {exc}).", ""]
+    header = ["site", "patients", "modalities", "noise multiplier", "r_run", "verdict"]
+    starts = {p.start for p in plans.values()}
+    if len(starts) == 1:
+        start = f"the run starts from {last.start_text}"
+    else:
+        # a start without some modalities is planned per site: from scratch where the site trains one of them
+        start = "the start differs by site (column start)"
+        header.append("start")
+        for row, p in zip(rows, plans.values()):
+            row.append(p.start_text)
     return [
         "",
         "### What the privacy planner predicted",
         "",
-        f"`fedfusion privacy-plan` for this run's settings at each site, {len(sites)} sites averaged per round; the "
-        f"run starts from {last.start_text}. The verdict's rule, fixed before this run: {last.rule}.",
+        f"`fedfusion privacy-plan` for this run's settings at each site, {len(sites)} sites averaged per round; "
+        f"{start}. The verdict's rule, fixed before this run: {last.rule}.",
         "",
-        *_table(["site", "patients", "modalities", "noise multiplier", "r_run", "verdict"], rows, digits=2),
+        *_table(header, rows, digits=2),
     ]
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,7 @@ def simulate(
     client_app: str = CLIENT_APP,
     ray_address: str | None = None,
     public_pretrain: bool | None = False,
+    public_modalities: Sequence[str] | None = None,
 ) -> SimulationResult:
     """Generate phantoms if needed, run the federation, and build the report. See ``fedfusion simulate``.
 
@@ -174,6 +175,8 @@ def simulate(
     (:func:`simulations.pretrain.public_start`; made once, reused by reruns) instead of the seed's weights;
     ``None`` = when DP is on, phantoms are generated and neither ``init-checkpoint`` nor ``resume`` is set
     (DP-SGD from scratch at a few dozen cases per site does not learn: docs/results.md, ``privacy``).
+    ``public_modalities``: the public cohort's modalities (None: all six; see
+    :func:`simulations.pretrain.public_phantoms`).
     """
     if engine not in ("inprocess", "flwr"):
         raise ValueError(f"unknown engine {engine!r}; use inprocess (Flower's engine in this process) or flwr")
@@ -199,7 +202,8 @@ def simulate(
     if public_pretrain and not config["init-checkpoint"] and not config["resume"]:
         from .pretrain import public_start
 
-        config["init-checkpoint"] = str(public_start(out / "public", config, progress=progress).resolve())
+        kept = {} if public_modalities is None else {"modalities": public_modalities}
+        config["init-checkpoint"] = str(public_start(out / "public", config, progress=progress, **kept).resolve())
     sites_found = site_dirs(data)
     # A federation smaller than the strategy's minimums would wait forever: cap them to the sites we have.
     for key in ("min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):

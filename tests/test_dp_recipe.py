@@ -53,7 +53,29 @@ def test_trainable_sets_are_defined_by_ownership_names() -> None:
         is_trained("classifier.fc.weight", "encoders")
 
 
-@pytest.mark.parametrize("which", ["shared", "head"])
+def test_a_trainable_set_can_add_modalities() -> None:
+    """head+ct+us: the heads and everything ct and us own (what MRI-only public pretraining could not train)."""
+    from models.modalities import owner_modality
+
+    names = list(build_model(TINY).state_dict())
+    plus = trained_names(names, "head+ct+us")
+    owned = [n for n in names if owner_modality(n) in ("ct", "us")]
+    assert owned and set(plus) == set(trained_names(names, "head")) | set(owned)
+    assert not any(owner_modality(n) in ("t1", "t1ce", "t2", "flair") for n in plus if n.startswith("encoders."))
+    assert set(trained_names(names, "shared+us")) == set(trained_names(names, "shared")) | {
+        n for n in names if owner_modality(n) == "us"}
+    for bad, why in (("head+xray", "unknown modalities 'xray'"), ("head+ct+ct", "twice"), ("all+ct", "already"),
+                     ("heads+ct", "choose one of")):
+        with pytest.raises(ValueError, match=why):
+            is_trained("classifier.fc.weight", bad)
+    from common.runconfig import RunConfigError, load
+
+    with pytest.raises(RunConfigError, match="dp-trainable"):
+        load({"dp-trainable": "head+xray"})
+    assert load({"dp-trainable": "head+ct+us"})["dp-trainable"] == "head+ct+us"
+
+
+@pytest.mark.parametrize("which", ["shared", "head", "head+t2"])
 def test_frozen_parts_are_bit_identical_after_a_dp_round_and_absent_from_the_reply(
         phantoms: Path, tmp_path: Path, which: str) -> None:
     state = initial_state()

@@ -15,7 +15,7 @@ from client.client_app import train
 from client.holdout import validation_size
 from client.privacy.accountant import PersistentAccountant, epsilon_of
 from client.privacy.planner import (LEARNS_IF_RUN_RATIO_AT_MOST, NO_GAIN_FROM_START_AT_LEAST, START_ENCODERS,
-                                    START_SEED, START_TRAINED, VERDICT_RULE, plan, plan_client_level,
+                                    START_SEED, START_TRAINED, START_WITHOUT, VERDICT_RULE, plan, plan_client_level,
                                     predicts_learning, trained_dimension, verdict)
 from client.privacy.policy import SitePolicy
 from client.privacy.session import DPSession
@@ -139,6 +139,32 @@ def test_a_self_supervised_start_is_planned_as_from_scratch(tmp_path: Path) -> N
     hostile = plan({**rc, "init-checkpoint": str(bad)}, patients=24, sites=3)
     assert hostile.start == START_TRAINED and any("bad.pt" in n for n in hostile.notes)
     assert plan(rc, patients=24, sites=3).start == START_SEED
+
+
+def test_a_start_without_a_trained_modality_is_planned_as_from_scratch_where_the_site_has_it(tmp_path: Path) -> None:
+    """Public pretraining on MRI only (BraTS-like) leaves the CT and US encoders at the seed: a run that trains them
+    (head+ct+us) is planned from scratch at a site holding CT or US, and from the trained start elsewhere."""
+    from models.checkpoint import save_checkpoint
+
+    cfg = default_model_config()
+    mri = tmp_path / "mri.pt"
+    save_checkpoint(mri, build_model(cfg).state_dict(), cfg,
+                    provenance={"kind": "fedfusion-pretrain", "mode": "supervised", "modalities": "t1,t1ce,t2,flair"})
+    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0, "init-checkpoint": str(mri)}
+    ct_site = plan({**rc, "dp-trainable": "head+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
+    assert ct_site.start == START_WITHOUT + "ct" and not ct_site.pretrained
+    assert ct_site.verdict == verdict(ct_site.run_ratio)
+    assert "had no ct" in ct_site.start_text and "planned as from scratch" in "\n".join(ct_site.lines())
+    both = plan({**rc, "dp-trainable": "all"}, patients=24, sites=3)
+    assert both.start == START_WITHOUT + "ct,us" and not both.pretrained
+    # an MRI-only site trains only pretrained parts; the heads alone never touch an untrained encoder
+    for settings, mods in (({"dp-trainable": "head+ct+us"}, ["t1", "t2"]), ({"dp-trainable": "head"}, None),
+                           ({"dp-trainable": "shared"}, None)):
+        p = plan({**rc, **settings}, patients=24, sites=3, site_modalities=mods)
+        assert p.start == START_TRAINED and p.pretrained, settings
+    # the added modality's encoder is what the site noises beyond the heads
+    heads = plan({**rc, "dp-trainable": "head"}, patients=24, sites=3, site_modalities=["t1", "ct"])
+    assert ct_site.dimension > heads.dimension
 
 
 def test_client_level_plan_uses_the_accountant_over_site_sampling() -> None:

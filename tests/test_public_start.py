@@ -64,3 +64,32 @@ def test_simulate_starts_from_public_pretraining_by_default_only_under_dp(tmp_pa
                  public_pretrain=None, **tiny)
     sim.simulate(tmp_path / "off", overrides={**SMALL, "dp-enabled": True}, public_pretrain=False, **tiny)
     assert [c["init-checkpoint"] for c in seen] == [str(ckpt.resolve()), "", str(given), ""]
+
+
+def test_an_mri_only_public_cohort_records_what_it_pretrained(tmp_path: Path, counted: list[Any]) -> None:
+    """Public brain-tumour data are MRI only: the cohort has no CT or US files, the checkpoint's provenance says
+    which modalities it trained (the planner reads it), and it is a request of its own (never reused for the
+    all-modality cohort, nor that one for it)."""
+    mri = ("t1", "t1ce", "t2", "flair")
+    ckpt = sp.public_start(tmp_path / "public", SMALL, modalities=mri)
+    _, _, extra = load_checkpoint(ckpt)
+    assert extra["provenance"]["modalities"] == "t1,t1ce,t2,flair"
+    assert counted[-1].phantoms == {"sites": 1, "cases": 2, "seed": sp.PUBLIC_SEED, "modalities": "t1,t1ce,t2,flair"}
+    files = [f.name for f in (tmp_path / "public" / "data").rglob("*.nii.gz")]
+    assert files and not any(f.endswith(("_ct.nii.gz", "_us.nii.gz")) for f in files)
+    assert any(f.endswith("_flair.nii.gz") for f in files)
+    assert sp.public_start(tmp_path / "public", SMALL, modalities=mri) == ckpt and len(counted) == 1  # reused
+    sp.public_start(tmp_path / "public", SMALL)  # all six: another request, pretrained again
+    assert len(counted) == 2
+    assert load_checkpoint(ckpt)[2]["provenance"]["modalities"] == "t1,t1ce,t2,flair,ct,us"
+
+
+def test_phantom_modalities_are_checked(tmp_path: Path) -> None:
+    from simulations.phantom_writers import generate
+
+    with pytest.raises(ValueError, match="xray"):
+        generate(tmp_path / "a", sites=1, cases_per_site=1, shape=(8, 16, 16), modalities=["xray"])
+    # modality-skew's first site acquires the four MRI sequences only: nothing of an ultrasound-only request
+    with pytest.raises(ValueError, match="site-01 acquires"):
+        generate(tmp_path / "b", sites=2, cases_per_site=1, shape=(8, 16, 16), scenario="modality-skew",
+                 modalities=["us"])

@@ -157,6 +157,21 @@ def test_report_has_every_section_and_figure(built_report: tuple[Path, str]) -> 
     assert "held-out set not found" in text
 
 
+def test_header_lists_the_single_modality_dice_that_moved(synthetic_run, built_report: tuple[Path, str]) -> None:
+    """What the sites taught beyond the start shows per modality (an MRI-only public start cannot segment from
+    CT alone; the demo's sites teach it), and only where it moved by more than 0.05."""
+    _, evals = synthetic_run
+    _, text = built_report
+    line = next(x for x in text.splitlines() if x.startswith("- Dice (whole lesion) from one modality alone"))
+    first, last = min(evals), max(evals)
+    moved = 0
+    for m in MODALITIES:
+        a, b = evals[first][f"{m}/dice-whole"], evals[last][f"{m}/dice-whole"]
+        assert (f"{m} {a:.3f} → {b:.3f}" in line) == (abs(b - a) > 0.05), m
+        moved += abs(b - a) > 0.05
+    assert moved >= 2
+
+
 def test_subset_table_lists_all_63_subsets_and_summary_rows(
     synthetic_run: tuple[Path, dict[int, dict[str, float]]], built_report: tuple[Path, str]
 ) -> None:
@@ -322,6 +337,23 @@ def test_privacy_section_shows_the_planners_prediction_for_each_phantom_site(syn
         assert f"| {name} | {site['cases']} | {','.join(site['modalities'])} |" in section
         assert f"| {p.run_ratio:.2f} | {p.verdict} |" in section
     assert "the run starts from the seed (from scratch)" in section and "3.7" in section
+    # an MRI-only public start with the CT and US encoders trained privately: planned per site
+    from models.checkpoint import save_checkpoint
+    from models.network import build_model
+    from common.runconfig import model_config
+
+    mri = tmp_path / "mri.pt"
+    cfg = model_config(config)
+    save_checkpoint(mri, build_model(cfg).state_dict(), cfg,
+                    provenance={"kind": "fedfusion-pretrain", "mode": "supervised", "modalities": "t1,t1ce,t2,flair"})
+    (run / "config.json").write_text(json.dumps({**config, "init-checkpoint": str(mri), "dp-trainable": "head+ct+us"}))
+    section = build_report(run, device="cpu").read_text().split("### What the privacy planner predicted", 1)[1]
+    section = section.split("\n#", 1)[0]
+    assert "the start differs by site (column start)" in section
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| site-")}
+    assert "had no ct,us" in rows["site-01"] and "planned as from scratch" in rows["site-01"]
+    assert rows["site-02"].endswith("| a trained checkpoint (init-checkpoint) |")  # MRI only: nothing untrained
+    assert "planned as from scratch" in rows["site-03"]
     (data / "phantoms.json").write_text("{not json")
     text = build_report(run, device="cpu").read_text()
     assert "What the privacy planner predicts for this run: not computed" in text

@@ -38,6 +38,10 @@ on (the ``planner`` experiment):
   (The ``planner`` experiment's two cells from such a start, chosen before training at ``r_run`` 1.81 and 6.73,
   kept 0.68 (one seed) and 0.49 +- 0.17 (3 seeds) of the non-private run from the same start: both as the scratch
   rule says; docs/results.md.)
+* **So does a trained start without a modality the run trains.** A ``fedfusion pretrain`` checkpoint records the
+  modalities of its public cases (provenance ``modalities``). Public brain-tumour data are MRI only, so a run that
+  also trains the CT and ultrasound encoders (``dp-trainable = head+ct+us``) trains them from the seed: at a site
+  that has such a modality the run is planned as from scratch, at the others as from the trained start.
 * **From a pretrained start** (``init-checkpoint`` set to any other checkpoint: supervised pretraining, an earlier
   run) the run **keeps the start**: every pretrained row of the
   grid (encoders frozen, N = 24 to 256, epsilon 1 to 8) kept >= 0.98 of the non-private Dice, so the issue's
@@ -78,7 +82,7 @@ from .policy import SitePolicy
 from .release import GAUSSIAN_RELEASE_RATE
 
 __all__ = ["LEARNS_IF_RUN_RATIO_AT_MOST", "NO_GAIN_FROM_START_AT_LEAST", "START_ENCODERS", "START_SEED", "START_TRAINED",
-           "Budget", "ClientLevelPlan", "PrivacyPlan", "VERDICT_RULE", "plan", "plan_client_level", "predicts_learning",
+           "START_WITHOUT", "Budget", "ClientLevelPlan", "PrivacyPlan", "VERDICT_RULE", "plan", "plan_client_level", "predicts_learning",
            "trained_dimension", "verdict"]
 
 #: From scratch: the run learns iff ``r_run`` is at most this (version 2, see the module docstring; version 1 was 1).
@@ -91,7 +95,8 @@ KEEPS_NO_GAIN, KEEPS_GAIN_UNTESTED = "keeps the start, no gain over it", "keeps 
 #: The rule as printed with every verdict.
 VERDICT_RULE = (f"from scratch: learns iff r_run = sigma*sqrt(d)/(B*sqrt(T*S)) <= {LEARNS_IF_RUN_RATIO_AT_MOST:g} "
                 "('learns' = Dice >= 0.5 x the non-private run of the same setting; a self-supervised start, fedfusion "
-                "pretrain --mode masked, counts as from scratch); from a trained start (any other init-checkpoint): "
+                "pretrain --mode masked, counts as from scratch, and so does a trained start whose pretraining lacked a modality "
+                "whose parameters the run trains); from a trained start (any other init-checkpoint): "
                 f"keeps the start, with no gain over it at r_run >= {NO_GAIN_FROM_START_AT_LEAST:g} "
                 "and the gain untested below (rule version 2: calibrated on docs/results.md's privacy grid; its "
                 "planner experiment checks it on rows it was not fitted on; version 1, r_run <= 1 for both, agreed in "
@@ -99,6 +104,9 @@ VERDICT_RULE = (f"from scratch: learns iff r_run = sigma*sqrt(d)/(B*sqrt(T*S)) <
 #: What a run starts from (:attr:`PrivacyPlan.start`): the seed, a checkpoint whose only trained parts are the
 #: encoders (self-supervised ``fedfusion pretrain --mode masked``), or a trained network (any other checkpoint).
 START_SEED, START_ENCODERS, START_TRAINED = "seed", "self-supervised encoders", "trained checkpoint"
+#: A trained checkpoint whose pretraining lacked modalities the run trains (``start`` is this prefix followed by
+#: the modalities, e.g. ``"trained checkpoint without ct,us"``).
+START_WITHOUT = "trained checkpoint without "
 _START_TEXT = {START_SEED: "the seed (from scratch)",
                START_ENCODERS: "self-supervised encoders (init-checkpoint, pretrain --mode masked); the rest from the "
                                "seed, so planned as from scratch",
@@ -189,6 +197,10 @@ class PrivacyPlan:
     @property
     def start_text(self) -> str:
         """What the run starts from, for an operator."""
+        if self.start.startswith(START_WITHOUT):
+            missing = self.start[len(START_WITHOUT):]
+            return (f"a trained checkpoint (init-checkpoint) whose pretraining had no {missing}: the {missing} "
+                    "parameters this run trains start from the seed, so planned as from scratch")
         return _START_TEXT.get(self.start, self.start)
 
     def lines(self) -> list[str]:
@@ -223,12 +235,16 @@ class PrivacyPlan:
         return out
 
 
-def _start(rc: Mapping[str, Any]) -> tuple[str, str | None]:
-    """What a validated run config starts from (:data:`START_SEED`, :data:`START_ENCODERS` or
-    :data:`START_TRAINED`), and a note when ``init-checkpoint`` could not be read.
+def _start(rc: Mapping[str, Any], site_modalities: Sequence[str] | None = None) -> tuple[str, str | None]:
+    """What a validated run config starts from (:data:`START_SEED`, :data:`START_ENCODERS`, :data:`START_TRAINED`,
+    or :data:`START_WITHOUT` and the modalities), and a note when ``init-checkpoint`` could not be read.
 
-    The checkpoint is read weights-only (:func:`models.checkpoint.load_checkpoint`); one that cannot be read (not
-    on this machine yet, foreign, torn) is planned as a trained start, the cautious verdict, and the note says so.
+    A ``fedfusion pretrain`` checkpoint records the modalities its public cases had; when the run trains the
+    parameters of a modality it lacked (``dp-trainable`` ``all`` or ``+m``) at a site that has it
+    (``site_modalities``; None: every modality of the model), those parameters start from the seed and the run
+    is planned as from scratch. The checkpoint is read weights-only (:func:`models.checkpoint.load_checkpoint`);
+    one that cannot be read (not on this machine yet, foreign, torn) is planned as a trained start, the cautious
+    verdict, and the note says so.
     """
     path = str(rc["init-checkpoint"]).strip()
     if not path:
@@ -244,6 +260,17 @@ def _start(rc: Mapping[str, Any]) -> tuple[str, str | None]:
     if isinstance(provenance, Mapping) and provenance.get("kind") == "fedfusion-pretrain" \
             and provenance.get("mode") == "masked":
         return START_ENCODERS, None
+    seen = provenance.get("modalities") if isinstance(provenance, Mapping) else None
+    if isinstance(seen, str):
+        from models.trainable import parse_trainable
+
+        base, added = parse_trainable(str(rc["dp-trainable"]))
+        model = runconfig.model_config(rc).modalities
+        here = [m for m in model if site_modalities is None or m in set(site_modalities)]
+        pretrained = {m.strip() for m in seen.split(",")}
+        untrained = [m for m in here if m not in pretrained and (base == "all" or m in added)]
+        if untrained:
+            return START_WITHOUT + ",".join(untrained), None
     return START_TRAINED, None
 
 
@@ -282,7 +309,7 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
                        num_rounds=train.num_server_rounds, min_noise_multiplier=pol.min_noise_multiplier)
     d = trained_dimension(runconfig.model_config(rc), dp.trainable, site_modalities)
     sigma, b = noise.noise_multiplier, noise.expected_batch
-    start, start_note = _start(rc)
+    start, start_note = _start(rc, site_modalities)
     pretrained = start == START_TRAINED
     step_ratio = sigma * math.sqrt(d) / b
     run_ratio = step_ratio / math.sqrt(noise.total_steps * sites)

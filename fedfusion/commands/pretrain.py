@@ -24,6 +24,9 @@ def command(
                                                  "public-sites).")] = None,
     public_seed: Annotated[Optional[int], typer.Option(help="--phantoms: seed of the public cohort (must differ "
                                                        "from the run config's seed, the sites').")] = None,
+    public_modalities: Annotated[Optional[str], typer.Option(help="--phantoms: the public cohort's modalities, "
+                                                             "comma-separated (default: all six; t1,t1ce,t2,flair "
+                                                             "for an MRI-only cohort like BraTS).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the public cases.")] = 10,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Run config key (model, lr, batch size): --set "
                                                       "lr=0.003 (repeatable).")] = None,
@@ -49,9 +52,12 @@ def command(
             public_sites = PUBLIC_SITES if public_sites is None else public_sites
             cases = PUBLIC_CASES if cases is None else cases
             rc = runconfig.load(overrides)
-            public_phantoms(data, sites=public_sites, cases=cases, seed=seed, federation_seed=int(rc["seed"]),
-                            progress=progress)
+            kept = None if public_modalities is None else [m for m in public_modalities.split(",") if m.strip()]
+            manifest = public_phantoms(data, sites=public_sites, cases=cases, seed=seed,
+                                       federation_seed=int(rc["seed"]), modalities=kept, progress=progress)
             request = {"sites": public_sites, "cases": cases, "seed": seed}
+            if kept is not None:
+                request["modalities"] = ",".join(manifest["modalities"])
         result = pretrain(PretrainSettings(data=data, out=out, mode=mode, run_config=overrides, epochs=epochs,
                                            threads=threads, progress=progress, phantoms=request))
     except (RunConfigError, ValueError, FileNotFoundError) as exc:

@@ -72,6 +72,15 @@ def command(
             "is on, phantoms are generated and no --init/--resume is given.",
         ),
     ] = None,
+    public_modalities: Annotated[
+        Optional[str],
+        typer.Option(
+            "--public-modalities",
+            help="Public pretraining: the modalities the generated public cohort has, comma-separated (default: "
+            "all six). Public brain-tumour data are MRI only (t1,t1ce,t2,flair): the CT and ultrasound encoders "
+            "are then the sites' to train (--set dp-trainable=head+ct+us).",
+        ),
+    ] = None,
 ) -> None:
     """Generate phantom hospital sites (unless --data), run a federated simulation with the real ServerApp and
     ClientApp on Flower's simulation engine, and write a report to OUT/report.md."""
@@ -125,6 +134,8 @@ def command(
             engine=engine,
             ray_address=ray_address,
             public_pretrain=public_pretrain,
+            public_modalities=None if public_modalities is None else [
+                m.strip() for m in public_modalities.split(",") if m.strip()],
         )
     except (KeyError, ValueError, FileNotFoundError, FlwrRunError, RayClusterError) as exc:
         console.print(f"[red]fedfusion simulate: {exc}[/red]")
