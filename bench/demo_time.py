@@ -4,10 +4,10 @@ Generates (or reuses) the demo's phantoms first, untimed: 3 sites, 24 cases per 
 realistic scenario, DICOM on a 32x64x64 grid, 12 held-out cases; and the public pretraining the demo starts from
 (:func:`simulations.pretrain.public_start`, made once in ``WORK/public``, untimed). Then runs the simulation as
 ``scripts/demo.sh`` does (``fedfusion simulate`` with the script's ``--set`` keys and ``--public-modalities``, read
-from it; every other key its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every round) and reports the
-whole simulation's wall time, its ideal (the sites' summed local training over the sites that train at once) and
-where the time went (:mod:`simulations.round_phases`), then the
-report's build time (not part of the target). Target (issue 15): simulation <= 1.5 x ideal. Results go to
+from it; every other key its run-config default: 5 rounds, DP-SGD, the server's held-out evaluation after every
+round) and reports the whole simulation's wall time, its ideal (the sites' summed local training over the sites
+that train at once) and where the time went (:mod:`simulations.round_phases`), then the report's build time (not
+part of the target). Target (issue 15): simulation <= 1.5 x ideal. Results go to
 docs/benchmarks.md (section ``demo``).
 
 The first run over fresh phantoms also builds the data set's preprocessed cache (``DATA/.fedfusion-cache``) in the

@@ -82,8 +82,8 @@ from .policy import SitePolicy
 from .release import GAUSSIAN_RELEASE_RATE
 
 __all__ = ["LEARNS_IF_RUN_RATIO_AT_MOST", "NO_GAIN_FROM_START_AT_LEAST", "START_ENCODERS", "START_SEED", "START_TRAINED",
-           "START_WITHOUT", "Budget", "ClientLevelPlan", "PrivacyPlan", "VERDICT_RULE", "plan", "plan_client_level", "predicts_learning",
-           "trained_dimension", "verdict"]
+           "START_WITHOUT", "Budget", "ClientLevelPlan", "PrivacyPlan", "VERDICT_RULE", "plan", "plan_client_level",
+           "predicts_learning", "trained_dimension", "verdict"]
 
 #: From scratch: the run learns iff ``r_run`` is at most this (version 2, see the module docstring; version 1 was 1).
 LEARNS_IF_RUN_RATIO_AT_MOST = 3.7
@@ -95,8 +95,8 @@ KEEPS_NO_GAIN, KEEPS_GAIN_UNTESTED = "keeps the start, no gain over it", "keeps 
 #: The rule as printed with every verdict.
 VERDICT_RULE = (f"from scratch: learns iff r_run = sigma*sqrt(d)/(B*sqrt(T*S)) <= {LEARNS_IF_RUN_RATIO_AT_MOST:g} "
                 "('learns' = Dice >= 0.5 x the non-private run of the same setting; a self-supervised start, fedfusion "
-                "pretrain --mode masked, counts as from scratch, and so does a trained start whose pretraining lacked a modality "
-                "whose parameters the run trains); from a trained start (any other init-checkpoint): "
+                "pretrain --mode masked, counts as from scratch, and so does a trained start whose pretraining "
+                "lacked a modality whose parameters the run trains); from a trained start (any other init-checkpoint): "
                 f"keeps the start, with no gain over it at r_run >= {NO_GAIN_FROM_START_AT_LEAST:g} "
                 "and the gain untested below (rule version 2: calibrated on docs/results.md's privacy grid; its "
                 "planner experiment checks it on rows it was not fitted on; version 1, r_run <= 1 for both, agreed in "

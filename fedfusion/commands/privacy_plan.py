@@ -19,7 +19,8 @@ def command(
     batch: Annotated[Optional[int], typer.Option(help="Expected batch (batch-size).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round (local-epochs).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Rounds (num-server-rounds).")] = None,
-    trainable: Annotated[Optional[str], typer.Option(help="all, shared or head (dp-trainable).")] = None,
+    trainable: Annotated[Optional[str], typer.Option(help="all, shared or head, optionally +modality, e.g. "
+                                                     "head+ct+us (dp-trainable).")] = None,
     multiplicity: Annotated[Optional[int], typer.Option(help="Augmented views per case (augment-multiplicity).")] = None,
     accountant: Annotated[Optional[str], typer.Option(help="rdp or prv (dp-accountant).")] = None,
     sites: Annotated[int, typer.Option(help="Sites whose updates are averaged each round.")] = 1,
