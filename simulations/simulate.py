@@ -192,14 +192,22 @@ def simulate(
     overrides.setdefault("data-dir", str(data.resolve()))
     overrides["run-dir"] = str(out.resolve())
     config = runconfig.load(overrides)  # a bad key fails here, before phantoms are written
+    if public_pretrain is None:
+        public_pretrain = bool(generate and config["dp-enabled"])
+    pretraining = public_pretrain and not config["init-checkpoint"] and not config["resume"]
+    if public_modalities is not None:
+        from models.modalities import canonical
+
+        public_modalities = canonical(public_modalities)  # an unknown name fails here, before phantoms
+        if not pretraining:
+            log.warning("--public-modalities %s ignored: this run does not pretrain on public data (no DP, "
+                        "--no-public-pretrain, --data, --init or --resume)", ",".join(public_modalities))
     if generate:
         from .phantom_writers import ensure
 
         ensure(data, sites=sites, cases_per_site=cases_per_site, seed=int(config["seed"]), scenario=scenario,
                shape=shape, fmt=data_format, heldout_cases=heldout_cases, progress=progress)
-    if public_pretrain is None:
-        public_pretrain = bool(generate and config["dp-enabled"])
-    if public_pretrain and not config["init-checkpoint"] and not config["resume"]:
+    if pretraining:
         from .pretrain import public_start
 
         kept = {} if public_modalities is None else {"modalities": public_modalities}

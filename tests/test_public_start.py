@@ -93,3 +93,26 @@ def test_phantom_modalities_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="site-01 acquires"):
         generate(tmp_path / "b", sites=2, cases_per_site=1, shape=(8, 16, 16), scenario="modality-skew",
                  modalities=["us"])
+
+
+def test_simulate_checks_public_modalities_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import simulations.simulate as sim
+
+    seen: list[Any] = []
+    monkeypatch.setattr(sp, "public_start", lambda folder, config, progress=False, **kw: seen.append(kw) or
+                        tmp_path / "never.pt")
+    monkeypatch.setattr("server.initial.initial_state", lambda *a, **k: None)
+    monkeypatch.setattr(sim, "run_federation", lambda config, num_sites, **_: object())
+    tiny = dict(sites=2, cases_per_site=1, shape=(8, 16, 16), heldout_cases=1, progress=False, report=False)
+    with pytest.raises(ValueError, match="xray"):
+        sim.simulate(tmp_path / "bad", overrides={**SMALL, "dp-enabled": True}, public_pretrain=None,
+                     public_modalities=["t1", "xray"], **tiny)
+    assert not (tmp_path / "bad" / "data").exists()  # refused before the phantoms were written
+    sim.simulate(tmp_path / "dp", overrides={**SMALL, "dp-enabled": True}, public_pretrain=None,
+                 public_modalities=["flair", "t1"], **tiny)
+    assert seen == [{"modalities": ("t1", "flair")}]
+    with caplog.at_level("WARNING", logger="fedfusion.simulate"):
+        sim.simulate(tmp_path / "nodp", overrides={**SMALL, "dp-enabled": False}, public_pretrain=None,
+                     public_modalities=["t1"], **tiny)
+    assert len(seen) == 1 and "--public-modalities t1 ignored" in caplog.text
