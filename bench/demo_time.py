@@ -45,7 +45,9 @@ SECTION = "demo"
 TARGET = 1.5
 
 
-def _demo_flag(words: list[str], flag: str) -> list[str]:
+def _demo_flag(flag: str) -> list[str]:
+    """The values of ``flag`` in ``scripts/demo.sh``'s command line."""
+    words = shlex.split((ROOT / "scripts" / "demo.sh").read_text(), comments=True)
     return [words[i + 1] for i, w in enumerate(words[:-1]) if w == flag]
 
 
@@ -54,14 +56,12 @@ def demo_overrides() -> dict[str, str]:
     bench times the demo users run."""
     from common.runconfig import parse_assignments
 
-    words = shlex.split((ROOT / "scripts" / "demo.sh").read_text(), comments=True)
-    return dict(parse_assignments(_demo_flag(words, "--set")))
+    return dict(parse_assignments(_demo_flag("--set")))
 
 
 def demo_public_modalities() -> list[str] | None:
     """The public cohort's modalities ``scripts/demo.sh`` asks for (``--public-modalities``; None: all six)."""
-    words = shlex.split((ROOT / "scripts" / "demo.sh").read_text(), comments=True)
-    given = _demo_flag(words, "--public-modalities")
+    given = _demo_flag("--public-modalities")
     return [m for m in given[-1].split(",") if m.strip()] if given else None
 
 

@@ -30,6 +30,7 @@ noised), are left out of the site's reply, and the server takes them unchanged f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from torch import nn
@@ -51,9 +52,14 @@ def _plain(name: str) -> str:
     return name[len("_module."):] if name.startswith("_module.") else name
 
 
+def _split(which: str) -> tuple[str, list[str]]:
+    base, *added = (part.strip() for part in str(which).split("+"))
+    return base, added
+
+
 def trainable_problem(which: str) -> str | None:
     """Why ``which`` is not a trainable set (``base`` or ``base+m1+m2…``, see the module docstring), or ``None``."""
-    base, *added = (part.strip() for part in str(which).split("+"))
+    base, added = _split(which)
     if base not in TRAINABLE_SETS:
         return (f"choose one of {', '.join(TRAINABLE_SETS)}, optionally followed by +modality for each modality "
                 "whose parameters are trained too (e.g. head+ct+us)")
@@ -67,6 +73,7 @@ def trainable_problem(which: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def parse_trainable(which: str) -> tuple[str, frozenset[str]]:
     """Split ``which`` (``base`` or ``base+m1+m2…``) into its base set and the modalities it adds.
 
@@ -76,7 +83,7 @@ def parse_trainable(which: str) -> tuple[str, frozenset[str]]:
     problem = trainable_problem(which)
     if problem is not None:
         raise ValueError(f"trainable set {which!r}: {problem} (run config dp-trainable)")
-    base, *added = (part.strip() for part in str(which).split("+"))
+    base, added = _split(which)
     return base, frozenset(added)
 
 

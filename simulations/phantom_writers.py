@@ -39,7 +39,7 @@ from common.layout import (COHORT_NAMES, DERIVED_CACHE, HELDOUT_NAME, PHANTOM_GE
                            UNSEEN_NAME, VALIDATION_NAME)
 from common.data.geometry import dicom_geometry, save_nifti
 from models.atomic import atomic_write_text
-from models.modalities import DICOM_MODALITY, MODALITIES
+from models.modalities import DICOM_MODALITY, MODALITIES, canonical
 
 from .phantoms import DEFAULT_SITE, PhantomCase, SiteProfile, make_case
 from .scenarios import heldout_profile, site_profiles, unseen_profile
@@ -660,14 +660,7 @@ def _kept_modalities(modalities: Sequence[str] | None) -> tuple[str, ...] | None
     Raises:
         ValueError: an unknown or empty list, naming the valid modalities.
     """
-    if modalities is None:
-        return None
-    chosen = [str(m).strip().lower() for m in modalities if str(m).strip()]
-    unknown = [m for m in chosen if m not in MODALITIES]
-    if unknown or not chosen:
-        raise ValueError(f"phantom modalities must be a non-empty list of {', '.join(MODALITIES)}; got "
-                         f"{', '.join(map(repr, modalities)) or 'none'}")
-    return tuple(m for m in MODALITIES if m in chosen)
+    return None if modalities is None else canonical(str(m) for m in modalities)
 
 
 def _restricted(site: SiteProfile, keep: tuple[str, ...]) -> SiteProfile:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import runconfig
-from models.modalities import MODALITIES
+from models.modalities import canonical
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def public_start(folder: Path, run_config: Mapping[str, Any], *, sites: int | No
     cases = PUBLIC_CASES if cases is None else cases
     request: dict[str, Any] = {"sites": sites, "cases": cases, "seed": PUBLIC_SEED}
     if modalities is not None:  # absent for all six, so earlier checkpoints' requests stay equal
-        request["modalities"] = ",".join(m for m in MODALITIES if m in {str(x).strip().lower() for x in modalities})
+        request["modalities"] = ",".join(canonical(modalities))
     if mode not in MODES:
         raise ValueError(f"unknown pretraining mode {mode!r}; choose one of {', '.join(MODES)}")
     out = Path(folder) / ("pretrained.pt" if mode == "supervised" else f"{mode}.pt")

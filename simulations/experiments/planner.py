@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 from .common import Context, Outcome, fmt, markdown_table, phantoms, run_federated, write_result
-from .privacy import LEARNS_SHARE, planner_prediction, public_checkpoint, ratio, row_overrides
-from .stats import cell, summarise
+from .privacy import LEARNS_SHARE, planner_prediction, public_checkpoint, row_overrides
+from .stats import cell, of_values, summarise
 
 #: ``(cases per site, target epsilon, start)``.
 Cell = tuple[int, float, str]
@@ -85,8 +85,9 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
 
     key = "all/mean-region-dice"
     headers = ["cases per site", "start", "target ε", "seeds", "noise multiplier", "ε spent (max site)",
-               "mean-region Dice", "non-private mean-region Dice", "Dice / non-private", "planner r_run", "verdict (version 2)",
-               "verdict (version 1: r_run ≤ 1)", "measured", "version 2 agrees", "version 1 agrees"]
+               "mean-region Dice", "non-private mean-region Dice", "Dice / non-private", "planner r_run",
+               "verdict (version 2)", "verdict (version 1: r_run ≤ 1)", "measured", "version 2 agrees",
+               "version 1 agrees"]
     rows: list[list[str]] = []
     agree_v2: list[bool] = []
     agree_v1: list[bool] = []
@@ -95,10 +96,10 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
         outs = results[(n, eps, start)]
         # the reference on the cell's own seeds (a reference may have run on more, for another cell)
         refs = [r for r in results.get((n, math.inf, start), []) if r.seed in {o.seed for o in outs}]
-        shares = ratio(outs, refs, key)
-        share = shares.mean
         ref_of = {r.seed: r.get(key) for r in refs}
         per_seed = [(o.seed, o.get(key) / ref_of[o.seed]) for o in outs if ref_of.get(o.seed)]
+        shares = of_values(v for _, v in per_seed)
+        share = shares.mean
         v1 = "learns" if r_run <= V1_THRESHOLD else "will not learn"
         predicted = predicts_learning(planned)
         measured, a2, a1 = "—", "—", "—"
@@ -115,7 +116,8 @@ def render(results: dict[Cell, list[Outcome]], plans: dict[Cell, tuple[float, st
             agree_v1.append(learns == (v1 == "learns"))
             a1 = "yes" if agree_v1[-1] else "no"
         rows.append([str(n), START_TEXT.get(start, start), f"{eps:g}", str(len(outs)),
-                     fmt(summarise(outs, "noise-multiplier").mean, 2), fmt(max(o.get("epsilon-spent") for o in outs), 2),
+                     fmt(summarise(outs, "noise-multiplier").mean, 2),
+                     fmt(max(o.get("epsilon-spent") for o in outs), 2),
                      cell(summarise(outs, key)), cell(summarise(refs, key)) if refs else "—", cell(shares, 2),
                      fmt(r_run, 2), planned, v1, measured, a2, a1])
         if len(outs) > 1:
