@@ -225,7 +225,10 @@ _KEYS: tuple[Key, ...] = (
     Key("eval-every", int, "eval", "held-out evaluation every N rounds (0 = after the last only)", _at_least(0)),
     Key("eval-subsets", str, "eval", "modality subsets of the held-out evaluations before the last round (the last "
         "evaluates every subset): full+singles, all or full", _one_of("full+singles", "all", "full")),
-    Key("best-metric", str, "eval", "metric that picks checkpoints/best.pt", _non_empty),
+    Key("best-metric", str, "eval", "metric that picks checkpoints/best.pt on the selection set (subset-mean/<m>: "
+        "<m> averaged over select-subsets; else the exact key, all/<m> or mean/<m>)", _non_empty),
+    Key("select-subsets", str, "eval", "modality subsets of the selection set's evaluation, whose mean picks "
+        "best.pt: full+singles, all or full", _one_of("full+singles", "all", "full")),
     Key("eval-batch-size", int, "eval", "held-out cases per forward pass", _at_least(1)),
     Key("device", str, "eval", "server evaluation device: auto, cpu, cuda, cuda:N", _non_empty),
     Key("eval-hd95", str, "eval", "HD95 in global evaluation: full (full set only), all or none",

@@ -18,6 +18,7 @@ federation.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,42 @@ from models.metrics import DEFAULT_THRESHOLD
 
 from .aggregation import weighted_metrics
 
-__all__ = ["GlobalEvaluator", "EvalOutcome", "weighted_metrics"]
+__all__ = ["GlobalEvaluator", "EvalOutcome", "SUBSET_MEAN", "subset_mean", "weighted_metrics"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Row of the selection score: each metric averaged over the run config's ``select-subsets`` (``best-metric``'s
+#: default is ``subset-mean/dice-whole``). Not ``mean/``: that row is the mean over all ``2**M - 1`` subsets.
+SUBSET_MEAN = "subset-mean"
+
+#: Per-subset bookkeeping, not metrics: left out of the subset mean.
+_NOT_AVERAGED = ("cases", "cases-seg", "cases-label", "threshold")
+
+
+def subset_mean(flat: Mapping[str, float], names: Sequence[str]) -> dict[str, float] | None:
+    """``subset-mean/<metric>``: each metric of ``flat`` averaged over the subsets ``names`` (finite values only).
+
+    Args:
+        flat: one evaluation's ``"<subset>/<metric>"`` metrics (:attr:`EvalOutcome.flat`).
+        names: subset names (:func:`models.modalities.subset_name`), e.g. the full set and each single modality.
+
+    Returns:
+        The averaged metrics, or ``None`` when ``flat`` lacks one of the subsets (it was not evaluated).
+    """
+    rows: list[dict[str, float]] = []
+    for name in names:
+        row = {k[len(name) + 1:]: float(v) for k, v in flat.items() if k.startswith(f"{name}/")}
+        if not row:
+            return None
+        rows.append(row)
+    out: dict[str, float] = {}
+    for metric in rows[0] if rows else ():
+        if metric in _NOT_AVERAGED:
+            continue
+        vals = [r[metric] for r in rows if metric in r and math.isfinite(r[metric])]
+        out[f"{SUBSET_MEAN}/{metric}"] = sum(vals) / len(vals) if vals else math.nan
+    return out
 
 
 class EvalOutcome:

@@ -24,12 +24,13 @@ from common import runconfig, timings
 from common.layout import HELDOUT_NAME, UNSEEN_NAME, VALIDATION_NAME, resolve_cohort_dir, resolve_test_dir
 from models.config import ModelConfig
 from models.metrics import DEFAULT_THRESHOLD
+from models.modalities import subset_name, subsets as all_subsets
 from models.runlog import MetricsLog
 
 from .checkpointing import BestTracker, RunDirectory
 from .console import COLUMNS, print_round, render
 from .ema import WeightAverage
-from .evaluation import GlobalEvaluator
+from .evaluation import GlobalEvaluator, subset_mean
 from .grid import prompt
 from .prepare import prepare_sites
 from .initial import initial_state
@@ -130,10 +131,16 @@ def _run(
     evaluator = cohort(resolve_test_dir(settings.test_dir, settings.data_dir), hd95=settings.eval_hd95)
     # best.pt is chosen on the selection set, never on the set the reported numbers come from (when there is one)
     select_dir = resolve_cohort_dir(settings.select_dir, settings.data_dir, VALIDATION_NAME)
-    selector = cohort(select_dir, subsets=[model_config.modalities], hd95="none") if select_dir else None
+    selector = cohort(select_dir, hd95="none") if select_dir else None
     if selector is None:
         logger.warning("no model-selection set (%s/ or run config select-dir): best.pt is chosen on the held-out "
                        "set the numbers are reported on, so they are optimistic", VALIDATION_NAME)
+    from common.evaluation import select_subsets  # the held-out readers: imported when the server runs
+
+    # best-metric's default (subset-mean/...) averages over these: a model chosen on the full set alone can be the
+    # one that has not yet learnt the modalities a site's patients lack
+    select_names = [subset_name(s) for s in select_subsets(settings.select_subsets, model_config.modalities)
+                    or all_subsets(model_config.modalities)]
     unseen_dir = resolve_cohort_dir(settings.unseen_dir, settings.data_dir, UNSEEN_NAME)
     # the full modality set only: the unseen cohort answers "does the model transfer to a new scanner" (the report's
     # ratio to the in-distribution full set); its 63 subsets cost the demo's last round 25 s and answered nothing
@@ -158,9 +165,10 @@ def _run(
         selection: dict[str, float] | None = None
         threshold: float | None = None
         if due and selector is not None:
-            chosen = selector.evaluate(evaluated)
+            chosen = selector.evaluate(evaluated, subsets=settings.select_subsets)
             if chosen is not None:
-                selection, threshold = chosen.flat, chosen.operating_threshold
+                selection = {**chosen.flat, **(subset_mean(chosen.flat, select_names) or {})}
+                threshold = chosen.operating_threshold
                 mlog.write(rnd, "server-select", "global", selection)
         at = DEFAULT_THRESHOLD if threshold is None else threshold
         if due:
@@ -174,8 +182,14 @@ def _run(
                 mlog.write(rnd, "server-eval", "global", flat)
                 logger.info("round %d global evaluation per modality subset:\n%s", rnd, render(outcome.table))
                 print_round(rnd, flat)
-        if selector is None:
-            selection = flat
+        if selector is None and flat is not None:
+            # no selection set: best.pt is chosen on the reporting set, by the same subsets' mean (evaluated again
+            # only where this round's eval-subsets lack one of them)
+            mean = subset_mean(flat, select_names)
+            if mean is None:
+                again = evaluator.evaluate(evaluated, subsets=settings.select_subsets, threshold=at)
+                mean = None if again is None else subset_mean(again.flat, select_names)
+            selection = {**flat, **(mean or {})}
         if selection is not None and best.update(rnd, selection):
             run_dir.save_best(rnd, evaluated, model_config, metric=settings.best_metric,
                               value=float(best.value or 0.0), run_config=resolved,

@@ -38,6 +38,7 @@ class ServerSettings:
     eval_every: int
     eval_subsets: str
     best_metric: str
+    select_subsets: str
     data_dir: str
     test_dir: str
     select_dir: str

@@ -805,9 +805,11 @@ def _cohorts_section(ctx: _Ctx) -> list[str]:
     lines = ["## Held-out cohorts: model selection and an unseen scanner", ""]
     selected = run.records.rounds("server-select", "global")
     if selected:
-        lines.append(f"`checkpoints/best.pt` was chosen on the separate selection set (`{VALIDATION_NAME}/`, full "
-                     f"modality set, {len(selected)} evaluated rounds); the numbers of this report come from the "
-                     f"held-out set (`{HELDOUT_NAME}/`), which chose nothing.")
+        by = run.config.get("best-metric", DASH)
+        on = run.config.get("select-subsets", "full")  # runs before the key existed: the full set only
+        lines.append(f"`checkpoints/best.pt` was chosen on the separate selection set (`{VALIDATION_NAME}/`, "
+                     f"subsets `{on}`, {len(selected)} evaluated rounds) by `{by}`; the numbers of this report come "
+                     f"from the held-out set (`{HELDOUT_NAME}/`), which chose nothing.")
     else:
         lines.append(f"No selection set (`{VALIDATION_NAME}/`) was evaluated: `best.pt` was chosen on the held-out "
                      "set itself, so its numbers are optimistic for `best.pt`.")

@@ -158,7 +158,7 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     torch.set_num_threads(1)
     config = {**model_entries(TINY), "num-server-rounds": 2, "eval-every": 1, "run-dir": str(run_dir),
               "data-dir": str(data), "min-train-nodes": 2, "min-evaluate-nodes": 2, "min-available-nodes": 2,
-              "device": "cpu", "best-metric": "dice-whole"}
+              "device": "cpu"}  # best-metric and select-subsets: their defaults
     run_server(LocalGrid(sorted(SITES), stub_site),
                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     records = list(iter_metrics(run_dir / "metrics.jsonl"))
@@ -172,10 +172,17 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
 
     select, report, unseen = rows("server-select"), rows("server-eval"), rows("server-eval-unseen")
     assert set(select) == {1, 2} and set(report) == {1, 2} and set(unseen) == {2}
-    assert "all/dice-whole" in select[1] and not any(k.startswith(("t1/", "ct/")) for k in select[1])  # full set only
+    # the selection set: the full set and each single modality (select-subsets), and their mean, which picks best.pt
+    singles = [f"{m}/dice-whole" for m in TINY.modalities]
+    assert "all/dice-whole" in select[1] and all(k in select[1] for k in singles)
+    assert not any(k.startswith(("mean/", "worst/")) for k in select[1])  # those would mean all 2**M - 1 subsets
+    for rnd, row in select.items():
+        assert row["subset-mean/dice-whole"] == pytest.approx(
+            (row["all/dice-whole"] + sum(row[k] for k in singles)) / (1 + len(singles)))
     assert "all/dice-whole" in unseen[2] and not any(k.startswith(("t1/", "ct/")) for k in unseen[2])  # full set only
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    chosen = max(select, key=lambda rnd: select[rnd]["all/dice-whole"])
+    chosen = max(select, key=lambda rnd: select[rnd]["subset-mean/dice-whole"])
+    assert extra["metric"] == "subset-mean/dice-whole"
     assert extra["selected_on"] == "validation" and extra["round"] == chosen
     report_md = __import__("simulations.report", fromlist=["build_report"]).build_report(run_dir)
     text = report_md.read_text()
@@ -193,3 +200,44 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     assert report[2]["all/threshold"] == pytest.approx(last["threshold"])
     assert unseen[2]["all/threshold"] == pytest.approx(last["threshold"])
     assert extra["threshold"] == pytest.approx(report[chosen]["all/threshold"])  # best.pt: its own round's
+
+
+def test_without_a_selection_set_best_is_chosen_by_the_same_subset_mean_on_the_reporting_set(tmp_path: Path) -> None:
+    """No validation/ set: best.pt is chosen on the reporting set, by the select-subsets mean, evaluated there
+    again when this round's eval-subsets (here the full set only) lack a subset of it."""
+    heldout = write_heldout(tmp_path / "heldout", TINY.modalities, n_cases=3)
+    run_dir = tmp_path / "run"
+    _run(run_dir, heldout, rounds=2, eval_every=1, **{"eval-subsets": "full"})
+    _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert extra["metric"] == "subset-mean/dice-whole" and extra["selected_on"] == "heldout"
+    records = list(iter_metrics(run_dir / "metrics.jsonl"))
+    assert not any(r["phase"] == "server-select" for r in records)  # nothing is logged as a selection set
+    assert "t1/dice-whole" not in {r["metric"] for r in records if r["round"] == 1 and r["phase"] == "server-eval"}
+    # ... yet round 1 was scored by the subset mean (the first scored round is always a new best)
+    assert "round 1: new best subset-mean/dice-whole" in (run_dir / "server.log").read_text()
+    last = {r["metric"]: r["value"] for r in records if r["round"] == 2 and r["phase"] == "server-eval"}
+    mean_2 = np.mean([last[f"{s}/dice-whole"] for s in ("t1+ct", "t1", "ct")])
+    assert extra["value"] == pytest.approx(mean_2) if extra["round"] == 2 else extra["value"] > mean_2
+
+
+def test_the_default_selection_prefers_the_model_that_works_without_modalities() -> None:
+    """A round that gains on the full set but cannot segment from one modality alone does not become best.pt by
+    the default best-metric (the demo's round 1 against round 5 before the default changed)."""
+    from common.runconfig import load
+    from server.checkpointing import BestTracker
+    from server.evaluation import subset_mean
+
+    names = ["t1+ct", "t1", "ct"]
+    early = {"all/dice-whole": 0.76, "t1+ct/dice-whole": 0.76, "t1/dice-whole": 0.55, "ct/dice-whole": 0.01,
+             "t1/cases": 12.0}
+    late = {"all/dice-whole": 0.74, "t1+ct/dice-whole": 0.74, "t1/dice-whole": 0.54, "ct/dice-whole": 0.37,
+            "t1/cases": 12.0}
+    by_default, by_full_set = BestTracker(load()["best-metric"]), BestTracker("dice-whole")
+    for rnd, flat in ((1, early), (2, late)):
+        scored = {**flat, **subset_mean(flat, names)}
+        by_default.update(rnd, scored)
+        by_full_set.update(rnd, scored)
+    assert (by_default.round, by_full_set.round) == (2, 1)
+    assert by_default.value == pytest.approx((0.74 + 0.54 + 0.37) / 3)
+    assert "subset-mean/cases" not in subset_mean(early, names)  # bookkeeping is not averaged
+    assert subset_mean(early, ["t1", "t2"]) is None  # a subset that was not evaluated: no mean
