@@ -36,7 +36,10 @@ from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-#: Metric the best checkpoint is chosen by (a key of ``SubsetReport.to_flat()``).
+#: Metric the best checkpoint is chosen by (a key of ``SubsetReport.to_flat()``). The federated server chooses by
+#: the selection set's mean over the full set and each modality (run config ``best-metric``, ``select-subsets``);
+#: central runs keep the full set, so the public checkpoints and the experiments' pooled rows stay those recorded
+#: (the experiments score ``last.pt``).
 BEST_METRIC = "all/dice-whole"
 
 

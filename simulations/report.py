@@ -375,7 +375,7 @@ def _dice_rose(run: Run) -> str:
     start = " = the init checkpoint, before any site trained" if r0 == 0 else ""
     return (
         f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}{start}) → "
-        f"{v1:.3f} (round {r1}); best {best_v:.3f} at round {best_r}"
+        f"{v1:.3f} (round {r1}); highest {best_v:.3f} at round {best_r}"
     )
 
 
@@ -392,6 +392,32 @@ def _single_modality_trend(run: Run) -> list[str]:
         return []
     return ["- Dice (whole lesion) from one modality alone, first → last evaluated round, where it moved by more "
             "than 0.05: " + "; ".join(moved)]
+
+
+def _selection_trend(run: Run) -> list[str]:
+    """Which round became ``best.pt`` and by what, from the selection set's rounds (``server-select``), and how its
+    measure moved from the first to the last of them (nothing without a selection set)."""
+    from server.checkpointing import BestTracker, pick_metric
+
+    metric = run.config.get("best-metric")
+    rounds = run.records.rounds("server-select", "global")
+    if not metric or not rounds:
+        return []
+    tracker, values = BestTracker(str(metric)), []
+    for r in rounds:
+        flat = {k: float(v) for k, v in run.records.at("server-select", "global", r).items() if v is not None}
+        found = pick_metric(flat, str(metric))
+        if found is not None:
+            tracker.update(r, flat)
+            values.append((r, found[1]))
+    if tracker.round is None:
+        return []
+    (r0, v0), (r1, v1) = values[0], values[-1]
+    what = f"`{tracker.key}`"
+    if str(tracker.key).startswith("subset-mean/"):
+        what += f" (averaged over the subsets `{run.config.get('select-subsets', DASH)}`)"
+    return [f"- `checkpoints/best.pt`: round {tracker.round}, chosen on the selection set by {what}: "
+            f"{v0:.3f} (round {r0}) → {v1:.3f} (round {r1}), best {tracker.value:.3f}"]
 
 
 def _auroc_trend(run: Run) -> list[str]:
@@ -432,7 +458,7 @@ def _header(ctx: _Ctx) -> list[str]:
             f"worst subset: Dice whole {_fmt(flat.get('worst/dice-whole'))}."
         )
         lines.append("")
-    lines += [_dice_rose(run), *_single_modality_trend(run), *_auroc_trend(run), ""]
+    lines += [_dice_rose(run), *_single_modality_trend(run), *_selection_trend(run), *_auroc_trend(run), ""]
     if run.notes:
         lines += ["Notes:", *[f"- {n}" for n in run.notes], ""]
     return lines

@@ -187,6 +187,8 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     report_md = __import__("simulations.report", fromlist=["build_report"]).build_report(run_dir)
     text = report_md.read_text()
     assert "chosen on the separate selection set" in text and "unseen scanner (`heldout-unseen/`)" in text
+    assert (f"`checkpoints/best.pt`: round {chosen}, chosen on the selection set by `subset-mean/dice-whole` "
+            "(averaged over the subsets `full+singles`)") in text
 
     # The classifier's operating point is chosen on the selection set and the reported numbers use it: the
     # threshold in last.pt is the balanced-accuracy optimum of the last model on validation/, not of heldout/.
