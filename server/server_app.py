@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,22 +218,34 @@ def _run(
             return None
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
-    if settings.prepare_sites:
-        prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
-        strategy.without_validation |= prepared.cannot_evaluate
-    train_config = ConfigRecord()  # sites read the run config themselves; Flower adds "server-round"
+    # Round 0 (the distributed start) is evaluated while the sites prepare: the server only waits for their replies
+    # then, and a site's prepare step leaves a core idle (imports, one site after another on a worker).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-0-evaluation")
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=settings.round_timeout,
-            train_config=train_config,
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=after_round,
-        )
-    except FederationExhausted as exc:
-        logger.warning("stopping the federation early: %s; the last checkpoint stays valid", exc)
+        round_0 = pool.submit(after_round, 0, arrays)
+
+        def evaluate_fn(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+            # Strategy.start evaluates its initial arrays (these) as round 0 first: that result is round_0's
+            return round_0.result() if local_round == 0 else after_round(local_round, round_arrays)
+
+        if settings.prepare_sites:
+            prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
+            strategy.without_validation |= prepared.cannot_evaluate
+        train_config = ConfigRecord()  # sites read the run config themselves; Flower adds "server-round"
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                train_config=train_config,
+                evaluate_config=ConfigRecord(),
+                evaluate_fn=evaluate_fn,
+            )
+        except FederationExhausted as exc:
+            logger.warning("stopping the federation early: %s; the last checkpoint stays valid", exc)
+    finally:
+        pool.shutdown(wait=True)  # a failed start still lets round 0's evaluation finish writing
 
 
 app = ServerApp()

@@ -120,3 +120,48 @@ def test_server_ema_is_evaluated_and_saved_while_sites_train_from_the_raw_model(
     # round 0 (the checkpoint itself) is a candidate too: the stub data may tie every round
     averages = {0: start[name], 1: start[name] + 0.5 * STEP, 2: start[name] + 1.25 * STEP}
     assert torch.allclose(best[name], averages[int(best_extra["round"])])
+
+
+class PreparingUntilRound0IsScored(RecordingSites):
+    """Stub sites whose prepare step waits until the server has logged round 0's held-out evaluation, as a slow
+    site's start-up would: the server must evaluate round 0 while it waits for the sites, not after."""
+
+    def __init__(self, metrics: Path) -> None:
+        super().__init__()
+        self.metrics, self.seen_round_0 = metrics, []
+
+    def __call__(self, node_id: int, msg: Message) -> Message:
+        if msg.metadata.message_type.startswith("query"):
+            import time
+
+            deadline = time.monotonic() + 60.0  # the tiny model's round 0 takes well under 1 s
+            while time.monotonic() < deadline and not self._round_0_logged():
+                time.sleep(0.05)
+            self.seen_round_0.append(self._round_0_logged())
+        return super().__call__(node_id, msg)
+
+    def _round_0_logged(self) -> bool:
+        if not self.metrics.exists():
+            return False
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        return any(r["round"] == 0 and r["phase"] == "server-eval" for r in rows)
+
+
+def test_round_0_is_evaluated_while_the_sites_prepare(tmp_path: Path) -> None:
+    from server.server_app import run_server
+
+    ckpt = tmp_path / "pretrained.pt"
+    _pretrained(ckpt)
+    heldout = write_heldout(tmp_path / "heldout", TINY.modalities)
+    run_dir = tmp_path / "run"
+    config = {**model_entries(TINY), "num-server-rounds": 1, "min-train-nodes": 3, "min-evaluate-nodes": 3,
+              "min-available-nodes": 3, "run-dir": str(run_dir), "test-dir": str(heldout), "device": "cpu",
+              "init-checkpoint": str(ckpt)}
+    sites = PreparingUntilRound0IsScored(run_dir / "metrics.jsonl")
+    run_server(LocalGrid(sorted(SITES), sites), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                        run_config=config))
+    assert sites.seen_round_0 and all(sites.seen_round_0)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    round_0 = [r for r in rows if r["round"] == 0 and r["phase"] == "server-eval"]
+    assert len({r["metric"] for r in round_0}) == len(round_0)  # logged once, not again by Strategy.start
+    assert {r["round"] for r in rows if r["phase"] == "server-eval"} == {0, 1}
