@@ -233,6 +233,13 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
                 freeze_untrained(rt.model, rt.dp_request.trainable)
             except ValueError as exc:
                 raise SiteDecline(replies.BAD_REQUEST, str(exc)) from exc
+            if not any(p.requires_grad for p in rt.model.parameters()):
+                # e.g. none+ct+us at a site without CT or ultrasound: its absent modalities' parameters are frozen
+                raise SiteDecline(
+                    replies.NO_USABLE_DATA,
+                    f"this site has nothing to train: dp-trainable = {rt.dp_request.trainable} trains only "
+                    "parameters of modalities this site does not hold "
+                    f"(it holds {', '.join(m for m in rt.model_cfg.modalities if rt.counts.get(m, 0) > 0)})")
             train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
             loader = DataLoader(train_cases, batch_size=min(rt.train.batch_size, rt.num_cases),
                                 shuffle=True, drop_last=False, pin_memory=rt.device.type == "cuda")

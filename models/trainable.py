@@ -17,10 +17,11 @@ set        parameters trained (every other parameter keeps the global model's va
 ``head``   the prediction heads only: the decoder's final 1x1 convolution ``decoder.head.…``, the classifier
            ``classifier.…`` and the late-fusion heads ``fusion.heads.…`` (the ``output`` family has no
            ``decoder.head``)
+``none``   nothing but the modalities it adds (``none+ct+us``; alone it trains nothing and is refused)
 =========  =====================================================================================================
 
 A set may add modalities: ``head+ct+us`` trains the heads and every parameter owned by ``ct`` or ``us`` (their
-encoders, stems, embeddings and late-fusion heads). That is the start a consortium has when its public data lack
+encoders, stems, embeddings and late-fusion heads); ``none+ct+us`` those parameters alone. That is the start a consortium has when its public data lack
 modalities its sites hold (public brain-tumour sets are MRI only): the pretrained parts stay frozen and only what
 the public data could not train is trained privately.
 
@@ -41,7 +42,7 @@ __all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "parse_trainable"
            "trained_names", "trained_parameter_count"]
 
 #: The values of run-config key ``dp-trainable``.
-TRAINABLE_SETS: tuple[str, ...] = ("all", "shared", "head")
+TRAINABLE_SETS: tuple[str, ...] = ("all", "shared", "head", "none")
 
 #: Name prefixes of the prediction heads (set ``head``).
 _HEAD_PREFIXES = ("decoder.head.", "classifier.", "fusion.heads.")
@@ -70,6 +71,8 @@ def trainable_problem(which: str) -> str | None:
         return "names a modality twice"
     if base == "all" and added:
         return "'all' already trains every modality; drop the +modality terms"
+    if base == "none" and not added:
+        return "'none' trains nothing by itself; add the modalities to train (e.g. none+ct+us)"
     return None
 
 
@@ -102,6 +105,8 @@ def is_trained(name: str, which: str) -> bool:
         return True
     if base == "shared":
         return owner is None
+    if base == "none":
+        return False
     return plain.startswith(_HEAD_PREFIXES)
 
 

@@ -64,8 +64,9 @@ def test_a_trainable_set_can_add_modalities() -> None:
     assert not any(owner_modality(n) in ("t1", "t1ce", "t2", "flair") for n in plus if n.startswith("encoders."))
     assert set(trained_names(names, "shared+us")) == set(trained_names(names, "shared")) | {
         n for n in names if owner_modality(n) == "us"}
+    assert set(trained_names(names, "none+ct+us")) == set(owned)  # what they own, and nothing else
     for bad, why in (("head+xray", "unknown modalities 'xray'"), ("head+ct+ct", "twice"), ("all+ct", "already"),
-                     ("heads+ct", "choose one of")):
+                     ("heads+ct", "choose one of"), ("none", "trains nothing")):
         with pytest.raises(ValueError, match=why):
             is_trained("classifier.fc.weight", bad)
     from common.runconfig import RunConfigError, load
@@ -75,7 +76,27 @@ def test_a_trainable_set_can_add_modalities() -> None:
     assert load({"dp-trainable": "head+ct+us"})["dp-trainable"] == "head+ct+us"
 
 
-@pytest.mark.parametrize("which", ["shared", "head", "head+t2"])
+def test_a_site_without_the_modalities_a_set_trains_declines_and_spends_nothing(tmp_path: Path) -> None:
+    """none+ct+us at a site without CT or ultrasound: nothing to train there. The site declines (no-usable-data,
+    not a failure), its ledger stays empty, and the planner says so instead of a verdict."""
+    from client.privacy.planner import NOTHING_TO_TRAIN, plan
+    from common import replies
+    from simulations.phantom_writers import generate
+
+    generate(tmp_path / "mri", sites=1, cases_per_site=4, seed=3, scenario="iid", shape=(16, 32, 32), fmt="nifti",
+             heldout_cases=0, modalities=["t1", "t2"])
+    node = {"data-dir": str(tmp_path / "mri" / "site-01"), "state-dir": str(tmp_path / "state")}
+    reply = train(message("train", initial_state()), context(node, run_config(**{"dp-trainable": "none+ct+us"})))
+    assert reply.has_error() and reply.error.code == replies.NO_USABLE_DATA
+    assert "nothing to train" in reply.error.reason and "t1, t2" in reply.error.reason
+    ledger = PersistentAccountant.load(tmp_path / "state")  # nothing reserved, nothing spent
+    assert not ledger.history and not ledger.reserved
+    planned = plan(run_config(**{"dp-trainable": "none+ct+us"}), patients=20, site_modalities=["t1", "t2"])
+    assert planned.verdict == NOTHING_TO_TRAIN and planned.dimension == 0
+    assert plan(run_config(**{"dp-trainable": "none+ct+us"}), patients=20).dimension > 0  # a site with them trains
+
+
+@pytest.mark.parametrize("which", ["shared", "head", "head+t2", "none+t2"])
 def test_frozen_parts_are_bit_identical_after_a_dp_round_and_absent_from_the_reply(
         phantoms: Path, tmp_path: Path, which: str) -> None:
     state = initial_state()

@@ -92,6 +92,9 @@ NO_GAIN_FROM_START_AT_LEAST = 0.45
 #: The verdicts.
 LEARNS, WILL_NOT_LEARN = "learns", "will not learn"
 KEEPS_NO_GAIN, KEEPS_GAIN_UNTESTED = "keeps the start, no gain over it", "keeps the start, gain over it untested"
+#: A site that holds none of the modalities ``dp-trainable`` trains (e.g. ``none+ct+us`` at an MRI-only site):
+#: it declines every training round (``no-usable-data``) and spends nothing.
+NOTHING_TO_TRAIN = "nothing to train here: declines every round"
 #: The rule as printed with every verdict.
 VERDICT_RULE = (f"from scratch: learns iff r_run = sigma*sqrt(d)/(B*sqrt(T*S)) <= {LEARNS_IF_RUN_RATIO_AT_MOST:g} "
                 "('learns' = Dice >= 0.5 x the non-private run of the same setting; a self-supervised start, fedfusion "
@@ -321,6 +324,9 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
     step_ratio = sigma * math.sqrt(d) / b
     run_ratio = step_ratio / math.sqrt(noise.total_steps * sites)
     notes = [start_note] if start_note else []
+    if d == 0:
+        notes.append(f"dp-trainable = {dp.trainable} trains no parameter of this site's modalities: the site declines "
+                     "every training round and its budget below is not spent")
     if train.optimizer == "adam" and step_ratio > 1:
         notes.append("Adam normalises a noise-dominated gradient: every coordinate moves by about lr per step "
                      "whatever its signal; use optimizer = sgd or adam-bc")
@@ -337,7 +343,8 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
         pretrained=pretrained, start=start, dimension=d, multiplicity=train.augment_multiplicity,
         optimizer=train.optimizer,
         sites=sites, rounds=train.num_server_rounds, noise_std=sigma * dp.max_grad_norm / b, step_ratio=step_ratio,
-        run_ratio=run_ratio, verdict=verdict(run_ratio, pretrained), budget=budget, notes=notes,
+        run_ratio=run_ratio, verdict=verdict(run_ratio, pretrained) if d else NOTHING_TO_TRAIN, budget=budget,
+        notes=notes,
     )
 
 

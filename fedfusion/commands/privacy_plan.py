@@ -19,7 +19,7 @@ def command(
     batch: Annotated[Optional[int], typer.Option(help="Expected batch (batch-size).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round (local-epochs).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Rounds (num-server-rounds).")] = None,
-    trainable: Annotated[Optional[str], typer.Option(help="all, shared or head, optionally +modality, e.g. "
+    trainable: Annotated[Optional[str], typer.Option(help="all, shared, head or none, optionally +modality, e.g. "
                                                      "head+ct+us (dp-trainable).")] = None,
     multiplicity: Annotated[Optional[int], typer.Option(help="Augmented views per case (augment-multiplicity).")] = None,
     accountant: Annotated[Optional[str], typer.Option(help="rdp or prv (dp-accountant).")] = None,
