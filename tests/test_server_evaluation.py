@@ -183,6 +183,10 @@ def test_best_is_chosen_on_the_selection_set_and_the_unseen_cohort_is_evaluated_
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     chosen = max(select, key=lambda rnd: select[rnd]["subset-mean/dice-whole"])
     assert extra["metric"] == "subset-mean/dice-whole"
+    from fedfusion.commands.simulate import _best_line  # what `fedfusion simulate` prints at the end
+
+    assert f"(round {chosen}, subset-mean/dice-whole = " in str(_best_line(run_dir))
+    assert "on the validation/ set" in str(_best_line(run_dir)) and _best_line(tmp_path) is None
     assert extra["selected_on"] == "validation" and extra["round"] == chosen
     report_md = __import__("simulations.report", fromlist=["build_report"]).build_report(run_dir)
     text = report_md.read_text()

@@ -152,8 +152,27 @@ def command(
             + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("all/") and v is not None
                         and k.split("/", 1)[1] in ("dice-whole", "dice-core", "dice-enhancing", "accuracy", "auroc"))
         )
+    best = _best_line(result.run_dir)
+    if best:
+        console.print(best, highlight=False)
     if result.report:
         console.print(f"report: {result.report}")
+
+
+def _best_line(run_dir: Path) -> str | None:
+    """Which checkpoint to use and why: ``best.pt``'s round and the selection measure that chose it."""
+    from models.checkpoint import load_checkpoint
+
+    path = run_dir / "checkpoints" / "best.pt"
+    try:
+        _, _, extra = load_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+    where = extra.get("selected_on", "?")
+    value = extra.get("value")
+    shown = f" = {value:.3f}" if isinstance(value, (int, float)) else ""
+    return (f"best model: {path} (round {extra.get('round', '?')}, {extra.get('metric', '?')}{shown} on the "
+            f"{where}/ set)")
 
 
 def _work_split(result: "object", cpus_per_site: Optional[float]) -> str:
