@@ -204,3 +204,21 @@ def test_inspect_shows_each_sites_plan_for_its_case_count(phantoms: Path) -> Non
     assert list(plans) == ["site-01"] and plans["site-01"]["patients"] == 4 and plans["site-01"]["epsilon"] == 3.0
     text = CliRunner().invoke(app, ["inspect", str(phantoms)])
     assert "privacy plan of site-01" in text.stdout and "verdict:" in text.stdout
+
+
+
+def test_a_plan_with_frozen_heads_from_a_start_without_the_modality_carries_its_caution(tmp_path: Path) -> None:
+    """none+ct+us from an MRI-only start: planned by the scratch rule at a CT site, with the measured caution (the
+    demo's ultrasound site did not learn with the heads frozen); not with the heads trained."""
+    from models.checkpoint import save_checkpoint
+
+    cfg = default_model_config()
+    mri = tmp_path / "mri.pt"
+    save_checkpoint(mri, build_model(cfg).state_dict(), cfg,
+                    provenance={"kind": "fedfusion-pretrain", "mode": "supervised", "modalities": "t1,t1ce,t2,flair"})
+    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0, "init-checkpoint": str(mri)}
+    frozen = plan({**rc, "dp-trainable": "none+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
+    heads = plan({**rc, "dp-trainable": "head+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
+    assert frozen.start == START_WITHOUT + "ct" and 0 < frozen.dimension < heads.dimension
+    assert any("heads stay frozen" in n and "do not rely" in n for n in frozen.notes)
+    assert not any("heads stay frozen" in n for n in heads.notes)

@@ -119,6 +119,12 @@ _FEW_NEW = ("the modalities new to the start are {new} of this site's {held}: in
             "they were 2 of 6, the new encoders did not learn under DP at r_run 1.23 and 2.25 while the non-private "
             "runs did (docs/results.md, issue 14), so do not rely on 'learns' here; where they were 1 of 2 (the "
             "demo's CT and US sites) they learnt")
+#: Printed with a plan whose trained start lacked modalities that the run trains with the heads frozen (none+m).
+_FROZEN_HEADS = ("the heads stay frozen (dp-trainable = {which}): a new modality's encoder must fit a decoder "
+                 "trained without it; on the demo's data, planned 'learns' at both sites, the CT site (31 patients) "
+                 "kept 0.92 of the non-private Dice from CT alone but the ultrasound site (20) 0.13, its Dice from "
+                 "ultrasound alone 0 in 2 of 4 DP runs (docs/results.md, issue 14): do not rely on 'learns' for a "
+                 "small site here")
 #: Most later runs the budget section counts.
 _MAX_LATER_RUNS = 50
 
@@ -327,6 +333,8 @@ def plan(run_config: Mapping[str, Any], *, patients: int, sites: int = 1, policy
     if d == 0:
         notes.append(f"dp-trainable = {dp.trainable} trains no parameter of this site's modalities: the site declines "
                      "every training round and its budget below is not spent")
+    elif start.startswith(START_WITHOUT) and dp.trainable.startswith("none+"):
+        notes.append(_FROZEN_HEADS.format(which=dp.trainable))
     if train.optimizer == "adam" and step_ratio > 1:
         notes.append("Adam normalises a noise-dominated gradient: every coordinate moves by about lr per step "
                      "whatever its signal; use optimizer = sgd or adam-bc")
