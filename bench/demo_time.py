@@ -132,17 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         work_split(splits, parallel, timed.timings_file) + ".",
         "",
-        f"What the ideal leaves out: the server's evaluation after each round ({server_eval:.0f} s, of which the last "
-        f"round's every-subset evaluation {last_eval:.0f} s) is {server_eval / ideal:.1f}x the ideal by itself; the "
+        f"What the ideal leaves out: the server's evaluations after each round ({server_eval:.0f} s, of which the last "
+        f"round's, with every subset of the held-out set, {last_eval:.0f} s) is {server_eval / ideal:.1f}x the ideal by itself; the "
         f"rounds without the server phase take {sites_part:.0f} s = {sites_part / ideal:.2f}x the ideal, and the start "
         f"before round 1 {timed.startup:.0f} s.",
         "",
         *render_splits(splits, parallel),
         "",
         f"Ideal = the sites' summed local training (their train-seconds) / {parallel} (one Ray worker per CPU). "
-        "Columns as in the round-overhead section; the server phase is the held-out evaluation (every modality "
-        "subset after the last round; the full set and each single modality before it, run config "
-        "`eval-subsets`) and the checkpoint.",
+        "Columns as in the round-overhead section; the server phase is its evaluations, timed together as server "
+        "eval: the selection set on the full set and each single modality (`select-subsets`, what best.pt is "
+        "chosen by), the held-out set (every modality subset after the last round, before it the full set and "
+        "each single modality, `eval-subsets`) and after the last round the unseen-scanner set; and the checkpoint.",
     ]
     text = "\n".join(lines)
     print(text)

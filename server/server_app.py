@@ -166,7 +166,8 @@ def _run(
         selection: dict[str, float] | None = None
         threshold: float | None = None
         if due and selector is not None:
-            chosen = selector.evaluate(evaluated, subsets=settings.select_subsets)
+            with timings.phase("server", "server-eval", round=rnd, cohort="selection"):
+                chosen = selector.evaluate(evaluated, subsets=settings.select_subsets)
             if chosen is not None:
                 selection = {**chosen.flat, **(subset_mean(chosen.flat, select_names) or {})}
                 threshold = chosen.operating_threshold
@@ -176,7 +177,7 @@ def _run(
             # every modality subset at the last round; before it, the cheaper eval-subsets (63 subsets of 6
             # modalities cost as much CPU as half the sites' training of a round)
             subsets = None if rnd == settings.num_server_rounds else settings.eval_subsets
-            with timings.phase("server", "server-eval", round=rnd):
+            with timings.phase("server", "server-eval", round=rnd, cohort="held-out"):
                 outcome = evaluator.evaluate(evaluated, subsets=subsets, threshold=at)
             if outcome is not None:
                 flat = outcome.flat
@@ -198,7 +199,8 @@ def _run(
                               threshold=threshold)
             logger.info("round %d: new best %s = %.4f", rnd, best.key, best.value)
         if unseen is not None and rnd == settings.num_server_rounds:
-            other = unseen.evaluate(evaluated, threshold=at)
+            with timings.phase("server", "server-eval", round=rnd, cohort="unseen"):
+                other = unseen.evaluate(evaluated, threshold=at)
             if other is not None:
                 mlog.write(rnd, "server-eval-unseen", "global", other.flat)
                 logger.info("round %d unseen-scanner cohort per modality subset:\n%s", rnd, render(other.table))

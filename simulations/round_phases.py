@@ -6,12 +6,12 @@ Three sources, all inside the run directory:
   evaluate phase starts (``configure_evaluate``, after the training replies are aggregated), when the ServerApp's
   own evaluation starts (``Global evaluation``) and when the strategy finishes. These give each round's wall time
   and its three phases: *train* (messages out, site training, replies, aggregation), *site evaluation* (Flower's
-  evaluate phase) and *server* (held-out evaluation, checkpoint);
+  evaluate phase) and *server* (its evaluations of the selection, held-out and unseen sets, checkpoint);
 * ``metrics.jsonl``: every site's ``train-seconds`` (its local epochs only), whose sum over sites divided by the
   number of sites that can train at once is the round's *ideal* wall time;
 * the timings file (:mod:`common.timings`, written when the run had ``FEDFUSION_TIMINGS`` set): what the sites'
   ClientApps spent, by phase (imports, runtime build, training parts, epochs, evaluation), and the server's
-  held-out evaluation and checkpoint.
+  evaluations (selection, held-out and unseen sets) and checkpoint.
 
 Site phases carry no round number when they are not messages (a runtime is built inside a message); they are
 attributed to the round whose wall interval holds their start.
@@ -200,7 +200,7 @@ def work_split(splits: Sequence[RoundSplit], parallel: int, timings_file: Path) 
     return (
         f"work split: {startup:.0f} s before round 1 (Ray, apps, sites preparing: {prepare:.0f} s); {len(splits)} "
         f"rounds {rounds:.0f} s = train phase {train:.0f} s (sites' local epochs {epochs:.0f} s summed over sites) + "
-        f"site evaluation {site_eval:.0f} s + server {server:.0f} s (held-out evaluation {server_eval:.0f} s); "
+        f"site evaluation {site_eval:.0f} s + server {server:.0f} s (evaluations {server_eval:.0f} s); "
         f"ideal (summed local epochs / {parallel} sites at a time) {ideal:.0f} s, rounds / ideal "
         f"{rounds / ideal if ideal else float('nan'):.2f}, (start-up + rounds) / ideal "
         f"{(startup + rounds) / ideal if ideal else float('nan'):.2f}"
