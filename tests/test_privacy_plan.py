@@ -141,16 +141,21 @@ def test_a_self_supervised_start_is_planned_as_from_scratch(tmp_path: Path) -> N
     assert plan(rc, patients=24, sites=3).start == START_SEED
 
 
-def test_a_start_without_a_trained_modality_is_planned_as_from_scratch_where_the_site_has_it(tmp_path: Path) -> None:
-    """Public pretraining on MRI only (BraTS-like) leaves the CT and US encoders at the seed: a run that trains them
-    (head+ct+us) is planned from scratch at a site holding CT or US, and from the trained start elsewhere."""
+def _mri_only_start(tmp_path: Path) -> dict[str, object]:
+    """A run config at epsilon 8 from a checkpoint pretrained on the four MRI sequences only (BraTS-like)."""
     from models.checkpoint import save_checkpoint
 
     cfg = default_model_config()
     mri = tmp_path / "mri.pt"
     save_checkpoint(mri, build_model(cfg).state_dict(), cfg,
                     provenance={"kind": "fedfusion-pretrain", "mode": "supervised", "modalities": "t1,t1ce,t2,flair"})
-    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0, "init-checkpoint": str(mri)}
+    return {**model_entries(cfg), "dp-target-epsilon": 8.0, "init-checkpoint": str(mri)}
+
+
+def test_a_start_without_a_trained_modality_is_planned_as_from_scratch_where_the_site_has_it(tmp_path: Path) -> None:
+    """Public pretraining on MRI only (BraTS-like) leaves the CT and US encoders at the seed: a run that trains them
+    (head+ct+us) is planned from scratch at a site holding CT or US, and from the trained start elsewhere."""
+    rc = _mri_only_start(tmp_path)
     ct_site = plan({**rc, "dp-trainable": "head+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
     assert ct_site.start == START_WITHOUT + "ct" and not ct_site.pretrained
     assert ct_site.verdict == verdict(ct_site.run_ratio)
@@ -210,13 +215,7 @@ def test_inspect_shows_each_sites_plan_for_its_case_count(phantoms: Path) -> Non
 def test_a_plan_with_frozen_heads_from_a_start_without_the_modality_carries_its_caution(tmp_path: Path) -> None:
     """none+ct+us from an MRI-only start: planned by the scratch rule at a CT site, with the measured caution (the
     demo's ultrasound site did not learn with the heads frozen); not with the heads trained."""
-    from models.checkpoint import save_checkpoint
-
-    cfg = default_model_config()
-    mri = tmp_path / "mri.pt"
-    save_checkpoint(mri, build_model(cfg).state_dict(), cfg,
-                    provenance={"kind": "fedfusion-pretrain", "mode": "supervised", "modalities": "t1,t1ce,t2,flair"})
-    rc = {**model_entries(cfg), "dp-target-epsilon": 8.0, "init-checkpoint": str(mri)}
+    rc = _mri_only_start(tmp_path)
     frozen = plan({**rc, "dp-trainable": "none+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
     heads = plan({**rc, "dp-trainable": "head+ct+us"}, patients=24, sites=3, site_modalities=["t1", "ct"])
     assert frozen.start == START_WITHOUT + "ct" and 0 < frozen.dimension < heads.dimension
