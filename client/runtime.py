@@ -223,7 +223,7 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
     with _LOCK:
         if rt.parts is None:
             started = timings.clock()
-            from models.trainable import freeze_untrained
+            from models.trainable import freeze_untrained, parameter_groups
 
             from .privacy.multiplicity import MultiViewLoader, install_view_averaging
             from .privacy.optimizers import build_optimizer, set_noise_std
@@ -243,7 +243,8 @@ def training_parts(rt: SiteRuntime, policy: SitePolicy) -> tuple[Any, Any, Any, 
             train_cases = CasesOnly(Subset(rt.dataset, rt.split.train))
             loader = DataLoader(train_cases, batch_size=min(rt.train.batch_size, rt.num_cases),
                                 shuffle=True, drop_last=False, pin_memory=rt.device.type == "cuda")
-            optimizer = build_optimizer(rt.train.optimizer, rt.model, lr=rt.train.lr)
+            groups = parameter_groups(rt.model, rt.dp_request.trainable, rt.train.lr_base_scale)
+            optimizer = build_optimizer(rt.train.optimizer, rt.model, lr=rt.train.lr, groups=groups)
             views = rt.train.augment_multiplicity
             if rt.dp_request.enabled:
                 try:

@@ -155,6 +155,10 @@ _KEYS: tuple[Key, ...] = (
     # local training
     Key("local-epochs", int, "train", "local epochs per round", _at_least(1)),
     Key("lr", float, "train", "site learning rate", _at_least(0, strict=True)),
+    Key("lr-base-scale", float, "train", "learning-rate factor for the trained parameters that no modality added to "
+        "dp-trainable owns (the pretrained heads of head+ct+us) against those the +modalities own; 1, or a set "
+        "without +modalities = one rate",
+        lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
     Key("lr-schedule", str, "train", "learning rate over the run's steps: constant, cosine or poly (models.schedule)",
         _one_of("constant", "cosine", "poly")),
     Key("lr-warmup", float, "train", "share of the run's steps warming the learning rate up linearly",
@@ -410,6 +414,7 @@ class TrainConfig:
 
     local_epochs: int
     lr: float
+    lr_base_scale: float
     lr_schedule: str
     lr_warmup: float
     balance_classes: bool

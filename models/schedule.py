@@ -86,8 +86,9 @@ class LRSchedule:
 
     def apply(self, optimizer: Any, step: int) -> float:
         """Set every parameter group of ``optimizer`` (a torch optimizer or an Opacus ``DPOptimizer``, which shares
-        its original optimizer's groups) to the learning rate of ``step``; returns it."""
+        its original optimizer's groups) to the learning rate of ``step`` times the group's ``lr_scale`` (1 when it
+        has none; :func:`models.trainable.parameter_groups`); returns the rate."""
         lr = self.lr(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * float(group.get("lr_scale", 1.0))
         return lr

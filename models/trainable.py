@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 from .modalities import MODALITIES, owner_modality
 
-__all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "parse_trainable", "trainable_problem",
-           "trained_names", "trained_parameter_count"]
+__all__ = ["TRAINABLE_SETS", "freeze_untrained", "is_trained", "parameter_groups", "parse_trainable",
+           "trainable_problem", "trained_names", "trained_parameter_count"]
 
 #: The values of run-config key ``dp-trainable``.
 TRAINABLE_SETS: tuple[str, ...] = ("all", "shared", "head", "none")
@@ -134,3 +135,26 @@ def freeze_untrained(model: nn.Module, which: str) -> None:
 def trained_parameter_count(model: nn.Module, which: str) -> int:
     """Number of scalar parameters ``which`` trains in ``model`` (the dimension DP-SGD noises)."""
     return sum(p.numel() for n, p in model.named_parameters() if is_trained(n, which))
+
+
+def parameter_groups(model: nn.Module, which: str, base_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups for set ``which``: the trainable parameters an added modality owns
+    (``+ct+us``) at the full learning rate, the rest (the base set, e.g. the pretrained heads) at ``base_scale`` of
+    it (run config ``lr-base-scale``: discriminative fine-tuning, a smaller step for what a pretrained start
+    already learnt). Each group's ``lr_scale`` is what :meth:`models.schedule.LRSchedule.apply` multiplies the
+    schedule's rate by. One group at the full rate when ``base_scale`` is 1 or the set adds no modality (there is
+    nothing to set the base against); empty groups are left out.
+
+    Raises:
+        ValueError: an unknown set (:func:`parse_trainable`) or a scale outside (0, 1].
+    """
+    if not 0 < base_scale <= 1:
+        raise ValueError(f"lr-base-scale must be in (0, 1], got {base_scale}")
+    _, added = parse_trainable(which)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if base_scale == 1 or not added:
+        return [{"params": [p for _, p in params], "lr_scale": 1.0}]
+    own = [p for n, p in params if owner_modality(_plain(n)) in added]
+    base = [p for n, p in params if owner_modality(_plain(n)) not in added]
+    return [g for g in ({"params": own, "lr_scale": 1.0}, {"params": base, "lr_scale": float(base_scale)})
+            if g["params"]]

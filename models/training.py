@@ -58,13 +58,23 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return dev
 
 
-def make_optimizer(
-    model: nn.Module, lr: float, kind: str = "adam", *, weight_decay: float = 0.0, momentum: float = 0.9
-) -> torch.optim.Optimizer:
-    """Optimizer over the trainable parameters of ``model``: ``adam`` or ``sgd`` (with ``momentum``)."""
+def optimizer_groups(model: nn.Module, lr: float, groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer parameter groups at ``lr``: ``groups`` (each with an
+    ``lr_scale``, :func:`models.trainable.parameter_groups`) with their rate set, or one group of them all."""
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    if groups is None:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0, "lr": lr}]
+    return [{**g, "lr": lr * float(g.get("lr_scale", 1.0))} for g in groups]
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, kind: str = "adam", *, weight_decay: float = 0.0, momentum: float = 0.9,
+    groups: list[dict[str, Any]] | None = None,
+) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters of ``model``: ``adam`` or ``sgd`` (with ``momentum``); ``groups``:
+    parameter groups with their own ``lr_scale`` (:func:`optimizer_groups`)."""
+    params = optimizer_groups(model, lr, groups)
     kind = kind.strip().lower()
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -20,7 +20,7 @@ from client.privacy.optimizers import AdamBC, STATE_DIR, load_state, read_state,
 from client.runtime import clear_cache
 from models.losses import MultiTaskLoss
 from models.network import build_model
-from models.trainable import is_trained, trained_names
+from models.trainable import freeze_untrained, is_trained, trained_names
 from tests.client_helpers import TINY, context, initial_state, make_phantoms, message, run_config
 
 
@@ -322,3 +322,53 @@ def test_prv_reads_the_same_ledger_tighter(tmp_path: Path) -> None:
     assert prv < rdp
     with pytest.raises(ValueError, match="choose one of rdp, prv"):
         epsilon_of(ledger.history, 1e-5, "pld")
+
+
+def test_the_base_part_of_a_trainable_set_can_learn_slower_than_its_added_modalities(
+        phantoms: Path, tmp_path: Path) -> None:
+    """lr-base-scale: with head+ct, the heads (what a pretrained start already learnt) step at a fraction of the
+    rate the CT parameters (new to the start) step at; 1 keeps one rate and one parameter group."""
+    from models.modalities import owner_modality
+    from models.schedule import LRSchedule
+    from models.trainable import parameter_groups
+
+    model = build_model(TINY)
+    freeze_untrained(model, "head+ct")
+    one, two = parameter_groups(model, "head+ct"), parameter_groups(model, "head+ct", 0.1)
+    assert len(one) == 1 and [g["lr_scale"] for g in two] == [1.0, 0.1]
+    plain = build_model(TINY)
+    freeze_untrained(plain, "head")  # nothing added: nothing to set the heads against, one rate
+    assert [g["lr_scale"] for g in parameter_groups(plain, "head", 0.1)] == [1.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(owner_modality(names[id(p)]) == "ct" for p in two[0]["params"])
+    assert all(owner_modality(names[id(p)]) != "ct" for p in two[1]["params"])
+    opt = torch.optim.Adam(two, lr=1.0)
+    LRSchedule(0.01, 10, "constant", warmup_steps=0).apply(opt, 3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.001])
+    with pytest.raises(ValueError, match="lr-base-scale"):
+        parameter_groups(model, "head+ct", 0.0)
+    from common.runconfig import RunConfigError, load
+
+    for bad in (0, 1.5):
+        with pytest.raises(RunConfigError, match="lr-base-scale"):
+            load({"lr-base-scale": bad})
+
+    # at the site (no DP, Adam: each coordinate moves by about the rate, whatever its gradient's scale)
+    def moved(scale: float) -> tuple[float, float]:
+        clear_cache()
+        state = initial_state()
+        node = {"data-dir": str(phantoms / "site-01"), "state-dir": str(tmp_path / f"state-{scale}"),
+                "allow-no-dp": True}
+        rc = run_config(**{"dp-enabled": False, "dp-trainable": "head+ct", "lr-base-scale": scale,
+                           "lr-schedule": "constant", "lr-warmup": 0.0})
+        reply = train(message("train", state), context(node, rc))
+        assert not reply.has_error(), reply.error
+        sent = reply.content["arrays"].to_torch_state_dict()
+        step = {k: (sent[k] - state[k]).abs().mean().item() for k in sent if sent[k].is_floating_point()}
+        heads = [v for k, v in step.items() if owner_modality(k) != "ct"]
+        ct = [v for k, v in step.items() if owner_modality(k) == "ct"]
+        return sum(heads) / len(heads), sum(ct) / len(ct)
+
+    (heads_1, ct_1), (heads_s, ct_s) = moved(1.0), moved(0.01)
+    assert heads_s < 0.05 * heads_1  # the heads step about 100x less ...
+    assert ct_s > 0.5 * ct_1  # ... the CT parameters about as much

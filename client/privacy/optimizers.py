@@ -126,18 +126,20 @@ def _floor(group: dict[str, Any], t: float) -> float:
     return max(float(group["gamma"]), noise_var * math.sqrt(2.0 / samples))
 
 
-def build_optimizer(kind: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer ``kind`` (:data:`OPTIMIZERS`) over the trainable parameters of ``model``.
+def build_optimizer(kind: str, model: nn.Module, lr: float,
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (:data:`OPTIMIZERS`) over the trainable parameters of ``model``, in ``groups`` with
+    their own ``lr_scale`` when given (:func:`models.trainable.parameter_groups`).
 
     Raises:
         ValueError: an unknown kind or a bad learning rate.
     """
-    from models.training import make_optimizer
+    from models.training import make_optimizer, optimizer_groups
 
     if kind in ("adam", "sgd"):
-        return make_optimizer(model, lr, kind)
+        return make_optimizer(model, lr, kind, groups=groups)
     if kind == "adam-bc":
-        return AdamBC([p for p in model.parameters() if p.requires_grad], lr=lr)
+        return AdamBC(optimizer_groups(model, lr, groups), lr=lr)
     raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)} (run config optimizer)")
 
 
