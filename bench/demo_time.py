@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         work_split(splits, parallel, timed.timings_file) + ".",
         "",
-        f"What the ideal leaves out: the server's evaluations after each round ({server_eval:.0f} s, of which the last "
-        f"round's, with every subset of the held-out set, {last_eval:.0f} s) is {server_eval / ideal:.1f}x the ideal by itself; the "
+        f"What the ideal leaves out: the server's evaluations after each round ({server_eval:.0f} s, of which the "
+        f"last round's, with every subset of the held-out set, {last_eval:.0f} s) is {server_eval / ideal:.1f}x the "
+        "ideal by itself; the "
         f"rounds without the server phase take {sites_part:.0f} s = {sites_part / ideal:.2f}x the ideal, and the start "
         f"before round 1 {timed.startup:.0f} s.",
         "",

@@ -185,8 +185,8 @@ _KEYS: tuple[Key, ...] = (
         _at_least(0)),
     Key("dp-max-grad-norm", float, "dp", "per-case clipping norm", _at_least(0, strict=True)),
     Key("dp-trainable", str, "dp", "parameters the sites train (all, shared = not modality-owned, head = prediction "
-        "heads, none; +m adds modality m's parameters, e.g. head+ct+us or none+ct+us; models/trainable.py); the rest keeps the global "
-        "values, is not noised and not sent", trainable_problem),
+        "heads, none; +m adds modality m's parameters, e.g. head+ct+us or none+ct+us; models/trainable.py); the "
+        "rest keeps the global values, is not noised and not sent", trainable_problem),
     Key("dp-accountant", str, "dp", "how epsilon is computed from the site's ledger: rdp (Renyi DP) or prv "
         "(Opacus's PRV accountant, tighter)", _one_of(*ACCOUNTANTS)),
     # model

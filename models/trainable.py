@@ -21,9 +21,11 @@ set        parameters trained (every other parameter keeps the global model's va
 =========  =====================================================================================================
 
 A set may add modalities: ``head+ct+us`` trains the heads and every parameter owned by ``ct`` or ``us`` (their
-encoders, stems, embeddings and late-fusion heads); ``none+ct+us`` those parameters alone. That is the start a consortium has when its public data lack
-modalities its sites hold (public brain-tumour sets are MRI only): the pretrained parts stay frozen and only what
-the public data could not train is trained privately.
+encoders, stems, embeddings and late-fusion heads); ``none+ct+us`` those parameters alone. That is the start a
+consortium has when its public data lack modalities its sites hold (public brain-tumour sets are MRI only): the
+pretrained parts stay frozen and only what the public data could not train is trained privately. The run config's
+``lr-base-scale`` can let the base part (the heads of ``head+ct+us``) learn more slowly than the added modalities'
+parameters (:func:`parameter_groups`).
 
 Frozen parameters get ``requires_grad = False`` before Opacus wraps the model (they are neither clipped nor
 noised), are left out of the site's reply, and the server takes them unchanged from the global model.

@@ -221,7 +221,8 @@ def _run(
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
     # Round 0 (the distributed start) is evaluated while the sites prepare: the server only waits for their replies
-    # then, and a site's prepare step leaves a core idle (imports, one site after another on a worker).
+    # then. A deployed server's CPU is idle meanwhile; on one machine the evaluation competes with the sites'
+    # start-up instead (the 2-core demo gained nothing, docs/server.md).
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-0-evaluation")
     try:
         round_0 = pool.submit(after_round, 0, arrays)
