@@ -221,3 +221,14 @@ def test_a_plan_with_frozen_heads_from_a_start_without_the_modality_carries_its_
     assert frozen.start == START_WITHOUT + "ct" and 0 < frozen.dimension < heads.dimension
     assert any("heads stay frozen" in n and "do not rely" in n for n in frozen.notes)
     assert not any("heads stay frozen" in n for n in heads.notes)
+
+
+def test_a_verdict_near_the_line_says_it_is_a_lean() -> None:
+    """From scratch, r_run within a factor 2 of the rule's line carries the measured caution; far from it, not."""
+    seen = set()
+    for patients, eps in ((24, 1.0), (24, 8.0), (256, 8.0), (64, 3.0), (2000, 50.0)):
+        p = plan(run_config(**{"dp-target-epsilon": eps, "dp-noise-multiplier": 0.0}), patients=patients, sites=3)
+        near = LEARNS_IF_RUN_RATIO_AT_MOST / 2 <= p.run_ratio <= 2 * LEARNS_IF_RUN_RATIO_AT_MOST
+        assert any("within a factor 2 of the line" in n for n in p.notes) == near, (patients, eps, p.run_ratio)
+        seen.add(near)
+    assert seen == {True, False}  # both cases were exercised
