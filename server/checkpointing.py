@@ -152,6 +152,16 @@ class RunDirectory:
         )
 
 
+def best_record(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What ``RUN/checkpoints/best.pt`` says of itself: ``round``, ``metric``, ``value``, ``selected_on`` (``None``
+    when the run wrote none, or it cannot be read)."""
+    try:
+        _, _, extra = load_checkpoint(RunDirectory(run_dir).best_path)
+    except (OSError, ValueError):
+        return None
+    return {k: extra.get(k) for k in ("round", "metric", "value", "selected_on")}
+
+
 class BestTracker:
     """Keeps the best value of one global metric and says when a round beats it."""
 

@@ -395,29 +395,28 @@ def _single_modality_trend(run: Run) -> list[str]:
 
 
 def _selection_trend(run: Run) -> list[str]:
-    """Which round became ``best.pt`` and by what, from the selection set's rounds (``server-select``), and how its
-    measure moved from the first to the last of them (nothing without a selection set)."""
-    from server.checkpointing import BestTracker, pick_metric
+    """Which round became ``best.pt`` and by what (as ``best.pt`` records it), and how that measure moved on the
+    selection set (``server-select``) from its first to its last evaluated round (nothing without a selection set
+    or a ``best.pt``)."""
+    from server.checkpointing import best_record, pick_metric
 
-    metric = run.config.get("best-metric")
-    rounds = run.records.rounds("server-select", "global")
-    if not metric or not rounds:
+    best = best_record(run.run_dir)
+    if best is None or not best.get("metric"):
         return []
-    tracker, values = BestTracker(str(metric)), []
-    for r in rounds:
+    values = []
+    for r in run.records.rounds("server-select", "global"):
         flat = {k: float(v) for k, v in run.records.at("server-select", "global", r).items() if v is not None}
-        found = pick_metric(flat, str(metric))
+        found = pick_metric(flat, str(best["metric"]))
         if found is not None:
-            tracker.update(r, flat)
-            values.append((r, found[1]))
-    if tracker.round is None:
+            values.append((r, *found))
+    if not values:
         return []
-    (r0, v0), (r1, v1) = values[0], values[-1]
-    what = f"`{tracker.key}`"
-    if str(tracker.key).startswith("subset-mean/"):
+    (r0, key, v0), (r1, _, v1) = values[0], values[-1]
+    what = f"`{key}`"
+    if key.startswith("subset-mean/"):
         what += f" (averaged over the subsets `{run.config.get('select-subsets', DASH)}`)"
-    return [f"- `checkpoints/best.pt`: round {tracker.round}, chosen on the selection set by {what}: "
-            f"{v0:.3f} (round {r0}) → {v1:.3f} (round {r1}), best {tracker.value:.3f}"]
+    return [f"- `checkpoints/best.pt`: round {best['round']}, chosen on the selection set by {what}: "
+            f"{v0:.3f} (round {r0}) → {v1:.3f} (round {r1}), best {float(best['value']):.3f}"]
 
 
 def _auroc_trend(run: Run) -> list[str]:

@@ -211,7 +211,6 @@ def test_inspect_shows_each_sites_plan_for_its_case_count(phantoms: Path) -> Non
     assert "privacy plan of site-01" in text.stdout and "verdict:" in text.stdout
 
 
-
 def test_a_plan_with_frozen_heads_from_a_start_without_the_modality_carries_its_caution(tmp_path: Path) -> None:
     """none+ct+us from an MRI-only start: planned by the scratch rule at a CT site, with the measured caution (the
     demo's ultrasound site did not learn with the heads frozen); not with the heads trained."""

@@ -161,18 +161,15 @@ def command(
 
 def _best_line(run_dir: Path) -> str | None:
     """Which checkpoint to use and why: ``best.pt``'s round and the selection measure that chose it."""
-    from models.checkpoint import load_checkpoint
+    from server.checkpointing import RunDirectory, best_record
 
-    path = run_dir / "checkpoints" / "best.pt"
-    try:
-        _, _, extra = load_checkpoint(path)
-    except (OSError, ValueError):
+    best = best_record(run_dir)
+    if best is None:
         return None
-    where = extra.get("selected_on", "?")
-    value = extra.get("value")
+    value = best["value"]
     shown = f" = {value:.3f}" if isinstance(value, (int, float)) else ""
-    return (f"best model: {path} (round {extra.get('round', '?')}, {extra.get('metric', '?')}{shown} on the "
-            f"{where}/ set)")
+    return (f"best model: {RunDirectory(run_dir).best_path} (round {best['round']}, {best['metric']}{shown} on the "
+            f"{best['selected_on']}/ set)")
 
 
 def _work_split(result: "object", cpus_per_site: Optional[float]) -> str:
