@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = timed.splits
     ideal = sum(s.ideal(parallel) for s in splits)
     ratio = timed.result.wall_seconds / ideal if ideal else float("nan")
+    # the server evaluates round r beside round r+1's training: on a full machine that CPU slows the sites' epochs
+    # and raises the ideal, so the target is judged against the ideal without it (RoundSplit.ideal_undisturbed)
+    undisturbed = sum(s.ideal_undisturbed(parallel) for s in splits)
+    judged = timed.result.wall_seconds / undisturbed if undisturbed else float("nan")
+    beside = ideal - undisturbed
     server_eval = sum(s.server_eval for s in splits)
     last_eval = splits[-1].server_eval if splits else 0.0
     sites_part = sum(s.wall - s.server_phase for s in splits)
@@ -126,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "phantoms reused"
         f"{', preprocessed cache deleted first' if args.fresh_cache else ''}):",
         "",
-        f"**simulation {timed.result.wall_seconds:.0f} s for an ideal of {ideal:.0f} s: {ratio:.2f}x** (target <= "
-        f"{TARGET}: {'met' if ratio <= TARGET else 'missed'}); peak RSS {timed.result.peak_rss_mb:.0f} MiB; the "
+        f"**simulation {timed.result.wall_seconds:.0f} s for an ideal of {ideal:.0f} s: {ratio:.2f}x"
+        + (f"; {judged:.2f}x against the ideal without the CPU the server's evaluation took from the sites' epochs "
+           f"beside it ({undisturbed:.0f} s)" if beside >= 0.5 else "")
+        + f"** (target <= {TARGET}{', judged on the second ratio' if beside >= 0.5 else ''}: "
+        f"{'met' if judged <= TARGET else 'missed'}); peak RSS {timed.result.peak_rss_mb:.0f} MiB; the "
         f"report afterwards {report_s:.0f} s.",
         "",
         work_split(splits, parallel, timed.timings_file) + ".",
@@ -136,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         f"last round's, with every subset of the held-out set, {last_eval:.0f} s) is {server_eval / ideal:.1f}x the "
         "ideal by itself; the "
         f"rounds without the server phase take {sites_part:.0f} s = {sites_part / ideal:.2f}x the ideal, and the start "
-        f"before round 1 {timed.startup:.0f} s.",
+        f"before round 1 {timed.startup:.0f} s. The server evaluates each round while the sites train the next "
+        "(only the last round's evaluation is a server phase of its own), so the server phase column is near 0 "
+        "before the last round; the server eval column is the evaluation of that round, wherever it ran.",
         "",
         *render_splits(splits, parallel),
         "",

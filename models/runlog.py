@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
 
+
+_WRITE_LOCK = threading.Lock()
 
 #: The scope of the server's own (aggregated, global-model) records.
 GLOBAL_SCOPE = "global"
@@ -47,7 +50,9 @@ class MetricsLog:
             )
         if not lines:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
+        # the server writes from its evaluation thread while the strategy logs the next round's site metrics:
+        # one batch must not interleave with another (a buffered append of a long batch is several writes)
+        with _WRITE_LOCK, open(self.path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -6,15 +6,17 @@ One run: read the run config, build the strategy chain (:mod:`server.strategy`),
 round the ``evaluate_fn`` hook evaluates the global model (its moving average with ``server-ema``) on the held-out
 set (every ``eval-every`` rounds on the ``eval-subsets`` modality subsets, and after the last on every subset),
 chooses ``best.pt`` on the selection set, logs metrics, prints the compact table, and writes ``last.pt`` (and
-``best.pt``) atomically.
+``best.pt``) atomically. That work runs on one background thread, in round order, while the sites train the next
+round (nothing the sites receive depends on it); the last round's waits for every earlier one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,11 @@ def _run(
     # ratio to the in-distribution full set); its 63 subsets cost the demo's last round 25 s and answered nothing
     unseen = cohort(unseen_dir, subsets=[model_config.modalities], hd95="none") if unseen_dir else None
 
-    def after_round(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower calls this after every round (and with 0 before the first): evaluate, log, checkpoint."""
+    def after_round(local_round: int, state_dict: dict[str, Any],
+                    strategy_state: Mapping[str, Any] | None) -> MetricRecord | None:
+        """After every round (and with 0 before the first): evaluate, log, checkpoint. Runs on the evaluation
+        thread, one round at a time in order; ``state_dict`` (what the sites train from next round) and
+        ``strategy_state`` were taken when the round ended, since the strategy is running the next one by now."""
         if local_round == 0 and (start_round > 0 or not settings.init_checkpoint):
             # a resumed run evaluated its round 0 before the stop; weights fresh from the seed tell nothing
             return None
@@ -156,7 +161,6 @@ def _run(
         # round 0 of a run from init-checkpoint: the distributed starting point (e.g. public pretraining),
         # evaluated so the report shows what the federation added to it; best.pt may be it, last.pt is not written
         baseline = local_round == 0
-        state_dict = round_arrays.to_torch_state_dict()  # what the sites train from next round
         evaluated = ema.update(state_dict) if ema is not None and not baseline else state_dict
         flat: dict[str, float] | None = None
         due = (settings.eval_every > 0 and rnd % settings.eval_every == 0) or rnd == settings.num_server_rounds
@@ -209,7 +213,7 @@ def _run(
             started = timings.clock()
             run_dir.save_round(
                 rnd, state_dict, model_config,
-                strategy_state=strategy.get_state(), run_config=resolved, best=best.state(),
+                strategy_state=dict(strategy_state or {}), run_config=resolved, best=best.state(),
                 ema=ema.state_dict() if ema is not None else None,
                 # the threshold belongs to the evaluated model: with EMA the average, not last.pt's raw weights
                 threshold=threshold if ema is None else None,
@@ -220,16 +224,36 @@ def _run(
             return None
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
-    # Round 0 (the distributed start) is evaluated while the sites prepare: the server only waits for their replies
-    # then. A deployed server's CPU is idle meanwhile; on one machine the evaluation competes with the sites'
-    # start-up instead (the 2-core demo gained nothing, docs/server.md).
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round-0-evaluation")
+    # The server's evaluation of round r (and round 0's, the distributed start, while the sites prepare) runs on
+    # one thread while the strategy sends round r+1: the sites train from round r's weights whatever it finds, so
+    # the server waits for it only after the last round. A deployed server's CPU is otherwise idle while its
+    # sites train; on one machine it fills the core a round leaves idle when 3 sites share 2 Ray workers
+    # (docs/server.md, "Evaluation beside the next round"). One worker keeps the rounds' evaluations, best.pt,
+    # the EMA and last.pt in round order, so last.pt naming round r still means all of round r is on disk.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-evaluation")
+    pending: list[Future[MetricRecord | None]] = []
+
+    def surface_failures() -> None:
+        # an evaluation that raised stops the run at the next round boundary, as it did when it ran inline
+        for job in [job for job in pending if job.done()]:
+            pending.remove(job)
+            job.result()
+
     try:
-        round_0 = pool.submit(after_round, 0, arrays)
+        round_0 = pool.submit(after_round, 0, arrays.to_torch_state_dict(), None)
 
         def evaluate_fn(local_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
             # Strategy.start evaluates its initial arrays (these) as round 0 first: that result is round_0's
-            return round_0.result() if local_round == 0 else after_round(local_round, round_arrays)
+            if local_round == 0:
+                return round_0.result()
+            surface_failures()
+            # copies taken now: the strategy's state moves on with the next round while this one is evaluated
+            job = pool.submit(after_round, local_round, round_arrays.to_torch_state_dict(),
+                              copy.deepcopy(strategy.get_state()))
+            if local_round < remaining:
+                pending.append(job)
+                return None  # Flower's history keeps None for it; metrics.jsonl has the round's numbers
+            return job.result()  # the last round: every earlier one is written before it (one worker, in order)
 
         if settings.prepare_sites:
             prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
@@ -248,8 +272,9 @@ def _run(
         except FederationExhausted as exc:
             logger.warning("stopping the federation early: %s; the last checkpoint stays valid", exc)
     finally:
-        pool.shutdown(wait=True)  # a failed start still lets round 0's evaluation finish writing
-
+        pool.shutdown(wait=True)  # a stopped or failed run still lets the evaluations under way finish writing
+    for job in pending:
+        job.result()  # an evaluation that failed after the last round boundary still fails the run
 
 app = ServerApp()
 

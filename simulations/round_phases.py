@@ -60,6 +60,8 @@ class RoundSplit:
     site: dict[str, float] = field(default_factory=dict)
     server_eval: float = 0.0
     checkpoint: float = 0.0
+    #: CPU seconds of the server's evaluations (of an earlier round) that ran during this round's train phase
+    eval_cpu_beside: float = 0.0
 
     @property
     def summed_training(self) -> float:
@@ -68,6 +70,15 @@ class RoundSplit:
     def ideal(self, parallel: int) -> float:
         """Summed training over the number of sites that can train at once (issue 15's definition)."""
         return self.summed_training / max(1, parallel) if self.train_seconds else float("nan")
+
+    def ideal_undisturbed(self, parallel: int) -> float:
+        """:meth:`ideal` less the CPU the server's evaluation took from the sites' training beside it: on a machine
+        whose cores the sites already fill, every CPU second of it delays a site's epochs by about a second, which
+        would otherwise raise the ideal and flatter the ratio. Conservative: where a core was idle it subtracts
+        time the sites did not lose."""
+        if not self.train_seconds:
+            return float("nan")
+        return max(0.0, self.summed_training - self.eval_cpu_beside) / max(1, parallel)
 
     def ratio(self, parallel: int) -> float:
         ideal = self.ideal(parallel)
@@ -158,6 +169,7 @@ def _add_timings(splits: Sequence[RoundSplit], records: Sequence[dict[str, Any]]
         if rec.get("who") == "server":
             if name == "server-eval":
                 split.server_eval += wall
+                _add_eval_beside(splits, rec)
             elif name == "checkpoint":
                 split.checkpoint += wall
             continue
@@ -174,6 +186,19 @@ def _add_timings(splits: Sequence[RoundSplit], records: Sequence[dict[str, Any]]
             # error this leaves is on the conservative side (other work is under- rather than over-counted)
             inside = sum(site.get(k, 0.0) for k in ("import", "runtime", "training-parts", "train-compute"))
             site["train-other"] = max(0.0, site["train-message"] - inside)
+
+
+def _add_eval_beside(splits: Sequence[RoundSplit], rec: dict[str, Any]) -> None:
+    """Charge the CPU of a server evaluation to the train phases it overlapped, in proportion to the overlap
+    (the server evaluates round r while the sites train round r+1, server/server_app.py)."""
+    start, wall = float(rec.get("start", 0.0)), float(rec["wall"])
+    cpu = float(rec.get("cpu", wall))
+    if wall <= 0:
+        return
+    for s in splits:
+        overlap = min(start + wall, s.start + s.train_phase) - max(start, s.start)
+        if overlap > 0:
+            s.eval_cpu_beside += cpu * overlap / wall
 
 
 def startup_seconds(splits: Sequence[RoundSplit], timings_file: Path) -> tuple[float, float]:
@@ -197,13 +222,20 @@ def work_split(splits: Sequence[RoundSplit], parallel: int, timings_file: Path) 
     server = sum(s.server_phase for s in splits)
     server_eval = sum(s.server_eval for s in splits)
     epochs = sum(s.summed_training for s in splits)
+    beside = sum(s.eval_cpu_beside for s in splits)
+    undisturbed = sum(s.ideal_undisturbed(parallel) for s in splits)
+    overlap = (
+        f"; the server's evaluations ran beside the next round's training for {beside:.0f} CPU s, which the sites' "
+        f"epochs lost on a full machine: ideal without it {undisturbed:.0f} s, (start-up + rounds) / that "
+        f"{(startup + rounds) / undisturbed if undisturbed else float('nan'):.2f}"
+    ) if beside >= 0.5 else ""
     return (
         f"work split: {startup:.0f} s before round 1 (Ray, apps, sites preparing: {prepare:.0f} s); {len(splits)} "
         f"rounds {rounds:.0f} s = train phase {train:.0f} s (sites' local epochs {epochs:.0f} s summed over sites) + "
         f"site evaluation {site_eval:.0f} s + server {server:.0f} s (evaluations {server_eval:.0f} s); "
         f"ideal (summed local epochs / {parallel} sites at a time) {ideal:.0f} s, rounds / ideal "
         f"{rounds / ideal if ideal else float('nan'):.2f}, (start-up + rounds) / ideal "
-        f"{(startup + rounds) / ideal if ideal else float('nan'):.2f}"
+        f"{(startup + rounds) / ideal if ideal else float('nan'):.2f}{overlap}"
     )
 
 

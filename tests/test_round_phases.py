@@ -50,6 +50,8 @@ def test_rounds_split_into_phases_with_site_and_server_work(tmp_path: Path) -> N
         {"who": "p0", "phase": "evaluate-message", "round": 1, "start": t1 + 6.1, "wall": 0.4},
         {"who": "server", "phase": "server-eval", "round": 1, "start": t1 + 7.0, "wall": 2.5},
         {"who": "server", "phase": "checkpoint", "round": 1, "start": t1 + 9.5, "wall": 0.1},
+        # more of round 1's evaluation, half of it beside round 2's train phase (t1 + 10 to t1 + 12.5)
+        {"who": "server", "phase": "server-eval", "round": 1, "start": t1 + 12.0, "wall": 1.0, "cpu": 1.6},
     ]
     (tmp_path / "timings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timing_lines) + '{"torn')
     splits = read_round_splits(tmp_path, tmp_path / "timings.jsonl")
@@ -61,12 +63,16 @@ def test_rounds_split_into_phases_with_site_and_server_work(tmp_path: Path) -> N
     assert one.site["runtime"] == pytest.approx(0.5) and one.site["train-compute"] == pytest.approx(9.0)
     assert one.site["train-other"] == pytest.approx(10.7 - 9.0 - 0.5)
     assert one.site["evaluate-message"] == pytest.approx(0.4)
-    assert (one.server_eval, one.checkpoint) == pytest.approx((2.5, 0.1))
+    assert (one.server_eval, one.checkpoint) == pytest.approx((3.5, 0.1))
     assert two.site == {} and two.server_eval == 0.0
+    # the CPU it took from round 2's training (half its 1.6 s) comes off round 2's ideal, not round 1's
+    assert (one.eval_cpu_beside, two.eval_cpu_beside) == pytest.approx((0.0, 0.8))
+    assert two.ideal(2) == pytest.approx(2.0) and two.ideal_undisturbed(2) == pytest.approx((4.0 - 0.8) / 2)
     assert startup_seconds(splits, tmp_path / "timings.jsonl") == pytest.approx((11.0, 5.0))
     table = render_splits(splits, 2)
     assert len(table) == 4 and table[2].startswith("| 1 | 10.0 | 4.5 | 2.22 |")
-    assert "11 s before round 1" in work_split(splits, 2, tmp_path / "timings.jsonl")
+    split = work_split(splits, 2, tmp_path / "timings.jsonl")
+    assert "11 s before round 1" in split and "beside the next round's training for 1 CPU s" in split
 
 
 def test_timings_are_off_without_the_variable_and_appended_with_it(tmp_path: Path,

@@ -4,6 +4,7 @@ asked to evaluate every round, and the cheaper held-out evaluation of the rounds
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,3 +88,70 @@ def test_rounds_before_the_last_evaluate_fewer_subsets(tmp_path: Path) -> None:
     assert cheap.flat["all/dice-whole"] == pytest.approx(full.flat["all/dice-whole"])
     # the held-out set's preprocessed cases are kept beside it, once per data set
     assert any((tmp_path / "data" / ".fedfusion-cache" / "heldout" / "preprocessed").glob("*.npz"))
+
+
+def _two_rounds(tmp_path: Path, site: Any) -> Path:
+    from flwr.app import Context
+
+    from server.server_app import run_server
+    from tests.test_server_resume import SITES, TINY, run_config
+
+    heldout = write_heldout(tmp_path / "heldout", TINY.modalities)
+    run_dir = tmp_path / "run"
+    config = {**run_config(run_dir, heldout), "num-server-rounds": 2, "eval-every": 1}
+    run_server(LocalGrid(sorted(SITES), site),
+               Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    return run_dir
+
+
+def test_the_server_evaluates_a_round_while_the_sites_train_the_next(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from models.checkpoint import load_checkpoint
+    from models.runlog import iter_metrics
+    from server.evaluation import GlobalEvaluator
+    from tests.test_server_resume import stub_site
+
+    round_2_sent = threading.Event()
+
+    def site(node: int, msg: Message) -> Message:
+        if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == 2:
+            round_2_sent.set()
+        return stub_site(node, msg)
+
+    waited: list[bool] = []
+    original = GlobalEvaluator.evaluate
+
+    def evaluate(self: GlobalEvaluator, *args: Any, **kwargs: Any) -> Any:
+        if not waited:  # round 1's (a run from fresh weights does not evaluate round 0)
+            # evaluated inline, round 2 cannot start before this returns: it would wait the whole 30 s (the tiny
+            # model's round takes well under 1 s) and record False
+            waited.append(round_2_sent.wait(timeout=30.0))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GlobalEvaluator, "evaluate", evaluate)
+    run_dir = _two_rounds(tmp_path, site)
+    assert waited == [True]
+    # and when the run returns, both rounds' evaluations and checkpoints are on disk, last.pt naming the last
+    records = list(iter_metrics(run_dir / "metrics.jsonl"))
+    assert sorted(r["round"] for r in records
+                  if r["phase"] == "server-eval" and r["metric"] == "all/dice-whole") == [1, 2]
+    _, _, extra = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert extra["round"] == 2
+    assert extra["strategy_state"]["optimizer"]["class"] == "FedAdam"
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+
+
+def test_an_evaluation_that_fails_beside_the_next_round_still_fails_the_run(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.evaluation import GlobalEvaluator
+    from tests.test_server_resume import stub_site
+
+    def evaluate(self: GlobalEvaluator, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the held-out set vanished")
+
+    monkeypatch.setattr(GlobalEvaluator, "evaluate", evaluate)
+    with pytest.raises(RuntimeError, match="held-out set vanished"):
+        _two_rounds(tmp_path, stub_site)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # no round is recorded as complete
