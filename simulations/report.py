@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,10 +373,32 @@ def _dice_rose(run: Run) -> str:
     best_r, best_v = max(s, key=lambda p: p[1])
     verdict = "**rose**" if v1 > v0 else "**did not rise**"
     start = " = the init checkpoint, before any site trained" if r0 == 0 else ""
+    held = _site_modality_sets(run)
+    unseen = ""
+    if held and not any(set(h) >= set(run.modalities()) for h in held.values()):
+        # e.g. the demo's sites (MRI, T1 + CT, T2 + ultrasound): the all-modality input is one no site trains on,
+        # so its Dice need not move with what the federation teaches
+        counts = Counter("+".join(h) or DASH for h in held.values())
+        unseen = (f"; no site holds all {len(run.modalities())} modalities (the sites report "
+                  + ", ".join(f"{k} ({n} site{'s' if n > 1 else ''})" for k, n in counts.items())
+                  + "), so no site trains on this input: what they taught shows on the subsets they hold")
     return (
         f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}{start}) → "
-        f"{v1:.3f} (round {r1}); highest {best_v:.3f} at round {best_r}"
+        f"{v1:.3f} (round {r1}); highest {best_v:.3f} at round {best_r}{unseen}"
     )
+
+
+def _site_modality_sets(run: Run) -> dict[str, tuple[str, ...]]:
+    """The modalities each site reported holding in its last train reply (``has-<m>`` / ``cases-<m>``), in the
+    run's modality order."""
+    mods = run.modalities()
+    out: dict[str, tuple[str, ...]] = {}
+    for site in (s for s in run.records.scopes("train") if is_site_scope(s)):
+        rounds = run.records.rounds("train", site)
+        if rounds:
+            last = run.records.at("train", site, max(rounds))
+            out[site] = tuple(m for m in mods if (last.get(f"has-{m}") or 0) > 0 or (last.get(f"cases-{m}") or 0) > 0)
+    return out
 
 
 def _single_modality_trend(run: Run) -> list[str]:
@@ -779,10 +801,11 @@ def _sites_section(ctx: _Ctx) -> list[str]:
         lines += [f"Site training: {NOT_RECORDED}.", ""]
     else:
         mods = run.modalities()
+        held = _site_modality_sets(run)
         rows = []
         for site in sites:
             last = run.records.at("train", site, max(run.records.rounds("train", site)))
-            has = [m for m in mods if (last.get(f"has-{m}") or 0) > 0 or (last.get(f"cases-{m}") or 0) > 0]
+            has = held.get(site, ())
             n = last.get("num-examples")
             declined = [r for r, v in run.records.series("train", site, "declined") if v]
             rejected = [r for r, v in run.records.series("validation", site, "accepted") if v is not None and v == 0]

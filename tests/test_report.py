@@ -61,7 +61,8 @@ def _subset_metrics(rnd: int, rng: np.random.Generator) -> dict[str, float]:
     return flat
 
 
-def make_run(run_dir: Path, *, seed: int = 0) -> dict[int, dict[str, float]]:
+def make_run(run_dir: Path, *, seed: int = 0,
+             site_modalities: dict[str, tuple[str, ...]] | None = None) -> dict[int, dict[str, float]]:
     """Write a synthetic run directory (config.json, metrics.jsonl, a tiny real checkpoint); return the
     server-eval metrics per round as written."""
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def make_run(run_dir: Path, *, seed: int = 0) -> dict[int, dict[str, float]]:
                     "epsilon-total": 2.0 * rnd + 0.3 * i, "epsilon-round": 2.0, "delta": 1e-5,
                 }
                 for m in MODALITIES:
-                    has = m in SITE_MODALITIES[site]
+                    has = m in (site_modalities or SITE_MODALITIES)[site]
                     metrics[f"has-{m}"] = float(has)
                     metrics[f"cases-{m}"] = n if has else 0
                 log.write(rnd, "train", site, metrics)
@@ -170,6 +171,21 @@ def test_header_lists_the_single_modality_dice_that_moved(synthetic_run, built_r
         assert (f"{m} {a:.3f} → {b:.3f}" in line) == (abs(b - a) > 0.05), m
         moved += abs(b - a) > 0.05
     assert moved >= 2
+
+
+def test_the_all_modality_line_says_when_no_site_holds_every_modality(built_report: tuple[Path, str],
+                                                                    tmp_path: Path) -> None:
+    """The demo's sites hold MRI, T1 + CT and T2 + ultrasound: the all-modality Dice is the network's answer on an
+    input no site trains on, and the report says so beside its trend (not when a site holds them all)."""
+    _, text = built_report  # site-01 holds all six
+    line = next(x for x in text.splitlines() if x.startswith("- global Dice (all modalities"))
+    assert "no site holds" not in line
+    demo = {"site-01": ("t1", "t1ce", "t2", "flair"), "site-02": ("t1", "ct"), "site-03": ("t2", "us")}
+    make_run(tmp_path / "run", site_modalities=demo)
+    text = build_report(tmp_path / "run", device="cpu").read_text(encoding="utf-8")
+    line = next(x for x in text.splitlines() if x.startswith("- global Dice (all modalities"))
+    assert ("no site holds all 6 modalities (the sites report t1+t1ce+t2+flair (1 site), t1+ct (1 site), t2+us "
+            "(1 site)), so no site trains on this input") in line
 
 
 def test_subset_table_lists_all_63_subsets_and_summary_rows(
