@@ -225,19 +225,18 @@ def _run(
         return MetricRecord({key: flat[key] for _, key in COLUMNS if key in flat})
 
     # The server's evaluation of round r (and round 0's, the distributed start, while the sites prepare) runs on
-    # one thread while the strategy sends round r+1: the sites train from round r's weights whatever it finds, so
-    # the server waits for it only after the last round. A deployed server's CPU is otherwise idle while its
-    # sites train; on one machine it fills the core a round leaves idle when 3 sites share 2 Ray workers
-    # (docs/server.md, "Evaluation beside the next round"). One worker keeps the rounds' evaluations, best.pt,
-    # the EMA and last.pt in round order, so last.pt naming round r still means all of round r is on disk.
+    # one thread while the strategy sends round r+1: the sites train from round r's weights whatever it finds. A
+    # deployed server's CPU is otherwise idle while its sites train; on one machine whose sites fill the cores it
+    # is a tie (docs/server.md, "Evaluation beside the next round"). At most one round's evaluation is in flight:
+    # round r+1's waits for round r's, so evaluations, best.pt, the EMA and last.pt stay in round order, last.pt
+    # lags the training by at most one round (what a crash can cost) and no backlog of weights builds up when the
+    # evaluation is slower than a round.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-evaluation")
     pending: list[Future[MetricRecord | None]] = []
 
-    def surface_failures() -> None:
-        # an evaluation that raised stops the run at the next round boundary, as it did when it ran inline
-        for job in [job for job in pending if job.done()]:
-            pending.remove(job)
-            job.result()
+    def finish_pending() -> None:
+        while pending:
+            pending.pop(0).result()  # an evaluation that raised stops the run here, as it did when run inline
 
     try:
         round_0 = pool.submit(after_round, 0, arrays.to_torch_state_dict(), None)
@@ -246,14 +245,14 @@ def _run(
             # Strategy.start evaluates its initial arrays (these) as round 0 first: that result is round_0's
             if local_round == 0:
                 return round_0.result()
-            surface_failures()
+            finish_pending()
             # copies taken now: the strategy's state moves on with the next round while this one is evaluated
             job = pool.submit(after_round, local_round, round_arrays.to_torch_state_dict(),
                               copy.deepcopy(strategy.get_state()))
             if local_round < remaining:
                 pending.append(job)
                 return None  # Flower's history keeps None for it; metrics.jsonl has the round's numbers
-            return job.result()  # the last round: every earlier one is written before it (one worker, in order)
+            return job.result()
 
         if settings.prepare_sites:
             prepared = prepare_sites(grid, settings.min_available_nodes, settings.round_timeout)
@@ -273,8 +272,8 @@ def _run(
             logger.warning("stopping the federation early: %s; the last checkpoint stays valid", exc)
     finally:
         pool.shutdown(wait=True)  # a stopped or failed run still lets the evaluations under way finish writing
-    for job in pending:
-        job.result()  # an evaluation that failed after the last round boundary still fails the run
+    finish_pending()  # an evaluation that failed after the last round boundary still fails the run
+
 
 app = ServerApp()
 

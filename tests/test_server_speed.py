@@ -90,7 +90,7 @@ def test_rounds_before_the_last_evaluate_fewer_subsets(tmp_path: Path) -> None:
     assert any((tmp_path / "data" / ".fedfusion-cache" / "heldout" / "preprocessed").glob("*.npz"))
 
 
-def _two_rounds(tmp_path: Path, site: Any) -> Path:
+def _serve_rounds(tmp_path: Path, site: Any, rounds: int = 2) -> Path:
     from flwr.app import Context
 
     from server.server_app import run_server
@@ -98,7 +98,7 @@ def _two_rounds(tmp_path: Path, site: Any) -> Path:
 
     heldout = write_heldout(tmp_path / "heldout", TINY.modalities)
     run_dir = tmp_path / "run"
-    config = {**run_config(run_dir, heldout), "num-server-rounds": 2, "eval-every": 1}
+    config = {**run_config(run_dir, heldout), "num-server-rounds": rounds, "eval-every": 1}
     run_server(LocalGrid(sorted(SITES), site),
                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     return run_dir
@@ -107,6 +107,7 @@ def _two_rounds(tmp_path: Path, site: Any) -> Path:
 def test_the_server_evaluates_a_round_while_the_sites_train_the_next(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
+    import time
 
     from models.checkpoint import load_checkpoint
     from models.runlog import iter_metrics
@@ -114,10 +115,17 @@ def test_the_server_evaluates_a_round_while_the_sites_train_the_next(tmp_path: P
     from tests.test_server_resume import stub_site
 
     round_2_sent = threading.Event()
+    evaluated_before_round_3: list[bool] = []
 
     def site(node: int, msg: Message) -> Message:
-        if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == 2:
-            round_2_sent.set()
+        if msg.metadata.message_type.startswith("train"):
+            rnd = int(msg.content["config"]["server-round"])
+            if rnd == 2:
+                round_2_sent.set()
+            if rnd == 3:  # at most one evaluation in flight: round 1's is written before round 3 is sent
+                evaluated_before_round_3.append(any(
+                    r["round"] == 1 and r["phase"] == "server-eval" for r in iter_metrics(tmp_path / "run" /
+                                                                                          "metrics.jsonl")))
         return stub_site(node, msg)
 
     waited: list[bool] = []
@@ -128,17 +136,19 @@ def test_the_server_evaluates_a_round_while_the_sites_train_the_next(tmp_path: P
             # evaluated inline, round 2 cannot start before this returns: it would wait the whole 30 s (the tiny
             # model's round takes well under 1 s) and record False
             waited.append(round_2_sent.wait(timeout=30.0))
+            time.sleep(1.0)  # longer than the stub's round 2 (3 x 0.15 s): round 3 must still wait for it
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(GlobalEvaluator, "evaluate", evaluate)
-    run_dir = _two_rounds(tmp_path, site)
+    run_dir = _serve_rounds(tmp_path, site, rounds=3)
     assert waited == [True]
-    # and when the run returns, both rounds' evaluations and checkpoints are on disk, last.pt naming the last
+    assert evaluated_before_round_3 and all(evaluated_before_round_3)
+    # and when the run returns, every round's evaluation and checkpoint is on disk, last.pt naming the last
     records = list(iter_metrics(run_dir / "metrics.jsonl"))
     assert sorted(r["round"] for r in records
-                  if r["phase"] == "server-eval" and r["metric"] == "all/dice-whole") == [1, 2]
+                  if r["phase"] == "server-eval" and r["metric"] == "all/dice-whole") == [1, 2, 3]
     _, _, extra = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert extra["round"] == 2
+    assert extra["round"] == 3
     assert extra["strategy_state"]["optimizer"]["class"] == "FedAdam"
     assert (run_dir / "checkpoints" / "best.pt").exists()
 
@@ -153,5 +163,5 @@ def test_an_evaluation_that_fails_beside_the_next_round_still_fails_the_run(tmp_
 
     monkeypatch.setattr(GlobalEvaluator, "evaluate", evaluate)
     with pytest.raises(RuntimeError, match="held-out set vanished"):
-        _two_rounds(tmp_path, stub_site)
+        _serve_rounds(tmp_path, stub_site)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # no round is recorded as complete
