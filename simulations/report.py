@@ -380,7 +380,8 @@ def _dice_rose(run: Run) -> str:
         # so its Dice need not move with what the federation teaches
         counts = Counter("+".join(h) or DASH for h in held.values())
         unseen = (f"; no site holds all {len(run.modalities())} modalities (the sites report "
-                  + ", ".join(f"{k} ({n} site{'s' if n > 1 else ''})" for k, n in counts.items())
+                  + ", ".join(f"{k} ({n} site{'s' if n > 1 else ''})"
+                             for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
                   + "), so no site trains on this input: what they taught shows on the subsets they hold")
     return (
         f"- global Dice (all modalities, whole lesion) {verdict} over the rounds: {v0:.3f} (round {r0}{start}) → "

@@ -184,7 +184,7 @@ def test_the_all_modality_line_says_when_no_site_holds_every_modality(built_repo
     make_run(tmp_path / "run", site_modalities=demo)
     text = build_report(tmp_path / "run", device="cpu").read_text(encoding="utf-8")
     line = next(x for x in text.splitlines() if x.startswith("- global Dice (all modalities"))
-    assert ("no site holds all 6 modalities (the sites report t1+t1ce+t2+flair (1 site), t1+ct (1 site), t2+us "
+    assert ("no site holds all 6 modalities (the sites report t1+ct (1 site), t1+t1ce+t2+flair (1 site), t2+us "
             "(1 site)), so no site trains on this input") in line
 
 
