@@ -111,7 +111,7 @@ def _train(
     """Load ``state``, run the local epochs; returns the new state (the trainable set only), the non-privacy reply
     metrics, the seconds and the mean training loss (for the site's log only: a loss is not sent)."""
     from models.schedule import LRSchedule
-    from models.trainable import trained_names
+    from models.trainable import parse_trainable, trained_names
     from models.training import ProximalTerm, train_epoch
 
     from .privacy.multiplicity import MultiViewLoader
@@ -150,6 +150,16 @@ def _train(
     schedule = LRSchedule.for_run(rt.train.lr, rt.train.num_server_rounds * per_round, rt.train.lr_schedule,
                                   rt.train.lr_warmup)
     step = (max(server_round, 1) - 1) * per_round
+    single_view = None
+    if (rt.dp is not None and rt.model_cfg.single_modality_loss > 0 and isinstance(loader, MultiViewLoader)
+            and loader.views >= 2):
+        # DP-SGD takes one pass per layer: the single-modality term becomes one of each case's views, drawn first
+        # among the modalities the trainable set adds (the others' encoders are frozen). On the demo it lifted CT
+        # and ultrasound alone (docs/results.md, issue 14)
+        added = parse_trainable(rt.dp_request.trainable)[1]
+        prefer = (torch.tensor([m in added for m in rt.model_cfg.modalities], dtype=torch.float32)
+                  if added else None)
+        single_view = (loader.views, prefer)
     t0 = time.perf_counter()
     losses = []
     for _ in range(rt.train.local_epochs):
@@ -159,7 +169,8 @@ def _train(
                             modality_dropout_mode=rt.model_cfg.modality_dropout_mode, generator=generator, proximal=prox,
                             amp="auto", schedule=schedule, start_step=step,
                             # DP-SGD's per-case gradients take one pass per layer: the single-modality term is off
-                            single_modality_loss=0.0 if rt.dp is not None else rt.model_cfg.single_modality_loss)
+                            single_modality_loss=0.0 if rt.dp is not None else rt.model_cfg.single_modality_loss,
+                            single_view=single_view)
         step += int(stats.get("steps", 0))
         losses.append(float(stats.get("loss", math.nan)))
     seconds = time.perf_counter() - t0

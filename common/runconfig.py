@@ -202,7 +202,9 @@ _KEYS: tuple[Key, ...] = (
         "probability) or subsets (a uniform non-empty subset of them, for a share 2 x dropout of the cases)",
         _one_of(*MODALITY_DROPOUT_MODES)),
     Key("model-single-modality-loss", float, "model", "weight of the training loss on one present modality per case "
-        "(fusion and decoder run again on it alone; 0 = off; non-private training only)", _at_least(0)),
+        "(fusion and decoder run again on it alone; 0 = off); under DP-SGD, which takes one pass per layer, > 0 "
+        "with augment-multiplicity >= 2 makes each case's last view one modality alone instead (a 1/K share)",
+        _at_least(0)),
     Key("model-dropout", float, "model", "dropout before the classifier", _within(0, 1, high_open=True)),
     # server
     Key("strategy", str, "server", "Flower strategy (the server's registry: server.strategies)", _non_empty),

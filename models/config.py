@@ -54,7 +54,9 @@ class ModelConfig:
             (:func:`models.training.train_epoch`): the fusion, decoder and classifier run a second time on that
             modality alone, the encoders once; 0 = off. Without it a fused model sees a lone modality in under 1 %
             of its training cases and keeps only about half of its full-set Dice on one (docs/results.md,
-            ``fusion``). Non-private training only (one pass per layer under DP-SGD).
+            ``fusion``). DP-SGD takes one pass per layer: there, with K >= 2 augmented views per case, the last
+            view sees one modality alone instead (:func:`models.training.single_modality_views`, a 1/K share of
+            the case's gradient whatever the weight); with fewer views, none.
     """
 
     family: str

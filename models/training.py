@@ -237,6 +237,32 @@ def single_modality_mask(mask: Tensor, generator: torch.Generator | None = None)
     return torch.nn.functional.one_hot(pick, mask.shape[1]).to(mask.dtype)
 
 
+def single_modality_views(mask: Tensor, views: int, prefer: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """The single-modality term as one view per case, for DP-SGD (which allows one pass per layer per step).
+
+    ``mask`` (B*K, M) holds K rows per case (:class:`client.privacy.multiplicity.MultiViewLoader`: rows ``[case0
+    view0..K-1, case1 …]``); the last view of every case keeps one of its present modalities
+    (:func:`single_modality_mask`), drawn among those ``prefer`` (M,) marks when the case has one (e.g. the
+    modalities a trainable set like ``head+ct+us`` adds: the others' encoders are frozen, so drawing them would
+    only train the heads), else among all present. Averaging the case's K view gradients before clipping then
+    puts a 1/K share of its gradient on the prediction from that modality alone: the DP form of the non-private
+    run's second loss term.
+    """
+    if views < 2:
+        raise ValueError(f"a single-modality view needs at least 2 views per case, got {views} (augment-multiplicity)")
+    rows = (torch.arange(mask.shape[0], device=mask.device) % views) == views - 1
+    if not bool(rows.any()):
+        return mask
+    chosen = mask[rows]
+    if prefer is not None:
+        preferred = chosen * prefer.to(chosen.dtype).to(chosen.device)[None, :]
+        chosen = torch.where((preferred.sum(dim=1) > 0)[:, None], preferred, chosen)
+    out = mask.clone()
+    out[rows] = single_modality_mask(chosen, generator)
+    return out
+
+
 def _forward(model: nn.Module, image: Tensor, mask: Tensor, single: Tensor | None) -> tuple[Any, Any]:
     """``model(image, mask)``, and with ``single`` also the prediction from the single-modality mask ``single``,
     sharing the encoders (:meth:`models.network.FusionNet.encode` / ``decode``: equal to a second forward)."""
@@ -266,6 +292,7 @@ def train_epoch(
     schedule: LRSchedule | None = None,
     start_step: int = 0,
     single_modality_loss: float = 0.0,
+    single_view: tuple[int, Tensor | None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``, one optimizer step per batch.
 
@@ -293,7 +320,10 @@ def train_epoch(
         single_modality_loss: weight of a second loss term on the prediction from one present modality per case
             (after modality dropout; :func:`single_modality_mask`, drawn with ``generator``), the encoders run once
             (the model config's ``single_modality_loss``). 0 = off. Not with a DP optimizer: Opacus's per-case
-            gradients assume one pass through each layer.
+            gradients assume one pass through each layer (``single_view`` is the DP form).
+        single_view: ``(K, prefer)``: the loader yields K rows per case (augmentation multiplicity) and the last of
+            each case's rows sees one modality alone (:func:`single_modality_views`, after modality dropout): the
+            single-modality term under DP-SGD. ``None`` = off.
 
     Returns:
         ``loss`` (task loss, mean over examples), ``loss-seg``, ``loss-cls`` (unweighted parts, means over the cases
@@ -342,6 +372,8 @@ def train_epoch(
         if modality_dropout > 0:
             mask = apply_modality_dropout(mask.cpu(), modality_dropout, generator=generator,
                                           mode=modality_dropout_mode)
+        if single_view is not None:
+            mask = single_modality_views(mask.cpu(), single_view[0], single_view[1], generator)
         image = image.to(device, non_blocking=True).float()
         mask = mask.to(device, non_blocking=True)
         image = mask_channels(image, mask)

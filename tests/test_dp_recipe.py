@@ -372,3 +372,55 @@ def test_the_base_part_of_a_trainable_set_can_learn_slower_than_its_added_modali
     (heads_1, ct_1), (heads_s, ct_s) = moved(1.0), moved(0.01)
     assert heads_s < 0.05 * heads_1  # the heads step about 100x less ...
     assert ct_s > 0.5 * ct_1  # ... the CT parameters about as much
+
+
+def test_the_single_modality_view_is_the_last_view_of_each_case_drawn_among_the_added_modalities() -> None:
+    from models.training import single_modality_views
+
+    # 3 cases x 2 views over (t1, ct, us): the first case holds t1 and ct, the second t1 only, the third all three
+    per_case = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1]])
+    mask = per_case.repeat_interleave(2, dim=0)
+    prefer = torch.tensor([0.0, 1, 1])  # e.g. head+ct+us: the encoders of ct and us train, t1's is frozen
+    seen: set[tuple[float, ...]] = set()
+    for seed in range(40):
+        out = single_modality_views(mask, 2, prefer, torch.Generator().manual_seed(seed))
+        assert torch.equal(out[0::2], per_case)  # the other views keep the case's modalities
+        last = out[1::2]
+        assert torch.equal(last.sum(dim=1), torch.ones(3)) and bool((last <= per_case).all())
+        assert last[0].tolist() == [0, 1, 0] and last[1].tolist() == [1, 0, 0]  # ct preferred; t1 the only one
+        assert last[2, 0] == 0  # ct or us, never the frozen t1
+        seen.add(tuple(last[2].tolist()))
+    assert seen == {(0.0, 1.0, 0.0), (0.0, 0.0, 1.0)}
+    uniform = single_modality_views(mask, 2, None, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform[1::2].sum(dim=1), torch.ones(3))
+    with pytest.raises(ValueError, match="augment-multiplicity"):
+        single_modality_views(mask, 1)
+
+
+def test_a_dp_site_trains_a_single_modality_view_when_the_model_has_the_term(phantoms: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.training as training
+
+    calls: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+    original = training.single_modality_views
+
+    def spy(mask: torch.Tensor, views: int, prefer: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+        out = original(mask, views, prefer, generator)
+        calls.append((views, prefer, out))
+        return out
+
+    monkeypatch.setattr(training, "single_modality_views", spy)
+    node = _node(phantoms, tmp_path)
+    assert TINY.single_modality_loss > 0
+    for weight, expected in ((0.0, 0), (TINY.single_modality_loss, 1)):
+        calls.clear()
+        clear_cache()
+        rc = run_config(**{"augment-multiplicity": 2, "dp-trainable": "head+ct", "model-single-modality-loss": weight})
+        reply = train(message("train", initial_state(), 1), context(node, rc))
+        assert not reply.has_error(), reply.error
+        assert (len(calls) > 0) == bool(expected)
+    views, prefer, out = calls[0]
+    assert views == 2 and prefer is not None
+    assert prefer.tolist() == [float(m == "ct") for m in TINY.modalities]
+    assert torch.equal(out[1::2].sum(dim=1), torch.ones(out.shape[0] // 2))
