@@ -168,7 +168,8 @@ def _train(
                             modality_dropout=rt.model_cfg.modality_dropout,
                             modality_dropout_mode=rt.model_cfg.modality_dropout_mode, generator=generator, proximal=prox,
                             amp="auto", schedule=schedule, start_step=step,
-                            # DP-SGD's per-case gradients take one pass per layer: the single-modality term is off
+                            # DP-SGD's per-case gradients take one pass per layer: no second pass (single_view
+                            # is the term's DP form)
                             single_modality_loss=0.0 if rt.dp is not None else rt.model_cfg.single_modality_loss,
                             single_view=single_view)
         step += int(stats.get("steps", 0))
