@@ -416,7 +416,10 @@ def test_a_dp_site_trains_a_single_modality_view_when_the_model_has_the_term(pha
     for weight, expected in ((0.0, 0), (TINY.single_modality_loss, 1)):
         calls.clear()
         clear_cache()
-        rc = run_config(**{"augment-multiplicity": 2, "dp-trainable": "head+ct", "model-single-modality-loss": weight})
+        # a batch as large as the site (sampling rate 1): Poisson sampling then never draws an empty batch, which
+        # trains nothing and would leave the view unused by chance
+        rc = run_config(**{"augment-multiplicity": 2, "dp-trainable": "head+ct", "model-single-modality-loss": weight,
+                           "batch-size": 64})
         reply = train(message("train", initial_state(), 1), context(node, rc))
         assert not reply.has_error(), reply.error
         assert (len(calls) > 0) == bool(expected)
