@@ -252,11 +252,9 @@ def single_modality_views(mask: Tensor, views: int, prefer: Tensor | None = None
     if views < 2:
         raise ValueError(f"a single-modality view needs at least 2 views per case, got {views} (augment-multiplicity)")
     rows = (torch.arange(mask.shape[0], device=mask.device) % views) == views - 1
-    if not bool(rows.any()):
-        return mask
     chosen = mask[rows]
     if prefer is not None:
-        preferred = chosen * prefer.to(chosen.dtype).to(chosen.device)[None, :]
+        preferred = chosen * prefer.to(chosen)[None, :]
         chosen = torch.where((preferred.sum(dim=1) > 0)[:, None], preferred, chosen)
     out = mask.clone()
     out[rows] = single_modality_mask(chosen, generator)
