@@ -22,14 +22,20 @@ handful of held-out cases). NaN when no such pair was evaluated (e.g. ``subsets=
 Speed: the loader is read once; for every batch the per-modality encoders run once and only the fusion and decoder
 run per subset (``FusionNet.forward_subsets``, several subsets stacked along the batch axis), and segmentation
 metrics are computed on the fly. HD95 (distance transforms) is then the slowest part: ``hd95=False`` skips it,
-``hd95="full"`` computes it for the full-modality subset only.
+``hd95="full"`` computes it for the full-modality subset only. The subsets of a batch can be split over threads
+(``workers``; by default two on CPU where OpenMP's idle threads sleep, :func:`default_workers`): the fusion and
+decoder of one subset are many small operations that PyTorch's intra-op threads share poorly, so two subsets at
+once use two cores better than one subset on two. Each subset's numbers come from the same operations whatever
+the split.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +58,24 @@ from .training import mask_channels, target_flags, unpack_batch
 
 #: Default tolerance (absolute Dice-whole) of the monotonicity check.
 MONOTONICITY_TOLERANCE = 0.01
+#: Most threads :func:`evaluate_subsets` splits a batch's subsets over by default (measured on 2 cores only).
+MAX_DEFAULT_WORKERS = 2
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Threads :func:`evaluate_subsets` uses by default.
+
+    More than one only on CPU with OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE``, which ``fedfusion
+    simulate`` sets before torch loads): there the idle intra-op threads sleep, and two subsets at once took 0.64x
+    and 0.74x the wall time of one at a time on 2 cores (two runs). With OpenMP's default active waiting two
+    callers' spinning thread teams fight for the cores (1.38x and 1.28x; docs/benchmarks.md, "Held-out evaluation
+    over every modality subset"), so it stays 1 there, as on CUDA (one stream; ``subset_batch`` stacks subsets
+    instead). Never more than ``torch.get_num_threads()``: a process limited to one core (a simulated site) stays
+    on one thread.
+    """
+    if torch.device(device).type != "cpu" or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":
+        return 1
+    return max(1, min(MAX_DEFAULT_WORKERS, torch.get_num_threads()))
 
 
 def model_modalities(model: nn.Module) -> tuple[str, ...]:
@@ -265,6 +289,7 @@ def evaluate_subsets(
     threshold: float = DEFAULT_THRESHOLD,
     shared_encoding: bool = True,
     subset_batch: int | None = None,
+    workers: int | None = None,
 ) -> SubsetReport:
     """Evaluate ``model`` on ``loader`` for every subset of its modalities (or the given ``subsets``).
 
@@ -283,6 +308,8 @@ def evaluate_subsets(
             ``forward_subsets`` always take the reference path.
         subset_batch: subsets stacked along the batch axis per decoder pass (shared path only; ``None``: the
             network's default, 1 on CPU, 8 on CUDA).
+        workers: threads a batch's subsets are split over (shared path only; ``None``: :func:`default_workers`).
+            Each thread encodes the batch once for its share of the subsets; the numbers do not depend on it.
 
     Returns:
         :class:`SubsetReport`.
@@ -297,6 +324,10 @@ def evaluate_subsets(
             raise ValueError(f"subset {subset_name(s)} has modalities {extra} the model does not have ({mods})")
     wanted = list(dict.fromkeys(wanted))  # unique, order kept
     full = tuple(mods)
+    if workers is None:
+        workers = default_workers(device)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     keeps = {s: torch.tensor([1.0 if m in s else 0.0 for m in mods], device=device) for s in wanted}
     if hd95 not in (True, False, "all", "full", "none"):
         raise ValueError(f"hd95 must be True/'all', 'full' or False/'none', got {hd95!r}")
@@ -321,37 +352,59 @@ def evaluate_subsets(
         probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu()[label_on])
         labels[s].append(label[label_on])
 
-    for batch in loader:
-        image, mask, seg, label = unpack_batch(batch)
-        if image.shape[0] == 0:
-            continue
-        if image.shape[1] != len(mods):
-            raise ValueError(f"batch has {image.shape[1]} modality channels, the model has {len(mods)} ({mods})")
-        image = image.to(device).float()
-        mask = mask.to(device).float()
-        seg_cpu = seg.cpu().long()
-        label_cpu = label.reshape(-1).cpu().long()
-        seg_on, label_on = _batch_flags(batch, int(image.shape[0]))
-        whole: list[tuple[str, ...]] = []  # subsets that leave every case of the batch some modality
-        for s in wanted:
-            m = mask * keeps[s]
-            ok = m.sum(dim=1) > 0
-            if not bool(ok.any()):
-                continue
-            if shared and bool(ok.all()):
-                whole.append(s)
-                continue
-            # Reference path (and cases without any modality of s): one full forward on the usable cases.
-            x, m = (image, m) if bool(ok.all()) else (image[ok], m[ok])
-            seg_logits, class_logits = model(mask_channels(x, m), m)
-            ok_cpu = ok.cpu()
-            record(s, seg_logits, class_logits, seg_cpu[ok_cpu], label_cpu[ok_cpu], seg_on[ok_cpu], label_on[ok_cpu])
-        if whole:
-            # Encoders once per batch, fusion + decoder per subset (FusionNet.forward_subsets).
-            stacked = torch.stack([keeps[s] for s in whole])
+    def run_shared(share: list[tuple[str, ...]], image: Tensor, mask: Tensor, targets: tuple[Tensor, ...]) -> None:
+        """Encoders once, then fusion + decoder per subset of ``share`` (``FusionNet.forward_subsets``), recorded.
+        Each subset belongs to one share, so no thread appends to another's lists."""
+        with torch.inference_mode():  # thread-local: a pool thread does not inherit the caller's
+            stacked = torch.stack([keeps[s] for s in share])
             outputs = inner.forward_subsets(image, mask, stacked, subset_batch=subset_batch)
-            for s, (seg_logits, class_logits) in zip(whole, outputs):
-                record(s, seg_logits, class_logits, seg_cpu, label_cpu, seg_on, label_on)
+            for s, (seg_logits, class_logits) in zip(share, outputs):
+                record(s, seg_logits, class_logits, *targets)
+
+    pool = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="subset-eval")
+            if shared and workers > 1 and len(wanted) > 1 else None)
+    try:
+        for batch in loader:
+            image, mask, seg, label = unpack_batch(batch)
+            if image.shape[0] == 0:
+                continue
+            if image.shape[1] != len(mods):
+                raise ValueError(f"batch has {image.shape[1]} modality channels, the model has {len(mods)} ({mods})")
+            image = image.to(device).float()
+            mask = mask.to(device).float()
+            seg_cpu = seg.cpu().long()
+            label_cpu = label.reshape(-1).cpu().long()
+            seg_on, label_on = _batch_flags(batch, int(image.shape[0]))
+            whole: list[tuple[str, ...]] = []  # subsets that leave every case of the batch some modality
+            for s in wanted:
+                m = mask * keeps[s]
+                ok = m.sum(dim=1) > 0
+                if not bool(ok.any()):
+                    continue
+                if shared and bool(ok.all()):
+                    whole.append(s)
+                    continue
+                # Reference path (and cases without any modality of s): one full forward on the usable cases.
+                x, m = (image, m) if bool(ok.all()) else (image[ok], m[ok])
+                seg_logits, class_logits = model(mask_channels(x, m), m)
+                ok_cpu = ok.cpu()
+                record(s, seg_logits, class_logits, seg_cpu[ok_cpu], label_cpu[ok_cpu], seg_on[ok_cpu],
+                       label_on[ok_cpu])
+            if whole:
+                n = 1 if pool is None else min(workers, len(whole))
+                # interleaved shares (the subsets come ordered by size), one per thread
+                shares = [whole[i::n] for i in range(n)]
+                targets = (seg_cpu, label_cpu, seg_on, label_on)
+                if n == 1:
+                    run_shared(shares[0], image, mask, targets)
+                else:
+                    jobs = [pool.submit(run_shared, share, image, mask, targets) for share in shares]
+                    wait(jobs)  # every share of the batch finishes before a thread's error is raised
+                    for job in jobs:
+                        job.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     seg_names = seg_metric_names(hd95=True)
     metric_names = seg_names + list(CLS_METRICS)

@@ -32,6 +32,7 @@ malignant case, AUROC with one class only) is **NaN** ("undefined"), never a mad
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -99,6 +100,9 @@ def _region_table() -> Tensor:
 
 
 _REGION_TABLE = _region_table()
+#: ``warnings.catch_warnings`` swaps the process's filters: two threads inside it at once (the subset evaluation's
+#: workers) could leave the "ignore" filter installed for good, so the HD95 call that needs it holds this lock.
+_WARNINGS_LOCK = threading.Lock()
 
 
 def label_map(logits: Tensor) -> Tensor:
@@ -176,7 +180,7 @@ def hd95_distance(p: Tensor, t: Tensor) -> Tensor:
         idx = both.nonzero(as_tuple=True)
         pp = p[idx].unsqueeze(1)  # (K, 1, *S)
         tt = t[idx].unsqueeze(1)
-        with warnings.catch_warnings():
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # MONAI's internal deprecated-argument notice
             hd = compute_hausdorff_distance(pp, tt, include_background=True, percentile=95)
         out[idx] = hd[:, 0].double().cpu()

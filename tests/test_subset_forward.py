@@ -117,3 +117,78 @@ def test_server_eval_hd95_setting() -> None:
         assert ("t1/hd95-whole" in outcome.flat) is subset_has
     with pytest.raises(ValueError, match="eval-hd95"):
         GlobalEvaluator(cfg, "unused", hd95="sometimes")
+
+
+def test_evaluate_subsets_split_over_threads_gives_the_same_report_in_inference_mode() -> None:
+    """The subsets of a batch split over worker threads: the same numbers as one thread, HD95 included (its
+    warnings filter is process-wide), and each worker runs without autograd (inference mode is per thread)."""
+    import threading
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mods = ("t1", "t1ce", "ct")
+    cfg = default_model_config(family="attention", modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    model = build_model(cfg)
+    batches = _batches(mods, cfg.spatial_size)
+    seen: list[tuple[str, bool, bool]] = []
+    plain = model.forward_subsets
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return plain(*args, **kwargs)
+
+    model.forward_subsets = spy  # type: ignore[method-assign]
+    one = evaluate_subsets(model, batches, "cpu", hd95="all", workers=1).to_flat()
+    assert {name for name, _, _ in seen} == {threading.current_thread().name}
+    seen.clear()
+    three = evaluate_subsets(model, batches, "cpu", hd95="all", workers=3).to_flat()
+    assert len({name for name, _, _ in seen}) == 3 and all(n.startswith("subset-eval") for n, _, _ in seen)
+    assert all(inference and not grad for _, inference, grad in seen)
+    assert one.keys() == three.keys() and "t1+ct/hd95-whole" in three
+    for k, v in one.items():
+        assert (math.isnan(v) and math.isnan(three[k])) or three[k] == v, k
+    assert not [t for t in threading.enumerate() if t.name.startswith("subset-eval")]  # the pool is shut down
+
+
+def test_an_error_in_a_subset_thread_is_raised_and_leaves_no_thread() -> None:
+    import threading
+
+    torch.set_num_threads(1)
+    mods = ("t1", "ct")
+    cfg = default_model_config(family="single", modalities=mods, spatial_size=(8, 16, 16), channels=(4, 8))
+    model = build_model(cfg)
+    plain = model.forward_subsets
+
+    def broken(image, mask, stacked, **kwargs):  # type: ignore[no-untyped-def]
+        if stacked.shape[0] == 1 and float(stacked[0, 0]) == 0.0:  # the share holding the ct-only subset
+            raise RuntimeError("decoder exploded")
+        return plain(image, mask, stacked, **kwargs)
+
+    model.forward_subsets = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        evaluate_subsets(model, _batches(mods, cfg.spatial_size), "cpu", hd95="none", workers=3)
+    assert not [t for t in threading.enumerate() if t.name.startswith("subset-eval")]
+    with pytest.raises(ValueError, match="workers"):
+        evaluate_subsets(model, _batches(mods, cfg.spatial_size), "cpu", workers=0)
+
+
+def test_default_workers_follow_the_wait_policy_the_process_threads_and_the_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.evaluation import MAX_DEFAULT_WORKERS, default_workers
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep: two subsets at once
+        assert default_workers("cpu") == MAX_DEFAULT_WORKERS == 2
+        assert default_workers("cuda") == 1
+        torch.set_num_threads(1)  # a simulated site (OMP_NUM_THREADS=1) stays on one thread
+        assert default_workers("cpu") == 1
+        torch.set_num_threads(4)
+        for policy in ("ACTIVE", ""):  # spinning thread teams would fight over the cores
+            monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            assert default_workers("cpu") == 1
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        assert default_workers("cpu") == 1
+    finally:
+        torch.set_num_threads(before)
