@@ -309,7 +309,7 @@ def evaluate_subsets(
         subset_batch: subsets stacked along the batch axis per decoder pass (shared path only; ``None``: the
             network's default, 1 on CPU, 8 on CUDA).
         workers: threads a batch's subsets are split over (shared path only; ``None``: :func:`default_workers`).
-            Each thread encodes the batch once for its share of the subsets; the numbers do not depend on it.
+            The batch is encoded once and its features read by every thread; the numbers do not depend on it.
 
     Returns:
         :class:`SubsetReport`.
@@ -352,12 +352,13 @@ def evaluate_subsets(
         probs[s].append(torch.softmax(class_logits.float(), dim=1)[:, 1].cpu()[label_on])
         labels[s].append(label[label_on])
 
-    def run_shared(share: list[tuple[str, ...]], image: Tensor, mask: Tensor, targets: tuple[Tensor, ...]) -> None:
-        """Encoders once, then fusion + decoder per subset of ``share`` (``FusionNet.forward_subsets``), recorded.
-        Each subset belongs to one share, so no thread appends to another's lists."""
+    def run_shared(share: list[tuple[str, ...]], image: Tensor, mask: Tensor, targets: tuple[Tensor, ...],
+                   features: Any) -> None:
+        """Fusion + decoder per subset of ``share`` on the batch's encoding (``FusionNet.forward_subsets``),
+        recorded. Each subset belongs to one share, so no thread appends to another's lists."""
         with torch.inference_mode():  # thread-local: a pool thread does not inherit the caller's
             stacked = torch.stack([keeps[s] for s in share])
-            outputs = inner.forward_subsets(image, mask, stacked, subset_batch=subset_batch)
+            outputs = inner.forward_subsets(image, mask, stacked, subset_batch=subset_batch, features=features)
             for s, (seg_logits, class_logits) in zip(share, outputs):
                 record(s, seg_logits, class_logits, *targets)
 
@@ -395,10 +396,11 @@ def evaluate_subsets(
                 # interleaved shares (the subsets come ordered by size), one per thread
                 shares = [whole[i::n] for i in range(n)]
                 targets = (seg_cpu, label_cpu, seg_on, label_on)
+                features = inner.encode(image, mask)  # encoders once per batch, whatever the threads
                 if n == 1:
-                    run_shared(shares[0], image, mask, targets)
+                    run_shared(shares[0], image, mask, targets, features)
                 else:
-                    jobs = [pool.submit(run_shared, share, image, mask, targets) for share in shares]
+                    jobs = [pool.submit(run_shared, share, image, mask, targets, features) for share in shares]
                     wait(jobs)  # every share of the batch finishes before a thread's error is raised
                     for job in jobs:
                         job.result()

@@ -121,7 +121,8 @@ class FusionNet(nn.Module):
         return self._heads(self.fusion.fuse(per_modality, mask), image, mask)
 
     def forward_subsets(
-        self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None
+        self, image: Tensor, mask: Tensor, subset_masks: Tensor, *, subset_batch: int | None = None,
+        features: tuple[Tensor, list[Any]] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``forward`` for many modality subsets of one batch, sharing the mask-independent work.
 
@@ -136,6 +137,8 @@ class FusionNet(nn.Module):
             subset_batch: subsets per decoder pass (memory grows linearly with it). ``None``: 1 on CPU, where
                 stacking was measured slower (``bench/subset_eval_speed.py``: cache-bound convolutions plus the
                 copies), 8 on CUDA (fewer, larger kernel launches; not measured here).
+            features: :meth:`encode`'s output for this ``image`` and ``mask`` when the caller has it already
+                (threads sharing one batch's encoding: :meth:`decode` only reads it); ``None``: encoded here.
 
         Yields:
             Per subset in order, ``(seg logits (B, K, *S), class logits (B, num_classes))``, equal (up to float
@@ -163,7 +166,8 @@ class FusionNet(nn.Module):
                 f"subset {s} leaves sample {b} of the batch with no modality present; evaluate that subset on the "
                 "samples that have one of its modalities"
             )
-        features = self._encode(image, mask)
+        if features is None:
+            features = self._encode(image, mask)
         bsz = image.shape[0]
         for start in range(0, effective.shape[0], subset_batch):
             chunk = effective[start : start + subset_batch]
