@@ -66,9 +66,9 @@ def default_workers(device: torch.device | str) -> int:
     """Threads :func:`evaluate_subsets` uses by default.
 
     More than one only on CPU with OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE``, which ``fedfusion
-    simulate`` sets before torch loads): there the idle intra-op threads sleep, and two subsets at once took 0.64x
-    and 0.74x the wall time of one at a time on 2 cores (two runs). With OpenMP's default active waiting two
-    callers' spinning thread teams fight for the cores (1.38x and 1.28x; docs/benchmarks.md, "Held-out evaluation
+    simulate`` sets before torch loads): there the idle intra-op threads sleep, and two subsets at once took
+    0.64-0.74x the wall time of one at a time on 2 cores (three runs). With OpenMP's default active waiting two
+    callers' spinning thread teams fight for the cores (1.28-1.38x; docs/benchmarks.md, "Held-out evaluation
     over every modality subset"), so it stays 1 there, as on CUDA (one stream; ``subset_batch`` stacks subsets
     instead). Never more than ``torch.get_num_threads()``: a process limited to one core (a simulated site) stays
     on one thread.
